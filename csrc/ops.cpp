@@ -1,0 +1,45 @@
+// Op schemas of gsa_kernels, defined once. Backends register implementations with
+// TORCH_LIBRARY_IMPL(gsa_kernels, CPU | CUDA, m) in their own files; the fake (meta)
+// implementations live in gsa_kernels/_fake.py. Kernel-level contract (ops.py prepares it):
+//   x: [B, D] contiguous, float16 | bfloat16 | float32 | float64
+//   model tensors and per-row sigma / scale tensors: contiguous, "compute dtype"
+//   (float64 if x is float64, else float32), same device as x
+//   kind: 0 denoise, 1 score, 2 flow (gsa::SpectralKind in include/gsa/spectral.h)
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module so that `import gsa_kernels._C` loads the library and runs its registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+#define GSA_GAUSSIAN_MAP_ARGS                                                                \
+  "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, "              \
+  "Tensor sigma_from, Tensor sigma_to, Tensor scale_from, Tensor scale_to, int kind) -> Tensor"
+#define GSA_TRAJECTORY_ARGS                                                                  \
+  "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, Tensor sigmas) " \
+  "-> Tensor"
+#define GSA_MIXTURE_ARGS                                                                     \
+  "(Tensor x, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, "            \
+  "Tensor log_weights, Tensor sigma, bool need_denoised, bool need_weights) "               \
+  "-> (Tensor, Tensor, Tensor)"
+
+TORCH_LIBRARY(gsa_kernels, m) {
+  // out[B, D] = spectral map of x (denoise / score / closed-form flow), per-row sigma [B].
+  // Flow: sigma_from[b] = +inf means x is unit noise; scale_* are the schedule scalings.
+  m.def("gaussian_map" GSA_GAUSSIAN_MAP_ARGS);
+  // out[T, B, D]: x at sigmas[0, b] carried by the closed-form flow to every sigmas[t, b].
+  m.def("gaussian_trajectory" GSA_TRAJECTORY_ARGS);
+  // Posterior of a K-component low-rank mixture: (denoised [B, D] or [0] when not needed,
+  // logp [B], weights [B, K] or [0] when not needed). logp and weights in compute dtype.
+  m.def("mixture_posterior" GSA_MIXTURE_ARGS);
+
+  // The same kernels as the CUDA backend, compiled for the host through the SIMT emulation
+  // (csrc/emu): CPU tensors in, for tests only (GSA_KERNELS_CUDA_EMULATE=1).
+  m.def("cuda_emu_gaussian_map" GSA_GAUSSIAN_MAP_ARGS);
+  m.def("cuda_emu_gaussian_trajectory" GSA_TRAJECTORY_ARGS);
+  m.def("cuda_emu_mixture_posterior" GSA_MIXTURE_ARGS);
+}

@@ -1,0 +1,20 @@
+"""Loads the optional compiled extension gsa_kernels._C. Importing the package never fails:
+when the extension is missing, `error` says why and the compiled backends are unavailable."""
+import torch
+
+error = None
+try:
+    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+
+    loaded = True
+except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
+    loaded = False
+    error = f"{type(e).__name__}: {e}"
+
+if loaded:
+    from . import _fake  # noqa: F401  (fake / meta kernels for torch.compile and opcheck)
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether gsa_kernels::<op> has an implementation for a dispatch key ("CPU", "CUDA")."""
+    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"gsa_kernels::{op}", dispatch_key)

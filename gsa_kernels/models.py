@@ -1,0 +1,399 @@
+"""Data models with analytically tractable noised scores: GaussianModel and GaussianMixture.
+
+GaussianModel:   N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)),  U = basis [D, r].
+GaussianMixture: sum_k w_k N(means_k, U_k diag(eigvals_k) U_k^T + residual_var_k (I - U_k U_k^T)).
+Both are validated on construction; fitted eigenvalues come sorted in descending order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import ops
+
+Data = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+def _check_float(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _check_nonneg(t, name):
+    if (t < 0).any():
+        raise ValueError(f"{name} must be >= 0 (a covariance has no negative eigenvalues), got min {t.min().item():.3g}")
+
+
+def _check_orthonormal(basis, name):
+    """Cheap O(D r) probe of U^T U = I: column norms and one random direction."""
+    D, r = basis.shape[-2], basis.shape[-1]
+    if r == 0:
+        return
+    b = basis.double().reshape(-1, D, r)
+    tol = 1e-6 if basis.dtype == torch.float64 else 1e-3 * max(1.0, math.sqrt(r) / 8)
+    norms = b.pow(2).sum(1)
+    v = torch.randn(r, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(b.device)
+    v = v / v.norm()
+    err = ((b.transpose(1, 2) @ (b @ v[:, None]))[..., 0] - v).norm(dim=-1).max().item()
+    if (norms - 1).abs().max().item() > tol or err > tol * math.sqrt(max(r, 1)):
+        raise ValueError(f"{name} must have orthonormal columns (U^T U = I)")
+
+
+def _batches(data: Data):
+    if isinstance(data, torch.Tensor):
+        yield data
+    else:
+        yield from data
+
+
+class GaussianModel:
+    """A Gaussian N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)) over D = mean.numel()
+    features. mean [D], basis [D, r] with orthonormal columns, eigvals [r] >= 0,
+    residual_var >= 0 (0: the data lies in span(U))."""
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor, residual_var: float = 0.0):
+        for t, n in ((mean, "mean"), (basis, "basis"), (eigvals, "eigvals")):
+            _check_float(t, n)
+        if mean.dim() != 1:
+            raise ValueError(f"mean must be [D], got shape {tuple(mean.shape)}")
+        D = mean.shape[0]
+        if basis.dim() != 2 or basis.shape[0] != D:
+            raise ValueError(f"basis must be [D, r] with D = {D}, got shape {tuple(basis.shape)}")
+        if eigvals.dim() != 1 or eigvals.shape[0] != basis.shape[1]:
+            raise ValueError(f"eigvals must be [r] with r = {basis.shape[1]}, got shape {tuple(eigvals.shape)}")
+        if not (basis.device == mean.device == eigvals.device):
+            raise ValueError("mean, basis and eigvals must be on one device")
+        residual_var = float(residual_var)
+        if not math.isfinite(residual_var) or residual_var < 0:
+            raise ValueError(f"residual_var must be finite and >= 0, got {residual_var}")
+        _check_nonneg(eigvals, "eigvals")
+        _check_orthonormal(basis, "basis")
+        dtype = mean.dtype
+        self.mean = mean.contiguous()
+        self.basis = basis.to(dtype).contiguous()
+        self.eigvals = eigvals.to(dtype).contiguous()
+        self.residual_var = residual_var
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def device(self):
+        return self.mean.device
+
+    @property
+    def dtype(self):
+        return self.mean.dtype
+
+    def __repr__(self):
+        return f"GaussianModel(D={self.dim}, r={self.rank}, residual_var={self.residual_var:.4g}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, data: Data, rank: Optional[int] = None, energy: Optional[float] = None) -> "GaussianModel":
+        """Fit mean and covariance to data [N, ...] (or an iterable of such batches, streamed and
+        accumulated in float64). Keeps the top `rank` principal directions, or the fewest whose
+        eigenvalues hold an `energy` fraction of the variance (default: all directions with
+        nonzero variance); the rest is modelled as isotropic residual_var = their mean eigenvalue.
+        The model has the dtype of the data (float32 for integer data)."""
+        if rank is not None and energy is not None:
+            raise ValueError("give rank or energy, not both")
+        n, s, ss, dtype, device = 0, None, None, None, None
+        for batch in _batches(data):
+            if not isinstance(batch, torch.Tensor):
+                batch = torch.as_tensor(batch)
+            if batch.dim() < 2:
+                raise ValueError(f"data batches must be [N, ...] with N samples, got shape {tuple(batch.shape)}")
+            x = batch.reshape(batch.shape[0], -1).double()
+            if s is None:
+                D = x.shape[1]
+                s, ss = torch.zeros(D, dtype=torch.float64, device=x.device), torch.zeros(D, D, dtype=torch.float64, device=x.device)
+                dtype = batch.dtype if batch.is_floating_point() else torch.float32
+                device = batch.device
+            elif x.shape[1] != s.shape[0]:
+                raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {s.shape[0]}")
+            if not torch.isfinite(x).all():
+                raise ValueError("data contains NaN or inf")
+            if n == 0:  # centre on the first batch's mean: keeps the float64 scatter accurate
+                anchor = x.mean(0)
+            xc = x - anchor
+            s += xc.sum(0)
+            ss += xc.T @ xc
+            n += x.shape[0]
+        if n < 2:
+            raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
+        mean_c = s / n
+        cov = (ss - n * torch.outer(mean_c, mean_c)) / (n - 1)
+        cov = 0.5 * (cov + cov.T)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # descending
+        D = evals.shape[0]
+        max_rank = min(D, n - 1)
+        if rank is not None:
+            if not 0 <= rank <= D:
+                raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
+            r = rank
+        elif energy is not None:
+            if not 0 < energy <= 1:
+                raise ValueError(f"energy must be in (0, 1], got {energy}")
+            frac = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)
+            r = min(int((frac < energy - 1e-12).sum().item()) + 1, D)
+        else:
+            r = max_rank
+        residual = evals[r:].mean().item() if r < D else 0.0
+        mean = (anchor + mean_c).to(dtype)
+        return cls(mean.to(device), evecs[:, :r].to(dtype).to(device), evals[:r].to(dtype).to(device), residual)
+
+    # ------------------------------------------------------------------ conversion / io
+    def to(self, device=None, dtype=None) -> "GaussianModel":
+        t = lambda v: v.to(device=device, dtype=dtype)
+        return GaussianModel.__new_unchecked(t(self.mean), t(self.basis), t(self.eigvals), self.residual_var)
+
+    @classmethod
+    def __new_unchecked(cls, mean, basis, eigvals, residual_var):
+        g = cls.__new__(cls)
+        g.mean, g.basis, g.eigvals, g.residual_var = mean.contiguous(), basis.contiguous(), eigvals.contiguous(), float(residual_var)
+        return g
+
+    def state_dict(self):
+        return {"mean": self.mean, "basis": self.basis, "eigvals": self.eigvals,
+                "residual_var": torch.tensor(self.residual_var, dtype=torch.float64)}
+
+    def save(self, path):
+        """Save as safetensors (portable, no pickle)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"gsa_kernels": "GaussianModel"})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "GaussianModel":
+        from safetensors.torch import load_file
+
+        d = load_file(str(path), device=str(device))
+        return cls(d["mean"], d["basis"], d["eigvals"], float(d["residual_var"]))
+
+    # ------------------------------------------------------------------ ops
+    def denoise(self, x, sigma, backend="auto"):
+        return ops.gaussian_denoise(x, sigma, self, backend=backend)
+
+    def score(self, x, sigma, backend="auto"):
+        return ops.gaussian_score(x, sigma, self, backend=backend)
+
+    def flow(self, x, sigma_from, sigma_to, scale_from=1.0, scale_to=1.0, backend="auto"):
+        return ops.gaussian_flow(x, sigma_from, sigma_to, self, scale_from, scale_to, backend=backend)
+
+    def trajectory(self, x, sigmas, backend="auto"):
+        return ops.gaussian_trajectory(x, sigmas, self, backend=backend)
+
+    def __call__(self, x, sigma):
+        """Denoiser interface f(x, sigma) -> x0 for samplers."""
+        return self.denoise(x, sigma)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None):
+        """n samples x0 ~ N(mean, Sigma), [n, D]."""
+        eps = torch.randn(n, self.dim, generator=generator, dtype=self.dtype, device=self.device)
+        c = eps @ self.basis
+        return self.mean + (c * self.eigvals.sqrt()) @ self.basis.T + math.sqrt(self.residual_var) * (eps - c @ self.basis.T)
+
+
+class GaussianMixture:
+    """K low-rank Gaussian components: means [K, D], bases [K, D, r] (orthonormal columns),
+    eigvals [K, r] >= 0, residual_var [K] >= 0, log_weights [K] (normalised on construction;
+    None = uniform). r = 0 with residual_var = 0 is the empirical "delta" mixture of points."""
+
+    def __init__(self, means, bases, eigvals, residual_var=0.0, log_weights=None, *, _validate=True):
+        for t, n in ((means, "means"), (bases, "bases"), (eigvals, "eigvals")):
+            _check_float(t, n)
+        if means.dim() != 2 or means.shape[0] == 0:
+            raise ValueError(f"means must be [K, D] with K >= 1, got shape {tuple(means.shape)}")
+        K, D = means.shape
+        dtype, device = means.dtype, means.device
+        if bases.dim() != 3 or bases.shape[:2] != (K, D):
+            raise ValueError(f"bases must be [K, D, r] = [{K}, {D}, r], got shape {tuple(bases.shape)}")
+        r = bases.shape[2]
+        if eigvals.shape != (K, r):
+            raise ValueError(f"eigvals must be [K, r] = [{K}, {r}], got shape {tuple(eigvals.shape)}")
+        residual_var = torch.as_tensor(residual_var, dtype=dtype, device=device)
+        if residual_var.dim() == 0:
+            residual_var = residual_var.expand(K)
+        if residual_var.shape != (K,):
+            raise ValueError(f"residual_var must be a float or [K] = [{K}], got shape {tuple(residual_var.shape)}")
+        if log_weights is None:
+            log_weights = torch.zeros(K, dtype=dtype, device=device)
+        log_weights = torch.as_tensor(log_weights, dtype=dtype, device=device)
+        if log_weights.shape != (K,):
+            raise ValueError(f"log_weights must be [K] = [{K}], got shape {tuple(log_weights.shape)}")
+        for t in (bases, eigvals, residual_var, log_weights):
+            if t.device != device:
+                raise ValueError("all mixture tensors must be on one device")
+        _check_float(residual_var, "residual_var")
+        if torch.isnan(log_weights).any() or torch.isposinf(log_weights).any() or torch.isneginf(log_weights).all():
+            raise ValueError("log_weights must be finite or -inf, with at least one finite")
+        _check_nonneg(eigvals, "eigvals")
+        _check_nonneg(residual_var, "residual_var")
+        if _validate:
+            _check_orthonormal(bases, "bases")
+        self.means = means.contiguous()
+        self.bases = bases.to(dtype).contiguous()
+        self.eigvals = eigvals.to(dtype).contiguous()
+        self.residual_var = residual_var.contiguous()
+        self.log_weights = torch.log_softmax(log_weights.double(), 0).to(dtype).contiguous()
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.bases.shape[2]
+
+    @property
+    def device(self):
+        return self.means.device
+
+    @property
+    def dtype(self):
+        return self.means.dtype
+
+    def __repr__(self):
+        return f"GaussianMixture(K={self.num_components}, D={self.dim}, r={self.rank}, dtype={self.dtype}, device={self.device})"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_points(cls, points: torch.Tensor, log_weights=None) -> "GaussianMixture":
+        """The empirical ("delta") mixture of a training set: one zero-variance component per
+        point [N, ...]. Its noised score is the exact score of the training distribution."""
+        _check_float(points, "points")
+        pts = points.reshape(points.shape[0], -1)
+        N, D = pts.shape
+        return cls(pts, pts.new_zeros(N, D, 0), pts.new_zeros(N, 0), 0.0, log_weights)
+
+    @classmethod
+    def fit(cls, data: torch.Tensor, n_components: int, rank: int, iters: int = 100, seed: int = 0) -> "GaussianMixture":
+        """k-means (k-means++ seeding, fixed seed) then per-cluster PCA, as in Wang & Vastola:
+        each cluster keeps its top `rank` directions; the rest is isotropic residual_var (the
+        mean of its remaining eigenvalues). Weights are the cluster fractions."""
+        _check_float(data, "data")
+        x = data.reshape(data.shape[0], -1).double()
+        N, D = x.shape
+        if not 1 <= n_components <= N:
+            raise ValueError(f"n_components must be in [1, N = {N}], got {n_components}")
+        if not 0 <= rank <= D:
+            raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
+        labels = kmeans(x, n_components, iters=iters, seed=seed)[1]
+        means, bases, eigvals, resid, logw = [], [], [], [], []
+        for k in range(n_components):
+            xk = x[labels == k]
+            g = GaussianModel.fit(xk, rank=min(rank, max(xk.shape[0] - 1, 0))) if xk.shape[0] >= 2 else None
+            if g is None:  # a singleton cluster: a point mass
+                means.append(xk[0]); b = x.new_zeros(D, 0); e = x.new_zeros(0); rv = 0.0
+            else:
+                means.append(g.mean); b, e, rv = g.basis, g.eigvals, g.residual_var
+            pad = rank - b.shape[1]  # small clusters: pad the basis with zero-variance directions
+            if pad:
+                b, e = _complete_basis(b, rank), torch.cat([e, e.new_full((pad,), rv)])
+            bases.append(b); eigvals.append(e); resid.append(rv)
+            logw.append(math.log(xk.shape[0] / N))
+        dt = data.dtype
+        return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
+                   torch.tensor(resid, dtype=dt), torch.tensor(logw, dtype=dt))
+
+    # ------------------------------------------------------------------ conversion / io
+    def to(self, device=None, dtype=None) -> "GaussianMixture":
+        t = lambda v: v.to(device=device, dtype=dtype)
+        m = GaussianMixture.__new__(GaussianMixture)
+        m.means, m.bases, m.eigvals = t(self.means), t(self.bases), t(self.eigvals)
+        m.residual_var, m.log_weights = t(self.residual_var), t(self.log_weights)
+        return m
+
+    def state_dict(self):
+        return {"means": self.means, "bases": self.bases, "eigvals": self.eigvals,
+                "residual_var": self.residual_var, "log_weights": self.log_weights}
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"gsa_kernels": "GaussianMixture"})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "GaussianMixture":
+        from safetensors.torch import load_file
+
+        d = load_file(str(path), device=str(device))
+        return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
+
+    # ------------------------------------------------------------------ ops
+    def denoise(self, x, sigma, return_weights=False, backend="auto"):
+        return ops.mixture_denoise(x, sigma, self, return_weights=return_weights, backend=backend)
+
+    def score(self, x, sigma, backend="auto"):
+        return ops.mixture_score(x, sigma, self, backend=backend)
+
+    def logp(self, x, sigma, backend="auto"):
+        return ops.mixture_logp(x, sigma, self, backend=backend)
+
+    def __call__(self, x, sigma):
+        return self.denoise(x, sigma)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None):
+        """n samples x0 from the mixture, [n, D]."""
+        k = torch.multinomial(self.log_weights.double().exp(), n, replacement=True, generator=generator).to(self.device)
+        eps = torch.randn(n, self.dim, generator=generator, dtype=self.dtype).to(self.device)
+        U = self.bases[k]  # [n, D, r]
+        c = torch.einsum("nd,ndr->nr", eps, U)
+        in_span = torch.einsum("nr,ndr->nd", c, U)
+        return (self.means[k] + torch.einsum("nr,ndr->nd", c * self.eigvals[k].sqrt(), U)
+                + self.residual_var[k, None].sqrt() * (eps - in_span))
+
+
+def _complete_basis(b: torch.Tensor, r: int) -> torch.Tensor:
+    """Extend orthonormal columns b [D, r0] to r orthonormal columns."""
+    D, r0 = b.shape
+    g = torch.Generator().manual_seed(r0)
+    extra = torch.randn(D, r - r0, dtype=torch.float64, generator=g).to(b)
+    extra = extra - b @ (b.T @ extra)
+    q, _ = torch.linalg.qr(torch.cat([b, extra], 1))
+    return torch.cat([b, q[:, r0:]], 1)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
+    """Lloyd's k-means with k-means++ seeding on rows of x [N, D]. Returns (centers [k, D],
+    labels [N]). Deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    N = x.shape[0]
+    centers = x[torch.randint(N, (1,), generator=g)]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / N)
+        nxt = x[torch.multinomial(p.cpu(), 1, generator=g)]
+        centers = torch.cat([centers, nxt])
+        d2 = torch.minimum(d2, ((x - nxt) ** 2).sum(1))
+    labels = None
+    for _ in range(iters):
+        new = torch.cdist(x, centers).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            mask = labels == j
+            if mask.any():
+                centers[j] = x[mask].mean(0)
+    return centers, labels

@@ -1,0 +1,1 @@
+"""Samplers and teleportation (being built in the sampling issue)."""
