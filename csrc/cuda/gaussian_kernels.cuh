@@ -3,7 +3,8 @@
 //   project: coeffs[s, i, j] = sum_{d in slice s} y[i, d] U[d, j],   y = p_i x[i] - q_i mu
 //   apply:   out[t, i, d]    = a y[i, d] + b mu[d] + sum_j U[d, j] f_j(t, i) sum_s coeffs[s, i, j]
 // The projection is shared by all T steps of a trajectory (y does not depend on the target
-// sigma). Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile,
+// sigma). A full-rank basis (r == D) has no residual directions: apply then uses
+// out = b mu + U diag(eigen_gain(lam_j)) c, which keeps small-sigma scores and flows accurate. Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile,
 // four rows per thread; the reduction dimension streams through shared memory 32 at a time.
 // Accumulation in Acc (float, or double for float64 inputs). No torch headers.
 #pragma once
@@ -91,6 +92,7 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
   GSA_SHARED_STRUCT(ApplyShared<Acc>, sm);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t d0 = int64_t(blockIdx.x) * kTile, i0 = int64_t(blockIdx.y) * kTile, t = blockIdx.z;
+  const bool full_rank = p.r == p.D;
 
   Acc acc[kRowsPerThread] = {};
   for (int64_t j0 = 0; j0 < p.r; j0 += kTile) {
@@ -103,7 +105,8 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
         Acc c = Acc(0);
         for (int s = 0; s < p.splits; ++s) c += p.coeffs[(s * p.B + i) * p.r + j];
         const RowParams<Acc> rp = row_params(p, t, i);
-        g = spectral_f<Acc>(p.kind, p.eigvals[j], p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb) * c;
+        g = c * (full_rank ? eigen_gain<Acc>(p.kind, p.eigvals[j], rp.sa, rp.sb, rp.ka, rp.kb)
+                           : spectral_f<Acc>(p.kind, p.eigvals[j], p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb));
       }
       sm.g[row][tx] = g;
       const int64_t d = d0 + row;
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
     if (i >= p.B) break;
     const RowCoeffs<Acc> rc = coeffs_of_row(p, t, i);
     const Acc y = rc.p * to_real(p.x[i * p.D + d]) - rc.q * mu;
-    store(p.out + (t * p.B + i) * p.D + d, rc.a * y + rc.b * mu + acc[m]);
+    store(p.out + (t * p.B + i) * p.D + d, (full_rank ? Acc(0) : rc.a * y) + rc.b * mu + acc[m]);
   }
 }
 

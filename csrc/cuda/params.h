@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "gsa/spectral.h"  // GSA_HD
+
 namespace gsa {
 
 // Storage types of float16 / bfloat16 inputs: the raw 16 bits (same layout as c10::Half,
@@ -32,10 +34,11 @@ constexpr int kMixtureRows = kWarps;
 constexpr int kMixtureChunk = 32;
 constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory without opt-in
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+GSA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How many slices of D the projection uses: enough blocks for about two per multiprocessor.
 inline int projection_splits(int64_t B, int64_t D, int64_t r, int multiprocessors) {
+  if (B <= 0 || r <= 0) return 1;  // no projection
   const int64_t tiles = ceil_div(r, kTile) * ceil_div(B, kTile);
   const int64_t wanted = ceil_div(2 * int64_t(multiprocessors), tiles);
   const int64_t most = ceil_div(D, kTile) / kMinTilesPerSplit;
