@@ -215,7 +215,8 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
     optionally replacing the first steps with one analytical teleport:
 
     - teleport_to=sigma: jump to sigma, then run [sigma] + the schedule's sigmas below sigma;
-    - skip_fraction=f: skip round(f * N) of the N steps (jump onto that grid point).
+    - skip_fraction=f: jump onto the grid point after f * N of the N steps (rounded half up,
+      schedules.skip_index).
 
     The teleport uses `gaussian` (a GaussianModel, or a GaussianMixture whose moment-matched
     Gaussian is used); by default the denoiser itself if it is a GaussianModel or a mixture.

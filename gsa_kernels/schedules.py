@@ -50,10 +50,11 @@ def truncate(sigmas, sigma: float) -> torch.Tensor:
 
 
 def skip_index(num_steps: int, fraction: float) -> int:
-    """Number of steps replaced by a teleport that skips `fraction` of num_steps (rounded)."""
+    """Number of steps replaced by a teleport that skips `fraction` of num_steps: rounded half
+    up (the 1e-9 absorbs binary fractions like 0.3 * 25 = 7.4999...), at most num_steps - 1."""
     if not 0 <= fraction < 1:
         raise ValueError(f"skip fraction must be in [0, 1), got {fraction}")
-    return min(int(round(fraction * num_steps)), num_steps - 1)
+    return min(math.floor(fraction * num_steps + 0.5 + 1e-9), num_steps - 1)
 
 
 # ----------------------------------------------------------------------------- VP / DDPM

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels import sampling
+from gsa_kernels import sampling, schedules
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch's pkg_resources deprecation warning
@@ -58,7 +58,7 @@ def test_k_diffusion_sampler_from_teleported_latent(gauss, name):
     full_model, model = sampling.CountingDenoiser(gauss), sampling.CountingDenoiser(gauss)
     full = sampler(full_model, x, sigmas, disable=True)
     out = gkd.sample(model, x, sigmas, gauss, sampler, skip_fraction=0.3)
-    k = round(0.3 * n)
+    k = schedules.skip_index(n, 0.3)
     assert full_model.nfe == nfe(n) and model.nfe == nfe(n - k)
     # only the remaining steps' discretisation error: <= the full run's (+5 %, + float32 noise)
     assert max_err(out, exact) <= 1.05 * max_err(full, exact) + 1e-4

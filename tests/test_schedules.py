@@ -85,7 +85,8 @@ def test_truncate_and_skip_index():
     assert schedules.truncate(s, 0.0).tolist() == [0.0]
     with pytest.raises(ValueError):
         schedules.truncate(s, 100.0)
-    assert [schedules.skip_index(10, f) for f in (0.0, 0.1, 0.24, 0.4)] == [0, 1, 2, 4]
+    assert [schedules.skip_index(10, f) for f in (0.0, 0.1, 0.24, 0.25, 0.4)] == [0, 1, 2, 3, 4]
+    assert schedules.skip_index(25, 0.3) == 8 and schedules.skip_index(18, 0.25) == 5  # half up
     assert schedules.skip_index(2, 0.9) == 1  # always leaves one step
     with pytest.raises(ValueError):
         schedules.skip_index(10, 1.0)

@@ -84,8 +84,8 @@ def teleport_latents(scheduler, gaussian, noise: torch.Tensor, *, skip_fraction:
                      begin_index: Optional[int] = None) -> TeleportedLatents:
     """Jump unit noise [B, *shape] along the closed-form PF-ODE of `gaussian` (a GaussianModel,
     or a GaussianMixture: its moment-matched Gaussian) to the noise level of
-    scheduler.timesteps[begin_index] (begin_index = round(skip_fraction * steps)), scaled for
-    this scheduler, and set the scheduler's begin index. Call after set_timesteps."""
+    scheduler.timesteps[begin_index] (or begin_index = schedules.skip_index(steps, skip_fraction)),
+    scaled for this scheduler, and set the scheduler's begin index. Call after set_timesteps."""
     _check_ready(scheduler)
     n = len(scheduler.timesteps)
     if (skip_fraction is None) == (begin_index is None):

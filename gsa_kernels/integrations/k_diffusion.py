@@ -25,8 +25,8 @@ __all__ = ["HybridDenoiser", "teleport_sigmas", "sample"]
 
 def teleport_sigmas(sigmas: torch.Tensor, *, skip_fraction: Optional[float] = None,
                     teleport_to: Optional[float] = None) -> torch.Tensor:
-    """The schedule left after a teleport: sigmas[k:] with k = round(skip_fraction * steps), or
-    [teleport_to] + the sigmas below it. Keeps the dtype and device of sigmas."""
+    """The schedule left after a teleport: sigmas[k:] with k = schedules.skip_index(steps,
+    skip_fraction), or [teleport_to] + the sigmas below it. Keeps the dtype and device of sigmas."""
     if (skip_fraction is None) == (teleport_to is None):
         raise ValueError("give exactly one of skip_fraction and teleport_to")
     if skip_fraction is not None:
