@@ -233,7 +233,7 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
             run = full[k:]
     elif teleport_to is not None:
         run = schedules.truncate(full, teleport_to)
-    if run is not full:
+    if float(run[0]) < float(full[0]):
         jump = (float(full[0]), float(run[0]))
         x = teleport(x, jump[0], jump[1], _teleport_gaussian(denoiser, gaussian))
     counted = CountingDenoiser(denoiser)

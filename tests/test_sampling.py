@@ -297,3 +297,11 @@ def test_hybrid_denoiser_routes_by_sigma():
     assert (out[1:] == 0).all() and h.network_calls == 2 and h.analytic_calls == 2
     with pytest.raises(TypeError):
         sampling.HybridDenoiser(net, lambda x, s: x, 1.0)
+
+
+def test_sample_teleport_to_start_is_no_jump():
+    g = make_gaussian(D=8, r=2)
+    x = 80.0 * torch.randn(2, 8, dtype=F64)
+    sigmas = schedules.karras(5)
+    res = sampling.sample(g, x, sigmas, "euler", teleport_to=80.0)
+    assert res.teleport is None and res.nfe == 5

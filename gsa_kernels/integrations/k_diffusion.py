@@ -6,9 +6,10 @@ sigmas[0] down the schedule. Teleporting = one closed-form jump of x to a sigma 
 schedule, then the unchanged sampler on the truncated schedule.
 
     import k_diffusion as K
+    from gsa_kernels.integrations import k_diffusion as gkk
     sigmas = K.sampling.get_sigmas_karras(30, 0.002, 80.0)
     x = torch.randn(16, 3, 32, 32) * sigmas[0]
-    out = gk.integrations.k_diffusion.sample(model, x, sigmas, g, K.sampling.sample_heun, skip_fraction=0.3)
+    out = gkk.sample(model, x, sigmas, g, K.sampling.sample_heun, skip_fraction=0.3)
 """
 from __future__ import annotations
 
