@@ -31,7 +31,8 @@ def make_mixture(K=5, D=32, r=4, sep=12.0, seed=0):
     means = sep * means / means.norm(dim=1, keepdim=True)
     bases = torch.linalg.qr(torch.randn(K, D, r, dtype=F64, generator=g))[0]
     eigvals = 0.2 + 2.0 * torch.rand(K, r, dtype=F64, generator=g)
-    return gk.GaussianMixture(means, bases, eigvals, torch.full((K,), 0.01, dtype=F64), torch.randn(K, dtype=F64, generator=g))
+    resid = torch.linspace(0.005, 0.05, K, dtype=F64)  # unequal: the moment match must weight them
+    return gk.GaussianMixture(means, bases, eigvals, resid, torch.randn(K, dtype=F64, generator=g))
 
 
 def max_err(a, b):
