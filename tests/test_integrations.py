@@ -116,6 +116,9 @@ SCHEDULERS = {
     "dpmpp_2m_v": lambda: diffusers.DPMSolverMultistepScheduler(**VP, prediction_type="v_prediction"),
     "unipc": lambda: diffusers.UniPCMultistepScheduler(**VP, prediction_type="epsilon"),
     "flow_euler": lambda: diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    # the multistep solvers in their flow-matching mode: latents (1 - t) x0 + t eps
+    "dpmpp_2m_flow": lambda: diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+    "unipc_flow": lambda: diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
 }
 
 
