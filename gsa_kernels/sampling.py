@@ -172,8 +172,8 @@ def gaussian_approximation(m: GaussianMixture) -> GaussianModel:
     K, D, r = bases.shape
     mean = w @ means
     iso = float(w @ resid)  # isotropic part of the covariance
-    # Sigma - iso I = A diag(signs) A^T with columns U_k (variances w_k (lam_k - resid_k))
-    # and mu_k - mean (variances w_k): a rank <= K (r + 1) correction.
+    # Sigma - iso I = A diag(var) A^T, columns U_k with signed variances w_k (lam_k - resid_k)
+    # and mu_k - mean with variances w_k: a rank <= K (r + 1) correction.
     A = torch.cat([bases.permute(1, 0, 2).reshape(D, K * r), (means - mean).T], 1)
     var = torch.cat([(w[:, None] * (eigvals - resid[:, None])).reshape(K * r), w])
     if A.shape[1] >= D:
@@ -219,7 +219,8 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
       schedules.skip_index).
 
     The teleport uses `gaussian` (a GaussianModel, or a GaussianMixture whose moment-matched
-    Gaussian is used); by default the denoiser itself if it is a GaussianModel or a mixture.
+    Gaussian is used); by default the denoiser itself if it is a GaussianModel or a mixture
+    (pass gaussian= precomputed when calling repeatedly: the moment match is an eigh of size D).
     Returns a SampleResult with the samples and the NFE count (the teleport costs none)."""
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {tuple(SAMPLERS)}, got {method!r}")
