@@ -204,3 +204,26 @@ def test_delta_mixture_posterior_is_exact_at_small_sigma():
     assert torch.allclose(w, want, atol=1e-12)
     assert torch.allclose(den, want @ pts, atol=1e-12)
     assert (w.max(1).values < 0.999).any()  # the near-tie queries really split their mass
+
+
+@pytest.mark.parametrize("D,r", SHAPES)
+def test_float32_reference_tracks_float64(D, r):
+    """float32 inputs (computed in float32) against the float64 oracle on the same
+    float32-representable values. Relative error bound: a few ulp (6e-8) times the conditioning
+    of the spectral map, which reaches ~1e2-1e3 when sigma^2 is far below the smallest variance."""
+    g = random_gaussian(D, r, 0.4).to(dtype=torch.float32)
+    g64 = g.to(dtype=torch.float64)
+    sig = torch.tensor(SIGMAS, dtype=torch.float32)
+    x = (g.mean + sig[:, None] * torch.randn(len(SIGMAS), D)).float()
+    one = torch.ones(len(SIGMAS))
+    for fn, args in [
+        (ref.gaussian_denoise, (sig,)),
+        (ref.gaussian_score, (sig,)),
+    ]:
+        a32 = fn(x, *args, *_args(g))
+        a64 = fn(x.double(), *(a.double() for a in args), *_args(g64))
+        assert a32.dtype == torch.float32
+        assert rel_err(a32, a64) < 1e-4
+    f32 = ref.gaussian_flow(x, sig, 0.1 * sig, *_args(g), one, one)
+    f64 = ref.gaussian_flow(x.double(), sig.double(), 0.1 * sig.double(), *_args(g64), one.double(), one.double())
+    assert rel_err(f32, f64) < 1e-5
