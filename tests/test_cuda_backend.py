@@ -7,8 +7,11 @@ Inputs are float32-representable (or exact float16 / bfloat16 values) and the re
 float64 on those same values, so the error measured is the kernels' own. Errors are relative to
 the largest reference value of the output (outputs span orders of magnitude across sigma).
 Shapes straddle the kernels' tiles: 32 x 32 output tiles (B, D, r = 31 / 33), 8-row and
-32-component chunks of the mixture kernels (B = 9, K = 31 / 33 / 65), and D long enough that the
-projection splits D over blocks (D = 300: 2 slices, D = 520: 4 slices, the last one partial).
+32-component chunks of the mixture kernels (B = 9, K = 31 / 33 / 65), and sizes at which the
+kernels split work over blocks (the emulation pretends a GPU of 4 multiprocessors): the
+projection splits D (D = 300: 2 slices, D = 520: 4, the last one partial) and the mixtures split
+the components (K = 300: 2 slices, K = 520: 4; low-rank K = 2..5 over 2..4 slices, one empty),
+whose partial softmax states the merge kernel combines.
 """
 import math
 import os
@@ -213,8 +216,8 @@ def _check_mixture(x, mix, sigma, dtype):
     torch.testing.assert_close(logp2, logp, rtol=0, atol=0)
 
 
-# (B, K, D): 8-row blocks (B = 1, 9), 32-component chunks (K = 31, 33, 65), odd D
-DELTA_SHAPES = [(1, 31, 61), (9, 33, 61), (8, 65, 33), (3, 1, 31)]
+# (B, K, D): 8-row blocks (B = 1, 9), 32-component chunks (K = 31, 33, 65), odd D, split K
+DELTA_SHAPES = [(1, 31, 61), (9, 33, 61), (8, 65, 33), (3, 1, 31), (3, 300, 61), (1, 520, 33)]
 
 
 @requires_emulation
@@ -254,8 +257,8 @@ def test_mixture_rank0_small_sigma_is_accurate():
     assert tv < 1e-3, f"total variation {tv:.3g} from the float64 weights"
 
 
-# (B, K, D, r): r = 1, a 32-column edge (33), r = D (full rank)
-LOWRANK_SHAPES = [(2, 3, 61, 1), (3, 2, 61, 33), (2, 3, 33, 33), (1, 2, 40, 40)]
+# (B, K, D, r): r = 1, a 32-column edge (33), r = D (full rank), an empty component slice
+LOWRANK_SHAPES = [(2, 3, 61, 1), (3, 2, 61, 33), (2, 3, 33, 33), (1, 2, 40, 40), (2, 5, 33, 2)]
 
 
 @requires_emulation

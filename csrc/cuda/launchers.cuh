@@ -29,16 +29,19 @@ cudaError_t launch_gaussian_map(const GaussianMapParams<In, Acc>& p, cudaStream_
   return cudaGetLastError();
 }
 
+// the partial softmax states of the component slices, then their merge
 template <typename In, typename Acc>
 cudaError_t launch_mixture_posterior(const MixtureParams<In, Acc>& p, cudaStream_t stream) {
   const dim3 block(32, kWarps);
   if (p.r == 0) {
     auto delta = mixture_delta_kernel<In, Acc>;
-    GSA_LAUNCH(delta, dim3(ceil_div(p.B, kMixtureRows)), block, sizeof(DeltaShared<Acc>), stream, p);
+    GSA_LAUNCH(delta, dim3(ceil_div(p.B, kMixtureRows), p.splits), block, sizeof(DeltaShared<Acc>), stream, p);
   } else {
     auto lowrank = mixture_lowrank_kernel<In, Acc>;
-    GSA_LAUNCH(lowrank, dim3(p.B), block, mixture_lowrank_smem_bytes<Acc>(p.r), stream, p);
+    GSA_LAUNCH(lowrank, dim3(p.B, p.splits), block, mixture_lowrank_smem_bytes<Acc>(p.r), stream, p);
   }
+  auto merge = mixture_merge_kernel<In, Acc>;
+  GSA_LAUNCH(merge, dim3(p.B), dim3(32 * kWarps), 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -2,12 +2,15 @@
 //   logit_k = log_weights[k] + gsa::component_logpdf(|x - mu_k|^2, ...)
 // streamed over the components with an online softmax (running max m, sum l, and the weighted
 // sum of the component denoisers rescaled by gsa::merge_scale when m grows), so no [B, K]
-// buffer is needed unless the weights are asked for (then the raw logits are written there and
-// normalised at the end by the thread that wrote them). |x - mu_k|^2 is summed from the
-// differences, never expanded, so small-sigma logits stay accurate. Two kernels:
+// buffer is needed unless the weights are asked for (then the raw logits are written there).
+// |x - mu_k|^2 is summed from the differences, never expanded, so small-sigma logits stay
+// accurate. The components are split into p.splits slices (blockIdx.y) when the rows alone
+// would leave the GPU idle; every slice leaves its partial state (max, sum, weighted sum) and
+// mixture_merge_kernel combines them into logp, the weights and the denoiser. Kernels:
 //   mixture_delta_kernel    r = 0 (the empirical "delta" mixture when residual_var = 0)
 //   mixture_lowrank_kernel  r > 0
-// Blocks are (32, kWarps) threads. Accumulation in Acc (float, or double for float64). No torch.
+//   mixture_merge_kernel    both
+// Accumulation in Acc (float, or double for float64). No torch headers.
 #pragma once
 #include "kernel_common.cuh"
 
@@ -21,8 +24,8 @@ struct DeltaShared {
 };
 
 // r = 0: component k is N(mu_k, lp_k I); its denoiser is (1 - h_k) mu_k + h_k x with
-// h_k = lp_k / (lp_k + s^2). grid (ceil(B / 8)); block (32, 8): warp w owns row i0 + w and
-// lane k component k0 + k of each 32-component chunk. Per chunk: the 8 x 32 squared distances
+// h_k = lp_k / (lp_k + s^2). grid (ceil(B / 8), splits); block (32, 8): warp w owns row i0 + w
+// and lane k component k0 + k of each 32-component chunk of the block's slice. Per chunk: the 8 x 32 squared distances
 // from shared-memory tiles of x and the means (32 d at a time), the warp-wide online softmax
 // update, then accum[row, d] += sum_k p_k (1 - h_k) mu_k[d] (lane = d) from the means tile again.
 template <typename In, typename Acc>
@@ -32,17 +35,19 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
   const int64_t i = int64_t(blockIdx.x) * kMixtureRows + w;
   const bool row_ok = i < p.B;
   const Acc s2 = row_ok ? p.sigma[i] * p.sigma[i] : Acc(1);
+  const int64_t split = blockIdx.y, per_split = components_per_split(p.K, p.splits);
+  const int64_t k_begin = split * per_split, k_end = k_begin + per_split < p.K ? k_begin + per_split : p.K;
 
   Acc m = neg_infinity<Acc>(), l = Acc(0), h_sum = Acc(0);  // per row, the same in every lane
-  for (int64_t k0 = 0; k0 < p.K; k0 += kMixtureChunk) {
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kMixtureChunk) {
     const int64_t k = k0 + lane;
-    const bool comp_ok = k < p.K;
+    const bool comp_ok = k < k_end;
     Acc sq = Acc(0);
     for (int64_t d0 = 0; d0 < p.D; d0 += kTile) {
       const int64_t d = d0 + lane;
       sm.x[w][lane] = row_ok && d < p.D ? to_real(p.x[i * p.D + d]) : Acc(0);
       for (int c = w; c < kMixtureChunk; c += kWarps)
-        sm.mu[c][lane] = k0 + c < p.K && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
+        sm.mu[c][lane] = k0 + c < k_end && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
       __syncthreads();
       for (int dd = 0; dd < kTile; ++dd) {
         const Acc diff = sm.x[w][dd] - sm.mu[lane][dd];
@@ -68,24 +73,24 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
     for (int64_t d0 = 0; d0 < p.D; d0 += kTile) {
       const int64_t d = d0 + lane;
       for (int c = w; c < kMixtureChunk; c += kWarps)
-        sm.mu[c][lane] = k0 + c < p.K && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
+        sm.mu[c][lane] = k0 + c < k_end && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
       __syncthreads();  // (the first pass also publishes sm.weight)
       if (row_ok && d < p.D) {
         Acc v = Acc(0);
         for (int c = 0; c < kMixtureChunk; ++c) v += sm.weight[w][c] * sm.mu[c][lane];
-        Acc& a = p.accum[i * p.D + d];  // only this thread ever touches it
-        a = k0 == 0 ? v : a * rescale + v;
+        Acc& a = p.accum[(split * p.B + i) * p.D + d];  // only this thread ever touches it
+        a = k0 == k_begin ? v : a * rescale + v;
       }
       __syncthreads();
     }
   }
   if (!row_ok) return;  // no barrier below
-  if (lane == 0) p.logp[i] = m + log(l);
-  if (p.weights)
-    for (int64_t k = lane; k < p.K; k += 32) p.weights[i * p.K + k] = exp(p.weights[i * p.K + k] - m) / l;
-  if (p.accum)
-    for (int64_t d = lane; d < p.D; d += 32)
-      store(p.denoised + i * p.D + d, (p.accum[i * p.D + d] + h_sum * to_real(p.x[i * p.D + d])) / l);
+  if (lane == 0) {
+    p.part_max[split * p.B + i] = m;
+    p.part_sum[split * p.B + i] = l;
+  }
+  if (p.accum && k_begin < k_end)  // (the merge skips empty slices: their max is -inf)
+    for (int64_t d = lane; d < p.D; d += 32) p.accum[(split * p.B + i) * p.D + d] += h_sum * to_real(p.x[i * p.D + d]);
 }
 
 template <typename Acc>
@@ -96,8 +101,8 @@ struct LowRankShared {
 static_assert(sizeof(LowRankShared<float>) + 7 * sizeof(float) == mixture_lowrank_smem_bytes<float>(7));
 
 // r > 0: component k has D_k = (1 - h) mu_k + h x + U_k diag(g_j) c, c = U_k^T (x - mu_k),
-// g_j = lam_j / (lam_j + s^2) - h. grid (B); block (32, 8): one row per block, the components
-// one after another. Warps stride over d and lanes over j, so every warp reads whole rows of
+// g_j = lam_j / (lam_j + s^2) - h. grid (B, splits); block (32, 8): one row per block, the
+// components of the block's slice one after another. Warps stride over d and lanes over j, so every warp reads whole rows of
 // U_k (coalesced); c is reduced over warps in shared memory, the logit terms with block_sum,
 // and each reconstructed d with a warp sum.
 template <typename In, typename Acc>
@@ -108,9 +113,11 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixturePar
   const int64_t i = blockIdx.x, D = p.D, r = p.r;
   const In* x = p.x + i * D;
   const Acc s2 = p.sigma[i] * p.sigma[i];
+  const int64_t split = blockIdx.y, per_split = components_per_split(p.K, p.splits);
+  const int64_t k_begin = split * per_split, k_end = k_begin + per_split < p.K ? k_begin + per_split : p.K;
 
   Acc m = neg_infinity<Acc>(), l = Acc(0);  // the same in every thread
-  for (int64_t k = 0; k < p.K; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const Acc* mu = p.means + k * D;
     const Acc* U = p.bases + k * D * r;
     const Acc* lam = p.eigvals + k * r;
@@ -161,18 +168,38 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixturePar
       v = warp_sum(v);
       if (lane == 0) {
         const Acc dk = (Acc(1) - h) * mu[d] + h * to_real(x[d]) + v;
-        Acc& a = p.accum[i * D + d];  // only lane 0 of warp d % kWarps touches it
-        a = k == 0 ? pk * dk : a * rescale + pk * dk;
+        Acc& a = p.accum[(split * p.B + i) * D + d];  // only lane 0 of warp d % kWarps touches it
+        a = k == k_begin ? pk * dk : a * rescale + pk * dk;
       }
     }
     // the next component's first barrier orders these reads of coeff before its writes
   }
-  __syncthreads();  // the logits and accum written by other threads are visible below
-  if (tid == 0) p.logp[i] = m + log(l);
+  if (tid == 0) {
+    p.part_max[split * p.B + i] = m;
+    p.part_sum[split * p.B + i] = l;
+  }
+}
+
+// grid (B); block (256). Row i: the slices' states merge into M = max_s m_s,
+// L = sum_s l_s exp(m_s - M); logp = M + log L, weights = exp(logit - M) / L, and the denoiser
+// sum_s exp(m_s - M) accum_s / L. Threads stride over k and d (coalesced).
+template <typename In, typename Acc>
+__global__ void __launch_bounds__(32 * kWarps) mixture_merge_kernel(MixtureParams<In, Acc> p) {
+  const int64_t i = blockIdx.x;
+  const Acc* part_max = p.part_max + i;  // stride B
+  Acc m = neg_infinity<Acc>(), l = Acc(0);
+  for (int s = 0; s < p.splits; ++s) m = part_max[s * p.B] > m ? part_max[s * p.B] : m;
+  for (int s = 0; s < p.splits; ++s) l += p.part_sum[s * p.B + i] * merge_scale(part_max[s * p.B], m);
+  if (threadIdx.x == 0) p.logp[i] = m + log(l);
   if (p.weights)
-    for (int64_t k = tid; k < p.K; k += 32 * kWarps) p.weights[i * p.K + k] = exp(p.weights[i * p.K + k] - m) / l;
+    for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) p.weights[i * p.K + k] = exp(p.weights[i * p.K + k] - m) / l;
   if (p.accum)
-    for (int64_t d = tid; d < D; d += 32 * kWarps) store(p.denoised + i * D + d, p.accum[i * D + d] / l);
+    for (int64_t d = threadIdx.x; d < p.D; d += blockDim.x) {
+      Acc v = Acc(0);
+      for (int s = 0; s < p.splits; ++s)
+        if (part_max[s * p.B] != neg_infinity<Acc>()) v += p.accum[(s * p.B + i) * p.D + d] * exp(part_max[s * p.B] - m);
+      store(p.denoised + i * p.D + d, v / l);
+    }
 }
 
 }  // namespace gsa::cuda

@@ -120,13 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
   at::Tensor logp = at::empty({B}, cd);
   at::Tensor weights = need_weights ? at::empty({B, K}, cd) : at::empty({0}, cd);
   if (B == 0) return {denoised, logp, weights};
-  const at::Tensor accum = at::empty({need_denoised ? B : 0, D}, cd);
+  const int splits = mixture_splits(B, K, r, L::multiprocessors(x));
+  const at::Tensor part_max = at::empty({splits, B}, cd), part_sum = at::empty({splits, B}, cd);
+  const at::Tensor accum = at::empty({need_denoised ? splits : 0, B, D}, cd);
   dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
     using In = decltype(in_tag);
     using Acc = decltype(acc_tag);
     MixtureParams<In, Acc> p{ptr<const In>(x), ptr<const Acc>(means), ptr<const Acc>(bases),
                              ptr<const Acc>(eigvals), ptr<const Acc>(residual_var), ptr<const Acc>(log_weights),
-                             ptr<const Acc>(sigma), B, D, K, r, ptr<Acc>(accum), ptr<In>(denoised),
+                             ptr<const Acc>(sigma), B, D, K, r, splits, ptr<Acc>(part_max),
+                             ptr<Acc>(part_sum), ptr<Acc>(accum), ptr<In>(denoised),
                              ptr<Acc>(logp), ptr<Acc>(weights)};
     L::mixture_posterior(p);
   });

@@ -33,6 +33,10 @@ constexpr int kWarps = 8;
 constexpr int kMixtureRows = kWarps;
 constexpr int kMixtureChunk = 32;
 constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory without opt-in
+// The mixture kernels split the components over blocks when the row blocks alone cannot fill
+// the GPU; each split covers at least this many components.
+constexpr int64_t kMinComponentsPerSplitDelta = 4 * kMixtureChunk;
+constexpr int64_t kMinComponentsPerSplitLowRank = 1;
 
 GSA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -45,6 +49,19 @@ inline int projection_splits(int64_t B, int64_t D, int64_t r, int multiprocessor
   const int64_t splits = wanted < most ? wanted : most;
   return splits > 1 ? int(splits) : 1;
 }
+
+// How many slices of the K components the mixture kernels use (about two blocks per
+// multiprocessor); their partial softmax states are merged by mixture_merge_kernel.
+inline int mixture_splits(int64_t B, int64_t K, int64_t r, int multiprocessors) {
+  if (B <= 0) return 1;
+  const int64_t row_blocks = r == 0 ? ceil_div(B, kMixtureRows) : B;
+  const int64_t wanted = ceil_div(2 * int64_t(multiprocessors), row_blocks);
+  const int64_t most = K / (r == 0 ? kMinComponentsPerSplitDelta : kMinComponentsPerSplitLowRank);
+  const int64_t splits = wanted < most ? wanted : most;
+  return splits > 1 ? int(splits) : 1;
+}
+
+GSA_HD int64_t components_per_split(int64_t K, int splits) { return ceil_div(K, splits); }
 
 // Shared memory of the low-rank mixture kernel: per-warp partial sums and block_sum scratch
 // (LowRankShared in mixture_kernels.cuh), then the [r] coefficients.
@@ -86,10 +103,13 @@ struct MixtureParams {
   const Acc* log_weights;  // [K]
   const Acc* sigma;        // [B]
   int64_t B, D, K, r;
-  Acc* accum;              // workspace [B, D] (running weighted sum of denoisers), or nullptr
+  int splits;              // mixture_splits(...): slices of the components, one per blockIdx.y
+  Acc* part_max;           // workspace [splits, B]: running max of the logits of each slice
+  Acc* part_sum;           // workspace [splits, B]: sum of exp(logit - part_max)
+  Acc* accum;              // workspace [splits, B, D]: sum of exp(logit - part_max) D_k(x), or nullptr
   In* denoised;            // [B, D], or nullptr when not needed
   Acc* logp;               // [B]
-  Acc* weights;            // [B, K], or nullptr when not needed
+  Acc* weights;            // [B, K] (raw logits until the merge), or nullptr when not needed
 };
 
 }  // namespace cuda
