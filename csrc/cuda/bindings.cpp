@@ -29,6 +29,10 @@ struct CudaLauncher {
     return cached[device];
   }
 
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::empty(sizes, options);
+  }
+
   template <typename In, typename Acc>
   static void gaussian_map(const GaussianMapParams<In, Acc>& p) {
     C10_CUDA_CHECK(launch_gaussian_map(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -4,7 +4,8 @@
 //   struct Launcher {
 //     static constexpr c10::DeviceType device_type;   // of every tensor argument
 //     using Guard = ...;                               // RAII "current device = x's device"
-//     static int multiprocessors(const at::Tensor& x); // sizes the projection split
+//     static int multiprocessors(const at::Tensor& x); // sizes the D / component splits
+//     static at::Tensor empty(at::IntArrayRef, const at::TensorOptions&);  // outputs, workspaces
 //     template <class In, class Acc> static void gaussian_map(const GaussianMapParams<In, Acc>&);
 //     template <class In, class Acc> static void mixture_posterior(const MixtureParams<In, Acc>&);
 //   };
@@ -50,7 +51,7 @@ void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1), T = sigma_to.size(0);
   if (B == 0 || D == 0 || T == 0) return;
   const int splits = projection_splits(B, D, r, L::multiprocessors(x));
-  const at::Tensor coeffs = at::empty({r > 0 ? splits : 0, B, r}, x.options().dtype(compute_dtype(x)));
+  const at::Tensor coeffs = L::empty({r > 0 ? splits : 0, B, r}, x.options().dtype(compute_dtype(x)));
   dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
     using In = decltype(in_tag);
     using Acc = decltype(acc_tag);
@@ -78,7 +79,7 @@ at::Tensor gaussian_map(const at::Tensor& x, const at::Tensor& mean, const at::T
   TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
                     ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   typename L::Guard guard(x.device());
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = L::empty(x.sizes(), x.options());
   run_spectral<L>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to.view({1, B}), &scale_from,
                   &scale_to, kind, out);
   return out;
@@ -95,7 +96,7 @@ at::Tensor gaussian_trajectory(const at::Tensor& x, const at::Tensor& mean, cons
   const int64_t T = sigmas.size(0), B = x.size(0);
   check_rows(x, sigmas, "sigmas", {T, B}, op);
   typename L::Guard guard(x.device());
-  at::Tensor out = at::empty({T, B, x.size(1)}, x.options());
+  at::Tensor out = L::empty({T, B, x.size(1)}, x.options());
   // flow from sigmas[0] (may be +inf: x is unit noise) to every sigmas[t], scales 1
   run_spectral<L>(x, mean, basis, eigvals, residual_var, sigmas[0], sigmas, nullptr, nullptr, kFlow, out);
   return out;
@@ -116,13 +117,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
                     " is too large for the cuda mixture kernel (its coefficients must fit in 48 KiB of "
                     "shared memory); use backend='triton' or 'cpu'");
   typename L::Guard guard(x.device());
-  at::Tensor denoised = need_denoised ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor logp = at::empty({B}, cd);
-  at::Tensor weights = need_weights ? at::empty({B, K}, cd) : at::empty({0}, cd);
+  at::Tensor denoised = L::empty(need_denoised ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor logp = L::empty({B}, cd);
+  at::Tensor weights = need_weights ? L::empty({B, K}, cd) : L::empty({0}, cd);
   if (B == 0) return {denoised, logp, weights};
   const int splits = mixture_splits(B, K, r, L::multiprocessors(x));
-  const at::Tensor part_max = at::empty({splits, B}, cd), part_sum = at::empty({splits, B}, cd);
-  const at::Tensor accum = at::empty({need_denoised ? splits : 0, B, D}, cd);
+  const at::Tensor part_max = L::empty({splits, B}, cd), part_sum = L::empty({splits, B}, cd);
+  const at::Tensor accum = L::empty({need_denoised ? splits : 0, B, D}, cd);
   dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
     using In = decltype(in_tag);
     using Acc = decltype(acc_tag);

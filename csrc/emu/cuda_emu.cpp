@@ -4,6 +4,8 @@
 // validation as the CUDA binding; only the launcher policy differs.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../cuda/op_bindings.h"
 // after the torch headers: the emulation defines CUDA keywords as macros
 #include "gsa/simt_emu.h"
@@ -21,6 +23,12 @@ struct EmulatedLauncher {
   // A pretend GPU of 4 multiprocessors: small enough that the tests' shapes use the split-D
   // projection once D spans 8 or more tiles.
   static int multiprocessors(const at::Tensor&) { return 4; }
+
+  // Outputs and workspaces start as NaN, so a kernel that reads a workspace before writing it,
+  // or leaves part of an output unwritten, fails the tests (at::empty is often zeroed memory).
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
 
   template <typename In, typename Acc>
   static void gaussian_map(const GaussianMapParams<In, Acc>& p) {
