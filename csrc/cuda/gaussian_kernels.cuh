@@ -4,8 +4,9 @@
 //   apply:   out[t, i, d]    = a y[i, d] + b mu[d] + sum_j U[d, j] f_j(t, i) sum_s coeffs[s, i, j]
 // The projection is shared by all T steps of a trajectory (y does not depend on the target
 // sigma). A full-rank basis (r == D) has no residual directions: apply then uses
-// out = b mu + U diag(eigen_gain(lam_j)) c, which keeps small-sigma scores and flows accurate. Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile,
-// four rows per thread; the reduction dimension streams through shared memory 32 at a time.
+// out = b mu + U diag(eigen_gain(lam_j)) c, which keeps small-sigma scores and flows accurate.
+// Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile, four
+// rows per thread; the reduction dimension streams through shared memory 32 at a time.
 // Accumulation in Acc (float, or double for float64 inputs). No torch headers.
 #pragma once
 #include "kernel_common.cuh"
