@@ -409,7 +409,8 @@ def test_extension_has_sm80_and_sm90_code():
     so = gk._C.__file__
     with open(so, "rb") as f:
         data = f.read()
-    for kernel in (b"gaussian_project_kernel", b"gaussian_apply_kernel", b"mixture_delta_kernel", b"mixture_lowrank_kernel"):
+    for kernel in (b"gaussian_project_kernel", b"gaussian_apply_kernel", b"mixture_delta_kernel", b"mixture_lowrank_kernel",
+                   b"mixture_merge_kernel"):
         assert kernel in data, f"{kernel!r} not registered in {so}"
     assert {80, 90} <= _fatbin_archs(data), f"cubins found for sm_{sorted(_fatbin_archs(data))} in {so}"
     cuobjdump = _find_cuobjdump()
