@@ -178,6 +178,38 @@ def test_trajectory(B, D, r, from_noise, dtype):
     _close(out[first:], ref[first:], dtype, "gaussian_trajectory")
 
 
+@requires_emulation
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_loads_and_stores_are_exact(dtype):
+    """The software float16 / bfloat16 conversions (the emulatable twins of the CUDA intrinsics)
+    against torch's: every finite 16-bit value loads and stores back unchanged (a flow from unit
+    noise with r = 0, mean 0, residual_var 0 and sigma_to 1 is the identity), and float32 values
+    of every exponent, ties included, round to nearest even like torch (a denoiser with r = 0
+    and residual_var 0 returns the mean, stored in x's dtype)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = bits[torch.isfinite(bits.float()) & (bits.view(torch.int16) != -(2**15))]  # -0 + 0 = +0
+    D = 64
+    values = torch.cat([values, values[: (-values.numel()) % D]]).reshape(-1, D)
+    B = values.shape[0]
+    zero_model = (torch.zeros(D), torch.zeros(D, 0), torch.zeros(0), 0.0)
+    inf, one = torch.full((B,), math.inf), torch.ones(B)
+    out = _run_map(values, zero_model, inf, one, one, one, KIND_FLOW)
+    assert torch.equal(out.view(torch.int16), values.view(torch.int16))
+
+    g = torch.Generator().manual_seed(0)
+    mean32 = torch.randint(-(2**31), 2**31 - 1, (D * 256,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    mean32 = mean32[torch.isfinite(mean32)][: D * 200]
+    ties = (values.float().flatten()[:D * 8].double() + values.float().flatten()[1:D * 8 + 1].double()) / 2  # midpoints
+    mean32 = torch.cat([mean32, ties.float()[: D * 8]])[: D * 200]
+    x = torch.zeros(2, D, dtype=dtype)
+    for row in mean32.reshape(-1, D):
+        model = (row, torch.zeros(D, 0), torch.zeros(0), 0.0)
+        out = _run_map(x, model, torch.ones(2), torch.ones(2), torch.ones(2), torch.ones(2), KIND_DENOISE)
+        expected = row.to(dtype).expand(2, D)
+        same = (out.view(torch.int16) == expected.view(torch.int16)) | (torch.isnan(out.float()) & torch.isnan(expected.float()))
+        assert same.all(), (row[~same[0]], out[0][~same[0]], expected[0][~same[0]])
+
+
 # ----------------------------------------------------------------------------------- mixtures
 
 
