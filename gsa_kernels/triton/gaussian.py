@@ -1,0 +1,222 @@
+"""Gaussian family: the fused spectral map (denoise / score / flow) and the trajectory.
+
+One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored below):
+    y      = p x - q mu                                  (p, q: per-row input coefficients)
+    c      = y U                                          stage 1, tl.dot over D tiles
+    out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
+The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
+in-span difference). The map is T = 1; the trajectory computes c once and writes T outputs
+(flow from sigmas[0, b] to sigmas[t, b], scales 1).
+
+A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c stays in registers
+([BLOCK_B, R_PAD]); otherwise stage 1 writes c to a [B, r] scratch in global memory, r-tile by
+r-tile, and stage 2 reads it back (same program, after a barrier).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
+MAX_REGISTER_RANK = 16 if _config.INTERPRET else 256  # small in the interpreter: tests cover both paths
+
+
+@triton.jit
+def _mm(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. tl.dot (tensor cores for tf32/tf32x3) for float32; float64 has no tl.dot
+    tensor-core path we rely on, so it uses a broadcast multiply-sum (CUDA cores, exact fp64)."""
+    if USE_DOT:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _input_coeffs(KIND: tl.constexpr, sa, ka):
+    """(p, q) of y = p x - q mu (row_coeffs in spectral.h)."""
+    one = tl.full(sa.shape, 1.0, sa.dtype)
+    if KIND == 2:
+        from_noise = sa == float("inf")
+        return tl.where(from_noise, one, one / ka), tl.where(from_noise, 0.0 * one, one)
+    else:
+        return one, one
+
+
+@triton.jit
+def _output_coeffs(KIND: tl.constexpr, lp, sa, sb, kb):
+    """(a, b) of out = a y + b mu + ... (row_coeffs in spectral.h)."""
+    one = tl.full(sa.shape, 1.0, sa.dtype)
+    if KIND == 0:
+        s2 = sa * sa
+        return lp / (lp + s2), one
+    elif KIND == 1:
+        s2 = sa * sa
+        return -one / (lp + s2), 0.0 * one
+    else:
+        sb2 = sb * sb
+        from_noise = sa == float("inf")
+        gain = tl.where(from_noise, tl.sqrt(lp + sb2), tl.sqrt((lp + sb2) / (lp + sa * sa)))
+        return kb * gain, kb
+
+
+@triton.jit
+def _spectral_f(KIND: tl.constexpr, lam, lp, sa, sb, kb):
+    """f(lam; row) (spectral_f in spectral.h). lam [1, R], row values [B, 1]."""
+    if KIND == 0:
+        s2 = sa * sa
+        return lam / (lam + s2) - lp / (lp + s2)
+    elif KIND == 1:
+        s2 = sa * sa
+        return (lam - lp) / ((lam + s2) * (lp + s2))
+    else:
+        sb2 = sb * sb
+        sa2 = sa * sa
+        from_noise = sa == float("inf")
+        from_x = tl.sqrt((lam + sb2) / (lam + sa2)) - tl.sqrt((lp + sb2) / (lp + sa2))
+        return kb * tl.where(from_noise, tl.sqrt(lam + sb2) - tl.sqrt(lp + sb2), from_x)
+
+
+@triton.jit
+def _load_y(x_ptr, mean_ptr, rows, row_ok, d, d_ok, p, q, D):
+    """y = p x - q mu for a [BLOCK_B, BLOCK_D] tile, in the compute dtype; and the mu tile."""
+    mu = tl.load(mean_ptr + d, mask=d_ok, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    y = p[:, None] * x.to(mu.dtype) - q[:, None] * mu[None, :]
+    return y, mu
+
+
+_GPU_CONFIGS = [
+    # (meta, num_warps, num_stages); BLOCK_R only matters when c goes through the scratch
+    ({"BLOCK_B": 16, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 3),
+    ({"BLOCK_B": 16, "BLOCK_D": 128, "BLOCK_R": 64}, 4, 3),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 3),
+    ({"BLOCK_B": 32, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3),
+    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
+    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 128}, 8, 2),
+    ({"BLOCK_B": 128, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
+]
+_INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
+
+
+@triton.autotune(
+    configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "USE_DOT"],
+)
+@triton.jit
+def _spectral_map_kernel(
+    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_ptr,
+    sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B]
+    out_ptr, scratch_ptr,  # out [T, B, D]; scratch [B, R] (scratch path only)
+    B, D, R, T,
+    KIND: tl.constexpr, HAS_BASIS: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    lp = tl.load(lp_ptr)
+    sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
+    ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
+    p, q = _input_coeffs(KIND, sa, ka)
+    acc_dtype = lp.dtype
+
+    # ---- stage 1: c = y U
+    if HAS_BASIS:
+        if C_IN_REGISTERS:
+            r_reg = tl.arange(0, R_PAD)
+            c = tl.zeros((BLOCK_B, R_PAD), dtype=acc_dtype)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+                u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+                c = _mm(y, u, c, USE_DOT, PRECISION)
+            lam_reg = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < R
+                c_tile = tl.zeros((BLOCK_B, BLOCK_R), dtype=acc_dtype)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = d < D
+                    y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+                    u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                    c_tile = _mm(y, u, c_tile, USE_DOT, PRECISION)
+                tl.store(scratch_ptr + rows64[:, None] * R + r[None, :], c_tile, mask=row_ok[:, None] & r_ok[None, :])
+            tl.debug_barrier()  # stage 2 reads c written by other threads of this program
+
+    # ---- stage 2: out[t] = a_t y + b_t mu + (c f_t) U^T, tile by tile of D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+        if HAS_BASIS:
+            if C_IN_REGISTERS:
+                u_reg = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+        for t in range(0, T):
+            sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
+            kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
+            a, b = _output_coeffs(KIND, lp, sa, sb, kb)
+            acc = a[:, None] * y + b[:, None] * mu[None, :]
+            if HAS_BASIS:
+                if C_IN_REGISTERS:
+                    f = _spectral_f(KIND, lam_reg[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    acc = _mm(c * f, tl.trans(u_reg), acc, USE_DOT, PRECISION)
+                else:
+                    for r0 in range(0, R, BLOCK_R):
+                        r = r0 + tl.arange(0, BLOCK_R)
+                        r_ok = r < R
+                        c_tile = tl.load(scratch_ptr + rows64[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                        lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
+                        f = _spectral_f(KIND, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                        u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                        acc = _mm(c_tile * f, tl.trans(u), acc, USE_DOT, PRECISION)
+            out_offs = (t * B + rows64)[:, None] * D + d[None, :]
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _launch(kernel):
+    """Kernels are launched through wrap_triton on GPU so that torch.compile (triton_op) sees
+    them; the interpreter path calls them directly (wrap_triton needs compiled kernels)."""
+    return kernel if _config.INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, kind: int):
+    """out [T, B, D] (x's dtype) for x [B, D]; sa, ka [B]; sb, kb [T, B] (see module docstring)."""
+    B, D = x.shape
+    R = basis.shape[1]
+    T = sb.shape[0]
+    out = torch.empty((T, B, D), dtype=x.dtype, device=x.device)
+    if B == 0 or T == 0:
+        return out
+    in_registers = R <= MAX_REGISTER_RANK
+    scratch = torch.empty((0 if in_registers else B, R), dtype=mean.dtype, device=x.device)
+    lp = torch.full((1,), float(residual_var), dtype=mean.dtype, device=x.device)
+    r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_B"]),)
+
+    _launch(_spectral_map_kernel)[grid](
+        x, mean, basis, eigvals, lp, sa, ka, sb, kb, out, scratch,
+        B, D, R, T,
+        KIND=kind, HAS_BASIS=R > 0, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
+        USE_DOT=mean.dtype != torch.float64, PRECISION=_config.dot_precision(),
+    )
+    return out
+
+
+def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    """[B, D] -> [B, D]: the spectral map of `kind` (0 denoise, 1 score, 2 flow)."""
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigma_from, scale_from, sigma_to[None], scale_to[None], kind)[0]
+
+
+def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+    """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
+    ones = torch.ones_like(sigmas)
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], ones[0], sigmas, ones, KIND_FLOW)
