@@ -5,7 +5,8 @@ One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored bel
     c      = y U                                          stage 1, tl.dot over D tiles
     out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
 The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
-in-span difference). The map is T = 1; the trajectory computes c once and writes T outputs
+in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
+gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the trajectory computes c once and writes T outputs
 (flow from sigmas[0, b] to sigmas[t, b], scales 1).
 
 A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c stays in registers
@@ -80,6 +81,28 @@ def _spectral_f(KIND: tl.constexpr, lam, lp, sa, sb, kb):
 
 
 @triton.jit
+def _span_gain(KIND: tl.constexpr, lam, sa, sb, kb):
+    """The whole gain on span(U), f + a (= a evaluated at lam). Used when r = D: there
+    P_perp = 0, and dropping a y avoids cancelling two terms of size 1/sigma^2 (score)."""
+    if KIND == 0:
+        return lam / (lam + sa * sa)
+    elif KIND == 1:
+        return -1.0 / (lam + sa * sa)
+    else:
+        sb2 = sb * sb
+        from_noise = sa == float("inf")
+        return kb * tl.where(from_noise, tl.sqrt(lam + sb2), tl.sqrt((lam + sb2) / (lam + sa * sa)))
+
+
+@triton.jit
+def _gain(KIND: tl.constexpr, FULL_RANK: tl.constexpr, lam, lp, sa, sb, kb):
+    if FULL_RANK:
+        return _span_gain(KIND, lam, sa, sb, kb)
+    else:
+        return _spectral_f(KIND, lam, lp, sa, sb, kb)
+
+
+@triton.jit
 def _load_y(x_ptr, mean_ptr, rows, row_ok, d, d_ok, p, q, D):
     """y = p x - q mu for a [BLOCK_B, BLOCK_D] tile, in the compute dtype; and the mu tile."""
     mu = tl.load(mean_ptr + d, mask=d_ok, other=0.0)
@@ -111,7 +134,7 @@ def _spectral_map_kernel(
     sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B]
     out_ptr, scratch_ptr,  # out [T, B, D]; scratch [B, R] (scratch path only)
     B, D, R, T,
-    KIND: tl.constexpr, HAS_BASIS: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
+    KIND: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -162,10 +185,12 @@ def _spectral_map_kernel(
             sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
             kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
             a, b = _output_coeffs(KIND, lp, sa, sb, kb)
+            if FULL_RANK:
+                a = 0.0 * a
             acc = a[:, None] * y + b[:, None] * mu[None, :]
             if HAS_BASIS:
                 if C_IN_REGISTERS:
-                    f = _spectral_f(KIND, lam_reg[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    f = _gain(KIND, FULL_RANK, lam_reg[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
                     acc = _mm(c * f, tl.trans(u_reg), acc, USE_DOT, PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
@@ -173,7 +198,7 @@ def _spectral_map_kernel(
                         r_ok = r < R
                         c_tile = tl.load(scratch_ptr + rows64[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
-                        f = _spectral_f(KIND, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                        f = _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
                         u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                         acc = _mm(c_tile * f, tl.trans(u), acc, USE_DOT, PRECISION)
             out_offs = (t * B + rows64)[:, None] * D + d[None, :]
@@ -205,7 +230,7 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
     _launch(_spectral_map_kernel)[grid](
         x, mean, basis, eigvals, lp, sa, ka, sb, kb, out, scratch,
         B, D, R, T,
-        KIND=kind, HAS_BASIS=R > 0, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
+        KIND=kind, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
         USE_DOT=mean.dtype != torch.float64, PRECISION=_config.dot_precision(),
     )
     return out
