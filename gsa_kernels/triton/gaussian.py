@@ -126,7 +126,7 @@ _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "USE_DOT"],
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "USE_DOT", "PRECISION"],
 )
 @triton.jit
 def _spectral_map_kernel(

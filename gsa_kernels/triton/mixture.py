@@ -63,7 +63,7 @@ _LOWRANK_GPU_CONFIGS = [
 
 @triton.autotune(
     configs=_config.configs(_LOWRANK_GPU_CONFIGS, {"BLOCK_D": 32, "BLOCK_R": 16}),
-    key=["D", "R", "K", "C_IN_REGISTERS", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT"],
+    key=["D", "R", "K", "C_IN_REGISTERS", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT", "PRECISION"],
 )
 @triton.jit
 def _mixture_lowrank_kernel(
@@ -186,7 +186,7 @@ _ISOTROPIC_GPU_CONFIGS = [
 
 @triton.autotune(
     configs=_config.configs(_ISOTROPIC_GPU_CONFIGS, {"BLOCK_K": 16, "BLOCK_D": 32, "BLOCK_DS": 16}),
-    key=["D", "K", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT"],
+    key=["D", "K", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT", "PRECISION"],
 )
 @triton.jit
 def _mixture_isotropic_kernel(
