@@ -238,6 +238,7 @@ MIXTURE_CASES = [  # (B, K, D, r, residual_var): low-rank in registers / through
     # below / at / above BLOCK_K = 16 for the r = 0 kernel
     (17, 5, 61, 1, None), (15, 3, 33, 16, None), (16, 4, 31, 17, 0.0), (5, 3, 20, 20, None),
     (1, 15, 61, 0, 0.2), (17, 17, 61, 0, 0.0), (33, 16, 32, 0, 0.0), (3, 40, 33, 0, None),
+    (3, 65, 65, 0, 0.0),  # D and K one above the merge kernel's BLOCK_N = 64
 ]
 
 
@@ -382,3 +383,31 @@ def test_opcheck():
     opcheck(ops.gaussian_trajectory, (x, g.mean, g.basis, g.eigvals, 0.2, torch.rand(3, 5) + 0.1))
     for need in ((True, True), (False, False)):
         opcheck(ops.mixture_posterior, (x, m.means, m.bases, m.eigvals, m.residual_var, m.log_weights, s, *need))
+
+
+def test_triton_op_traces_with_fake_cuda_tensors():
+    """The GPU registration (triton_op + wrap_triton; here, without TRITON_INTERPRET) runs its
+    launchers under FakeTensorMode on CUDA-device fake tensors, as torch.compile does: no GPU needed."""
+    if INTERPRET:
+        pytest.skip("checks the compiled-kernel registration: needs TRITON_INTERPRET unset")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from gsa_kernels.triton._library import ops
+
+    B, D, r, K = 7, 64, 8, 5
+
+    def f(x, mean, basis, eig, s, sigmas, means, bases, meig, lp, logw):
+        return (ops.gaussian_map(x, mean, basis, eig, 0.1, s, s, s, s, 2),
+                ops.gaussian_trajectory(x, mean, basis, eig, 0.1, sigmas),
+                ops.mixture_posterior(x, means, bases, meig, lp, logw, s, True, True),
+                ops.mixture_posterior(x, means, bases[:, :, :0], meig[:, :0], lp, logw, s, True, False))
+
+    with FakeTensorMode():
+        def e(*shape, dtype=torch.float32):
+            return torch.empty(shape, device="cuda", dtype=dtype)
+
+        args = (e(B, D, dtype=torch.bfloat16), e(D), e(D, r), e(r), e(B), e(3, B), e(K, D), e(K, D, r), e(K, r), e(K), e(K))
+        gm = make_fx(f, tracing_mode="fake")(*args)
+    outs = [n for n in gm.graph.nodes if n.op == "call_function" and "gsa_kernels_triton" in str(n.target)]
+    assert len(outs) == 4

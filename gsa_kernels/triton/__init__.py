@@ -6,8 +6,9 @@
     _config.py    interpreter detection, dot precision, autotune configs
 
 CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (tests). Inputs float16 / bfloat16 /
-float32 are computed with float32 accumulation; float64 inputs are computed in float64 (no
-tensor cores). GSA_KERNELS_TRITON_PRECISION=tf32x3|tf32 opts float32 dots into tensor cores.
+float32 are computed with float32 accumulation; float64 inputs are computed in float64 (tl.dot
+on float64 operands: DMMA / FMA, exact) -- the kernels are generic in the compute dtype, so
+float64 costs no extra code and "auto" on float64 CUDA tensors keeps working. GSA_KERNELS_TRITON_PRECISION=tf32x3|tf32 opts float32 dots into tensor cores.
 Importing this package imports triton but not the kernels: the kernel modules are imported on
 first use, so TRITON_INTERPRET is honoured if it is set before the first call.
 """

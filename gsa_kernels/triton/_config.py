@@ -20,11 +20,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
-def dot_precision() -> str:
+def dot_precision(compute_dtype: torch.dtype) -> str:
+    """input_precision of every tl.dot for this call. float64 dots are always exact ("ieee")."""
     p = os.environ.get("GSA_KERNELS_TRITON_PRECISION", "ieee")
     if p not in _PRECISIONS:
         raise ValueError(f"GSA_KERNELS_TRITON_PRECISION must be one of {_PRECISIONS}, got {p!r}")
-    return p
+    return "ieee" if compute_dtype == torch.float64 else p
 
 
 def configs(gpu_configs, interpreter_config):
@@ -37,10 +38,7 @@ def configs(gpu_configs, interpreter_config):
 
 def target_programs(device: torch.device) -> int:
     """How many programs keep the device busy (split-K over components when B is small)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():  # (fake CUDA tensors: no device)
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: enough to exercise the split path in tests
 
-
-def compute_dtype_is_f64(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float64

@@ -26,16 +26,6 @@ MAX_REGISTER_RANK = 16 if _config.INTERPRET else 256  # small in the interpreter
 
 
 @triton.jit
-def _mm(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b. tl.dot (tensor cores for tf32/tf32x3) for float32; float64 has no tl.dot
-    tensor-core path we rely on, so it uses a broadcast multiply-sum (CUDA cores, exact fp64)."""
-    if USE_DOT:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-
-
-@triton.jit
 def _input_coeffs(KIND: tl.constexpr, sa, ka):
     """(p, q) of y = p x - q mu (row_coeffs in spectral.h)."""
     one = tl.full(sa.shape, 1.0, sa.dtype)
@@ -126,7 +116,7 @@ _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "USE_DOT", "PRECISION"],
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "PRECISION"],
 )
 @triton.jit
 def _spectral_map_kernel(
@@ -135,7 +125,7 @@ def _spectral_map_kernel(
     out_ptr, scratch_ptr,  # out [T, B, D]; scratch [B, R] (scratch path only)
     B, D, R, T,
     KIND: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -157,7 +147,7 @@ def _spectral_map_kernel(
                 d_ok = d < D
                 y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                 u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                c = _mm(y, u, c, USE_DOT, PRECISION)
+                c = tl.dot(y, u, c, input_precision=PRECISION)
             lam_reg = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
         else:
             for r0 in range(0, R, BLOCK_R):
@@ -169,7 +159,7 @@ def _spectral_map_kernel(
                     d_ok = d < D
                     y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                     u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                    c_tile = _mm(y, u, c_tile, USE_DOT, PRECISION)
+                    c_tile = tl.dot(y, u, c_tile, input_precision=PRECISION)
                 tl.store(scratch_ptr + rows64[:, None] * R + r[None, :], c_tile, mask=row_ok[:, None] & r_ok[None, :])
             tl.debug_barrier()  # stage 2 reads c written by other threads of this program
 
@@ -191,7 +181,7 @@ def _spectral_map_kernel(
             if HAS_BASIS:
                 if C_IN_REGISTERS:
                     f = _gain(KIND, FULL_RANK, lam_reg[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
-                    acc = _mm(c * f, tl.trans(u_reg), acc, USE_DOT, PRECISION)
+                    acc = tl.dot(c * f, tl.trans(u_reg), acc, input_precision=PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
@@ -200,7 +190,7 @@ def _spectral_map_kernel(
                         lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
                         f = _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
                         u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                        acc = _mm(c_tile * f, tl.trans(u), acc, USE_DOT, PRECISION)
+                        acc = tl.dot(c_tile * f, tl.trans(u), acc, input_precision=PRECISION)
             out_offs = (t * B + rows64)[:, None] * D + d[None, :]
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -231,7 +221,7 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
         x, mean, basis, eigvals, lp, sa, ka, sb, kb, out, scratch,
         B, D, R, T,
         KIND=kind, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
-        USE_DOT=mean.dtype != torch.float64, PRECISION=_config.dot_precision(),
+        PRECISION=_config.dot_precision(mean.dtype),
     )
     return out
 

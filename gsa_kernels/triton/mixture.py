@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _config
-from .gaussian import _launch, _mm
+from .gaussian import _launch
 
 LOG_2PI = math.log(2.0 * math.pi)
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 128
@@ -63,7 +63,7 @@ _LOWRANK_GPU_CONFIGS = [
 
 @triton.autotune(
     configs=_config.configs(_LOWRANK_GPU_CONFIGS, {"BLOCK_D": 32, "BLOCK_R": 16}),
-    key=["D", "R", "K", "C_IN_REGISTERS", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT", "PRECISION"],
+    key=["D", "R", "K", "C_IN_REGISTERS", "NEED_DENOISED", "NEED_WEIGHTS", "PRECISION"],
 )
 @triton.jit
 def _mixture_lowrank_kernel(
@@ -71,7 +71,7 @@ def _mixture_lowrank_kernel(
     logits_ptr, state_ptr, acc_ptr, scratch_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]; scratch [S, B, R]
     B, D, R, K, K_PER_SPLIT, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, LOG_2PI: tl.constexpr,
+    PRECISION: tl.constexpr, LOG_2PI: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     split = tl.program_id(1)
@@ -108,7 +108,7 @@ def _mixture_lowrank_kernel(
             sq += tl.sum(y * y, axis=1)
             if C_IN_REGISTERS:
                 u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                c = _mm(y, u, c, USE_DOT, PRECISION)
+                c = tl.dot(y, u, c, input_precision=PRECISION)
         # the spectral terms of the logit; g * c (g = lam / (lam + s^2) - h) for the denoiser
         cc = tl.zeros((BLOCK_B,), cdt)
         cc_w = tl.zeros((BLOCK_B,), cdt)
@@ -132,7 +132,7 @@ def _mixture_lowrank_kernel(
                     mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
                     y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
                     u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                    c_tile = _mm(y, u, c_tile, USE_DOT, PRECISION)
+                    c_tile = tl.dot(y, u, c_tile, input_precision=PRECISION)
                 lam = tl.load(eigvals_ptr + k * R + r, mask=r_ok, other=0.0)
                 v = lam[None, :] + s2[:, None]
                 cc += tl.sum(c_tile * c_tile, axis=1)
@@ -159,14 +159,14 @@ def _mixture_lowrank_kernel(
                 contrib = (1.0 - h)[:, None] * mu[None, :]
                 if C_IN_REGISTERS:
                     u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                    contrib = _mm(gc, tl.trans(u), contrib, USE_DOT, PRECISION)
+                    contrib = tl.dot(gc, tl.trans(u), contrib, input_precision=PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = r < R
                         gc_tile = tl.load(scratch_ptr + scratch_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                        contrib = _mm(gc_tile, tl.trans(u), contrib, USE_DOT, PRECISION)
+                        contrib = tl.dot(gc_tile, tl.trans(u), contrib, input_precision=PRECISION)
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], pk[:, None] * contrib, m, alpha)
             tl.debug_barrier()  # the next component rewrites the scratch and acc tiles
         m = m_new
@@ -186,14 +186,14 @@ _ISOTROPIC_GPU_CONFIGS = [
 
 @triton.autotune(
     configs=_config.configs(_ISOTROPIC_GPU_CONFIGS, {"BLOCK_K": 16, "BLOCK_D": 32, "BLOCK_DS": 16}),
-    key=["D", "K", "NEED_DENOISED", "NEED_WEIGHTS", "USE_DOT", "PRECISION"],
+    key=["D", "K", "NEED_DENOISED", "NEED_WEIGHTS", "PRECISION"],
 )
 @triton.jit
 def _mixture_isotropic_kernel(
     x_ptr, means_ptr, lp_ptr, logw_ptr, sigma_ptr,
     logits_ptr, state_ptr, acc_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]
     B, D, K, K_PER_SPLIT, S,
-    NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
     LOG_2PI: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
 ):
@@ -243,7 +243,7 @@ def _mixture_isotropic_kernel(
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
                 mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                contrib = _mm(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), USE_DOT, PRECISION)
+                contrib = tl.dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), input_precision=PRECISION)
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha)
         m = m_new
     state = state_ptr + split * B + rows
@@ -319,8 +319,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     state = torch.empty((3, S, B), dtype=cd, device=dev)
     acc = torch.empty((S, B, D) if need_denoised else (0,), dtype=cd, device=dev)
     grid = (triton.cdiv(B, BLOCK_B), S)
-    common = dict(NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, USE_DOT=cd != torch.float64,
-                  PRECISION=_config.dot_precision(), LOG_2PI=LOG_2PI, BLOCK_B=BLOCK_B)
+    common = dict(NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, PRECISION=_config.dot_precision(cd), LOG_2PI=LOG_2PI, BLOCK_B=BLOCK_B)
     if isotropic:
         _launch(_mixture_isotropic_kernel)[grid](
             x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S, **common)
