@@ -48,9 +48,9 @@ def _merge_scale(m_from, m_to):
 @triton.jit
 def _update_acc(acc_ptr, offs, mask, contrib, m_old, alpha):
     """acc = alpha * acc + contrib; acc is not read before the first component (m_old = -inf)."""
-    old = tl.load(acc_ptr + offs, mask=mask, other=0.0)
-    kept = tl.where(m_old[:, None] == float("-inf"), 0.0, old * alpha[:, None])
-    tl.store(acc_ptr + offs, kept + contrib, mask=mask)
+    started = m_old[:, None] != float("-inf")
+    old = tl.load(acc_ptr + offs, mask=mask & started, other=0.0)
+    tl.store(acc_ptr + offs, old * alpha[:, None] + contrib, mask=mask)
 
 
 _LOWRANK_GPU_CONFIGS = [
@@ -271,7 +271,7 @@ def _mixture_merge_kernel(
     hsum = tl.zeros_like(m)
     for s in range(0, S):
         scale = _merge_scale(tl.load(state_ptr + s * B + rows, mask=row_ok, other=0.0), m)
-        l += scale * tl.load(state_ptr + (S + s) * B + rows, mask=row_ok, other=0.0)
+        l += scale * tl.load(state_ptr + (S + s) * B + rows, mask=row_ok, other=1.0)  # (masked rows: no log 0)
         hsum += scale * tl.load(state_ptr + (2 * S + s) * B + rows, mask=row_ok, other=0.0)
     logp = m + tl.log(l)
     tl.store(logp_ptr + rows, logp, mask=row_ok & (tile == 0))
@@ -288,7 +288,7 @@ def _mixture_merge_kernel(
     if NEED_WEIGHTS:
         mask = row_ok[:, None] & (cols[None, :] < K)
         offs = rows64[:, None] * K + cols[None, :]
-        logit = tl.load(logits_ptr + offs, mask=mask, other=0.0)
+        logit = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
         tl.store(logits_ptr + offs, tl.exp(logit - logp[:, None]), mask=mask)
 
 
