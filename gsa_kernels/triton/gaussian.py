@@ -15,6 +15,8 @@ r-tile, and stage 2 reads it back (same program, after a barrier).
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -120,22 +122,24 @@ _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 )
 @triton.jit
 def _spectral_map_kernel(
-    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_ptr,
-    sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B]
+    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_hi, lp_lo,  # residual_var = lp_hi + lp_lo (float64-exact)
+    sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B] (ka, kb unread without HAS_SCALES)
     out_ptr, scratch_ptr,  # out [T, B, D]; scratch [B, R] (scratch path only)
     B, D, R, T,
-    KIND: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
+    KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    lp = tl.load(lp_ptr)
+    acc_dtype = mean_ptr.dtype.element_ty
+    lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
     sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
-    ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
+    ka = tl.full((BLOCK_B,), 1.0, acc_dtype)
+    if HAS_SCALES:
+        ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
     p, q = _input_coeffs(KIND, sa, ka)
-    acc_dtype = lp.dtype
 
     # ---- stage 1: c = y U
     if HAS_BASIS:
@@ -173,7 +177,9 @@ def _spectral_map_kernel(
                 u_reg = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
         for t in range(0, T):
             sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
-            kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
+            kb = tl.full((BLOCK_B,), 1.0, acc_dtype)
+            if HAS_SCALES:
+                kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
             a, b = _output_coeffs(KIND, lp, sa, sb, kb)
             if FULL_RANK:
                 a = 0.0 * a
@@ -202,7 +208,8 @@ def _launch(kernel):
 
 
 def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, kind: int):
-    """out [T, B, D] (x's dtype) for x [B, D]; sa, ka [B]; sb, kb [T, B] (see module docstring)."""
+    """out [T, B, D] (x's dtype) for x [B, D]; sa [B]; sb [T, B]; scales ka [B], kb [T, B] or
+    None for 1 (see module docstring). One kernel launch."""
     B, D = x.shape
     R = basis.shape[1]
     T = sb.shape[0]
@@ -211,16 +218,18 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
         return out
     in_registers = R <= MAX_REGISTER_RANK
     scratch = torch.empty((0 if in_registers else B, R), dtype=mean.dtype, device=x.device)
-    lp = torch.full((1,), float(residual_var), dtype=mean.dtype, device=x.device)
+    # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
+    lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
+    lp_lo = float(residual_var) - lp_hi
     r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
 
     def grid(meta):
         return (triton.cdiv(B, meta["BLOCK_B"]),)
 
     _launch(_spectral_map_kernel)[grid](
-        x, mean, basis, eigvals, lp, sa, ka, sb, kb, out, scratch,
+        x, mean, basis, eigvals, lp_hi, lp_lo, sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
         B, D, R, T,
-        KIND=kind, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
+        KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
         PRECISION=_config.dot_precision(mean.dtype),
     )
     return out
@@ -233,5 +242,4 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
-    ones = torch.ones_like(sigmas)
-    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], ones[0], sigmas, ones, KIND_FLOW)
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW)
