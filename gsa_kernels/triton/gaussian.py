@@ -9,9 +9,11 @@ in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the who
 gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the trajectory computes c once and writes T outputs
 (flow from sigmas[0, b] to sigmas[t, b], scales 1).
 
-A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c stays in registers
-([BLOCK_B, R_PAD]); otherwise stage 1 writes c to a [B, r] scratch in global memory, r-tile by
-r-tile, and stage 2 reads it back (same program, after a barrier).
+A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c is formed in registers
+([BLOCK_B, R_PAD]) in one pass over D; otherwise r-tile by r-tile. The spectral functions are
+applied once per (row, j, t), never inside a D loop: c * f stays in registers for the map (T = 1,
+small r); otherwise c * f_t goes to a [T, B, r] scratch in global memory (L2-resident) that
+stage 2 of the same program reads back after a barrier.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import triton.language as tl
 from . import _config
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
-MAX_REGISTER_RANK = 16 if _config.INTERPRET else 256  # small in the interpreter: tests cover both paths
+MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
 
 
 @triton.jit
@@ -104,36 +106,48 @@ def _load_y(x_ptr, mean_ptr, rows, row_ok, d, d_ok, p, q, D):
 
 
 _GPU_CONFIGS = [
-    # (meta, num_warps, num_stages); BLOCK_R only matters when c goes through the scratch
-    ({"BLOCK_B": 16, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 3),
-    ({"BLOCK_B": 16, "BLOCK_D": 128, "BLOCK_R": 64}, 4, 3),
-    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 4, 3),
-    ({"BLOCK_B": 32, "BLOCK_D": 128, "BLOCK_R": 64}, 8, 3),
+    # (meta, num_warps, num_stages). Sized from ptxas resource usage for sm_80 / sm_90 (no
+    # spills): ieee float32 dots run on FMA and hold their operands in registers, so the small
+    # tiles; the 64-wide ones are for the tensor-core precisions (tf32, tf32x3).
+    ({"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 32}, 4, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
     ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
-    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 128}, 8, 2),
-    ({"BLOCK_B": 128, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 
 
+@triton.jit
+def _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, acc_dtype: tl.constexpr):
+    """sigma_to, scale_to of output t for the rows ([B] each)."""
+    sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
+    kb = tl.full(sb.shape, 1.0, acc_dtype)
+    if HAS_SCALES:
+        kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
+    return sb, kb
+
+
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "PRECISION"],
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "CF_IN_REGISTERS", "PRECISION"],
 )
 @triton.jit
 def _spectral_map_kernel(
     x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_hi, lp_lo,  # residual_var = lp_hi + lp_lo (float64-exact)
     sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B] (ka, kb unread without HAS_SCALES)
-    out_ptr, scratch_ptr,  # out [T, B, D]; scratch [B, R] (scratch path only)
+    out_ptr, scratch_ptr,  # out [T, B, D]; scratch [T, B, R]: c * f_t (unless CF_IN_REGISTERS)
     B, D, R, T,
-    KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
+    KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr,
+    C_IN_REGISTERS: tl.constexpr, CF_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
-    acc_dtype = mean_ptr.dtype.element_ty
+    acc_dtype: tl.constexpr = mean_ptr.dtype.element_ty
     lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
     sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
     ka = tl.full((BLOCK_B,), 1.0, acc_dtype)
@@ -141,7 +155,9 @@ def _spectral_map_kernel(
         ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
     p, q = _input_coeffs(KIND, sa, ka)
 
-    # ---- stage 1: c = y U
+    # ---- stage 1: c = y U, then c * f_t once per (row, j, t): the spectral functions (sqrt,
+    # divisions) stay out of the D loops. c * f_t stays in registers for the map (T = 1, small r),
+    # else goes to the [T, B, R] scratch.
     if HAS_BASIS:
         if C_IN_REGISTERS:
             r_reg = tl.arange(0, R_PAD)
@@ -152,51 +168,56 @@ def _spectral_map_kernel(
                 y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                 u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
                 c = tl.dot(y, u, c, input_precision=PRECISION)
-            lam_reg = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
+            lam = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
+            if CF_IN_REGISTERS:
+                sb, kb = _row_params(sb_ptr, kb_ptr, 0, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+            else:
+                for t in range(0, T):
+                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r_reg[None, :], cf, mask=row_ok[:, None] & (r_reg[None, :] < R))
         else:
             for r0 in range(0, R, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < R
-                c_tile = tl.zeros((BLOCK_B, BLOCK_R), dtype=acc_dtype)
+                c = tl.zeros((BLOCK_B, BLOCK_R), dtype=acc_dtype)
                 for d0 in range(0, D, BLOCK_D):
                     d = d0 + tl.arange(0, BLOCK_D)
                     d_ok = d < D
                     y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                     u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                    c_tile = tl.dot(y, u, c_tile, input_precision=PRECISION)
-                tl.store(scratch_ptr + rows64[:, None] * R + r[None, :], c_tile, mask=row_ok[:, None] & r_ok[None, :])
-            tl.debug_barrier()  # stage 2 reads c written by other threads of this program
+                    c = tl.dot(y, u, c, input_precision=PRECISION)
+                lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
+                for t in range(0, T):
+                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], cf, mask=row_ok[:, None] & r_ok[None, :])
+        if not CF_IN_REGISTERS:
+            tl.debug_barrier()  # stage 2 reads what other threads of this program wrote
 
     # ---- stage 2: out[t] = a_t y + b_t mu + (c f_t) U^T, tile by tile of D
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
         y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
-        if HAS_BASIS:
-            if C_IN_REGISTERS:
-                u_reg = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
         for t in range(0, T):
-            sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
-            kb = tl.full((BLOCK_B,), 1.0, acc_dtype)
-            if HAS_SCALES:
-                kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
+            sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
             a, b = _output_coeffs(KIND, lp, sa, sb, kb)
             if FULL_RANK:
                 a = 0.0 * a
             acc = a[:, None] * y + b[:, None] * mu[None, :]
             if HAS_BASIS:
-                if C_IN_REGISTERS:
-                    f = _gain(KIND, FULL_RANK, lam_reg[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
-                    acc = tl.dot(c * f, tl.trans(u_reg), acc, input_precision=PRECISION)
+                if CF_IN_REGISTERS:
+                    u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+                    acc = tl.dot(cf, tl.trans(u), acc, input_precision=PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = r < R
-                        c_tile = tl.load(scratch_ptr + rows64[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                        lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
-                        f = _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                        cf_tile = tl.load(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                        acc = tl.dot(c_tile * f, tl.trans(u), acc, input_precision=PRECISION)
+                        acc = tl.dot(cf_tile, tl.trans(u), acc, input_precision=PRECISION)
             out_offs = (t * B + rows64)[:, None] * D + d[None, :]
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -217,7 +238,8 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
     if B == 0 or T == 0:
         return out
     in_registers = R <= MAX_REGISTER_RANK
-    scratch = torch.empty((0 if in_registers else B, R), dtype=mean.dtype, device=x.device)
+    cf_in_registers = in_registers and T == 1
+    scratch = torch.empty((0 if cf_in_registers else T * B * R,), dtype=mean.dtype, device=x.device)
     # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
     lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
     lp_lo = float(residual_var) - lp_hi
@@ -229,7 +251,8 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
     _launch(_spectral_map_kernel)[grid](
         x, mean, basis, eigvals, lp_hi, lp_lo, sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
         B, D, R, T,
-        KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers, R_PAD=r_pad,
+        KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers,
+        CF_IN_REGISTERS=cf_in_registers, R_PAD=r_pad,
         PRECISION=_config.dot_precision(mean.dtype),
     )
     return out

@@ -31,7 +31,7 @@ from . import _config
 from .gaussian import _launch
 
 LOG_2PI = math.log(2.0 * math.pi)
-MAX_REGISTER_RANK = 16 if _config.INTERPRET else 128
+MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64
 BLOCK_B = 16 if _config.INTERPRET else 32  # fixed (not tuned): the split count depends on it
 MIN_COMPONENTS_PER_SPLIT_LOWRANK = 1 if _config.INTERPRET else 4
 MIN_COMPONENTS_PER_SPLIT_ISOTROPIC = 16 if _config.INTERPRET else 128
@@ -53,11 +53,11 @@ def _update_acc(acc_ptr, offs, mask, contrib, m_old, alpha):
     tl.store(acc_ptr + offs, old * alpha[:, None] + contrib, mask=mask)
 
 
-_LOWRANK_GPU_CONFIGS = [
-    ({"BLOCK_D": 64, "BLOCK_R": 64}, 4, 3),
-    ({"BLOCK_D": 128, "BLOCK_R": 64}, 4, 3),
+_LOWRANK_GPU_CONFIGS = [  # (meta, num_warps, num_stages); BLOCK_B is fixed (module constant)
+    ({"BLOCK_D": 32, "BLOCK_R": 32}, 4, 2),
+    ({"BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_D": 64, "BLOCK_R": 32}, 8, 2),
     ({"BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
-    ({"BLOCK_D": 128, "BLOCK_R": 128}, 8, 2),
 ]
 
 
