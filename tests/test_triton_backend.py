@@ -411,3 +411,50 @@ def test_triton_op_traces_with_fake_cuda_tensors():
         gm = make_fx(f, tracing_mode="fake")(*args)
     outs = [n for n in gm.graph.nodes if n.op == "call_function" and "gsa_kernels_triton" in str(n.target)]
     assert len(outs) == 4
+
+
+def _gpu_compile(kernel, types, constexprs, arch):
+    """Compile a kernel's first autotune config for an NVIDIA arch without a GPU (Triton's
+    bundled ptxas). Returns the compiled kernel (its metadata has the shared memory size)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    cfg = kernel.configs[0] if hasattr(kernel, "configs") else None
+    jit = kernel.fn if cfg is not None else kernel
+    consts = dict(constexprs, **(cfg.kwargs if cfg is not None else {}))
+    signature = {name: "constexpr" if name in consts else types[name] for name in jit.arg_names}
+    src = triton.compiler.ASTSource(fn=jit, signature=signature, constexprs=consts)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg is not None else {"num_warps": 8}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_ampere_and_hopper(arch):
+    """The compiled (non-interpreted) kernels lower to sm_80 / sm_90 cubins: catches what the
+    interpreter cannot (types, layouts, tl.dot shapes, shared memory per block)."""
+    if INTERPRET:
+        pytest.skip("compiles the GPU kernels: needs TRITON_INTERPRET unset")
+    pytest.importorskip("triton.backends.nvidia")
+    from gsa_kernels.triton import gaussian, mixture
+
+    smem_limit = {80: 163 * 1024, 90: 227 * 1024}[arch]
+    f32, f64 = "*fp32", "*fp64"
+    for x_t, c_t, precision in ((f32, f32, "ieee"), ("*bf16", f32, "tf32x3"), (f64, f64, "ieee")):
+        types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, lp_hi="fp32", lp_lo="fp32", sa_ptr=c_t,
+                     ka_ptr=c_t, sb_ptr=c_t, kb_ptr=c_t, out_ptr=x_t, scratch_ptr=c_t, B="i32", D="i32", R="i32", T="i32")
+        for registers in (True, False):  # map with r in registers; trajectory through the scratch
+            k = _gpu_compile(gaussian._spectral_map_kernel, types, dict(
+                KIND=2, HAS_SCALES=registers, HAS_BASIS=True, FULL_RANK=False, C_IN_REGISTERS=registers,
+                CF_IN_REGISTERS=registers, R_PAD=64 if registers else 16, PRECISION=precision), arch)
+            assert k.metadata.shared <= smem_limit
+    types = dict(x_ptr=f32, means_ptr=f32, bases_ptr=f32, eigvals_ptr=f32, lp_ptr=f32, logw_ptr=f32, sigma_ptr=f32,
+                 logits_ptr=f32, state_ptr=f32, acc_ptr=f32, scratch_ptr=f32, B="i32", D="i32", R="i32", K="i32",
+                 K_PER_SPLIT="i32", S="i32")
+    common = dict(NEED_DENOISED=True, NEED_WEIGHTS=True, PRECISION="ieee", LOG_2PI=mixture.LOG_2PI, BLOCK_B=mixture.BLOCK_B)
+    for registers in (True, False):
+        k = _gpu_compile(mixture._mixture_lowrank_kernel, types, dict(common, C_IN_REGISTERS=registers, R_PAD=32), arch)
+        assert k.metadata.shared <= smem_limit
+    k = _gpu_compile(mixture._mixture_isotropic_kernel, types, common, arch)
+    assert k.metadata.shared <= smem_limit
+    types.update(denoised_ptr=f32, logp_ptr=f32)
+    _gpu_compile(mixture._mixture_merge_kernel, types, dict(NEED_DENOISED=True, NEED_WEIGHTS=True, BLOCK_B=mixture.BLOCK_B, BLOCK_N=128), arch)

@@ -113,8 +113,8 @@ _GPU_CONFIGS = [
     ({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
     ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 32}, 8, 2),
     ({"BLOCK_B": 64, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
-    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
-    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 3),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
 ]
 _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 

@@ -176,11 +176,12 @@ def _mixture_lowrank_kernel(
     tl.store(state + 2 * S * B, hsum, mask=row_ok)
 
 
-_ISOTROPIC_GPU_CONFIGS = [
+_ISOTROPIC_GPU_CONFIGS = [  # (meta, num_warps, num_stages): BLOCK_DS is the depth of the
+    # [BLOCK_B, BLOCK_K, BLOCK_DS] difference tile of |x - mu|^2; BLOCK_D the width of the acc update
     ({"BLOCK_K": 32, "BLOCK_D": 64, "BLOCK_DS": 8}, 4, 2),
-    ({"BLOCK_K": 32, "BLOCK_D": 128, "BLOCK_DS": 8}, 4, 3),
     ({"BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_DS": 8}, 8, 2),
-    ({"BLOCK_K": 64, "BLOCK_D": 128, "BLOCK_DS": 4}, 8, 3),
+    ({"BLOCK_K": 64, "BLOCK_D": 32, "BLOCK_DS": 8}, 8, 2),
+    ({"BLOCK_K": 128, "BLOCK_D": 32, "BLOCK_DS": 4}, 8, 2),
 ]
 
 
@@ -335,5 +336,5 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     merge_grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(cols, block_n))
     _launch(_mixture_merge_kernel)[merge_grid](
         x, state, acc, logits, denoised, logp, B, D, K, S,
-        NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n)
+        NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n, num_warps=8)
     return denoised, logp, logits
