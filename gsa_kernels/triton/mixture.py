@@ -336,5 +336,5 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     merge_grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(cols, block_n))
     _launch(_mixture_merge_kernel)[merge_grid](
         x, state, acc, logits, denoised, logp, B, D, K, S,
-        NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n, num_warps=8)
+        NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n)
     return denoised, logp, logits
