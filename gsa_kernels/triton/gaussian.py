@@ -6,8 +6,8 @@ One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored bel
     out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
 The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
 in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
-gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the trajectory computes c once and writes T outputs
-(flow from sigmas[0, b] to sigmas[t, b], scales 1).
+gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
+trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
 
 A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c is formed in registers
 ([BLOCK_B, R_PAD]) in one pass over D; otherwise r-tile by r-tile. The spectral functions are
@@ -106,9 +106,9 @@ def _load_y(x_ptr, mean_ptr, rows, row_ok, d, d_ok, p, q, D):
 
 
 _GPU_CONFIGS = [
-    # (meta, num_warps, num_stages). Sized from ptxas resource usage for sm_80 / sm_90 (no
-    # spills): ieee float32 dots run on FMA and hold their operands in registers, so the small
-    # tiles; the 64-wide ones are for the tensor-core precisions (tf32, tf32x3).
+    # (meta, num_warps, num_stages). Sized from ptxas resource usage for sm_80 / sm_90 (at most
+    # ~100 bytes of spill): ieee float32 dots run on FMA and hold their operands in registers,
+    # hence the small tiles; the 64-wide ones are for the tensor-core precisions (tf32, tf32x3).
     ({"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 32}, 4, 2),
     ({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
     ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 32}, 8, 2),
