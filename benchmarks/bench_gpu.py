@@ -46,8 +46,10 @@ def work(name, x_bytes=4):
     model = K * D * 4 + K * D * r * 4
     if r == 0:  # |x - mu|^2 directly (sub + fma per element: 2 fp32 issue slots = 4 flop-equivalents), p @ means
         return B * D * x_bytes * 2 + model, 2 * B * K * D, 4 * B * K * D
-    # per (row, component): c (2 D r), reconstruction (2 D r); |y|^2 and the acc update ~ 8 D
-    return B * D * x_bytes * 2 + model, 4 * B * K * D * r, 8 * B * K * D
+    # per (row, component): c (2 D r), the direct residual |y - U c|^2 (2 D r, taken whenever
+    # |y|^2 / (lp + s^2) > 256, i.e. nearly always at D = 3072), reconstruction (2 D r);
+    # |y|^2, the residual and the acc update ~ 10 D
+    return B * D * x_bytes * 2 + model, 6 * B * K * D * r, 10 * B * K * D
 
 
 def roofline_us(name, tensor_cores, x_bytes=4):

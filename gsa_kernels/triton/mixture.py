@@ -15,7 +15,9 @@ scale as 1/sigma^2 and the expansion loses the small-sigma weights (DESIGN.md se
 
 Two kernels stream the components:
 - r > 0: one component at a time (each has its own basis): c = (x - mu_k) U_k by tl.dot over
-  D tiles, kept in registers when r <= MAX_REGISTER_RANK, else in a [S, B, r] scratch.
+  D tiles, kept in registers when r <= MAX_REGISTER_RANK, else in a [S, 2, B, r] scratch. The
+  residual |P_perp y|^2 of the logit is |y|^2 - |c|^2 where that is accurate, else (small
+  lp + sigma^2) |y - U_k c|^2 summed directly: one more tl.dot pass over D.
 - r = 0 (the empirical / delta mixture, and isotropic components): BLOCK_K components at a time;
   the weighted sum of means is one tl.dot of the [BLOCK_B, BLOCK_K] weights with the means tile.
 """
@@ -35,6 +37,9 @@ MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64
 BLOCK_B = 16 if _config.INTERPRET else 32  # fixed (not tuned): the split count depends on it
 MIN_COMPONENTS_PER_SPLIT_LOWRANK = 1 if _config.INTERPRET else 4
 MIN_COMPONENTS_PER_SPLIT_ISOTROPIC = 16 if _config.INTERPRET else 128
+# Above this |y|^2 / (lp + s^2) the residual |P_perp y|^2 is summed directly: the expansion's
+# logit error is ~2 eps |y|^2 / (lp + s^2), kept below ~1e-4 in float32 (float64: never needed).
+EXACT_RESIDUAL_RATIO = {torch.float32: 256.0, torch.float64: 2.0**40}
 
 
 @triton.jit
@@ -68,10 +73,10 @@ _LOWRANK_GPU_CONFIGS = [  # (meta, num_warps, num_stages); BLOCK_B is fixed (mod
 @triton.jit
 def _mixture_lowrank_kernel(
     x_ptr, means_ptr, bases_ptr, eigvals_ptr, lp_ptr, logw_ptr, sigma_ptr,
-    logits_ptr, state_ptr, acc_ptr, scratch_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]; scratch [S, B, R]
+    logits_ptr, state_ptr, acc_ptr, scratch_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]; scratch [S, 2, B, R]
     B, D, R, K, K_PER_SPLIT, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, LOG_2PI: tl.constexpr,
+    FULL_RANK: tl.constexpr, EXACT_RESIDUAL_RATIO: tl.constexpr, PRECISION: tl.constexpr, LOG_2PI: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     split = tl.program_id(1)
@@ -84,7 +89,8 @@ def _mixture_lowrank_kernel(
     k_lo = split.to(tl.int64) * K_PER_SPLIT  # int64 loop index: k * D * R may pass 2^31
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     acc_rows = (split * B + rows64)[:, None] * D
-    scratch_rows = (split * B + rows64)[:, None] * R
+    c_rows = (2 * split * B + rows64)[:, None] * R  # scratch slot 0: c; slot 1: g * c
+    gc_rows = ((2 * split + 1) * B + rows64)[:, None] * R
     r_reg = tl.arange(0, R_PAD)
 
     m = tl.full((BLOCK_B,), float("-inf"), cdt)
@@ -139,10 +145,35 @@ def _mixture_lowrank_kernel(
                 cc_w += tl.sum(c_tile * c_tile / v, axis=1)
                 logdet += tl.sum(tl.where(r_ok[None, :], tl.log(v), 0.0), axis=1)
                 gc_tile = c_tile * (lam[None, :] / v - h[:, None])
-                tl.store(scratch_ptr + scratch_rows + r[None, :], gc_tile, mask=row_ok[:, None] & r_ok[None, :])
+                tl.store(scratch_ptr + c_rows + r[None, :], c_tile, mask=row_ok[:, None] & r_ok[None, :])
+                tl.store(scratch_ptr + gc_rows + r[None, :], gc_tile, mask=row_ok[:, None] & r_ok[None, :])
             tl.debug_barrier()
-        # component_logpdf (spectral.h): the residual |P_perp y|^2 = |y|^2 - |c|^2 >= 0, 0 at full rank
-        resid = tl.where((sq - cc < 0) | (R == D), 0.0, sq - cc)
+        # component_logpdf (spectral.h) needs the residual |P_perp y|^2 (0 at full rank). The
+        # expansion |y|^2 - |c|^2 cancels when y lies near span(U_k); its rounding (~eps |y|^2)
+        # divided by lp + s^2 moves the logit. When |y|^2 / (lp + s^2) is large enough for that to
+        # matter, |y - U_k c|^2 is summed directly instead (one more tl.dot pass over D).
+        resid = tl.zeros((BLOCK_B,), cdt)
+        if not FULL_RANK:
+            resid = tl.maximum(sq - cc, 0.0)
+            if tl.max(tl.where(row_ok, sq / vp, 0.0)) > EXACT_RESIDUAL_RATIO:
+                resid = tl.zeros((BLOCK_B,), cdt)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = d < D
+                    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
+                    y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
+                    if C_IN_REGISTERS:
+                        u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+                        y = tl.dot(-c, tl.trans(u), y, input_precision=PRECISION)
+                    else:
+                        for r0 in range(0, R, BLOCK_R):
+                            r = r0 + tl.arange(0, BLOCK_R)
+                            r_ok = r < R
+                            c_tile = tl.load(scratch_ptr + c_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                            u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                            y = tl.dot(-c_tile, tl.trans(u), y, input_precision=PRECISION)
+                    resid += tl.sum(tl.where(d_ok[None, :], y * y, 0.0), axis=1)
         logit = tl.load(logw_ptr + k) - 0.5 * (cc_w + resid / vp + logdet + (D - R) * tl.log(vp) + D * LOG_2PI)
         if NEED_WEIGHTS:
             tl.store(logits_ptr + rows64 * K + k, logit, mask=row_ok)
@@ -164,7 +195,7 @@ def _mixture_lowrank_kernel(
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = r < R
-                        gc_tile = tl.load(scratch_ptr + scratch_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                        gc_tile = tl.load(scratch_ptr + gc_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                         contrib = tl.dot(gc_tile, tl.trans(u), contrib, input_precision=PRECISION)
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], pk[:, None] * contrib, m, alpha)
@@ -326,11 +357,12 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
             x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S, **common)
     else:
         in_registers = R <= MAX_REGISTER_RANK
-        scratch = torch.empty((0 if in_registers else S * B * R,), dtype=cd, device=dev)
+        scratch = torch.empty((0 if in_registers else S * 2 * B * R,), dtype=cd, device=dev)
         r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
         _launch(_mixture_lowrank_kernel)[grid](
             x, means, bases, eigvals, residual_var, log_weights, sigma, logits, state, acc, scratch,
-            B, D, R, K, k_per_split, S, C_IN_REGISTERS=in_registers, R_PAD=r_pad, **common)
+            B, D, R, K, k_per_split, S, C_IN_REGISTERS=in_registers, R_PAD=r_pad, FULL_RANK=R == D,
+            EXACT_RESIDUAL_RATIO=EXACT_RESIDUAL_RATIO[cd], **common)
     block_n = 64 if _config.INTERPRET else 128
     cols = max(D if need_denoised else 0, K if need_weights else 0, 1)
     merge_grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(cols, block_n))
