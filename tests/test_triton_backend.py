@@ -385,12 +385,13 @@ def test_torch_compile_fullgraph():
     g = gaussian_model(40, 5, 0.1)
     m = mixture_model(7, 40, 3)
     e = mixture_model(20, 40, 0, 0.0)
-    s = torch.full((4,), 0.6)  # tensor sigmas: value checks are skipped while tracing
+    s = torch.full((4,), 0.6)  # per-sample tensor sigma (and float sigmas below)
 
     def f(x):
         traj = gk.gaussian_trajectory(x, torch.tensor([3.0, 1.0]), g, backend="triton")
         return (gk.gaussian_denoise(x, s, g, backend="triton") + traj[1] + gk.mixture_denoise(x, s, m, backend="triton")
-                + gk.mixture_denoise(x, s, e, backend="triton") + gk.mixture_logp(x, s, m, backend="triton")[:, None])
+                + gk.mixture_denoise(x, 0.3, e, backend="triton") + gk.mixture_logp(x, s, m, backend="triton")[:, None]
+                + gk.gaussian_flow(x, 2.0, 0.5, g, backend="triton"))
 
     x = torch.randn(4, 40)
     compiled = torch.compile(f, fullgraph=True)
