@@ -239,6 +239,7 @@ MIXTURE_CASES = [  # (B, K, D, r, residual_var): low-rank in registers / through
     (17, 5, 61, 1, None), (15, 3, 33, 16, None), (16, 4, 31, 17, 0.0), (5, 3, 20, 20, None),
     (1, 15, 61, 0, 0.2), (17, 17, 61, 0, 0.0), (33, 16, 32, 0, 0.0), (3, 40, 33, 0, None),
     (3, 65, 65, 0, 0.0),  # D and K one above the merge kernel's BLOCK_N = 64
+    (2, 1, 20, 3, None), (2, 1, 20, 0, 0.0),  # K = 1
 ]
 
 
