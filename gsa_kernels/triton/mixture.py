@@ -324,11 +324,15 @@ def _mixture_merge_kernel(
         tl.store(logits_ptr + offs, tl.exp(logit - logp[:, None]), mask=mask)
 
 
-def _splits(B, K, min_per_split, device):
-    """Component splits: enough programs to fill the device, at least min_per_split each."""
+MAX_PARTIAL_ELEMENTS = 1 << 24  # the [splits, B, D] partial accumulators stay <= 64 MB in float32
+
+
+def _splits(B, D, K, min_per_split, device):
+    """Component splits: enough programs to fill the device, at least min_per_split components
+    each, and a bounded partial-accumulator buffer."""
     row_blocks = triton.cdiv(B, BLOCK_B)
     want = max(1, triton.cdiv(_config.target_programs(device), row_blocks))
-    return max(1, min(want, triton.cdiv(K, min_per_split)))
+    return max(1, min(want, triton.cdiv(K, min_per_split), MAX_PARTIAL_ELEMENTS // (B * D)))
 
 
 def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights, splits=None):
@@ -345,7 +349,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
         return denoised, logp, logits
     isotropic = R == 0
     min_per_split = MIN_COMPONENTS_PER_SPLIT_ISOTROPIC if isotropic else MIN_COMPONENTS_PER_SPLIT_LOWRANK
-    S = splits if splits is not None else _splits(B, K, min_per_split, dev)
+    S = splits if splits is not None else _splits(B, D, K, min_per_split, dev)
     k_per_split = triton.cdiv(K, S)
     S = triton.cdiv(K, k_per_split)  # no empty split
     state = torch.empty((3, S, B), dtype=cd, device=dev)
