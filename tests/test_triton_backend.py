@@ -87,8 +87,10 @@ def per_sample_sigma(B, low=0.05, high=3.0, seed=1):
 
 # Tolerances, relative to the largest reference entry (max-norm): float32 kernels accumulate
 # D products in float32 (error ~ sqrt(D) eps32 ~ 1e-6 at these D); float16 / bfloat16 outputs
-# are rounded to their dtype (eps 2^-11 and 2^-8), the computation itself is float32.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-11}
+# are rounded to their dtype (eps 2^-11 and 2^-8), the computation itself is float32. float64:
+# the low-rank mixture forms |P_perp y|^2 as |y|^2 - |c|^2 when that is safe in float32 terms,
+# while the reference sums it directly; in float64 that costs ~ eps |y|^2/(lam_perp+sigma^2) ~ 4e-10.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 2e-9}
 
 
 def assert_close_maxnorm(out, ref, dtype, what=""):
@@ -156,13 +158,12 @@ def test_gaussian_trajectory(B, D, r):
     x = torch.randn(B, D) * 3
     sigmas = torch.stack([per_sample_sigma(B, 0.0, 4.0, seed=t) for t in range(5)])
     sigmas[0] = sigmas[0] + 4.0
-    sigmas[0, 0] = math.inf  # per-sample: row 0 starts from noise
+    sigmas[0, 0] = 1e4  # per-sample: row 0 starts far out (sigmas[0] must be finite)
     out = gk.gaussian_trajectory(x, sigmas, g, backend="triton")
     ref = gk.gaussian_trajectory(x.double(), sigmas.double(), as64(g), backend="reference")
     assert out.shape == (5, B, D)
     assert_close_maxnorm(out[1:], ref[1:], torch.float32, "trajectory")
-    if B > 1:  # out[0] of a finite start is x itself; from noise (sigma_to = inf) it is inf
-        assert_close_maxnorm(out[0, 1:], x[1:], torch.float32, "trajectory t=0")
+    assert_close_maxnorm(out[0], x, torch.float32, "trajectory t=0")  # out[0] is x itself
 
 
 @in_interpreter
@@ -375,7 +376,8 @@ def test_mixture_dtypes(dtype, r):
     rden, _, rw = _mixture_ref(x, sigma, m)
     assert den.dtype == dtype and w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close_maxnorm(den, rden, dtype, f"denoised {dtype}")
-    assert tv(w, rw) <= (1e-10 if dtype == torch.float64 else 1e-5)  # weights from the same rounded x
+    # weights from the same rounded x; float64: see TOL (|y|^2 - |c|^2 vs the direct residual)
+    assert tv(w, rw) <= (2e-9 if dtype == torch.float64 else 1e-5)
 
 
 # ----------------------------------------------------------------------------- registration
