@@ -141,8 +141,10 @@ def save_plot(rows, path):
                            (axes[1], "fd_pixels", "Frechet distance (pixels)")):
         methods = {}
         for r in rows:
-            if r["nfe"] > 0:
-                methods.setdefault("heun + teleport" if r["method"] in ("heun", "teleport") else r["method"], []).append(r)
+            if r["nfe"] > 0 and r["method"] != "heun":
+                methods.setdefault("heun + teleport" if r["method"] == "teleport" else r["method"], []).append(r)
+        full = [r for r in rows if r["method"] == "heun"]  # every line starts at the full schedule
+        methods = {m: rs + full for m, rs in methods.items()} if methods else {"heun": full}
         for m, rs in methods.items():
             rs = sorted(rs, key=lambda r: r["nfe"])
             ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], "o-", label=m)
