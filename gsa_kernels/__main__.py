@@ -1,9 +1,21 @@
-"""python -m gsa_kernels {info}"""
+"""python -m gsa_kernels {info, demo, explain, train-demo-model, bench} [options]
+
+Sub-commands other than `info` hand their remaining arguments to the `main(argv)` of the module
+that implements them (`python -m gsa_kernels demo --help` lists a sub-command's options).
+"""
 import argparse
+import importlib
 import sys
 
+COMMANDS = {  # name -> (module, help)
+    "demo": ("gsa_kernels.demo.demo", "MNIST teleportation demo: samples, Frechet distances, plots"),
+    "explain": ("gsa_kernels.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta models"),
+    "train-demo-model": ("gsa_kernels.demo.train", "train the demo's denoiser network and classifier (fixed seed)"),
+    "bench": ("gsa_kernels.bench", "CPU backend vs eager reference vs torch.compile vs roofline, as a table"),
+}
 
-def info(_args=None):
+
+def info():
     import torch
 
     import gsa_kernels as gk
@@ -20,14 +32,18 @@ def info(_args=None):
     print(f"compiled extension: {'loaded' if _extension.loaded else 'not loaded: ' + str(_extension.error)}")
     for name, (ok, why) in _backends.status().items():
         print(f"  {name:10s} {'available  ' if ok else 'unavailable'}  {why}")
+    return 0
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions and available backends").set_defaults(func=info)
-    args = p.parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m gsa_kernels", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["info", *COMMANDS], help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    args, rest = p.parse_known_args(argv[:1])
+    if args.command == "info":
+        return info()
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -178,13 +178,18 @@ _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "referenc
 
 def resolve(name: str, device: torch.device):
     """The backend object for backend=name on tensors of `device`, or a clear error."""
+    return BACKENDS[_resolve_name(name, device.type)]
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates the choice once, at trace time
+def _resolve_name(name: str, device_type: str) -> str:
+    device = torch.device(device_type)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
             b = BACKENDS[candidate]
-            if candidate in ("cpu", "reference") or device.type == "cuda":
-                if b.status()[0] and b.accepts(device)[0]:
-                    return b
-        return BACKENDS["reference"]
+            if b.status()[0] and b.accepts(device)[0]:
+                return candidate
+        return "reference"
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
     b = BACKENDS[name]
@@ -193,5 +198,5 @@ def resolve(name: str, device: torch.device):
         raise RuntimeError(f"backend {name!r} is not available: {why}")
     ok, why = b.accepts(device)
     if not ok:
-        raise ValueError(f"backend {name!r} cannot run on {device} tensors: {why}")
-    return b
+        raise ValueError(f"backend {name!r} cannot run on {device_type} tensors: {why}")
+    return name

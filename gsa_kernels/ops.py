@@ -67,8 +67,18 @@ def _rows(v, B, x, name, op, *, allow_zero=False, allow_inf=False):
         return t
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{op}: {name} must be a float or a tensor, got {type(v).__name__}")
-    _check_values(torch.tensor([float(v)], dtype=torch.float64), name, op, allow_zero, allow_inf)
+    _check_float_value(float(v), name, op, allow_zero, allow_inf)
     return torch.full((B,), float(v), dtype=cd, device=x.device)
+
+
+def _check_float_value(v, name, op, allow_zero, allow_inf):
+    """The checks of _check_values for a Python float (no tensor: traceable by torch.compile)."""
+    if math.isnan(v):
+        raise ValueError(f"{op}: {name} contains NaN")
+    if not allow_inf and math.isinf(v):
+        raise ValueError(f"{op}: {name} must be finite")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{op}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
 def _check_values(t, name, op, allow_zero, allow_inf):
