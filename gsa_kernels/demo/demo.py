@@ -82,12 +82,13 @@ def run_settings(args, net, gaussian, noise):
 
     full = gk.schedules.karras(args.steps, SIGMA_MIN, SIGMA_MAX, RHO)
     settings = []  # (name, method, fraction, schedule, teleport?)
+    skips = {}  # steps skipped -> the first fraction asking for it (fractions that round alike run once)
     for f in args.skip_fractions:
-        k = round(f * args.steps)
+        skips.setdefault(round(f * args.steps), f)
+    for k, f in skips.items():
         settings.append((f"teleport_{round(100 * f)}pct" if k else "heun_full", "teleport" if k else "heun", f, full[k:], k > 0))
     if not args.no_baselines:
-        for f in args.skip_fractions:
-            k = round(f * args.steps)
+        for k, f in skips.items():
             if k == 0:
                 continue
             settings.append((f"fewer_steps_{round(100 * f)}pct", "heun, fewer steps", f,
