@@ -1,6 +1,5 @@
 """A small MNIST classifier whose penultimate layer (128 ReLU features) is the feature space of
 the demo's Frechet distance (an "FID" for MNIST; the real FID uses Inception-v3 pool features)."""
-import torch
 from torch import nn
 
 CLASSIFIER_FILE = "mnist_classifier.safetensors"

@@ -15,7 +15,6 @@ Outputs in --out-dir: demo_table.csv, samples_<setting>.png (8x8 grids), quality
 """
 import argparse
 import csv
-import math
 import time
 from pathlib import Path
 
@@ -77,7 +76,9 @@ class ProgressDenoiser:
 
 
 def run_settings(args, net, gaussian, noise):
-    """[(name, method, skip fraction, steps run, sigma at start, x0 samples, nfe, seconds)]."""
+    """Runs every setting from the same noise [N, D]; one dict per setting with name, method,
+    skip_fraction, steps (Heun steps run), sigma_start, nfe, seconds (teleport included) and
+    samples [N, D] (clamped to [-1, 1])."""
     from tqdm import tqdm
 
     full = gk.schedules.karras(args.steps, SIGMA_MIN, SIGMA_MAX, RHO)
