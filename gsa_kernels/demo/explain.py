@@ -31,7 +31,8 @@ MODELS = ("gaussian", "mixture", "delta")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels explain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gsa_kernels explain", description="Fraction of the demo network's denoiser variance explained by the Gaussian, the "
+                                "10-mode mixture and the training-set delta mixture, across sigma in [0.002, 80].")
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory (default ./demo_out)")
     p.add_argument("--num-samples", type=int, default=500, help="digits per split (default 500)")
     p.add_argument("--num-sigmas", type=int, default=17, help="log-spaced noise levels in [0.002, 80] (default 17)")
