@@ -158,7 +158,8 @@ def gaussian_flow(x, sigma_from: Sigma, sigma_to: Sigma, g, scale_from: Sigma = 
 
 def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
     """x at sigmas[0] carried by the closed-form flow to every sigma: sigmas [T] (or [T, B]),
-    returns [T, B, *shape]. sigmas[0] may be math.inf (x is unit noise)."""
+    returns [T, B, *shape]. sigmas[0] > 0 and finite (the state at infinite noise is not a
+    point: start with gaussian_flow(eps, math.inf, sigmas[0], g)); later sigmas >= 0."""
     op = "gaussian_trajectory"
     x2 = _flatten(x, g.dim, op)
     B = x2.shape[0]
@@ -170,7 +171,7 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
     sig = sigmas.to(_compute_dtype(x2))
     sig = (sig[:, None] if sig.dim() == 1 else sig).expand(sig.shape[0], B).contiguous()
     if _checks_on_values(sig) and B > 0:
-        _check_values(sig[0], "sigmas[0]", op, allow_zero=False, allow_inf=True)
+        _check_values(sig[0], "sigmas[0]", op, allow_zero=False, allow_inf=False)
         _check_values(sig[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False)
     params = _gaussian_args(g, x2, op)
     if B == 0:

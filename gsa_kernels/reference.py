@@ -94,8 +94,9 @@ def _component_terms(x, s2, means, bases, eigvals, residual_var):
     s2b = s2[:, :, None]  # [B, 1, 1]
     v_low = eigvals[None] + s2b  # [B, k, r]
     v_perp = residual_var[None] + s2  # [B, k]
-    resid = (y * y).sum(-1) - (c * c).sum(-1)
-    resid = torch.zeros_like(resid) if r == D else resid.clamp_min(0)
+    # |P_perp y|^2 summed directly: |y|^2 - |c|^2 would carry c^T (U^T U - I) c of a rounded
+    # basis, which the 1/sigma^2 of the logits blows up at small sigma
+    resid = torch.zeros_like(y[..., 0]) if r == D else ((y - torch.einsum("bkr,kdr->bkd", c, bases)) ** 2).sum(-1)
     logpdf = -0.5 * (
         (c * c / v_low).sum(-1) + resid / v_perp + torch.log(v_low).sum(-1) + (D - r) * torch.log(v_perp) + D * LOG_2PI
     )

@@ -75,6 +75,20 @@ GSA_HD T spectral_f(int kind, T lam, T lp, T sa, T sb, T ka, T kb) {
   }
 }
 
+// The map's gain along an eigenvector of variance v: spectral_f(kind, lam, lp, ...) equals
+// eigen_gain(lam) - eigen_gain(lp) and row_coeffs(...).a equals eigen_gain(lp). For a full-rank
+// basis (r == D) there are no residual directions and the map is b mu + U diag(eigen_gain(lam_j)) c:
+// kernels use that form there, because a y and U diag(f) c both grow like |y| / sigma^2 at small
+// sigma (score, flow from small sigma) and cancel to a result of size |y| / lam.
+template <typename T>
+GSA_HD T eigen_gain(int kind, T v, T sa, T sb, T ka, T kb) {
+  (void)ka;
+  if (kind == kDenoise) return v / (v + sa * sa);
+  if (kind == kScore) return -T(1) / (v + sa * sa);
+  if (isinf(sa)) return kb * sqrt(v + sb * sb);
+  return kb * sqrt((v + sb * sb) / (v + sa * sa));
+}
+
 // Mixture component log-density of the noised component N(mu_k, Sigma_k + s^2 I), given
 // sq = |x - mu_k|^2 (computed directly, not by expansion, where accuracy matters),
 // cc_w = sum_j c_j^2 / (lam_j + s^2), cc = |c|^2 = sum_j c_j^2, logdet_low = sum_j log(lam_j + s^2).

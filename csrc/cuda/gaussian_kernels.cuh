@@ -1,0 +1,135 @@
+// CUDA kernels of the Gaussian spectral map (denoise / score / flow) and the trajectory, in two
+// shared-memory tiled passes (the math is gsa::row_coeffs / gsa::spectral_f of spectral.h):
+//   project: coeffs[s, i, j] = sum_{d in slice s} y[i, d] U[d, j],   y = p_i x[i] - q_i mu
+//   apply:   out[t, i, d]    = a y[i, d] + b mu[d] + sum_j U[d, j] f_j(t, i) sum_s coeffs[s, i, j]
+// The projection is shared by all T steps of a trajectory (y does not depend on the target
+// sigma). A full-rank basis (r == D) has no residual directions: apply then uses
+// out = b mu + U diag(eigen_gain(lam_j)) c, which keeps small-sigma scores and flows accurate.
+// Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile, four
+// rows per thread; the reduction dimension streams through shared memory 32 at a time.
+// Accumulation in Acc (float, or double for float64 inputs). No torch headers.
+#pragma once
+#include "kernel_common.cuh"
+
+namespace gsa::cuda {
+
+template <typename Acc>
+struct ProjectShared {
+  Acc y[kTile][kTile];  // [row][d]
+  Acc u[kTile][kTile];  // [d][j]
+};
+
+template <typename Acc>
+struct ApplyShared {
+  Acc g[kTile][kTile];      // [row][j]: f_j c_j
+  Acc u[kTile][kTile + 1];  // [d][j], padded: read down a column (u[tx][k]) without bank conflicts
+};
+
+template <typename Acc>
+struct RowParams {
+  Acc sa, sb, ka, kb;
+};
+
+template <typename In, typename Acc>
+GSA_DEVICE RowParams<Acc> row_params(const GaussianMapParams<In, Acc>& p, int64_t t, int64_t i) {
+  return {p.sigma_from[i], p.sigma_to[t * p.B + i], p.scale_from ? p.scale_from[i] : Acc(1),
+          p.scale_to ? p.scale_to[i] : Acc(1)};
+}
+
+template <typename In, typename Acc>
+GSA_DEVICE RowCoeffs<Acc> coeffs_of_row(const GaussianMapParams<In, Acc>& p, int64_t t, int64_t i) {
+  const RowParams<Acc> rp = row_params(p, t, i);
+  return row_coeffs<Acc>(p.kind, p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb);
+}
+
+// grid (ceil(r / 32), ceil(B / 32), splits); block (32, 8). Thread (tx, ty) accumulates
+// coeffs[i0 + ty + 8m, j0 + tx] for m < 4 over its block's slice of D.
+template <typename In, typename Acc>
+__global__ void __launch_bounds__(kTile * kTileRowsPerPass)
+    gaussian_project_kernel(GaussianMapParams<In, Acc> p) {
+  GSA_SHARED_STRUCT(ProjectShared<Acc>, sm);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t j0 = int64_t(blockIdx.x) * kTile, i0 = int64_t(blockIdx.y) * kTile;
+  const int64_t tiles_per_split = ceil_div(ceil_div(p.D, kTile), p.splits);
+  const int64_t d_begin = int64_t(blockIdx.z) * tiles_per_split * kTile;
+  const int64_t d_end = d_begin + tiles_per_split * kTile < p.D ? d_begin + tiles_per_split * kTile : p.D;
+
+  Acc scale_x[kRowsPerThread], scale_mu[kRowsPerThread], acc[kRowsPerThread];
+  for (int m = 0; m < kRowsPerThread; ++m) {
+    const int64_t i = i0 + ty + kTileRowsPerPass * m;
+    const RowCoeffs<Acc> rc = i < p.B ? coeffs_of_row(p, 0, i) : RowCoeffs<Acc>{};
+    scale_x[m] = rc.p;
+    scale_mu[m] = rc.q;
+    acc[m] = Acc(0);
+  }
+  for (int64_t d0 = d_begin; d0 < d_end; d0 += kTile) {
+    // coalesced along d (x, mu) and along j (U); zeros outside the matrices
+    const int64_t d = d0 + tx, j = j0 + tx;
+    for (int m = 0; m < kRowsPerThread; ++m) {
+      const int row = ty + kTileRowsPerPass * m;
+      const int64_t i = i0 + row;
+      sm.y[row][tx] = i < p.B && d < d_end ? scale_x[m] * to_real(p.x[i * p.D + d]) - scale_mu[m] * p.mean[d] : Acc(0);
+      const int64_t du = d0 + row;
+      sm.u[row][tx] = du < d_end && j < p.r ? p.basis[du * p.r + j] : Acc(0);
+    }
+    __syncthreads();
+    for (int k = 0; k < kTile; ++k) {
+      const Acc u = sm.u[k][tx];
+      for (int m = 0; m < kRowsPerThread; ++m) acc[m] += sm.y[ty + kTileRowsPerPass * m][k] * u;
+    }
+    __syncthreads();  // the next tile overwrites sm
+  }
+  for (int m = 0; m < kRowsPerThread; ++m) {
+    const int64_t i = i0 + ty + kTileRowsPerPass * m, j = j0 + tx;
+    if (i < p.B && j < p.r) p.coeffs[(int64_t(blockIdx.z) * p.B + i) * p.r + j] = acc[m];
+  }
+}
+
+// grid (ceil(D / 32), ceil(B / 32), T); block (32, 8). Thread (tx, ty) writes
+// out[t, i0 + ty + 8m, d0 + tx] for m < 4.
+template <typename In, typename Acc>
+__global__ void __launch_bounds__(kTile * kTileRowsPerPass)
+    gaussian_apply_kernel(GaussianMapParams<In, Acc> p) {
+  GSA_SHARED_STRUCT(ApplyShared<Acc>, sm);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t d0 = int64_t(blockIdx.x) * kTile, i0 = int64_t(blockIdx.y) * kTile, t = blockIdx.z;
+  const bool full_rank = p.r == p.D;
+
+  Acc acc[kRowsPerThread] = {};
+  for (int64_t j0 = 0; j0 < p.r; j0 += kTile) {
+    const int64_t j = j0 + tx;
+    for (int m = 0; m < kRowsPerThread; ++m) {
+      const int row = ty + kTileRowsPerPass * m;
+      const int64_t i = i0 + row;
+      Acc g = Acc(0);
+      if (i < p.B && j < p.r) {
+        Acc c = Acc(0);
+        for (int s = 0; s < p.splits; ++s) c += p.coeffs[(s * p.B + i) * p.r + j];
+        const RowParams<Acc> rp = row_params(p, t, i);
+        g = c * (full_rank ? eigen_gain<Acc>(p.kind, p.eigvals[j], rp.sa, rp.sb, rp.ka, rp.kb)
+                           : spectral_f<Acc>(p.kind, p.eigvals[j], p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb));
+      }
+      sm.g[row][tx] = g;
+      const int64_t d = d0 + row;
+      sm.u[row][tx] = d < p.D && j < p.r ? p.basis[d * p.r + j] : Acc(0);
+    }
+    __syncthreads();
+    for (int k = 0; k < kTile; ++k) {
+      const Acc u = sm.u[tx][k];
+      for (int m = 0; m < kRowsPerThread; ++m) acc[m] += sm.g[ty + kTileRowsPerPass * m][k] * u;
+    }
+    __syncthreads();  // the next tile overwrites sm
+  }
+  const int64_t d = d0 + tx;
+  if (d >= p.D) return;  // no barrier below
+  const Acc mu = p.mean[d];
+  for (int m = 0; m < kRowsPerThread; ++m) {
+    const int64_t i = i0 + ty + kTileRowsPerPass * m;
+    if (i >= p.B) break;
+    const RowCoeffs<Acc> rc = coeffs_of_row(p, t, i);
+    const Acc y = rc.p * to_real(p.x[i * p.D + d]) - rc.q * mu;
+    store(p.out + (t * p.B + i) * p.D + d, (full_rank ? Acc(0) : rc.a * y) + rc.b * mu + acc[m]);
+  }
+}
+
+}  // namespace gsa::cuda

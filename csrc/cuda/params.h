@@ -1,0 +1,116 @@
+// Kernel parameters and launch geometry of the CUDA kernels, shared by the kernels (.cuh), the
+// launchers and the torch bindings. Plain C++: no CUDA and no torch headers.
+#pragma once
+#include <cstdint>
+
+#include "gsa/spectral.h"  // GSA_HD
+
+namespace gsa {
+
+// Storage types of float16 / bfloat16 inputs: the raw 16 bits (same layout as c10::Half,
+// c10::BFloat16, __half and __nv_bfloat16); kernels convert them with to_real / store.
+struct f16 {
+  uint16_t bits;
+};
+struct bf16 {
+  uint16_t bits;
+};
+
+namespace cuda {
+
+// Tiles of the Gaussian spectral map: blocks of (kTile, kTileRowsPerPass) threads compute
+// kTile x kTile output tiles, kTile / kTileRowsPerPass rows per thread.
+constexpr int kTile = 32;
+constexpr int kTileRowsPerPass = 8;
+constexpr int kRowsPerThread = kTile / kTileRowsPerPass;
+// The projection c = U^T y splits D over blocks when the (row, rank) tiles alone cannot fill
+// the GPU; each split covers at least this many D tiles.
+constexpr int64_t kMinTilesPerSplit = 4;
+
+// Mixture kernels: blocks of kWarps warps (32 x kWarps threads). The r = 0 kernel gives each
+// warp one row of x (kWarps rows per block) and each lane one component of a 32-component chunk.
+constexpr int kWarps = 8;
+constexpr int kMixtureRows = kWarps;
+constexpr int kMixtureChunk = 32;
+constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory without opt-in
+// The mixture kernels split the components over blocks when the row blocks alone cannot fill
+// the GPU; each split covers at least this many components.
+constexpr int64_t kMinComponentsPerSplitDelta = 4 * kMixtureChunk;
+constexpr int64_t kMinComponentsPerSplitLowRank = 1;
+
+GSA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How many slices of D the projection uses: enough blocks for about two per multiprocessor.
+inline int projection_splits(int64_t B, int64_t D, int64_t r, int multiprocessors) {
+  if (B <= 0 || r <= 0) return 1;  // no projection
+  const int64_t tiles = ceil_div(r, kTile) * ceil_div(B, kTile);
+  const int64_t wanted = ceil_div(2 * int64_t(multiprocessors), tiles);
+  const int64_t most = ceil_div(D, kTile) / kMinTilesPerSplit;
+  const int64_t splits = wanted < most ? wanted : most;
+  return splits > 1 ? int(splits) : 1;
+}
+
+// How many slices of the K components the mixture kernels use (about two blocks per
+// multiprocessor); their partial softmax states are merged by mixture_merge_kernel.
+inline int mixture_splits(int64_t B, int64_t K, int64_t r, int multiprocessors) {
+  if (B <= 0) return 1;
+  const int64_t row_blocks = r == 0 ? ceil_div(B, kMixtureRows) : B;
+  const int64_t wanted = ceil_div(2 * int64_t(multiprocessors), row_blocks);
+  const int64_t most = K / (r == 0 ? kMinComponentsPerSplitDelta : kMinComponentsPerSplitLowRank);
+  const int64_t splits = wanted < most ? wanted : most;
+  return splits > 1 ? int(splits) : 1;
+}
+
+GSA_HD int64_t components_per_split(int64_t K, int splits) { return ceil_div(K, splits); }
+
+// Shared memory of the low-rank mixture kernel: per-warp partial sums and block_sum scratch
+// (LowRankShared in mixture_kernels.cuh), then the [r] coefficients.
+template <typename Acc>
+constexpr int64_t mixture_lowrank_smem_bytes(int64_t r) {
+  return int64_t(sizeof(Acc)) * (kWarps * 32 + kWarps * 4 + r);
+}
+
+// Gaussian spectral map over T steps (T = 1 for gaussian_map; T = #sigmas for a trajectory):
+// out[t, i] = a y + b mu + U diag(f_j) c with c = U^T y, y = p x[i] - q mu, and the row
+// scalars / f_j of gsa::row_coeffs / gsa::spectral_f at (sigma_from[i], sigma_to[t, i],
+// scale_from[i], scale_to[i]).
+template <typename In, typename Acc>
+struct GaussianMapParams {
+  const In* x;            // [B, D]
+  const Acc* mean;        // [D]
+  const Acc* basis;       // [D, r]
+  const Acc* eigvals;     // [r]
+  Acc residual_var;
+  const Acc* sigma_from;  // [B]
+  const Acc* sigma_to;    // [T, B]
+  const Acc* scale_from;  // [B], or nullptr for 1
+  const Acc* scale_to;    // [B], or nullptr for 1
+  int kind;               // gsa::SpectralKind
+  int64_t B, D, r, T;
+  int splits;             // projection_splits(...)
+  Acc* coeffs;            // workspace [splits, B, r]: partial sums of c over the D slices
+  In* out;                // [T, B, D]
+};
+
+// Posterior of a K-component mixture at per-row sigma.
+template <typename In, typename Acc>
+struct MixtureParams {
+  const In* x;             // [B, D]
+  const Acc* means;        // [K, D]
+  const Acc* bases;        // [K, D, r]
+  const Acc* eigvals;      // [K, r]
+  const Acc* residual_var; // [K]
+  const Acc* log_weights;  // [K]
+  const Acc* sigma;        // [B]
+  int64_t B, D, K, r;
+  int splits;              // mixture_splits(...): slices of the components, one per blockIdx.y
+  Acc* part_max;           // workspace [splits, B]: running max of the logits of each slice
+  Acc* part_sum;           // workspace [splits, B]: sum of exp(logit - part_max)
+  Acc* accum;              // workspace [splits, B, D]: sum of exp(logit - part_max) D_k(x), or nullptr
+  In* denoised;            // [B, D], or nullptr when not needed
+  Acc* logp;               // [B]
+  Acc* weights;            // [B, K] (raw logits until the merge), or nullptr when not needed
+};
+
+}  // namespace cuda
+}  // namespace gsa

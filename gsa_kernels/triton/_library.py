@@ -1,0 +1,71 @@
+"""The Triton kernels as torch ops gsa_kernels_triton::{gaussian_map, gaussian_trajectory,
+mixture_posterior} (own namespace: never clashes with the compiled extension's gsa_kernels::).
+
+Registration is picked per case (checked here, see tests/test_triton_backend.py):
+- GPU: torch.library.triton_op, with every kernel launched through wrap_triton, so that
+  torch.compile / Inductor sees the Triton kernels themselves (and can fuse around them).
+  triton_op traces the Python launcher with fake tensors, so no register_fake is needed.
+- TRITON_INTERPRET=1 (CPU tensors): an opaque torch.library.custom_op + register_fake. Under
+  the interpreter, tracing a triton_op with fake tensors reaches the interpreter, which reads
+  data pointers and fails; the opaque op compiles with fullgraph=True and passes opcheck.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _config, gaussian, mixture
+
+NAMESPACE = "gsa_kernels_triton"
+
+
+def _gaussian_map(x: Tensor, mean: Tensor, basis: Tensor, eigvals: Tensor, residual_var: float, sigma_from: Tensor,
+                  sigma_to: Tensor, scale_from: Tensor, scale_to: Tensor, kind: int) -> Tensor:
+    return gaussian.gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
+
+
+def _gaussian_trajectory(x: Tensor, mean: Tensor, basis: Tensor, eigvals: Tensor, residual_var: float,
+                         sigmas: Tensor) -> Tensor:
+    return gaussian.gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
+
+
+def _mixture_posterior(x: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor, residual_var: Tensor,
+                       log_weights: Tensor, sigma: Tensor, need_denoised: bool,
+                       need_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return mixture.mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    return torch.empty_like(x)
+
+
+def _fake_gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+    return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
+
+
+def _fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
+    B, K = x.shape[0], means.shape[0]
+    cd = _compute_dtype(x)
+    denoised = x.new_empty((B, x.shape[1]) if need_denoised else (0,))
+    weights = x.new_empty((B, K) if need_weights else (0,), dtype=cd)
+    return denoised, x.new_empty((B,), dtype=cd), weights
+
+
+_OPS = (
+    ("gaussian_map", _gaussian_map, _fake_gaussian_map),
+    ("gaussian_trajectory", _gaussian_trajectory, _fake_gaussian_trajectory),
+    ("mixture_posterior", _mixture_posterior, _fake_mixture_posterior),
+)
+
+for _name, _impl, _fake in _OPS:
+    if _config.INTERPRET:
+        _op = torch.library.custom_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
+        _op.register_fake(_fake)
+    else:
+        torch.library.triton_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
+
+ops = getattr(torch.ops, NAMESPACE)

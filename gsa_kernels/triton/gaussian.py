@@ -1,0 +1,268 @@
+"""Gaussian family: the fused spectral map (denoise / score / flow) and the trajectory.
+
+One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored below):
+    y      = p x - q mu                                  (p, q: per-row input coefficients)
+    c      = y U                                          stage 1, tl.dot over D tiles
+    out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
+The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
+in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
+gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
+trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
+
+A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c is formed in registers
+([BLOCK_B, R_PAD]) in one pass over D; otherwise r-tile by r-tile. The spectral functions are
+applied once per (row, j, t), never inside a D loop: c * f stays in registers for the map (T = 1,
+small r); otherwise c * f_t goes to a [T, B, r] scratch in global memory (L2-resident) that
+stage 2 of the same program reads back after a barrier.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
+MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
+
+
+@triton.jit
+def _input_coeffs(KIND: tl.constexpr, sa, ka):
+    """(p, q) of y = p x - q mu (row_coeffs in spectral.h)."""
+    one = tl.full(sa.shape, 1.0, sa.dtype)
+    if KIND == 2:
+        from_noise = sa == float("inf")
+        return tl.where(from_noise, one, one / ka), tl.where(from_noise, 0.0 * one, one)
+    else:
+        return one, one
+
+
+@triton.jit
+def _output_coeffs(KIND: tl.constexpr, lp, sa, sb, kb):
+    """(a, b) of out = a y + b mu + ... (row_coeffs in spectral.h)."""
+    one = tl.full(sa.shape, 1.0, sa.dtype)
+    if KIND == 0:
+        s2 = sa * sa
+        return lp / (lp + s2), one
+    elif KIND == 1:
+        s2 = sa * sa
+        return -one / (lp + s2), 0.0 * one
+    else:
+        sb2 = sb * sb
+        from_noise = sa == float("inf")
+        gain = tl.where(from_noise, tl.sqrt(lp + sb2), tl.sqrt((lp + sb2) / (lp + sa * sa)))
+        return kb * gain, kb
+
+
+@triton.jit
+def _spectral_f(KIND: tl.constexpr, lam, lp, sa, sb, kb):
+    """f(lam; row) (spectral_f in spectral.h). lam [1, R], row values [B, 1]."""
+    if KIND == 0:
+        s2 = sa * sa
+        return lam / (lam + s2) - lp / (lp + s2)
+    elif KIND == 1:
+        s2 = sa * sa
+        return (lam - lp) / ((lam + s2) * (lp + s2))
+    else:
+        sb2 = sb * sb
+        sa2 = sa * sa
+        from_noise = sa == float("inf")
+        from_x = tl.sqrt((lam + sb2) / (lam + sa2)) - tl.sqrt((lp + sb2) / (lp + sa2))
+        return kb * tl.where(from_noise, tl.sqrt(lam + sb2) - tl.sqrt(lp + sb2), from_x)
+
+
+@triton.jit
+def _span_gain(KIND: tl.constexpr, lam, sa, sb, kb):
+    """The whole gain on span(U), f + a (= a evaluated at lam). Used when r = D: there
+    P_perp = 0, and dropping a y avoids cancelling two terms of size 1/sigma^2 (score)."""
+    if KIND == 0:
+        return lam / (lam + sa * sa)
+    elif KIND == 1:
+        return -1.0 / (lam + sa * sa)
+    else:
+        sb2 = sb * sb
+        from_noise = sa == float("inf")
+        return kb * tl.where(from_noise, tl.sqrt(lam + sb2), tl.sqrt((lam + sb2) / (lam + sa * sa)))
+
+
+@triton.jit
+def _gain(KIND: tl.constexpr, FULL_RANK: tl.constexpr, lam, lp, sa, sb, kb):
+    if FULL_RANK:
+        return _span_gain(KIND, lam, sa, sb, kb)
+    else:
+        return _spectral_f(KIND, lam, lp, sa, sb, kb)
+
+
+@triton.jit
+def _load_y(x_ptr, mean_ptr, rows, row_ok, d, d_ok, p, q, D):
+    """y = p x - q mu for a [BLOCK_B, BLOCK_D] tile, in the compute dtype; and the mu tile."""
+    mu = tl.load(mean_ptr + d, mask=d_ok, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    y = p[:, None] * x.to(mu.dtype) - q[:, None] * mu[None, :]
+    return y, mu
+
+
+_GPU_CONFIGS = [
+    # (meta, num_warps, num_stages). Sized from ptxas resource usage for sm_80 / sm_90 (at most
+    # ~100 bytes of spill): ieee float32 dots run on FMA and hold their operands in registers,
+    # hence the small tiles; the 64-wide ones are for the tensor-core precisions (tf32, tf32x3).
+    ({"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 32}, 4, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
+    ({"BLOCK_B": 32, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
+    ({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_R": 64}, 8, 2),
+]
+_INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
+
+
+@triton.jit
+def _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, acc_dtype: tl.constexpr):
+    """sigma_to, scale_to of output t for the rows ([B] each)."""
+    sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
+    kb = tl.full(sb.shape, 1.0, acc_dtype)
+    if HAS_SCALES:
+        kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
+    return sb, kb
+
+
+@triton.autotune(
+    configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "CF_IN_REGISTERS", "PRECISION"],
+)
+@triton.jit
+def _spectral_map_kernel(
+    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_hi, lp_lo,  # residual_var = lp_hi + lp_lo (float64-exact)
+    sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B] (ka, kb unread without HAS_SCALES)
+    out_ptr, scratch_ptr,  # out [T, B, D]; scratch [T, B, R]: c * f_t (unless CF_IN_REGISTERS)
+    B, D, R, T,
+    KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr,
+    C_IN_REGISTERS: tl.constexpr, CF_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    acc_dtype: tl.constexpr = mean_ptr.dtype.element_ty
+    lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
+    sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
+    ka = tl.full((BLOCK_B,), 1.0, acc_dtype)
+    if HAS_SCALES:
+        ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
+    p, q = _input_coeffs(KIND, sa, ka)
+
+    # ---- stage 1: c = y U, then c * f_t once per (row, j, t): the spectral functions (sqrt,
+    # divisions) stay out of the D loops. c * f_t stays in registers for the map (T = 1, small r),
+    # else goes to the [T, B, R] scratch.
+    if HAS_BASIS:
+        if C_IN_REGISTERS:
+            r_reg = tl.arange(0, R_PAD)
+            c = tl.zeros((BLOCK_B, R_PAD), dtype=acc_dtype)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+                u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+                c = tl.dot(y, u, c, input_precision=PRECISION)
+            lam = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
+            if CF_IN_REGISTERS:
+                sb, kb = _row_params(sb_ptr, kb_ptr, 0, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+            else:
+                for t in range(0, T):
+                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r_reg[None, :], cf, mask=row_ok[:, None] & (r_reg[None, :] < R))
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < R
+                c = tl.zeros((BLOCK_B, BLOCK_R), dtype=acc_dtype)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = d < D
+                    y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+                    u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                    c = tl.dot(y, u, c, input_precision=PRECISION)
+                lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
+                for t in range(0, T):
+                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], cf, mask=row_ok[:, None] & r_ok[None, :])
+        if not CF_IN_REGISTERS:
+            tl.debug_barrier()  # stage 2 reads what other threads of this program wrote
+
+    # ---- stage 2: out[t] = a_t y + b_t mu + (c f_t) U^T, tile by tile of D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
+        for t in range(0, T):
+            sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+            a, b = _output_coeffs(KIND, lp, sa, sb, kb)
+            if FULL_RANK:
+                a = 0.0 * a
+            acc = a[:, None] * y + b[:, None] * mu[None, :]
+            if HAS_BASIS:
+                if CF_IN_REGISTERS:
+                    u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
+                    acc = tl.dot(cf, tl.trans(u), acc, input_precision=PRECISION)
+                else:
+                    for r0 in range(0, R, BLOCK_R):
+                        r = r0 + tl.arange(0, BLOCK_R)
+                        r_ok = r < R
+                        cf_tile = tl.load(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                        u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                        acc = tl.dot(cf_tile, tl.trans(u), acc, input_precision=PRECISION)
+            out_offs = (t * B + rows64)[:, None] * D + d[None, :]
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _launch(kernel):
+    """Kernels are launched through wrap_triton on GPU so that torch.compile (triton_op) sees
+    them; the interpreter path calls them directly (wrap_triton needs compiled kernels)."""
+    return kernel if _config.INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, kind: int):
+    """out [T, B, D] (x's dtype) for x [B, D]; sa [B]; sb [T, B]; scales ka [B], kb [T, B] or
+    None for 1 (see module docstring). One kernel launch."""
+    B, D = x.shape
+    R = basis.shape[1]
+    T = sb.shape[0]
+    out = torch.empty((T, B, D), dtype=x.dtype, device=x.device)
+    if B == 0 or T == 0:
+        return out
+    in_registers = R <= MAX_REGISTER_RANK
+    cf_in_registers = in_registers and T == 1
+    scratch = torch.empty((0 if cf_in_registers else T * B * R,), dtype=mean.dtype, device=x.device)
+    # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
+    lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
+    lp_lo = float(residual_var) - lp_hi
+    r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
+
+    def grid(meta):
+        return (triton.cdiv(B, meta["BLOCK_B"]),)
+
+    _launch(_spectral_map_kernel)[grid](
+        x, mean, basis, eigvals, lp_hi, lp_lo, sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
+        B, D, R, T,
+        KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers,
+        CF_IN_REGISTERS=cf_in_registers, R_PAD=r_pad,
+        PRECISION=_config.dot_precision(mean.dtype),
+    )
+    return out
+
+
+def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    """[B, D] -> [B, D]: the spectral map of `kind` (0 denoise, 1 score, 2 flow)."""
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigma_from, scale_from, sigma_to[None], scale_to[None], kind)[0]
+
+
+def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+    """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW)
