@@ -1,0 +1,148 @@
+"""The MNIST demo: Frechet metric on known cases, the committed weights, and the demo / explain
+commands end to end in their --quick settings (outputs exist and are finite)."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlxtend", reason="the demo extra (mlxtend) is not installed")
+
+import gsa_kernels as gk  # noqa: E402
+from gsa_kernels.demo import demo, explain  # noqa: E402
+from gsa_kernels.demo.classifier import load_classifier  # noqa: E402
+from gsa_kernels.demo.data import mnist_split  # noqa: E402
+from gsa_kernels.demo.metrics import frechet_distance, frechet_distance_from_stats  # noqa: E402
+from gsa_kernels.demo.net import load_denoiser  # noqa: E402
+
+
+def _scipy_frechet(a, b):
+    """The FID code's formula: scipy.linalg.sqrtm of the (non-symmetric) product S_a S_b."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    a, b = a.double().numpy(), b.double().numpy()
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = scipy_linalg.sqrtm(sa @ sb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * cross))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _correlated(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+
+
+def test_frechet_identical_sets_is_zero():
+    a = _correlated(300, 16, 0)
+    # float64 eigendecompositions of O(10)-sized matrices: rounding ~1e-12 relative to the traces
+    assert abs(frechet_distance(a, a)) < 1e-8 * a.var(0).sum().item()
+
+
+@pytest.mark.parametrize("d", [1, 16, 61])
+def test_frechet_shifted_set_is_squared_shift(d):
+    a = _correlated(400, d, 1)
+    shift = torch.linspace(-2, 3, d, dtype=torch.float64)
+    # same covariance: the trace term vanishes, FD = |shift|^2 up to float64 rounding
+    assert frechet_distance(a, a + shift) == pytest.approx(shift.pow(2).sum().item(), rel=1e-8, abs=1e-8)
+
+
+def test_frechet_isotropic_gaussians_closed_form():
+    d, sa, sb = 20, 0.5, 2.0
+    mu = torch.zeros(d)
+    fd = frechet_distance_from_stats(mu, sa ** 2 * torch.eye(d), mu + 1, sb ** 2 * torch.eye(d))
+    assert fd == pytest.approx(d + d * (sa - sb) ** 2, rel=1e-10)  # |1|^2 d + d (sa - sb)^2
+
+
+@pytest.mark.parametrize("n_a,n_b,d", [(500, 300, 8), (200, 250, 40)])
+def test_frechet_matches_scipy_sqrtm_formula(n_a, n_b, d):
+    a = _correlated(n_a, d, 2)
+    b = 1.5 * _correlated(n_b, d, 3) + 0.3
+    # two float64 routes to tr (S_a S_b)^(1/2): agree to ~1e-9 relative on well-conditioned covariances
+    assert frechet_distance(a, b) == pytest.approx(_scipy_frechet(a, b), rel=1e-7)
+
+
+def test_frechet_rejects_single_sample():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance(torch.zeros(1, 3), torch.zeros(5, 3))
+
+
+# ----------------------------------------------------------------------------- committed weights
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return mnist_split("heldout")
+
+
+def test_committed_denoiser_loads_and_denoises(heldout):
+    net = load_denoiser()
+    assert sum(p.numel() for p in net.parameters()) * 4 < 5e6  # < 5 MB of float32 weights
+    x0 = heldout[0][:200].reshape(200, -1)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        near_identity = net(x0 + 0.002 * eps, 0.002)
+        assert near_identity.shape == x0.shape and torch.isfinite(near_identity).all()
+        # at sigma = 0.002, c_skip ~ 1 and c_out ~ 0.002: the output stays within ~1e-2 of the input
+        assert (near_identity - x0).abs().max() < 0.05
+        # a trained network beats the best linear (Gaussian) denoiser on held-out digits at sigma = 0.5
+        gaussian = gk.GaussianModel.fit(mnist_split("train")[0])
+        x = x0 + 0.5 * eps
+        err_net = (net(x, torch.full((200,), 0.5)) - x0).pow(2).mean()
+        err_gauss = (gaussian.denoise(x, 0.5) - x0).pow(2).mean()
+        assert err_net < 0.8 * err_gauss
+
+
+def test_committed_classifier_accuracy(heldout):
+    clf = load_classifier()
+    x, y = heldout
+    with torch.no_grad():
+        acc = (clf(x).argmax(1) == y).float().mean().item()
+        assert clf.features(x[:3]).shape == (3, 128)
+    assert acc > 0.95
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _read_csv(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _assert_png(path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 50 and np.isfinite(img).all()
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    assert demo.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    rows = _read_csv(tmp_path / "demo_table.csv")
+    names = {r["name"] for r in rows}
+    assert {"heun_full", "teleport_34pct", "fewer_steps_34pct", "truncated_34pct", "training_data"} <= names
+    for r in rows:
+        assert math.isfinite(float(r["fd_features"])) and math.isfinite(float(r["fd_pixels"]))
+        assert float(r["fd_features"]) >= -1e-6 and float(r["seconds"]) >= 0
+        _assert_png(tmp_path / f"samples_{r['name']}.png")
+    nfe = {r["name"]: int(r["nfe"]) for r in rows}
+    # 6 Heun steps = 11 NFE; the teleport skips round(0.34 * 6) = 2 steps (4 NFE) at no network cost
+    assert nfe["heun_full"] == 11 and nfe["teleport_34pct"] == 7 and nfe["fewer_steps_34pct"] == 7
+    _assert_png(tmp_path / "quality_vs_nfe.png")
+    assert "teleport_34pct" in capsys.readouterr().out
+
+
+def test_explain_quick_end_to_end(tmp_path):
+    assert explain.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    rows = _read_csv(tmp_path / "explained_variance.csv")
+    assert len(rows) == 4
+    for r in rows:
+        for m in ("gaussian", "mixture", "delta"):
+            ev = float(r[f"ev_{m}"])
+            assert math.isfinite(ev) and ev <= 1 + 1e-9  # a fraction explained never exceeds 1
+    # at sigma = 0.002 the network is ~ the identity, and so are the Gaussian and the mixture
+    assert float(rows[0]["ev_gaussian"]) > 0.99 and float(rows[0]["ev_mixture"]) > 0.99
+    _assert_png(tmp_path / "explained_variance.png")
