@@ -1,0 +1,38 @@
+// Helpers shared by the CPU kernels (csrc/cpu/*.cpp): block sizes, dtype plumbing, and the
+// small vectorizable loops around the BLAS calls.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace gsa::cpu {
+
+// Row-block size for x [B, D] against a basis of r columns. A block of y rows ([rows, D] in the
+// compute dtype) should stay in the L2 cache between the two GEMMs that read it. When the basis
+// itself is far larger than L2 (full PCA), each block streams it from memory twice, so blocks
+// grow to one per thread: then the GEMMs are tall enough to be compute-bound.
+inline int64_t row_block(int64_t B, int64_t D, int64_t r, int64_t elem_size) {
+  constexpr int64_t kL2Budget = 512 * 1024;  // bytes of the 1-2 MiB L2 given to the y block
+  int64_t rows = std::clamp<int64_t>(kL2Budget / std::max<int64_t>(1, D * elem_size), 16, 256);
+  if (D * r * elem_size > 8 * kL2Budget) {
+    const int64_t per_thread = (B + at::get_num_threads() - 1) / at::get_num_threads();
+    rows = std::max(rows, std::min<int64_t>(per_thread, 256));
+  }
+  return rows;
+}
+
+template <typename T>
+at::TensorOptions options_for() {
+  return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+}
+
+// dst[i] = src[i] converted (fp16/bf16 <-> float, or a plain copy).
+template <typename To, typename From>
+inline void convert_row(To* __restrict dst, const From* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<To>(src[i]);
+}
+
+}  // namespace gsa::cpu
