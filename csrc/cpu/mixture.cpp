@@ -15,7 +15,8 @@
 //                      2 E + kCutoff of the running max gets |x - mu_k|^2 recomputed directly
 //                      from the differences in double. Skipped components have weight
 //                      < exp(-kCutoff) relative to the max, both exactly and as computed.
-//   accumulate         acc += P M + (P g c) W^T   (GEMMs; skipped where every p is 0)
+//   accumulate         acc += P M + (P g c) W^T   (GEMMs; for r = 0 with few nonzero p, as at
+//                      small sigma, the few p_k mu_k rows are added directly instead)
 #include <torch/library.h>
 
 #include <cmath>
@@ -35,6 +36,7 @@ namespace {
 
 constexpr double kLogitTol = 1e-4;  // fast logits this exact (bound) need no refinement
 constexpr double kCutoff = 30.0;    // exp(-30) ~ 1e-13: weight of a component never refined
+constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: axpy instead of GEMM
 constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
 
 // |a - b|^2 summed in double from the exact differences (a, b float32-representable).
@@ -188,7 +190,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         T* Pp = P.data_ptr<T>();
         T* Gp = r > 0 ? G.data_ptr<T>() : nullptr;
         const int64_t ldp = P.stride(0), ldg = r > 0 ? G.stride(0) : 0;
-        bool any_p = false;
+        int64_t nonzero_p = 0;
 
         for (int64_t i = 0; i < n; ++i) {
           const double s2 = s2v[i];
@@ -243,7 +245,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             lsum += p;
             hsum += p * hp;
             Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
-            any_p = any_p || Pp[i * ldp + k] != T(0);
+            nonzero_p += Pp[i * ldp + k] != T(0);
             if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
             if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
               const T* c = Cp + i * ldc + k * r;
@@ -264,9 +266,22 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           }
           m[i] = m_new;
         }
-        if (need_denoised && any_p) {
-          accb.addmm_(P, Mk);
-          if (r > 0) accb.addmm_(G, Wk.t());
+        if (need_denoised && nonzero_p > 0) {
+          if (r == 0 && nonzero_p * kSparseRatio < n * nk) {
+            // small sigma: the weights are (numerically) sparse; add the few p mu_k directly
+            T* a = accb.data_ptr<T>();
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t k = 0; k < nk; ++k) {
+                const T p = Pp[i * ldp + k];
+                if (p == T(0)) continue;
+                const T* mk = mu + (k0 + k) * D;
+                T* ai = a + i * D;
+                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              }
+          } else {
+            accb.addmm_(P, Mk);
+            if (r > 0) accb.addmm_(G, Wk.t());
+          }
         }
       }
 
