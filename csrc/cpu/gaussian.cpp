@@ -1,11 +1,11 @@
 // CPU kernels of the Gaussian spectral map and the closed-form trajectory (DESIGN.md section 1,
 // math in include/gsa/spectral.h). Per block of rows, fused:
 //   pass 1   y = p x - q mu                  (reads x once; y stays in cache)
-//   GEMM 1   c = y U                         ([rows, r], BLAS)
+//   GEMM 1   c = y U                         ([rows, r], gemm_nt against U^T)
 //            c_j *= f_j(row)                 (spectral function, per row and eigenvalue)
-//   pass 2   out = a y + b mu                (in place over y)
-//   GEMM 2   out += c U^T                    (BLAS, accumulates into out; written once)
-// Row blocks run in parallel (at::parallel_for); BLAS runs single-threaded inside each block.
+//   GEMM 2   z = c U^T                       ([rows, D], gemm_nt against U)
+//   pass 2   out = a y + b mu + z            (in place over y; out written once)
+// Row blocks run in parallel (at::parallel_for); the GEMMs run single-threaded inside a block.
 // fp16/bf16 x is computed in float32 and converted on the way in and out.
 #include <torch/library.h>
 
@@ -29,16 +29,25 @@ void form_y(const X* x, const T* mu, T* y, int64_t n, int64_t D, const RowCoeffs
   }
 }
 
-// Pass 2: out = a y + b mu, row by row (out may alias y).
+// Pass 2: out = a y + b mu (+ z when z is given), row by row (out may alias y).
 template <typename T>
-void affine_rows(const T* y, const T* mu, T* out, int64_t n, int64_t D, const RowCoeffs<T>* rc) {
+void affine_rows(const T* y, const T* mu, const T* z, T* out, int64_t n, int64_t D,
+                 const RowCoeffs<T>* rc) {
   for (int64_t i = 0; i < n; ++i) {
     const T* yi = y + i * D;
     T* oi = out + i * D;
     const T a = rc[i].a, b = rc[i].b;
-    for (int64_t d = 0; d < D; ++d) oi[d] = a * yi[d] + b * mu[d];
+    if (z == nullptr) {
+      for (int64_t d = 0; d < D; ++d) oi[d] = a * yi[d] + b * mu[d];
+    } else {
+      const T* __restrict zi = z + i * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] = a * yi[d] + b * mu[d] + zi[d];
+    }
   }
 }
+
+// U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; one copy per call).
+inline at::Tensor basis_rows(const at::Tensor& basis) { return basis.t().contiguous(); }
 
 template <typename X>
 void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
@@ -55,12 +64,11 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const T *sa = sigma_from.data_ptr<T>(), *sb = sigma_to.data_ptr<T>();
   const T *ka = scale_from.data_ptr<T>(), *kb = scale_to.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis.t();
+  const at::Tensor basis_t = basis_rows(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     at::Tensor ybuf = kDirect ? at::Tensor() : at::empty({BB, D}, options_for<T>());
-    at::Tensor cbuf = at::empty({BB, r}, options_for<T>());
     std::vector<RowCoeffs<T>> rc(BB);
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
@@ -71,18 +79,18 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         rc[i] = row_coeffs<T>(kind, lp, sa[b], sb[b], ka[b], kb[b]);
       }
       form_y(xp + b0 * D, mu, y, n, D, rc.data());
-      at::Tensor cb = cbuf.narrow(0, 0, n);
+      at::Tensor z;
       if (r > 0) {
-        at::mm_out(cb, yb, basis);
+        at::Tensor cb = gemm_nt(yb, basis_t);
         T* c = cb.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
           for (int64_t j = 0; j < r; ++j)
             c[i * r + j] *= spectral_f<T>(kind, lam[j], lp, sa[b], sb[b], ka[b], kb[b]);
         }
+        z = gemm_nt(cb, basis);
       }
-      affine_rows(y, mu, y, n, D, rc.data());
-      if (r > 0) yb.addmm_(cb, basis_t);
+      affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
       if constexpr (!kDirect) {
         for (int64_t i = 0; i < n; ++i) convert_row(op + (b0 + i) * D, y + i * D, D);
       }
@@ -126,25 +134,23 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   const T* lam = eigvals.data_ptr<T>();
   const T* sig = sigmas.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis.t();
-  const at::Tensor out2 = out.view({steps * B, D});
+  const at::Tensor basis_t = basis_rows(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const T one(1);
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     at::Tensor ybuf = at::empty({BB, D}, options_for<T>());
     at::Tensor obuf = kDirect ? at::Tensor() : at::empty({BB, D}, options_for<T>());
-    at::Tensor cbuf = at::empty({BB, r}, options_for<T>());
     at::Tensor fbuf = at::empty({BB, r}, options_for<T>());
     std::vector<RowCoeffs<T>> rc(BB);
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
-      at::Tensor yb = ybuf.narrow(0, 0, n), cb = cbuf.narrow(0, 0, n), fb = fbuf.narrow(0, 0, n);
+      at::Tensor yb = ybuf.narrow(0, 0, n), fb = fbuf.narrow(0, 0, n);
       T* y = yb.data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) rc[i] = row_coeffs<T>(kFlow, lp, sig[b0 + i], one, one, one);
       form_y(xp + b0 * D, mu, y, n, D, rc.data());  // p, q do not depend on the target sigma
-      if (r > 0) at::mm_out(cb, yb, basis);
-      const T* c = cb.data_ptr<T>();
+      const at::Tensor cb = r > 0 ? gemm_nt(yb, basis_t) : at::Tensor();
+      const T* c = r > 0 ? cb.data_ptr<T>() : nullptr;
       T* f = fb.data_ptr<T>();
       for (int64_t t = 0; t < steps; ++t) {
         const T* sa = sig;          // sigmas[0, :]
@@ -155,10 +161,9 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
           for (int64_t j = 0; j < r; ++j)
             f[i * r + j] = c[i * r + j] * spectral_f<T>(kFlow, lam[j], lp, sa[b], sb[b], one, one);
         }
-        at::Tensor ob = kDirect ? out2.narrow(0, t * B + b0, n) : obuf.narrow(0, 0, n);
-        T* o = ob.data_ptr<T>();
-        affine_rows(y, mu, o, n, D, rc.data());
-        if (r > 0) ob.addmm_(fb, basis_t);
+        T* o = kDirect ? reinterpret_cast<T*>(op) + (t * B + b0) * D : obuf.data_ptr<T>();
+        const at::Tensor z = r > 0 ? gemm_nt(fb, basis) : at::Tensor();
+        affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, o, n, D, rc.data());
         if constexpr (!kDirect) {
           for (int64_t i = 0; i < n; ++i) convert_row(op + (t * B + b0 + i) * D, o + i * D, D);
         }
