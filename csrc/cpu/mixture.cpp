@@ -7,7 +7,7 @@
 // [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
 // returned). Per (row block, component block):
 //   S = X M^T          fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 S   (GEMM)
-//   C = X W - U^T mu   projections c_k = U_k^T (x - mu_k), W = [U_1 .. U_K]          (GEMM, r > 0)
+//   C = X Ut^T - U^T mu  projections c_k = U_k^T (x - mu_k), Ut = [U_1^T; ..; U_K^T]  (GEMM, r > 0)
 //   logits             component_logpdf (include/gsa/spectral.h) + log weight
 //   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, which is huge
 //                      next to sigma^2 at small sigma. When that error bound E (in logit units)
@@ -15,7 +15,7 @@
 //                      2 E + kCutoff of the running max gets |x - mu_k|^2 recomputed directly
 //                      from the differences in double. Skipped components have weight
 //                      < exp(-kCutoff) relative to the max, both exactly and as computed.
-//   accumulate         acc += P M + (P g c) W^T   (GEMMs; for r = 0 with few nonzero p, as at
+//   accumulate         acc += P M + (P g c) Ut    (GEMMs; for r = 0 with few nonzero p, as at
 //                      small sigma, the few p_k mu_k rows are added directly instead)
 #include <torch/library.h>
 
@@ -123,10 +123,11 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
   }
-  // W = [U_1 .. U_K] as one [D, K r] matrix (one GEMM per component block) and U_k^T mu_k.
-  at::Tensor W, Umu;
+  // Ut = [U_1^T; ..; U_K^T] as one [K r, D] matrix with contiguous rows (one GEMM per component
+  // block in each direction) and U_k^T mu_k.
+  at::Tensor Ut, Umu;
   if (r > 0) {
-    W = bases.permute({1, 0, 2}).contiguous().view({D, K * r});
+    Ut = bases.transpose(1, 2).contiguous().view({K * r, D});
     Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
@@ -143,8 +144,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     auto opts = options_for<T>();
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
     at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
-    at::Tensor Sbuf = at::empty({BB, KB}, opts), Pbuf = at::empty({BB, KB}, opts);
-    at::Tensor Cbuf = at::empty({BB, KB * r}, opts), Gbuf = at::empty({BB, KB * r}, opts);
+    at::Tensor Pbuf = at::empty({BB, KB}, opts), Gbuf = at::empty({BB, KB * r}, opts);
     std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
 
@@ -174,13 +174,11 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
-        at::Tensor S = Sbuf.narrow(0, 0, n).narrow(1, 0, nk);
-        at::mm_out(S, Xb, Mk.t());
-        at::Tensor C, Wk;
+        const at::Tensor S = gemm_nt(Xb, Mk);
+        at::Tensor C, Uk;
         if (r > 0) {
-          Wk = W.narrow(1, k0 * r, nk * r);
-          C = Cbuf.narrow(0, 0, n).narrow(1, 0, nk * r);
-          at::mm_out(C, Xb, Wk);
+          Uk = Ut.narrow(0, k0 * r, nk * r);
+          C = gemm_nt(Xb, Uk);
         }
         const T* Sp = S.data_ptr<T>();
         const int64_t lds = S.stride(0), ldc = r > 0 ? C.stride(0) : 0;
@@ -280,7 +278,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               }
           } else {
             accb.addmm_(P, Mk);
-            if (r > 0) accb.addmm_(G, Wk.t());
+            if (r > 0) accb.addmm_(G, Uk);
           }
         }
       }
