@@ -1,8 +1,9 @@
 """CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1; shapes and
 FLOP / byte counts in gsa_kernels/bench.py). Each group times, in the same run: our cpu
 backend, the eager reference, torch.compile of the reference, and a "roofline" entry: the
-time max(FLOPs / GEMM peak, bytes / stream bandwidth) with both peaks measured here (recorded
-in extra_info; its benchmark body sleeps for that time so the group table shows it in line).
+time max(FLOPs / GEMM peak, bytes / stream bandwidth) with both peaks measured here (measured
+next to each workload, recorded in extra_info; its benchmark body sleeps for that time so the
+group table shows it in line).
 
     OMP_NUM_THREADS unset (all cores):
     python -m pytest benchmarks/bench_cpu.py --benchmark-columns=median,rounds --benchmark-sort=name
@@ -25,7 +26,9 @@ _BUILT = {}
 
 def _workload(name):
     if name not in _BUILT:
-        _BUILT[name] = bench.build(name)
+        w = bench.build(name)
+        w.peaks = bench.machine_peaks(repeats=3)  # measured next to the workload: the load drifts
+        _BUILT[name] = w
     return _BUILT[name]
 
 
@@ -37,9 +40,9 @@ def test_workload(benchmark, name, impl, peaks):
     conf.pytest_terminal_summary.peaks = peaks
     w = _workload(name)
     benchmark.group = f"{name}: {w.description}"
-    roof = w.roofline_seconds(peaks)
+    roof = w.roofline_seconds(w.peaks)
     benchmark.extra_info.update(
-        flops=w.flops, bytes=w.bytes, roofline_s=roof, peak_flops=peaks["flops"], bandwidth=peaks["bandwidth"]
+        flops=w.flops, bytes=w.bytes, roofline_s=roof, peak_flops=w.peaks["flops"], bandwidth=w.peaks["bandwidth"]
     )
     if impl == "roofline":
         benchmark.pedantic(time.sleep, args=(roof,), rounds=1, iterations=1)

@@ -47,7 +47,10 @@ void affine_rows(const T* y, const T* mu, const T* z, T* out, int64_t n, int64_t
 }
 
 // U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; one copy per call).
-inline at::Tensor basis_rows(const at::Tensor& basis) { return basis.t().contiguous(); }
+template <typename T>
+at::Tensor basis_rows(const at::Tensor& basis) {
+  return transpose_last2<T>(basis.unsqueeze(0)).squeeze(0);
+}
 
 template <typename X>
 void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
@@ -64,7 +67,7 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const T *sa = sigma_from.data_ptr<T>(), *sb = sigma_to.data_ptr<T>();
   const T *ka = scale_from.data_ptr<T>(), *kb = scale_to.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis_rows(basis);
+  const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
@@ -134,7 +137,7 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   const T* lam = eigvals.data_ptr<T>();
   const T* sig = sigmas.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis_rows(basis);
+  const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const T one(1);
 
