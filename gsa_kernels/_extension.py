@@ -15,6 +15,7 @@ if loaded:
     from . import _fake  # noqa: F401  (fake / meta kernels for torch.compile and opcheck)
 
 
+@torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether gsa_kernels::<op> has an implementation for a dispatch key ("CPU", "CUDA")."""
     return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"gsa_kernels::{op}", dispatch_key)

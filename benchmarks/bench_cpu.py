@@ -1,0 +1,56 @@
+"""CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1; shapes and
+FLOP / byte counts in gsa_kernels/bench.py). Each group times, in the same run: our cpu
+backend, the eager reference, torch.compile of the reference, and a "roofline" entry: the
+time max(FLOPs / GEMM peak, bytes / stream bandwidth) with both peaks measured here (measured
+next to each workload, recorded in extra_info; its benchmark body sleeps for that time so the
+group table shows it in line).
+
+    OMP_NUM_THREADS unset (all cores):
+    python -m pytest benchmarks/bench_cpu.py --benchmark-columns=median,rounds --benchmark-sort=name
+
+The slow eager references of M1 / E1 (tens of seconds) run one round. The summary printed at
+the end gives the ratios (x vs reference, x vs torch.compile, % of roofline)."""
+import time
+
+import pytest
+
+import gsa_kernels as gk
+from gsa_kernels import bench
+
+from .conftest import record
+
+pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends(), reason="cpu backend not built")
+
+_BUILT = {}
+
+
+def _workload(name):
+    if name not in _BUILT:
+        w = bench.build(name)
+        w.peaks = bench.machine_peaks(repeats=3)  # measured next to the workload: the load drifts
+        _BUILT[name] = w
+    return _BUILT[name]
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference", "compiled", "roofline"])
+@pytest.mark.parametrize("name", bench.WORKLOADS)
+def test_workload(benchmark, name, impl, peaks):
+    import benchmarks.conftest as conf
+
+    conf.pytest_terminal_summary.peaks = peaks
+    w = _workload(name)
+    benchmark.group = f"{name}: {w.description}"
+    roof = w.roofline_seconds(w.peaks)
+    benchmark.extra_info.update(
+        flops=w.flops, bytes=w.bytes, roofline_s=roof, peak_flops=w.peaks["flops"], bandwidth=w.peaks["bandwidth"]
+    )
+    if impl == "roofline":
+        benchmark.pedantic(time.sleep, args=(roof,), rounds=1, iterations=1)
+        return
+    fn = w.runner(impl)
+    if impl in ("reference", "compiled") and w.slow_reference:
+        warmup = 1 if impl == "compiled" else 0  # compile once; the eager reference is cold anyway
+        benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=warmup)
+    else:
+        benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    record(w, impl, benchmark.stats.stats.median)

@@ -1,0 +1,336 @@
+// CPU kernel of the mixture posterior (DESIGN.md section 1): component weights, log p and the
+// posterior-mean denoiser of a K-component low-rank Gaussian mixture; r = 0 with
+// residual_var = 0 is the empirical ("delta") mixture of a training set.
+//
+// Parallel over row blocks; inside a row block the components stream in blocks with an online
+// softmax (running max m, sum l, and the unnormalised denoiser accumulator), so memory is
+// [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
+// returned). Per (row block, component block):
+//   S = X M^T          fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 S   (GEMM)
+//   C = X Ut^T - U^T mu  projections c_k = U_k^T (x - mu_k), Ut = [U_1^T; ..; U_K^T]  (GEMM, r > 0)
+//   logits             component_logpdf (include/gsa/spectral.h) + log weight
+//   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, which is huge
+//                      next to sigma^2 at small sigma. When that error bound E (in logit units)
+//                      exceeds kLogitTol, every component whose fast logit is within
+//                      2 E + kCutoff of the running max gets |x - mu_k|^2 recomputed directly
+//                      from the differences in double. Skipped components have weight
+//                      < exp(-kCutoff) relative to the max, both exactly and as computed.
+//   accumulate         acc += P M + (P g c) Ut    (GEMMs; for r = 0 with few nonzero p, as at
+//                      small sigma, the few p_k mu_k rows are added directly instead)
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "gsa/checks.h"
+#include "gsa/spectral.h"
+
+namespace gsa::cpu {
+namespace {
+
+constexpr double kLogitTol = 1e-4;  // fast logits this exact (bound) need no refinement
+constexpr double kCutoff = 30.0;    // exp(-30) ~ 1e-13: weight of a component never refined
+constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: axpy instead of GEMM
+constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
+
+// |a - b|^2 summed in double from the exact differences (a, b float32-representable).
+inline double sqdist_exact(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  double s = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (; d + 8 <= D; d += 8) {
+    __m256 fa = _mm256_loadu_ps(a + d), fb = _mm256_loadu_ps(b + d);
+    __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fa)),
+                               _mm256_cvtps_pd(_mm256_castps256_ps128(fb)));
+    __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(fa, 1)),
+                               _mm256_cvtps_pd(_mm256_extractf128_ps(fb, 1)));
+    acc0 = _mm256_fmadd_pd(lo, lo, acc0);
+    acc1 = _mm256_fmadd_pd(hi, hi, acc1);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    s += t * t;
+  }
+  return s;
+}
+
+inline double sqdist_exact(const double* a, const double* b, int64_t D) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const double t0 = a[d] - b[d], t1 = a[d + 1] - b[d + 1];
+    const double t2 = a[d + 2] - b[d + 2], t3 = a[d + 3] - b[d + 3];
+    s0 += t0 * t0; s1 += t1 * t1; s2 += t2 * t2; s3 += t3 * t3;
+  }
+  for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename T>
+double sum_squares(const T* v, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
+  return s;
+}
+
+// sum_j log(lam_j + s2), one log per 8 factors (each factor is in [s2, lam_max + s2]).
+template <typename T>
+double log_det_low(const T* lam, int64_t r, double s2) {
+  double total = 0;
+  for (int64_t j0 = 0; j0 < r; j0 += 8) {
+    double prod = 1;
+    for (int64_t j = j0; j < std::min(r, j0 + 8); ++j) prod *= static_cast<double>(lam[j]) + s2;
+    total += std::log(prod);
+  }
+  return total;
+}
+
+template <typename X>
+void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
+                  const at::Tensor& eigvals, const at::Tensor& residual_var,
+                  const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
+                  bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
+  using T = at::opmath_type<X>;
+  const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
+  const X* xp = x.data_ptr<X>();
+  const T* mu = means.data_ptr<T>();
+  const T* lam = eigvals.data_ptr<T>();
+  const T* lpv = residual_var.data_ptr<T>();
+  const T* logw = log_weights.data_ptr<T>();
+  const T* sig = sigma.data_ptr<T>();
+  T* logp_p = logp.data_ptr<T>();
+  T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
+  X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
+
+  // Per-component constants.
+  std::vector<double> mu_sq(K);
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+  });
+  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < K; ++k) {
+    max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
+    min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
+  }
+  // Ut = [U_1^T; ..; U_K^T] as one [K r, D] matrix with contiguous rows (one GEMM per component
+  // block in each direction) and U_k^T mu_k.
+  at::Tensor Ut, Umu;
+  if (r > 0) {
+    Ut = transpose_last2<T>(bases).view({K * r, D});
+    Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
+  }
+  const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
+  // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
+  const bool sq_matters = r < D;
+  const double eps = std::numeric_limits<T>::epsilon();
+
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 128);
+  const int64_t KB = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
+  const int64_t num_kb = (K + KB - 1) / KB;
+
+  at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
+    auto opts = options_for<T>();
+    at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
+    at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
+    at::Tensor Pbuf = at::empty({BB, KB}, opts), Gbuf = at::empty({BB, KB * r}, opts);
+    std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
+    std::vector<double> m_block(need_weights ? BB * num_kb : 0);
+
+    for (int64_t b0 = begin; b0 < end; b0 += BB) {
+      const int64_t n = std::min(BB, end - b0);
+      at::Tensor Xb;
+      if constexpr (std::is_same_v<X, T>) {
+        Xb = x.narrow(0, b0, n);
+      } else {
+        Xb = xbuf.narrow(0, 0, n);
+        for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
+      }
+      const T* xb = Xb.data_ptr<T>();
+      for (int64_t i = 0; i < n; ++i) {
+        const double s = sig[b0 + i];
+        s2v[i] = s * s;
+        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
+        l[i] = hx[i] = 0;
+        x_sq[i] = sum_squares(xb + i * D, D);
+        // error bound of the fast logits: kGemmErr eps sqrt(D) (|x|^2 + |mu|^2) / (2 (lp + s^2))
+        err[i] = sq_matters ? kGemmErr * eps * std::sqrt(double(D)) * (x_sq[i] + max_mu_sq) /
+                                  (2 * (min_lp + s2v[i]))
+                            : 0.0;
+      }
+      at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
+
+      for (int64_t kb = 0; kb < num_kb; ++kb) {
+        const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
+        const at::Tensor Mk = means.narrow(0, k0, nk);
+        const at::Tensor S = gemm_nt(Xb, Mk);
+        at::Tensor C, Uk;
+        if (r > 0) {
+          Uk = Ut.narrow(0, k0 * r, nk * r);
+          C = gemm_nt(Xb, Uk);
+        }
+        const T* Sp = S.data_ptr<T>();
+        const int64_t lds = S.stride(0), ldc = r > 0 ? C.stride(0) : 0;
+        T* Cp = r > 0 ? C.data_ptr<T>() : nullptr;
+        at::Tensor P = Pbuf.narrow(0, 0, n).narrow(1, 0, nk);
+        at::Tensor G = Gbuf.narrow(0, 0, n).narrow(1, 0, nk * r);
+        T* Pp = P.data_ptr<T>();
+        T* Gp = r > 0 ? G.data_ptr<T>() : nullptr;
+        const int64_t ldp = P.stride(0), ldg = r > 0 ? G.stride(0) : 0;
+        int64_t nonzero_p = 0;
+
+        for (int64_t i = 0; i < n; ++i) {
+          const double s2 = s2v[i];
+          double* L = logit.data() + i * KB;
+          // fast logits
+          for (int64_t k = 0; k < nk; ++k) {
+            const int64_t kk = k0 + k;
+            const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+            double cc = 0, cc_w = 0, ld = 0;
+            if (r > 0) {
+              T* c = Cp + i * ldc + k * r;
+              const T* lk = lam + kk * r;
+              for (int64_t j = 0; j < r; ++j) {
+                c[j] -= umu[kk * r + j];
+                const double cj = c[j];
+                cc += cj * cj;
+                cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
+              }
+              ld = log_det_low(lk, r, s2);
+            }
+            L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
+          }
+          double block_fast_max = -std::numeric_limits<double>::infinity();
+          for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
+          m_fast[i] = std::max(m_fast[i], block_fast_max);
+          // exact refinement of the components that can matter
+          if (err[i] > kLogitTol) {
+            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+            for (int64_t k = 0; k < nk; ++k) {
+              if (L[k] < keep) continue;
+              const int64_t kk = k0 + k;
+              const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
+              double cc = 0, cc_w = 0;
+              const T* c = Cp ? Cp + i * ldc + k * r : nullptr;
+              for (int64_t j = 0; j < r; ++j) {
+                cc += double(c[j]) * c[j];
+                cc_w += double(c[j]) * c[j] / (static_cast<double>(lam[kk * r + j]) + s2);
+              }
+              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lam + kk * r, r, s2),
+                                                         lpv[kk], s2, D, r);
+            }
+          }
+          // online softmax update
+          double m_new = m[i];
+          for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
+          const double scale = merge_scale(m[i], m_new);
+          double lsum = 0, hsum = 0;
+          for (int64_t k = 0; k < nk; ++k) {
+            const int64_t kk = k0 + k;
+            const double p = L[k] == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(L[k] - m_new);
+            const double hp = static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
+            lsum += p;
+            hsum += p * hp;
+            Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
+            nonzero_p += Pp[i * ldp + k] != T(0);
+            if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
+            if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
+              const T* c = Cp + i * ldc + k * r;
+              T* g = Gp + i * ldg + k * r;
+              for (int64_t j = 0; j < r; ++j) {
+                const double lj = lam[kk * r + j];
+                g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+              }
+            }
+          }
+          l[i] = l[i] * scale + lsum;
+          hx[i] = hx[i] * scale + hsum;
+          if (need_weights) m_block[i * num_kb + kb] = m_new;
+          if (need_denoised && scale != 1.0) {
+            T* a = accb.data_ptr<T>() + i * D;
+            const T sc = static_cast<T>(scale);
+            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+          }
+          m[i] = m_new;
+        }
+        if (need_denoised && nonzero_p > 0) {
+          if (r == 0 && nonzero_p * kSparseRatio < n * nk) {
+            // small sigma: the weights are (numerically) sparse; add the few p mu_k directly
+            T* a = accb.data_ptr<T>();
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t k = 0; k < nk; ++k) {
+                const T p = Pp[i * ldp + k];
+                if (p == T(0)) continue;
+                const T* mk = mu + (k0 + k) * D;
+                T* ai = a + i * D;
+                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              }
+          } else {
+            accb.addmm_(P, Mk);
+            if (r > 0) accb.addmm_(G, Uk);
+          }
+        }
+      }
+
+      // finalize the rows of this block
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = b0 + i;
+        logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
+        if (need_denoised) {
+          const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
+          const T* a = accb.data_ptr<T>() + i * D;
+          const T* xi = xb + i * D;
+          X* o = den_p + b * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
+        }
+        if (need_weights) {
+          for (int64_t kb = 0; kb < num_kb; ++kb) {
+            const T f = static_cast<T>(std::exp(m_block[i * num_kb + kb] - m[i]) / l[i]);
+            T* w = w_p + b * K + kb * KB;
+            for (int64_t k = 0; k < std::min(KB, K - kb * KB); ++k) w[k] *= f;
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cpu(
+    const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
+    const at::Tensor& eigvals, const at::Tensor& residual_var, const at::Tensor& log_weights,
+    const at::Tensor& sigma, bool need_denoised, bool need_weights) {
+  const char* op = "gsa_kernels::mixture_posterior (cpu)";
+  check_mixture(x, means, bases, eigvals, residual_var, log_weights, sigma, op);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
+  const auto cd = compute_dtype(x);
+  at::Tensor den = need_denoised ? at::empty({B, D}, x.options()) : at::empty({0}, x.options());
+  at::Tensor logp = at::empty({B}, x.options().dtype(cd));
+  at::Tensor weights = at::empty(need_weights ? at::IntArrayRef{B, K} : at::IntArrayRef{0},
+                                 x.options().dtype(cd));
+  if (B == 0) return {den, logp, weights};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixture_posterior", [&] {
+    mixture_impl<scalar_t>(x, means, bases, eigvals, residual_var, log_weights, sigma,
+                           need_denoised, need_weights, den, logp, weights);
+  });
+  return {den, logp, weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
+  m.impl("mixture_posterior", &mixture_posterior_cpu);
+}
+
+}  // namespace gsa::cpu

@@ -1,0 +1,251 @@
+"""Benchmark workloads of gsa_kernels and `python -m gsa_kernels bench`.
+
+One definition of every workload (shapes from the CPU-kernel issue), shared by the
+pytest-benchmark files under benchmarks/ (CPU here; a GPU file can build the same workloads
+with device="cuda") and by the command-line table:
+
+  G1  gaussian_denoise     B=1024, D=3072, r=64
+  G2  gaussian_denoise     B=256,  D=3072, r=3072 (full PCA)
+  T1  gaussian_trajectory  T=18, B=256, D=3072, r=256
+  M1  mixture_denoise      B=512, D=3072, K=200, r=32
+  E1  empirical mixture    B=256, N=20000, D=3072, sigma = 0.5
+
+float32, per-sample sigma unless noted. Each workload is compared across implementations:
+a gsa_kernels backend, the eager reference (gsa_kernels/reference.py), torch.compile of the
+reference, and a roofline: max(FLOPs / measured GEMM peak, bytes / measured stream bandwidth),
+both measured on this machine by `machine_peaks()`. FLOPs count the essential GEMM work
+(e.g. 4 B D r for a spectral map), bytes the compulsory traffic (inputs, model, outputs once).
+
+For the mixtures, the reference's Python loop over component chunks would be unrolled by
+torch.compile (hundreds of chunks for E1), so "compiled" there compiles the reference's
+per-chunk function (reference._component_terms) and keeps its loop.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+from unittest import mock
+
+import torch
+
+import gsa_kernels as gk
+from gsa_kernels import reference
+
+WORKLOADS = ("G1", "G2", "T1", "M1", "E1")
+IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    flops: float  # essential floating-point operations
+    bytes: float  # compulsory memory traffic
+    op: Callable[[str], object]  # op(backend) runs the public op with that backend
+    compiled_reference: Callable[[], object]  # torch.compile of the reference
+    slow_reference: bool = False  # eager reference takes tens of seconds: time it once
+    peaks: Optional[dict] = None  # machine peaks measured next to this workload, if any
+
+    def roofline_seconds(self, peaks):
+        return max(self.flops / peaks["flops"], self.bytes / peaks["bandwidth"])
+
+    def runner(self, impl, backend="cpu"):
+        """A zero-argument callable timing one implementation."""
+        if impl == "reference":
+            return lambda: self.op("reference")
+        if impl == "compiled":
+            return self.compiled_reference
+        return lambda: self.op(backend if impl == "cpu" else impl)
+
+
+def _log_uniform(n, lo, hi, gen):
+    return torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=gen))
+
+
+def _orthonormal(*shape, gen):
+    """[..., D, r] with orthonormal columns."""
+    q, _ = torch.linalg.qr(torch.randn(*shape, generator=gen))
+    return q.contiguous()
+
+
+def _gaussian(D, r, gen, residual_var):
+    basis = _orthonormal(D, r, gen=gen)
+    eigvals = torch.logspace(1, -3, r)  # a decaying spectrum, as fitted to images
+    return gk.GaussianModel(torch.randn(D, generator=gen), basis, eigvals, residual_var)
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _compiled_mixture_reference(x, sigma, m):
+    chunk = _compiled(reference._component_terms)
+    args = (m.means, m.bases, m.eigvals, m.residual_var, m.log_weights)
+
+    def run():
+        with mock.patch.object(reference, "_component_terms", chunk):
+            return reference.mixture_posterior(x, sigma, *args)
+
+    return run
+
+
+def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
+    gen = torch.Generator().manual_seed(seed)
+    to = dict(device=device, dtype=dtype)
+    f = torch.finfo(dtype).bits // 8
+    if name in ("G1", "G2"):
+        B, D, r = (1024, 3072, 64) if name == "G1" else (256, 3072, 3072)
+        g = _gaussian(D, r, gen, 1e-3 if r < D else 0.0).to(device, dtype)
+        x = torch.randn(B, D, generator=gen).to(**to)
+        sigma = _log_uniform(B, 0.002, 80.0, gen).to(**to)
+        ref = _compiled(reference.gaussian_denoise)
+        return Workload(
+            name, f"gaussian_denoise B={B} D={D} r={r}", 4.0 * B * D * r, f * (2 * B * D + D * r + D),
+            lambda backend: gk.gaussian_denoise(x, sigma, g, backend=backend),
+            lambda: ref(x, sigma, g.mean, g.basis, g.eigvals, g.residual_var),
+        )
+    if name == "T1":
+        T, B, D, r = 18, 256, 3072, 256
+        g = _gaussian(D, r, gen, 1e-3).to(device, dtype)
+        x = torch.randn(B, D, generator=gen).to(**to) * 80
+        base = gk.schedules.karras(T - 1)[:-1]  # 80 .. 0.002, T - 1 values
+        sigmas = torch.cat([base, base.new_zeros(1)])[:, None] * (1 + 0.1 * torch.rand(1, B, generator=gen))
+        sigmas = sigmas.to(**to).contiguous()  # [T, B], per-sample
+        ref = _compiled(reference.gaussian_trajectory)
+        return Workload(
+            name, f"gaussian_trajectory T={T} B={B} D={D} r={r}", 2.0 * B * D * r * (T + 1),
+            f * (B * D + T * B * D + D * r),
+            lambda backend: gk.gaussian_trajectory(x, sigmas, g, backend=backend),
+            lambda: ref(x, sigmas, g.mean, g.basis, g.eigvals, g.residual_var),
+        )
+    if name == "M1":
+        B, D, K, r = 512, 3072, 200, 32
+        bases = _orthonormal(K, D, r, gen=gen)
+        eigvals = torch.logspace(1, -2, r).expand(K, r) * (0.5 + torch.rand(K, 1, generator=gen))
+        means = torch.randn(K, D, generator=gen) * 2
+        m = gk.GaussianMixture(means, bases, eigvals, 0.05, torch.randn(K, generator=gen)).to(device, dtype)
+        x = (means[torch.randint(0, K, (B,), generator=gen)] + torch.randn(B, D, generator=gen)).to(**to)
+        sigma = _log_uniform(B, 0.002, 80.0, gen).to(**to)
+        return Workload(
+            name, f"mixture_denoise B={B} D={D} K={K} r={r}", 4.0 * B * K * D * r + 4.0 * B * K * D,
+            f * (2 * B * D + K * D + K * D * r),
+            lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend),
+            _compiled_mixture_reference(x, sigma, m),
+            slow_reference=True,
+        )
+    if name == "E1":
+        B, N, D, s = 256, 20000, 3072, 0.5
+        points = torch.rand(N, D, generator=gen) * 2 - 1  # image-like values in [-1, 1]
+        m = gk.GaussianMixture.from_points(points).to(device, dtype)
+        x = (points[torch.randint(0, N, (B,), generator=gen)] + s * torch.randn(B, D, generator=gen)).to(**to)
+        sigma = torch.full((B,), s).to(**to)
+        return Workload(
+            name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={s}", 4.0 * B * N * D,
+            f * (2 * B * D + N * D),
+            lambda backend: gk.mixture_denoise(x, s, m, backend=backend),
+            _compiled_mixture_reference(x, sigma, m),
+            slow_reference=True,
+        )
+    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+
+
+def machine_peaks(device="cpu", dtype=torch.float32, repeats=5):
+    """Measured float32 GEMM peak (FLOP/s, a large square matmul) and stream bandwidth (bytes/s,
+    a large copy: read + write), best of `repeats`, with the current torch thread count.
+    On CPU the peak is the faster of torch.mm (MKL) and oneDNN (mkldnn::_linear_pointwise, which
+    the CPU kernels use): on AMD CPUs MKL takes its AVX2 path and oneDNN is ~2x faster."""
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm = best_time(lambda: a @ b, repeats, device)
+    onednn = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if torch.device(device).type == "cpu" and onednn is not None and torch.backends.mkldnn.is_available():
+        gemm = min(gemm, best_time(lambda: onednn(a, b, None, "none", [], ""), repeats, device))
+    src = torch.empty(64 * 2**20, device=device, dtype=dtype).normal_()  # 256 MB, beyond every cache
+    dst = torch.empty_like(src)
+    copy = best_time(lambda: dst.copy_(src), repeats, device)
+    return {"flops": 2.0 * n**3 / gemm, "bandwidth": 2.0 * src.numel() * src.element_size() / copy}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats, device="cpu"):
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def median_time(fn, repeats, device="cpu", warmup=True):
+    if warmup:  # and compilation
+        fn()
+        _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def format_table(rows, peaks):
+    """rows: [(workload, {impl: seconds})] -> the comparison table as text."""
+    lines = [
+        f"machine: GEMM peak {peaks['flops'] / 1e9:.1f} GFLOP/s, stream bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s "
+        f"(best seen), {torch.get_num_threads()} threads; each roofline uses the peaks measured next to its workload "
+        "(shared machines are noisy: read the ratios)",
+        f"{'workload':<5} {'cpu ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
+        f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  description",
+    ]
+    fmt = lambda v: f"{v * 1e3:.1f}" if v is not None else "-"
+    ratio = lambda a, b: f"{b / a:.2f}" if a and b else "-"
+    for w, t in rows:
+        cpu, ref, comp = t.get("cpu"), t.get("reference"), t.get("compiled")
+        roof = w.roofline_seconds(w.peaks or peaks)
+        pct = f"{100 * roof / cpu:.0f}%" if cpu else "-"
+        lines.append(
+            f"{w.name:<5} {fmt(cpu):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
+            f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {w.description}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m gsa_kernels bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    args = p.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    if args.backend not in gk.available_backends():
+        p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
+    rows, all_peaks = [], []
+    for name in [w for w in args.workloads.split(",") if w]:
+        w = build(name)
+        # peaks measured next to each workload: on a shared machine the load drifts over minutes
+        w.peaks = machine_peaks(repeats=3)
+        all_peaks.append(w.peaks)
+        times = {}
+        for impl in impls:
+            slow = impl in ("reference", "compiled") and w.slow_reference
+            # a slow eager reference is timed once, cold (it has nothing to warm up)
+            times[impl] = median_time(w.runner(impl, args.backend), 1 if slow else args.repeats,
+                                      warmup=not (slow and impl == "reference"))
+        rows.append((w, times))
+        print(f"{name} done", flush=True)
+    print(format_table(rows, max(all_peaks, key=lambda p: p["flops"])))
+    return 0
