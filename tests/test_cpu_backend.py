@@ -39,6 +39,12 @@ def make_gaussian(D, r, residual_var, seed=0):
     """A float32 GaussianModel (the tested values) with eigenvalues spread over 1e-3..10."""
     gen = torch.Generator().manual_seed(seed)
     basis = _orthonormal(D, r, gen).float()
+    if r == D:
+        # A full-rank basis rounded to float32 is orthonormal only to ~1e-7, and with no residual
+        # directions that defect is all the float64 reference sees at small sigma (amplified by
+        # 1/sigma^2). A signed permutation is exactly orthonormal in every dtype.
+        perm = torch.eye(D)[torch.randperm(D, generator=gen)]
+        basis = perm * (torch.randint(0, 2, (D,), generator=gen) * 2 - 1).float()
     eigvals = (10.0 ** (torch.rand(r, generator=gen) * 4 - 3)).float()
     mean = torch.randn(D, generator=gen).float()
     return gk.GaussianModel(mean, basis, eigvals, residual_var)
@@ -162,23 +168,21 @@ def test_many_rows_cross_blocks():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("which_r", ["0", "1", "full"])
-@pytest.mark.parametrize("start", ["finite", "inf"])
+@pytest.mark.parametrize("start", ["finite", "far"])
 def test_trajectory(start, which_r, dtype):
     D = 61
     g = make_gaussian(D, rank_of(D, which_r), residual_var=0.03)
     x = torch.randn(3, D).to(dtype)
     sig = gk.schedules.karras(6).float()  # [7], 80 .. 0.002, 0
     per_sample = torch.stack([sig, sig * 0.5 + 1e-3, sig * 1.5], 1)  # [T, B]
-    if start == "inf":  # the first row starts finite: mixed starts in one batch
-        sig[0] = math.inf
-        per_sample[0] = torch.tensor([math.inf, 40.0, math.inf])
+    if start == "far":  # mixed starts in one batch, two far out in the noise (sigmas[0] is finite)
+        sig[0] = 1e4
+        per_sample[0] = torch.tensor([1e4, 40.0, 1e4])
     for sigmas in (sig, per_sample):
         out = gk.gaussian_trajectory(x, sigmas, g.to(dtype=compute_dtype(dtype)), backend="cpu")
         assert out.shape == (sigmas.shape[0], 3, D) and out.dtype == dtype
         rows = sigmas if sigmas.dim() == 2 else sigmas[:, None].expand(-1, 3)
-        # step t is the flow from sigmas[0] to sigmas[t]; a state at sigma = inf is not finite
-        # (the reference gives inf there too), so an infinite start is checked from t = 1
-        for t in range(1 if start == "inf" else 0, rows.shape[0]):
+        for t in range(rows.shape[0]):  # step t is the flow from sigmas[0] to sigmas[t]
             check_gaussian("flow", x, g, rows[0].clone(), rows[t].clone(), out=out[t])
 
 
@@ -188,8 +192,11 @@ def test_trajectory(start, which_r, dtype):
 # denoised: |out - ref| / (|ref| + |x|), float32 1e-5 (GEMM sums over D), float16 / bfloat16 by
 # their output rounding. logp: relative to max(|logp|, 1) (logits ~ |x - mu|^2 / sigma^2 are
 # summed in double from float32 GEMM terms: ~1e-7 relative).
+# float64: the test bases are born float32 (orthonormal only to ~3e-8); the kernel forms
+# |P_perp y|^2 = |y|^2 - |c|^2 while the reference sums it directly, and the two differ by
+# c^T (U^T U - I) c / sigma^2: ~5e-8 at sigma = 0.002.
 MIX_TOL = {  # dtype: (denoised, weights TV, logp)
-    torch.float64: (1e-9, 1e-9, 1e-10),
+    torch.float64: (2e-7, 2e-7, 2e-7),
     torch.float32: (1e-5, 1e-5, 1e-5),
     torch.float16: (1.5e-3, 1e-5, 1e-5),
     torch.bfloat16: (1e-2, 1e-5, 1e-5),

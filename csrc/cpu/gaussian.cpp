@@ -46,6 +46,15 @@ void affine_rows(const T* y, const T* mu, const T* z, T* out, int64_t n, int64_t
   }
 }
 
+// The gain applied to c_j. With a full-rank basis (r == D) there is no residual subspace, and the
+// map is b mu + U diag(eigen_gain(lam_j)) c with a = 0 (set by the callers): a y and U diag(f) c
+// would otherwise both grow like |y| / sigma^2 at small sigma and cancel (see spectral.h).
+template <typename T>
+inline T coeff_gain(bool full_rank, int kind, T lam, T lp, T sa, T sb, T ka, T kb) {
+  return full_rank ? eigen_gain<T>(kind, lam, sa, sb, ka, kb)
+                   : spectral_f<T>(kind, lam, lp, sa, sb, ka, kb);
+}
+
 // U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; one copy per call).
 template <typename T>
 at::Tensor basis_rows(const at::Tensor& basis) {
@@ -69,6 +78,7 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   X* op = out.data_ptr<X>();
   const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
+  const bool full_rank = r == D;
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     at::Tensor ybuf = kDirect ? at::Tensor() : at::empty({BB, D}, options_for<T>());
@@ -80,6 +90,7 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i;
         rc[i] = row_coeffs<T>(kind, lp, sa[b], sb[b], ka[b], kb[b]);
+        if (full_rank) rc[i].a = T(0);
       }
       form_y(xp + b0 * D, mu, y, n, D, rc.data());
       at::Tensor z;
@@ -89,7 +100,7 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
           for (int64_t j = 0; j < r; ++j)
-            c[i * r + j] *= spectral_f<T>(kind, lam[j], lp, sa[b], sb[b], ka[b], kb[b]);
+            c[i * r + j] *= coeff_gain<T>(full_rank, kind, lam[j], lp, sa[b], sb[b], ka[b], kb[b]);
         }
         z = gemm_nt(cb, basis);
       }
@@ -139,6 +150,7 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   X* op = out.data_ptr<X>();
   const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
+  const bool full_rank = r == D;
   const T one(1);
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
@@ -161,8 +173,9 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
           rc[i] = row_coeffs<T>(kFlow, lp, sa[b], sb[b], one, one);
+          if (full_rank) rc[i].a = T(0);
           for (int64_t j = 0; j < r; ++j)
-            f[i * r + j] = c[i * r + j] * spectral_f<T>(kFlow, lam[j], lp, sa[b], sb[b], one, one);
+            f[i * r + j] = c[i * r + j] * coeff_gain<T>(full_rank, kFlow, lam[j], lp, sa[b], sb[b], one, one);
         }
         T* o = kDirect ? reinterpret_cast<T*>(op) + (t * B + b0) * D : obuf.data_ptr<T>();
         const at::Tensor z = r > 0 ? gemm_nt(fb, basis) : at::Tensor();
