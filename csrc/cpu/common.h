@@ -8,7 +8,9 @@
 #include <ATen/core/stack.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -67,6 +69,41 @@ at::Tensor transpose_last2(const at::Tensor& a) {
       }
     }
   });
+  return out;
+}
+
+// transpose_last2 of a model tensor (a basis), cached across calls. A model hands the kernels the
+// same basis tensor call after call, and transposing a full-PCA basis costs as much as the GEMMs
+// that use it. An entry is keyed by the tensor's identity and version counter (an in-place edit
+// misses); it holds a reference to its source, so that identity cannot be reused while cached.
+// Inference tensors have no version counter: they are transposed on every call.
+// a [R, C] or [n, R, C] -> the transpose of its last two dims, contiguous.
+template <typename T>
+at::Tensor cached_transpose_last2(const at::Tensor& a) {
+  auto transpose = [](const at::Tensor& t) {
+    return t.dim() == 2 ? transpose_last2<T>(t.unsqueeze(0)).squeeze(0) : transpose_last2<T>(t);
+  };
+  if (a.is_inference()) return transpose(a);
+  struct Entry {
+    at::Tensor src, out;
+    uint32_t version = 0;
+  };
+  static std::mutex mutex;
+  static std::array<Entry, 4> cache;
+  static size_t next = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (Entry& e : cache) {
+      if (e.src.defined() && e.src.use_count() == 1) e = Entry{};  // only we hold it: release
+      if (e.src.defined() && e.src.unsafeGetTensorImpl() == a.unsafeGetTensorImpl() &&
+          e.version == a._version() && e.src.data_ptr() == a.data_ptr())
+        return e.out;
+    }
+  }
+  at::Tensor out = transpose(a);
+  std::lock_guard<std::mutex> lock(mutex);
+  cache[next] = Entry{a, out, a._version()};
+  next = (next + 1) % cache.size();
   return out;
 }
 

@@ -55,10 +55,10 @@ inline T coeff_gain(bool full_rank, int kind, T lam, T lp, T sa, T sb, T ka, T k
                    : spectral_f<T>(kind, lam, lp, sa, sb, ka, kb);
 }
 
-// U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; one copy per call).
+// U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; cached per basis).
 template <typename T>
 at::Tensor basis_rows(const at::Tensor& basis) {
-  return transpose_last2<T>(basis.unsqueeze(0)).squeeze(0);
+  return cached_transpose_last2<T>(basis);
 }
 
 template <typename X>

@@ -127,7 +127,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   // block in each direction) and U_k^T mu_k.
   at::Tensor Ut, Umu;
   if (r > 0) {
-    Ut = transpose_last2<T>(bases).view({K * r, D});
+    Ut = cached_transpose_last2<T>(bases).view({K * r, D});
     Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
