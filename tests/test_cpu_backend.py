@@ -387,3 +387,16 @@ def test_torch_compile_fullgraph():
     x, s = torch.randn(3, 61), torch.tensor([0.1, 1.0, 10.0])
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x, s), f(x, s))
+
+
+def test_cached_transposed_basis_follows_in_place_edits():
+    """The CPU kernels cache U^T per basis tensor; an in-place edit of the basis must miss."""
+    D, r = 61, 6
+    g = make_gaussian(D, r, residual_var=0.05)
+    x = torch.randn(4, D)
+    before = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
+    with torch.no_grad():
+        g.basis.copy_(g.basis[:, torch.arange(r).roll(1)].clone())  # same span, eigvals now misassigned
+    after = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
+    assert not torch.allclose(before, after, atol=1e-4)
+    torch.testing.assert_close(after, gk.gaussian_denoise(x, 0.3, g, backend="reference"), rtol=1e-5, atol=1e-5)
