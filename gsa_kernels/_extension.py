@@ -12,7 +12,9 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
     error = f"{type(e).__name__}: {e}"
 
 if loaded:
-    from . import _fake  # noqa: F401  (fake / meta kernels for torch.compile and opcheck)
+    from . import _fake
+
+    _fake.register_compiled_ops()  # fake / meta kernels for torch.compile and opcheck
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

@@ -43,7 +43,9 @@ def test_sigma_forms_agree(name):
     assert torch.allclose(a, b) and torch.allclose(a, c)
     per = OPS[name](x, torch.tensor([0.1, 1.0, 10.0]))
     rows = torch.cat([OPS[name](x[i : i + 1], s) for i, s in enumerate([0.1, 1.0, 10.0])])
-    assert torch.allclose(per, rows, rtol=1e-5, atol=1e-6)
+    # batched vs row-by-row runs may block the float32 GEMMs differently: ~1e-7 relative in a
+    # denoiser, which a score divides by sigma^2 = 0.01
+    assert torch.allclose(per, rows, rtol=1e-4, atol=1e-4)
 
 
 def test_non_contiguous_input_is_handled():

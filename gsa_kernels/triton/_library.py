@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._fake import FAKES
 from . import _config, gaussian, mixture
 
 NAMESPACE = "gsa_kernels_triton"
@@ -35,36 +36,16 @@ def _mixture_posterior(x: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
     return mixture.mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
 
 
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _fake_gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
-    return torch.empty_like(x)
-
-
-def _fake_gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
-    return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
-
-
-def _fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
-    B, K = x.shape[0], means.shape[0]
-    cd = _compute_dtype(x)
-    denoised = x.new_empty((B, x.shape[1]) if need_denoised else (0,))
-    weights = x.new_empty((B, K) if need_weights else (0,), dtype=cd)
-    return denoised, x.new_empty((B,), dtype=cd), weights
-
-
 _OPS = (
-    ("gaussian_map", _gaussian_map, _fake_gaussian_map),
-    ("gaussian_trajectory", _gaussian_trajectory, _fake_gaussian_trajectory),
-    ("mixture_posterior", _mixture_posterior, _fake_mixture_posterior),
+    ("gaussian_map", _gaussian_map),
+    ("gaussian_trajectory", _gaussian_trajectory),
+    ("mixture_posterior", _mixture_posterior),
 )
 
-for _name, _impl, _fake in _OPS:
+for _name, _impl in _OPS:
     if _config.INTERPRET:
         _op = torch.library.custom_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
-        _op.register_fake(_fake)
+        _op.register_fake(FAKES[_name])
     else:
         torch.library.triton_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
 
