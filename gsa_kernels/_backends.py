@@ -43,25 +43,9 @@ class ReferenceBackend:
         return denoised, logp, weights
 
 
-class _TorchOpBackend:
-    """A backend whose kernels are gsa_kernels::<prefix><op> torch ops from the extension."""
+class CPUBackend:
+    """The C++ kernels: gsa_kernels::<op> torch ops, CPU dispatch key."""
 
-    prefix = ""
-
-    def _op(self, name):
-        return getattr(torch.ops.gsa_kernels, self.prefix + name)
-
-    def gaussian_map(self, *args):
-        return self._op("gaussian_map")(*args)
-
-    def gaussian_trajectory(self, *args):
-        return self._op("gaussian_trajectory")(*args)
-
-    def mixture_posterior(self, *args):
-        return self._op("mixture_posterior")(*args)
-
-
-class CPUBackend(_TorchOpBackend):
     name = "cpu"
 
     def status(self):
@@ -74,12 +58,21 @@ class CPUBackend(_TorchOpBackend):
     def accepts(self, device):
         return (device.type == "cpu", "the cpu backend takes CPU tensors")
 
+    def gaussian_map(self, *args):
+        return torch.ops.gsa_kernels.gaussian_map(*args)
+
+    def gaussian_trajectory(self, *args):
+        return torch.ops.gsa_kernels.gaussian_trajectory(*args)
+
+    def mixture_posterior(self, *args):
+        return torch.ops.gsa_kernels.mixture_posterior(*args)
+
 
 def cuda_emulation_requested():
     return os.environ.get("GSA_KERNELS_CUDA_EMULATE", "0") == "1"
 
 
-class CUDABackend(_TorchOpBackend):
+class CUDABackend:
     """CUDA kernels on CUDA tensors; with GSA_KERNELS_CUDA_EMULATE=1, the same kernel sources
     compiled for the host through the SIMT emulation, on CPU tensors (tests only)."""
 
@@ -109,11 +102,6 @@ class CUDABackend(_TorchOpBackend):
             return self._emulated(), "CPU tensors need GSA_KERNELS_CUDA_EMULATE=1 and the emulated kernels"
         return False, f"no CUDA kernels for {device.type} tensors"
 
-    def _op(self, name):
-        # the dispatcher cannot tell a CPU tensor meant for emulation from one for the C++ CPU
-        # kernels, so the emulated kernels are separate ops (cuda_emu_*), picked here by device
-        return getattr(torch.ops.gsa_kernels, name)
-
     def gaussian_map(self, x, *args):
         return self._pick(x, "gaussian_map")(x, *args)
 
@@ -124,7 +112,9 @@ class CUDABackend(_TorchOpBackend):
         return self._pick(x, "mixture_posterior")(x, *args)
 
     def _pick(self, x, name):
-        return self._op(("cuda_emu_" if x.device.type == "cpu" else "") + name)
+        # the dispatcher cannot tell a CPU tensor meant for emulation from one for the C++ CPU
+        # kernels, so the emulated kernels are separate ops (cuda_emu_*), picked here by device
+        return getattr(torch.ops.gsa_kernels, ("cuda_emu_" if x.device.type == "cpu" else "") + name)
 
 
 class TritonBackend:
