@@ -176,29 +176,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats, device="cpu"):
-    fn()
-    _sync(device)
+def _run_times(fn, repeats, device, warmup=True):
+    """Wall times of `repeats` calls of fn (after one untimed call: warm-up and compilation)."""
+    if warmup:
+        fn()
+        _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_time(fn, repeats, device="cpu"):
+    return min(_run_times(fn, repeats, device))
 
 
 def median_time(fn, repeats, device="cpu", warmup=True):
-    if warmup:  # and compilation
-        fn()
-        _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_run_times(fn, repeats, device, warmup))
 
 
 def format_table(rows, peaks):
