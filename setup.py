@@ -54,7 +54,7 @@ def _extensions():
     rel = lambda pats: sorted(os.path.relpath(p, HERE) for pat in pats for p in glob.glob(os.path.join(HERE, pat)))
     sources = rel(["csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/emu/*.cpp"])
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DGSA_KERNELS_BUILD"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-DGSA_KERNELS_BUILD"]  # no errno: sqrt vectorizes
     if os.environ.get("GSA_KERNELS_NATIVE", "0") == "1":
         cxx.append("-march=native")  # opt-in: wheels must run on other CPUs
     else:  # the build machine's vector ISA, so the CPU kernels vectorize (CI builds where it runs)

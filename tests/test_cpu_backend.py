@@ -400,3 +400,22 @@ def test_cached_transposed_basis_follows_in_place_edits():
     after = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
     assert not torch.allclose(before, after, atol=1e-4)
     torch.testing.assert_close(after, gk.gaussian_denoise(x, 0.3, g, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit", ["means", "bases"])
+def test_cached_component_panels_follow_in_place_edits(edit):
+    """The mixture kernel caches its component panels per (means, bases); an in-place edit of
+    either must miss, for both the forward (logits) and the backward (denoiser) panel."""
+    m = make_mixture(5, 61, 3, 0.1)
+    x = torch.randn(7, 61)
+    before = gk.mixture_denoise(x, 0.5, m, backend="cpu", return_weights=True)
+    with torch.no_grad():
+        if edit == "means":
+            m.means.copy_(m.means.roll(1, dims=0))
+        else:
+            m.bases.copy_(m.bases.roll(1, dims=0))
+    after = gk.mixture_denoise(x, 0.5, m, backend="cpu", return_weights=True)
+    ref = gk.mixture_denoise(x, 0.5, m, backend="reference", return_weights=True)
+    assert not torch.allclose(before[0], after[0], atol=1e-3)
+    for a, b in zip(after, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

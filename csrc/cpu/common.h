@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <array>
@@ -13,6 +14,11 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace gsa::cpu {
 
@@ -72,39 +78,99 @@ at::Tensor transpose_last2(const at::Tensor& a) {
   return out;
 }
 
-// transpose_last2 of a model tensor (a basis), cached across calls. A model hands the kernels the
-// same basis tensor call after call, and transposing a full-PCA basis costs as much as the GEMMs
-// that use it. An entry is keyed by the tensor's identity and version counter (an in-place edit
-// misses); it holds a reference to its source, so that identity cannot be reused while cached.
-// Inference tensors have no version counter: they are transposed on every call.
-// a [R, C] or [n, R, C] -> the transpose of its last two dims, contiguous.
-template <typename T>
-at::Tensor cached_transpose_last2(const at::Tensor& a) {
-  auto transpose = [](const at::Tensor& t) {
-    return t.dim() == 2 ? transpose_last2<T>(t.unsqueeze(0)).squeeze(0) : transpose_last2<T>(t);
-  };
-  if (a.is_inference()) return transpose(a);
+// A layout derived from model tensors (a transposed or repacked basis), cached across calls. A
+// model hands the kernels the same tensors call after call, and re-laying-out a full-PCA basis
+// costs as much as the GEMMs that use it. An entry is keyed by the sources' identities, data
+// pointers and version counters (an in-place edit misses) plus a tag naming the layout; it holds
+// references to its sources, so that no identity can be reused while cached, and is released
+// once the caller has dropped a source. Inference tensors have no version counter: their layout
+// is rebuilt on every call. make() -> the derived tensor.
+template <typename Make>
+at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, int64_t tag, Make make) {
+  for (const at::Tensor& t : sources)
+    if (t.is_inference()) return make();
   struct Entry {
-    at::Tensor src, out;
-    uint32_t version = 0;
+    std::vector<at::Tensor> src;
+    std::vector<uint32_t> version;
+    int64_t tag = 0;
+    at::Tensor out;
+    bool matches(std::initializer_list<at::Tensor> s, int64_t tg) const {
+      if (tg != tag || s.size() != src.size()) return false;
+      size_t i = 0;
+      for (const at::Tensor& t : s) {
+        const at::Tensor& e = src[i];
+        if (e.unsafeGetTensorImpl() != t.unsafeGetTensorImpl() || e.data_ptr() != t.data_ptr() ||
+            version[i] != t._version())
+          return false;
+        ++i;
+      }
+      return true;
+    }
   };
   static std::mutex mutex;
-  static std::array<Entry, 4> cache;
+  static std::array<Entry, 6> cache;
   static size_t next = 0;
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (Entry& e : cache) {
-      if (e.src.defined() && e.src.use_count() == 1) e = Entry{};  // only we hold it: release
-      if (e.src.defined() && e.src.unsafeGetTensorImpl() == a.unsafeGetTensorImpl() &&
-          e.version == a._version() && e.src.data_ptr() == a.data_ptr())
-        return e.out;
+      for (const at::Tensor& t : e.src)
+        if (t.use_count() == 1) {  // only we hold it: the model is gone, release the entry
+          e = Entry{};
+          break;
+        }
+      if (e.out.defined() && e.matches(sources, tag)) return e.out;
     }
   }
-  at::Tensor out = transpose(a);
+  at::Tensor out = make();
+  Entry entry{std::vector<at::Tensor>(sources), {}, tag, out};
+  for (const at::Tensor& t : sources) entry.version.push_back(t._version());
   std::lock_guard<std::mutex> lock(mutex);
-  cache[next] = Entry{a, out, a._version()};
+  cache[next] = std::move(entry);
   next = (next + 1) % cache.size();
   return out;
+}
+
+// transpose_last2 of a model tensor (a basis), cached: a [R, C] or [n, R, C] -> the transpose of
+// its last two dims, contiguous.
+template <typename T>
+at::Tensor cached_transpose_last2(const at::Tensor& a) {
+  return cached_layout({a}, /*tag=*/0, [&] {
+    return a.dim() == 2 ? transpose_last2<T>(a.unsqueeze(0)).squeeze(0) : transpose_last2<T>(a);
+  });
+}
+
+// at::empty for outputs, with large ones on transparent huge pages. glibc serves allocations
+// over 32 MiB with a fresh mmap each time, and the first write to every 4 KiB page then faults
+// into the kernel: for a 57 MB trajectory that is 14k faults, ~40 % of the op's time. With
+// MADV_HUGEPAGE the same memory arrives in 2 MiB pages (28 faults). Where the kernel does not
+// grant huge pages (THP "never"), this is a plain mmap. The storage stays resizable through the
+// default CPU allocator.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  constexpr size_t kMinBytes = size_t(32) << 20;  // below this glibc reuses freed heap memory
+  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (nbytes >= kMinBytes) {
+    const size_t mapped = (nbytes + 2 * kHuge - 1) / kHuge * kHuge;  // room to align to 2 MiB
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      auto* start = reinterpret_cast<char*>(
+          (reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge);
+      madvise(start, mapped - (start - static_cast<char*>(base)), MADV_HUGEPAGE);
+      struct Mapping { void* base; size_t bytes; };
+      auto* ctx = new Mapping{base, mapped};
+      c10::DataPtr ptr(start, ctx, [](void* c) {
+        auto* m = static_cast<Mapping*>(c);
+        munmap(m->base, m->bytes);
+        delete m;
+      }, at::Device(at::kCPU));
+      c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(ptr),
+                           c10::GetCPUAllocator(), /*resizable=*/true);
+      return at::empty({0}, options).set_(storage, 0, sizes);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
 }
 
 template <typename T>

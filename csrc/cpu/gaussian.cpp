@@ -46,13 +46,26 @@ void affine_rows(const T* y, const T* mu, const T* z, T* out, int64_t n, int64_t
   }
 }
 
-// The gain applied to c_j. With a full-rank basis (r == D) there is no residual subspace, and the
-// map is b mu + U diag(eigen_gain(lam_j)) c with a = 0 (set by the callers): a y and U diag(f) c
-// would otherwise both grow like |y| / sigma^2 at small sigma and cancel (see spectral.h).
+// f_j = c_j * gain_j for one row (j < r), with the op kind fixed at compile time so that the
+// loop vectorizes. With a full-rank basis (r == D) there is no residual subspace, and the map is
+// b mu + U diag(eigen_gain(lam_j)) c with a = 0 (set by the callers): a y and U diag(f) c would
+// otherwise both grow like |y| / sigma^2 at small sigma and cancel (see spectral.h).
+template <int Kind, typename T>
+void scale_coeffs_kind(const T* c, T* f, const T* lam, int64_t r, bool full_rank, T lp, T sa,
+                       T sb, T ka, T kb) {
+  if (full_rank) {
+    for (int64_t j = 0; j < r; ++j) f[j] = c[j] * eigen_gain<T>(Kind, lam[j], sa, sb, ka, kb);
+  } else {
+    for (int64_t j = 0; j < r; ++j) f[j] = c[j] * spectral_f<T>(Kind, lam[j], lp, sa, sb, ka, kb);
+  }
+}
+
 template <typename T>
-inline T coeff_gain(bool full_rank, int kind, T lam, T lp, T sa, T sb, T ka, T kb) {
-  return full_rank ? eigen_gain<T>(kind, lam, sa, sb, ka, kb)
-                   : spectral_f<T>(kind, lam, lp, sa, sb, ka, kb);
+void scale_coeffs(int kind, const T* c, T* f, const T* lam, int64_t r, bool full_rank, T lp, T sa,
+                  T sb, T ka, T kb) {
+  if (kind == kDenoise) scale_coeffs_kind<kDenoise>(c, f, lam, r, full_rank, lp, sa, sb, ka, kb);
+  else if (kind == kScore) scale_coeffs_kind<kScore>(c, f, lam, r, full_rank, lp, sa, sb, ka, kb);
+  else scale_coeffs_kind<kFlow>(c, f, lam, r, full_rank, lp, sa, sb, ka, kb);
 }
 
 // U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; cached per basis).
@@ -99,8 +112,7 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         T* c = cb.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
-          for (int64_t j = 0; j < r; ++j)
-            c[i * r + j] *= coeff_gain<T>(full_rank, kind, lam[j], lp, sa[b], sb[b], ka[b], kb[b]);
+          scale_coeffs<T>(kind, c + i * r, c + i * r, lam, r, full_rank, lp, sa[b], sb[b], ka[b], kb[b]);
         }
         z = gemm_nt(cb, basis);
       }
@@ -124,7 +136,7 @@ at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
                     ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_map", [&] {
     gaussian_map_impl<scalar_t>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to,
@@ -174,8 +186,7 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
           const int64_t b = b0 + i;
           rc[i] = row_coeffs<T>(kFlow, lp, sa[b], sb[b], one, one);
           if (full_rank) rc[i].a = T(0);
-          for (int64_t j = 0; j < r; ++j)
-            f[i * r + j] = c[i * r + j] * coeff_gain<T>(full_rank, kFlow, lam[j], lp, sa[b], sb[b], one, one);
+          if (r > 0) scale_coeffs_kind<kFlow>(c + i * r, f + i * r, lam, r, full_rank, lp, sa[b], sb[b], one, one);
         }
         T* o = kDirect ? reinterpret_cast<T*>(op) + (t * B + b0) * D : obuf.data_ptr<T>();
         const at::Tensor z = r > 0 ? gemm_nt(fb, basis) : at::Tensor();
@@ -197,7 +208,7 @@ at::Tensor gaussian_trajectory_cpu(const at::Tensor& x, const at::Tensor& mean,
   TORCH_CHECK_VALUE(sigmas.size(1) == x.size(0), op, ": sigmas must be [T, B] with B = ",
                     x.size(0), ", got ", sigmas.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
-  at::Tensor out = at::empty({sigmas.size(0), x.size(0), x.size(1)}, x.options());
+  at::Tensor out = empty_output({sigmas.size(0), x.size(0), x.size(1)}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_trajectory",
                                   [&] {

@@ -5,9 +5,11 @@
 // Parallel over row blocks; inside a row block the components stream in blocks with an online
 // softmax (running max m, sum l, and the unnormalised denoiser accumulator), so memory is
 // [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
-// returned). Per (row block, component block):
-//   S = X M^T          fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 S   (GEMM)
-//   C = X Ut^T - U^T mu  projections c_k = U_k^T (x - mu_k), Ut = [U_1^T; ..; U_K^T]  (GEMM, r > 0)
+// returned). Per (row block, component block k0 .. k0 + nk - 1), with the block's components in
+// one cached panel (component_panels):
+//   F = X [M; Ut]^T    x . mu_k and U_k^T x for every component of the block   (one GEMM)
+//                      fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k,
+//                      projections c_k = U_k^T x - U_k^T mu_k
 //   logits             component_logpdf (include/gsa/spectral.h) + log weight
 //   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, which is huge
 //                      next to sigma^2 at small sigma. When that error bound E (in logit units)
@@ -15,8 +17,10 @@
 //                      2 E + kCutoff of the running max gets |x - mu_k|^2 recomputed directly
 //                      from the differences in double. Skipped components have weight
 //                      < exp(-kCutoff) relative to the max, both exactly and as computed.
-//   accumulate         acc += P M + (P g c) Ut    (GEMMs; for r = 0 with few nonzero p, as at
-//                      small sigma, the few p_k mu_k rows are added directly instead)
+//   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
+//                      G_k = p_k g c_k  (one GEMM; for r = 0 the means are used in place, and
+//                      with few nonzero p, as at small sigma, the few p_k mu_k rows are added
+//                      directly instead)
 #include <torch/library.h>
 
 #include <cmath>
@@ -96,6 +100,46 @@ double log_det_low(const T* lam, int64_t r, double s2) {
   return total;
 }
 
+// The model's components in two GEMM-ready layouts, one [nk (r + 1)]-wide panel per component
+// block (components k0 .. k0 + nk - 1, panel at offset k0 (r + 1) D of a flat tensor):
+//   forward  [nk (r + 1), D] rows: mu_k0 .. mu_k0+nk-1, then U_k0^T .. U_k0+nk-1^T  (x W^T gives
+//            x . mu_k and U_k^T x in one GEMM)
+//   backward [D, nk (r + 1)]: the same columns transposed (Q W^T with Q = [P | G] gives
+//            sum_k p_k mu_k + U_k g_k in one GEMM)
+// Both have contiguous rows, which is what the oneDNN GEMM wants; they are cached per model.
+template <typename T>
+at::Tensor component_panels(const at::Tensor& means, const at::Tensor& bases, int64_t KB,
+                            bool backward) {
+  const int64_t K = means.size(0), D = means.size(1), r = bases.size(2), W = r + 1;
+  at::Tensor out = at::empty({K * W * D}, means.options());
+  const T* mu = means.data_ptr<T>();
+  const T* U = bases.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t num_kb = (K + KB - 1) / KB;
+  at::parallel_for(0, num_kb, 1, [&](int64_t kb0, int64_t kb1) {
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int64_t k0 = kb * KB, nk = std::min(KB, K - k0), cols = nk * W;
+      T* panel = o + k0 * W * D;
+      for (int64_t k = 0; k < nk; ++k) {
+        const T* m = mu + (k0 + k) * D;
+        const T* u = U + (k0 + k) * D * r;  // [D, r]
+        if (backward) {
+          for (int64_t d = 0; d < D; ++d) {
+            panel[d * cols + k] = m[d];
+            for (int64_t j = 0; j < r; ++j) panel[d * cols + nk + k * r + j] = u[d * r + j];
+          }
+        } else {
+          std::copy(m, m + D, panel + k * D);
+          T* rows = panel + (nk + k * r) * D;
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = 0; j < r; ++j) rows[j * D + d] = u[d * r + j];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 template <typename X>
 void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
                   const at::Tensor& eigvals, const at::Tensor& residual_var,
@@ -123,11 +167,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
   }
-  // Ut = [U_1^T; ..; U_K^T] as one [K r, D] matrix with contiguous rows (one GEMM per component
-  // block in each direction) and U_k^T mu_k.
-  at::Tensor Ut, Umu;
+  // Component blocks of KB (balanced: the last block is not a sliver), each one GEMM per direction
+  // against its panel (component_panels: W = r + 1 columns per component); and U_k^T mu_k.
+  const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
+  const int64_t num_kb = (K + KB_max - 1) / KB_max;
+  const int64_t KB = (K + num_kb - 1) / num_kb;
+  const int64_t W = r + 1;
+  at::Tensor fwd, bwd, Umu;
   if (r > 0) {
-    Ut = cached_transpose_last2<T>(bases).view({K * r, D});
+    fwd = cached_layout({means, bases}, 2 * KB, [&] { return component_panels<T>(means, bases, KB, false); });
+    if (need_denoised)
+      bwd = cached_layout({means, bases}, 2 * KB + 1, [&] { return component_panels<T>(means, bases, KB, true); });
     Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
@@ -137,15 +187,15 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 128);
-  const int64_t KB = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
-  const int64_t num_kb = (K + KB - 1) / KB;
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
     at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
-    at::Tensor Pbuf = at::empty({BB, KB}, opts), Gbuf = at::empty({BB, KB * r}, opts);
+    // Q = [P | G] per block: P_k = p_k (1 - h_perp) multiplies mu_k, G_k = p_k g c_k multiplies U_k
+    at::Tensor Qbuf = at::empty({BB * KB * W}, opts);
     std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
+    std::vector<T> rescale(BB);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
@@ -174,20 +224,15 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
-        const at::Tensor S = gemm_nt(Xb, Mk);
-        at::Tensor C, Uk;
-        if (r > 0) {
-          Uk = Ut.narrow(0, k0 * r, nk * r);
-          C = gemm_nt(Xb, Uk);
-        }
-        const T* Sp = S.data_ptr<T>();
-        const int64_t lds = S.stride(0), ldc = r > 0 ? C.stride(0) : 0;
-        T* Cp = r > 0 ? C.data_ptr<T>() : nullptr;
-        at::Tensor P = Pbuf.narrow(0, 0, n).narrow(1, 0, nk);
-        at::Tensor G = Gbuf.narrow(0, 0, n).narrow(1, 0, nk * r);
-        T* Pp = P.data_ptr<T>();
-        T* Gp = r > 0 ? G.data_ptr<T>() : nullptr;
-        const int64_t ldp = P.stride(0), ldg = r > 0 ? G.stride(0) : 0;
+        // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
+        const at::Tensor F = gemm_nt(Xb, r > 0 ? fwd.narrow(0, k0 * W * D, nk * W * D).view({nk * W, D}) : Mk);
+        const T* Sp = F.data_ptr<T>();
+        const int64_t lds = F.stride(0), ldc = lds;
+        T* Cp = r > 0 ? F.data_ptr<T>() + nk : nullptr;  // c_k of row i at Cp + i ldc + k r
+        const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
+        T* Pp = Q.data_ptr<T>();
+        T* Gp = r > 0 ? Pp + nk : nullptr;
+        const int64_t ldp = nk * W, ldg = ldp;
         int64_t nonzero_p = 0;
 
         for (int64_t i = 0; i < n; ++i) {
@@ -257,15 +302,27 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           l[i] = l[i] * scale + lsum;
           hx[i] = hx[i] * scale + hsum;
           if (need_weights) m_block[i * num_kb + kb] = m_new;
-          if (need_denoised && scale != 1.0) {
-            T* a = accb.data_ptr<T>() + i * D;
-            const T sc = static_cast<T>(scale);
-            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
-          }
+          rescale[i] = static_cast<T>(scale);
           m[i] = m_new;
         }
-        if (need_denoised && nonzero_p > 0) {
-          if (r == 0 && nonzero_p * kSparseRatio < n * nk) {
+        if (!need_denoised) continue;
+        // acc = acc * rescale (+ z)
+        const bool gemm_back = r > 0 && nonzero_p > 0;
+        const at::Tensor z = gemm_back ? gemm_nt(Q, bwd.narrow(0, k0 * W * D, nk * W * D).view({D, nk * W}))
+                                       : at::Tensor();
+        for (int64_t i = 0; i < n; ++i) {
+          T* a = accb.data_ptr<T>() + i * D;
+          const T sc = rescale[i];
+          if (gemm_back) {
+            const T* zi = z.data_ptr<T>() + i * D;
+            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
+          } else if (sc != T(1)) {
+            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+          }
+        }
+        if (r == 0 && nonzero_p > 0) {
+          const at::Tensor P = Q.narrow(1, 0, nk);
+          if (nonzero_p * kSparseRatio < n * nk) {
             // small sigma: the weights are (numerically) sparse; add the few p mu_k directly
             T* a = accb.data_ptr<T>();
             for (int64_t i = 0; i < n; ++i)
@@ -278,7 +335,6 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               }
           } else {
             accb.addmm_(P, Mk);
-            if (r > 0) accb.addmm_(G, Uk);
           }
         }
       }
