@@ -419,3 +419,27 @@ def test_cached_component_panels_follow_in_place_edits(edit):
     assert not torch.allclose(before[0], after[0], atol=1e-3)
     for a, b in zip(after, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_large_outputs_reuse_freed_buffers_safely():
+    """Outputs >= 32 MiB come from huge-page buffers that are reused once freed: the values stay
+    right, a live output is never handed out again, and the result behaves as a normal tensor."""
+    D, B, T = 8192, 256, 5  # 40 MiB of float32 trajectory
+    g = make_gaussian(D, 4, residual_var=0.05)
+    x = torch.randn(B, D) * 3
+    sigmas = torch.tensor([3.0, 1.0, 0.3, 0.1, 0.03])[:, None].expand(T, B).contiguous()
+    ref = gk.gaussian_trajectory(x.double(), sigmas.double(), g.to("cpu", torch.float64), backend="reference")
+
+    first = gk.gaussian_trajectory(x, sigmas, g, backend="cpu")
+    ptr = first.data_ptr()
+    torch.testing.assert_close(first.double(), ref, rtol=1e-4, atol=1e-4)
+    first.fill_(float("nan"))  # stale contents must be overwritten on reuse
+    del first
+    second = gk.gaussian_trajectory(x, sigmas, g, backend="cpu")
+    assert second.data_ptr() == ptr  # the freed buffer was reused
+    third = gk.gaussian_trajectory(x, sigmas, g, backend="cpu")
+    assert third.data_ptr() != second.data_ptr()  # a live one never is
+    for out in (second, third):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    second.resize_(T + 1, B, D)  # storage grows through the default allocator
+    torch.testing.assert_close(second[:T].double(), ref, rtol=1e-4, atol=1e-4)

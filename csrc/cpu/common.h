@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
-#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <array>
@@ -16,9 +15,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace gsa::cpu {
 
@@ -139,39 +135,9 @@ at::Tensor cached_transpose_last2(const at::Tensor& a) {
   });
 }
 
-// at::empty for outputs, with large ones on transparent huge pages. glibc serves allocations
-// over 32 MiB with a fresh mmap each time, and the first write to every 4 KiB page then faults
-// into the kernel: for a 57 MB trajectory that is 14k faults, ~40 % of the op's time. With
-// MADV_HUGEPAGE the same memory arrives in 2 MiB pages (28 faults). Where the kernel does not
-// grant huge pages (THP "never"), this is a plain mmap. The storage stays resizable through the
-// default CPU allocator.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  constexpr size_t kMinBytes = size_t(32) << 20;  // below this glibc reuses freed heap memory
-  const size_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (nbytes >= kMinBytes) {
-    const size_t mapped = (nbytes + 2 * kHuge - 1) / kHuge * kHuge;  // room to align to 2 MiB
-    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      auto* start = reinterpret_cast<char*>(
-          (reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge);
-      madvise(start, mapped - (start - static_cast<char*>(base)), MADV_HUGEPAGE);
-      struct Mapping { void* base; size_t bytes; };
-      auto* ctx = new Mapping{base, mapped};
-      c10::DataPtr ptr(start, ctx, [](void* c) {
-        auto* m = static_cast<Mapping*>(c);
-        munmap(m->base, m->bytes);
-        delete m;
-      }, at::Device(at::kCPU));
-      c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(ptr),
-                           c10::GetCPUAllocator(), /*resizable=*/true);
-      return at::empty({0}, options).set_(storage, 0, sizes);
-    }
-  }
-#endif
-  return at::empty(sizes, options);
-}
+// at::empty for the kernels' outputs; large ones come from output_memory.cpp (huge pages, and a
+// small cache of recently freed buffers). The contents are uninitialised, as with at::empty.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 template <typename T>
 at::TensorOptions options_for() {

@@ -157,11 +157,16 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // Per-component constants.
-  std::vector<double> mu_sq(K);
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+  // Per-component constants, cached with the model (tags < 0; the panels use 2 KB and 2 KB + 1).
+  const at::Tensor mu_sq_t = cached_layout({means}, -1, [&] {
+    at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
+    });
+    return out;
   });
+  const double* mu_sq = mu_sq_t.data_ptr<double>();
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
   for (int64_t k = 0; k < K; ++k) {
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
@@ -178,7 +183,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     fwd = cached_layout({means, bases}, 2 * KB, [&] { return component_panels<T>(means, bases, KB, false); });
     if (need_denoised)
       bwd = cached_layout({means, bases}, 2 * KB + 1, [&] { return component_panels<T>(means, bases, KB, true); });
-    Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
+    Umu = cached_layout({means, bases}, -2, [&] { return at::bmm(means.unsqueeze(1), bases).view({K, r}); });
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
   // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
@@ -186,7 +191,8 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const double eps = std::numeric_limits<T>::epsilon();
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 128);
+  // tall row blocks: each block streams every component panel (twice) from memory
+  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
