@@ -443,3 +443,15 @@ def test_large_outputs_reuse_freed_buffers_safely():
         torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
     second.resize_(T + 1, B, D)  # storage grows through the default allocator
     torch.testing.assert_close(second[:T].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_mean_projection_follows_in_place_edits():
+    """Denoising caches U^T mu per (basis, mean); an in-place edit of the mean must miss."""
+    g = make_gaussian(61, 6, residual_var=0.05)
+    x = torch.randn(4, 61)
+    before = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
+    with torch.no_grad():
+        g.mean.add_(1.0)
+    after = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
+    assert not torch.allclose(before, after, atol=1e-2)
+    torch.testing.assert_close(after, gk.gaussian_denoise(x, 0.3, g, backend="reference"), rtol=1e-5, atol=1e-5)

@@ -5,6 +5,8 @@
 //            c_j *= f_j(row)                 (spectral function, per row and eigenvalue)
 //   GEMM 2   z = c U^T                       ([rows, D], gemm_nt against U)
 //   pass 2   out = a y + b mu + z            (in place over y; out written once)
+// Denoising skips pass 1: its gains lie in [-1, 1], so GEMM 1 may read x and subtract U^T mu
+// (cached) from c, and pass 2 computes a x + (b - a) mu + z.
 // Row blocks run in parallel (at::parallel_for); the GEMMs run single-threaded inside a block.
 // fp16/bf16 x is computed in float32 and converted on the way in and out.
 #include <torch/library.h>
@@ -92,6 +94,12 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const bool full_rank = r == D;
+  // Denoising has gains f_j in [-1, 1], so c = U^T x - U^T mu (the expansion) rounds to errors
+  // below the mean's term: the first GEMM then reads x itself and y is never stored. (Score and
+  // flow gains reach 1/sigma^2 and sigma_to/sigma_from: they form y = p x - q mu first.)
+  const bool expand = kDirect && kind == kDenoise && r > 0;
+  const at::Tensor umu = expand ? cached_layout({basis, mean}, 1, [&] { return at::mv(basis_t, mean); })
+                                : at::Tensor();
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     at::Tensor ybuf = kDirect ? at::Tensor() : at::empty({BB, D}, options_for<T>());
@@ -105,18 +113,24 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         rc[i] = row_coeffs<T>(kind, lp, sa[b], sb[b], ka[b], kb[b]);
         if (full_rank) rc[i].a = T(0);
       }
-      form_y(xp + b0 * D, mu, y, n, D, rc.data());
+      if (!expand) form_y(xp + b0 * D, mu, y, n, D, rc.data());
       at::Tensor z;
       if (r > 0) {
-        at::Tensor cb = gemm_nt(yb, basis_t);
+        at::Tensor cb = gemm_nt(expand ? x.narrow(0, b0, n) : yb, basis_t);
         T* c = cb.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
+          if (expand) {  // c = U^T x - U^T mu; out = a x + (b - a) mu + U f c
+            const T* um = umu.data_ptr<T>();
+            for (int64_t j = 0; j < r; ++j) c[i * r + j] -= um[j];
+            rc[i].b -= rc[i].a;
+          }
           scale_coeffs<T>(kind, c + i * r, c + i * r, lam, r, full_rank, lp, sa[b], sb[b], ka[b], kb[b]);
         }
         z = gemm_nt(cb, basis);
       }
-      affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
+      const T* src = expand ? reinterpret_cast<const T*>(xp) + b0 * D : y;
+      affine_rows(src, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
       if constexpr (!kDirect) {
         for (int64_t i = 0; i < n; ++i) convert_row(op + (b0 + i) * D, y + i * D, D);
       }
