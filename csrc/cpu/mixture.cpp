@@ -41,6 +41,9 @@ namespace {
 constexpr double kLogitTol = 1e-4;  // fast logits this exact (bound) need no refinement
 constexpr double kCutoff = 30.0;    // exp(-30) ~ 1e-13: weight of a component never refined
 constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: axpy instead of GEMM
+constexpr double kNegligible = 50.0;  // exp(-50) ~ 2e-22: below the running max by more, a
+                                      // component's weight is dropped (K <= 1e6 moves l, the
+                                      // weight sum >= 1, by < 2e-16 relative: double rounding)
 constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
 
 // |a - b|^2 summed in double from the exact differences (a, b float32-representable).
@@ -168,10 +171,13 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   });
   const double* mu_sq = mu_sq_t.data_ptr<double>();
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
+  bool equal_lp = true;  // with r = 0 (the delta mixture): the log-density's log is per row
   for (int64_t k = 0; k < K; ++k) {
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
+    equal_lp = equal_lp && lpv[k] == lpv[0];
   }
+  const bool isotropic_equal = r == 0 && equal_lp;
   // Component blocks of KB (balanced: the last block is not a sliver), each one GEMM per direction
   // against its panel (component_panels: W = r + 1 columns per component); and U_k^T mu_k.
   const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
@@ -244,8 +250,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         for (int64_t i = 0; i < n; ++i) {
           const double s2 = s2v[i];
           double* L = logit.data() + i * KB;
+          const double vp0 = static_cast<double>(lpv[0]) + s2;
+          const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
+          const double iso_scale = 0.5 / vp0;
           // fast logits
-          for (int64_t k = 0; k < nk; ++k) {
+          if (isotropic_equal) {
+            for (int64_t k = 0; k < nk; ++k) {
+              const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+              L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
+            }
+          }
+          for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
             const int64_t kk = k0 + k;
             const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
             double cc = 0, cc_w = 0, ld = 0;
@@ -272,6 +287,10 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               if (L[k] < keep) continue;
               const int64_t kk = k0 + k;
               const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
+              if (isotropic_equal) {
+                L[k] = logw[kk] + iso_norm - iso_scale * sq;
+                continue;
+              }
               double cc = 0, cc_w = 0;
               const T* c = Cp ? Cp + i * ldc + k * r : nullptr;
               for (int64_t j = 0; j < r; ++j) {
@@ -286,11 +305,13 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           double m_new = m[i];
           for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
           const double scale = merge_scale(m[i], m_new);
+          const double hp0 = static_cast<double>(lpv[0]) / vp0;
           double lsum = 0, hsum = 0;
           for (int64_t k = 0; k < nk; ++k) {
             const int64_t kk = k0 + k;
-            const double p = L[k] == -std::numeric_limits<double>::infinity() ? 0.0 : std::exp(L[k] - m_new);
-            const double hp = static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
+            const double d = L[k] - m_new;
+            const double p = d > -kNegligible ? std::exp(d) : 0.0;
+            const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
             lsum += p;
             hsum += p * hp;
             Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));

@@ -102,6 +102,14 @@ GSA_HD T component_logpdf(T sq, T cc_w, T cc, T logdet_low, T lp, T s2, long D, 
   return T(-0.5) * (cc_w + resid / vp + logdet_low + T(D - r) * log(vp) + T(D) * kLog2Pi);
 }
 
+// component_logpdf of an isotropic component (r = 0) split into a per-row part and a
+// per-component part, so that kernels take the log once per row when every lp is equal:
+//   component_logpdf(sq, 0, 0, 0, lp, s2, D, 0) = isotropic_log_norm(lp + s2, D) - 0.5 sq / (lp + s2)
+template <typename T>
+GSA_HD T isotropic_log_norm(T vp, long D) {
+  return T(-0.5) * T(D) * (log(vp) + T(1.8378770664093454835606594728112));
+}
+
 // Mixture per-component denoiser factors: D_k = mu_k + h_perp (x - mu_k) + U diag(g_j) c,
 // h_perp = lp / (lp + s^2), g_j = lam_j/(lam_j + s^2) - h_perp. (Same as the kDenoise map.)
 
