@@ -10,17 +10,18 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
-
 namespace gsa::cpu {
 
 // Row-block size for x [B, D] against a basis of r columns. A block of y rows ([rows, D] in the
-// compute dtype) should stay in the (2 MiB) L2 cache between the two GEMMs that read it, yet be
-// tall enough for the GEMMs (oneDNN runs ~2x faster at 128 rows than at 40). When the basis
+// compute dtype) should stay near the core (L2, else the shared L3) between the two GEMMs that
+// read it, yet be tall enough for the GEMMs (oneDNN runs ~1.5x faster at 128 rows than at 32;
+// 128 to 512 rows measured alike for G1 on this machine's 1 MiB L2). When the basis
 // itself is far larger than L2 (full PCA), each block streams it from memory twice, so blocks
 // grow to one per thread: then the GEMMs are tall enough to be compute-bound.
 inline int64_t row_block(int64_t B, int64_t D, int64_t r, int64_t elem_size) {
