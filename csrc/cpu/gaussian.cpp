@@ -5,8 +5,7 @@
 //            c_j *= f_j(row)                 (spectral function, per row and eigenvalue)
 //   GEMM 2   z = c U^T                       ([rows, D], gemm_nt against U)
 //   pass 2   out = a y + b mu + z            (in place over y; out written once)
-// Denoising skips pass 1: its gains lie in [-1, 1], so GEMM 1 may read x and subtract U^T mu
-// (cached) from c, and pass 2 computes a x + (b - a) mu + z.
+// Denoising in float32/float64 takes a shorter route (denoise_expanded): no y, whole-batch GEMMs.
 // Row blocks run in parallel (at::parallel_for); the GEMMs run single-threaded inside a block.
 // fp16/bf16 x is computed in float32 and converted on the way in and out.
 #include <torch/library.h>
@@ -76,6 +75,44 @@ at::Tensor basis_rows(const at::Tensor& basis) {
   return cached_transpose_last2<T>(basis);
 }
 
+// Denoising, float32/float64, r > 0. Its gains lie in [-1, 1], so c = U^T x - U^T mu (the
+// expansion) rounds to errors below the mean's term, and x feeds the first GEMM directly: no y.
+// Both GEMMs run over the whole batch (oneDNN threads them; one call each instead of one per
+// row block), and the second GEMM's result becomes the output, finished in place:
+//   out = a x + (1 - a) mu + U f c.
+template <typename T>
+at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
+                            const at::Tensor& eigvals, T lp, const at::Tensor& sigma) {
+  const int64_t B = x.size(0), D = x.size(1), r = basis.size(1);
+  const bool full_rank = r == D;
+  const at::Tensor basis_t = basis_rows<T>(basis);
+  const at::Tensor umu = cached_layout({basis, mean}, 1, [&] { return at::mv(basis_t, mean); });
+  at::Tensor c = gemm_nt(x, basis_t);  // [B, r]
+  const T *x_p = x.data_ptr<T>(), *mu = mean.data_ptr<T>(), *lam = eigvals.data_ptr<T>();
+  const T *sig = sigma.data_ptr<T>(), *um = umu.data_ptr<T>();
+  T* cp = c.data_ptr<T>();
+  std::vector<T> a(B);
+  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* cb = cp + b * r;
+      for (int64_t j = 0; j < r; ++j) cb[j] -= um[j];
+      a[b] = full_rank ? T(0) : row_coeffs<T>(kDenoise, lp, sig[b], T(0), T(1), T(1)).a;
+      scale_coeffs_kind<kDenoise>(cb, cb, lam, r, full_rank, lp, sig[b], T(0), T(1), T(1));
+    }
+  });
+  at::Tensor out = gemm_nt(c, basis);  // U f c, [B, D]
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T ab = a[b], mb = T(1) - a[b];
+      const T* xb = x_p + b * D;
+      T* ob = op + b * D;
+      for (int64_t d = 0; d < D; ++d) ob[d] += ab * xb[d] + mb * mu[d];
+    }
+  });
+  return out;
+}
+
 template <typename X>
 void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                        const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
@@ -94,12 +131,6 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const bool full_rank = r == D;
-  // Denoising has gains f_j in [-1, 1], so c = U^T x - U^T mu (the expansion) rounds to errors
-  // below the mean's term: the first GEMM then reads x itself and y is never stored. (Score and
-  // flow gains reach 1/sigma^2 and sigma_to/sigma_from: they form y = p x - q mu first.)
-  const bool expand = kDirect && kind == kDenoise && r > 0;
-  const at::Tensor umu = expand ? cached_layout({basis, mean}, 1, [&] { return at::mv(basis_t, mean); })
-                                : at::Tensor();
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     at::Tensor ybuf = kDirect ? at::Tensor() : at::empty({BB, D}, options_for<T>());
@@ -113,24 +144,18 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         rc[i] = row_coeffs<T>(kind, lp, sa[b], sb[b], ka[b], kb[b]);
         if (full_rank) rc[i].a = T(0);
       }
-      if (!expand) form_y(xp + b0 * D, mu, y, n, D, rc.data());
+      form_y(xp + b0 * D, mu, y, n, D, rc.data());
       at::Tensor z;
       if (r > 0) {
-        at::Tensor cb = gemm_nt(expand ? x.narrow(0, b0, n) : yb, basis_t);
+        at::Tensor cb = gemm_nt(yb, basis_t);
         T* c = cb.data_ptr<T>();
         for (int64_t i = 0; i < n; ++i) {
           const int64_t b = b0 + i;
-          if (expand) {  // c = U^T x - U^T mu; out = a x + (b - a) mu + U f c
-            const T* um = umu.data_ptr<T>();
-            for (int64_t j = 0; j < r; ++j) c[i * r + j] -= um[j];
-            rc[i].b -= rc[i].a;
-          }
           scale_coeffs<T>(kind, c + i * r, c + i * r, lam, r, full_rank, lp, sa[b], sb[b], ka[b], kb[b]);
         }
         z = gemm_nt(cb, basis);
       }
-      const T* src = expand ? reinterpret_cast<const T*>(xp) + b0 * D : y;
-      affine_rows(src, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
+      affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
       if constexpr (!kDirect) {
         for (int64_t i = 0; i < n; ++i) convert_row(op + (b0 + i) * D, y + i * D, D);
       }
@@ -150,6 +175,12 @@ at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
                     ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  if (kind == kDenoise && basis.size(1) > 0 && x.numel() > 0) {  // no y pass: see denoise_expanded
+    if (x.scalar_type() == at::kFloat)
+      return denoise_expanded<float>(x, mean, basis, eigvals, static_cast<float>(residual_var), sigma_from);
+    if (x.scalar_type() == at::kDouble)
+      return denoise_expanded<double>(x, mean, basis, eigvals, residual_var, sigma_from);
+  }
   at::Tensor out = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_map", [&] {
