@@ -75,24 +75,30 @@ at::Tensor transpose_last2(const at::Tensor& a) {
   return out;
 }
 
-// A layout derived from model tensors (a transposed or repacked basis), cached across calls. A
-// model hands the kernels the same tensors call after call, and re-laying-out a full-PCA basis
-// costs as much as the GEMMs that use it. An entry is keyed by the sources' identities, data
-// pointers and version counters (an in-place edit misses) plus a tag naming the layout; it holds
-// references to its sources, so that no identity can be reused while cached, and is released
-// once the caller has dropped a source. Inference tensors have no version counter: their layout
-// is rebuilt on every call. make() -> the derived tensor.
+// What a cached layout holds (with `param`, e.g. a block size, when a kind has variants).
+enum class Layout { kBasisRows, kMeanProjection, kSquaredNorms, kComponentMeanProjections,
+                    kForwardPanels, kBackwardPanels };
+
+// A layout derived from model tensors (a transposed or repacked basis, per-model constants),
+// cached across calls. A model hands the kernels the same tensors call after call, and
+// re-laying-out a full-PCA basis costs as much as the GEMMs that use it. An entry is keyed by the
+// sources' identities, data pointers and version counters (an in-place edit misses) plus its
+// kind and param; it holds references to its sources, so that no identity can be reused while
+// cached, and is released once the caller has dropped a source. Inference tensors have no
+// version counter: their layout is rebuilt on every call. make() -> the derived tensor.
 template <typename Make>
-at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, int64_t tag, Make make) {
+at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, Layout kind, int64_t param,
+                         Make make) {
   for (const at::Tensor& t : sources)
     if (t.is_inference()) return make();
   struct Entry {
     std::vector<at::Tensor> src;
     std::vector<uint32_t> version;
-    int64_t tag = 0;
+    Layout kind = Layout::kBasisRows;
+    int64_t param = 0;
     at::Tensor out;
-    bool matches(std::initializer_list<at::Tensor> s, int64_t tg) const {
-      if (tg != tag || s.size() != src.size()) return false;
+    bool matches(std::initializer_list<at::Tensor> s, Layout k, int64_t p) const {
+      if (k != kind || p != param || s.size() != src.size()) return false;
       size_t i = 0;
       for (const at::Tensor& t : s) {
         const at::Tensor& e = src[i];
@@ -115,11 +121,11 @@ at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, int64_t tag,
           e = Entry{};
           break;
         }
-      if (e.out.defined() && e.matches(sources, tag)) return e.out;
+      if (e.out.defined() && e.matches(sources, kind, param)) return e.out;
     }
   }
   at::Tensor out = make();
-  Entry entry{std::vector<at::Tensor>(sources), {}, tag, out};
+  Entry entry{std::vector<at::Tensor>(sources), {}, kind, param, out};
   for (const at::Tensor& t : sources) entry.version.push_back(t._version());
   std::lock_guard<std::mutex> lock(mutex);
   cache[next] = std::move(entry);
@@ -127,13 +133,11 @@ at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, int64_t tag,
   return out;
 }
 
-// transpose_last2 of a model tensor (a basis), cached: a [R, C] or [n, R, C] -> the transpose of
-// its last two dims, contiguous.
+// U^T with contiguous rows ([r, D]) of a basis U [D, r], cached: what gemm_nt wants for x U.
 template <typename T>
-at::Tensor cached_transpose_last2(const at::Tensor& a) {
-  return cached_layout({a}, /*tag=*/0, [&] {
-    return a.dim() == 2 ? transpose_last2<T>(a.unsqueeze(0)).squeeze(0) : transpose_last2<T>(a);
-  });
+at::Tensor basis_rows(const at::Tensor& basis) {
+  return cached_layout({basis}, Layout::kBasisRows, 0,
+                       [&] { return transpose_last2<T>(basis.unsqueeze(0)).squeeze(0); });
 }
 
 // at::empty for the kernels' outputs; large ones come from output_memory.cpp (huge pages, and a

@@ -69,12 +69,6 @@ void scale_coeffs(int kind, const T* c, T* f, const T* lam, int64_t r, bool full
   else scale_coeffs_kind<kFlow>(c, f, lam, r, full_rank, lp, sa, sb, ka, kb);
 }
 
-// U^T with contiguous rows ([r, D]) for GEMM 1 (gemm_nt wants contiguous rows; cached per basis).
-template <typename T>
-at::Tensor basis_rows(const at::Tensor& basis) {
-  return cached_transpose_last2<T>(basis);
-}
-
 // Denoising, float32/float64, r > 0. Its gains lie in [-1, 1], so c = U^T x - U^T mu (the
 // expansion) rounds to errors below the mean's term, and x feeds the first GEMM directly: no y.
 // Both GEMMs run over the whole batch (oneDNN threads them; one call each instead of one per
@@ -86,7 +80,7 @@ at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const a
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1);
   const bool full_rank = r == D;
   const at::Tensor basis_t = basis_rows<T>(basis);
-  const at::Tensor umu = cached_layout({basis, mean}, 1, [&] { return at::mv(basis_t, mean); });
+  const at::Tensor umu = cached_layout({basis, mean}, Layout::kMeanProjection, 0, [&] { return at::mv(basis_t, mean); });
   at::Tensor c = gemm_nt(x, basis_t);  // [B, r]
   const T *x_p = x.data_ptr<T>(), *mu = mean.data_ptr<T>(), *lam = eigvals.data_ptr<T>();
   const T *sig = sigma.data_ptr<T>(), *um = umu.data_ptr<T>();

@@ -6,7 +6,7 @@
 // softmax (running max m, sum l, and the unnormalised denoiser accumulator), so memory is
 // [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
 // returned). Per (row block, component block k0 .. k0 + nk - 1), with the block's components in
-// one cached panel (component_panels):
+// one cached panel (forward_panels, backward_panels):
 //   F = X [M; Ut]^T    x . mu_k and U_k^T x for every component of the block   (one GEMM)
 //                      fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k,
 //                      projections c_k = U_k^T x - U_k^T mu_k
@@ -107,39 +107,34 @@ double log_det_low(const T* lam, int64_t r, double s2) {
 // block (components k0 .. k0 + nk - 1, panel at offset k0 (r + 1) D of a flat tensor):
 //   forward  [nk (r + 1), D] rows: mu_k0 .. mu_k0+nk-1, then U_k0^T .. U_k0+nk-1^T  (x W^T gives
 //            x . mu_k and U_k^T x in one GEMM)
-//   backward [D, nk (r + 1)]: the same columns transposed (Q W^T with Q = [P | G] gives
+//   backward [D, nk (r + 1)]: the forward panel transposed (Q W^T with Q = [P | G] gives
 //            sum_k p_k mu_k + U_k g_k in one GEMM)
 // Both have contiguous rows, which is what the oneDNN GEMM wants; they are cached per model.
+inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
+  const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
+  return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
+}
+
 template <typename T>
-at::Tensor component_panels(const at::Tensor& means, const at::Tensor& bases, int64_t KB,
-                            bool backward) {
+at::Tensor forward_panels(const at::Tensor& means, const at::Tensor& bases, int64_t KB) {
   const int64_t K = means.size(0), D = means.size(1), r = bases.size(2), W = r + 1;
+  const at::Tensor Ut = transpose_last2<T>(bases);  // [K, r, D]
   at::Tensor out = at::empty({K * W * D}, means.options());
-  const T* mu = means.data_ptr<T>();
-  const T* U = bases.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  const int64_t num_kb = (K + KB - 1) / KB;
-  at::parallel_for(0, num_kb, 1, [&](int64_t kb0, int64_t kb1) {
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
-      const int64_t k0 = kb * KB, nk = std::min(KB, K - k0), cols = nk * W;
-      T* panel = o + k0 * W * D;
-      for (int64_t k = 0; k < nk; ++k) {
-        const T* m = mu + (k0 + k) * D;
-        const T* u = U + (k0 + k) * D * r;  // [D, r]
-        if (backward) {
-          for (int64_t d = 0; d < D; ++d) {
-            panel[d * cols + k] = m[d];
-            for (int64_t j = 0; j < r; ++j) panel[d * cols + nk + k * r + j] = u[d * r + j];
-          }
-        } else {
-          std::copy(m, m + D, panel + k * D);
-          T* rows = panel + (nk + k * r) * D;
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t j = 0; j < r; ++j) rows[j * D + d] = u[d * r + j];
-        }
-      }
-    }
-  });
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t nk = std::min(KB, K - k0);
+    at::Tensor p = panel(out, k0, nk, W, D, false);
+    at::cat_out(p, {means.narrow(0, k0, nk), Ut.narrow(0, k0, nk).reshape({nk * r, D})});
+  }
+  return out;
+}
+
+template <typename T>
+at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int64_t W, int64_t KB) {
+  at::Tensor out = at::empty_like(forward);
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t nk = std::min(KB, K - k0);
+    panel(out, k0, nk, W, D, true).copy_(transpose_last2<T>(panel(forward, k0, nk, W, D, false).unsqueeze(0)).squeeze(0));
+  }
   return out;
 }
 
@@ -160,8 +155,8 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // Per-component constants, cached with the model (tags < 0; the panels use 2 KB and 2 KB + 1).
-  const at::Tensor mu_sq_t = cached_layout({means}, -1, [&] {
+  // Per-component constants, cached with the model.
+  const at::Tensor mu_sq_t = cached_layout({means}, Layout::kSquaredNorms, 0, [&] {
     at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
     double* o = out.data_ptr<double>();
     at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
@@ -179,17 +174,20 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   }
   const bool isotropic_equal = r == 0 && equal_lp;
   // Component blocks of KB (balanced: the last block is not a sliver), each one GEMM per direction
-  // against its panel (component_panels: W = r + 1 columns per component); and U_k^T mu_k.
+  // against its panel (W = r + 1 columns per component); and U_k^T mu_k.
   const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
   const int64_t num_kb = (K + KB_max - 1) / KB_max;
   const int64_t KB = (K + num_kb - 1) / num_kb;
   const int64_t W = r + 1;
   at::Tensor fwd, bwd, Umu;
   if (r > 0) {
-    fwd = cached_layout({means, bases}, 2 * KB, [&] { return component_panels<T>(means, bases, KB, false); });
+    fwd = cached_layout({means, bases}, Layout::kForwardPanels, KB,
+                        [&] { return forward_panels<T>(means, bases, KB); });
     if (need_denoised)
-      bwd = cached_layout({means, bases}, 2 * KB + 1, [&] { return component_panels<T>(means, bases, KB, true); });
-    Umu = cached_layout({means, bases}, -2, [&] { return at::bmm(means.unsqueeze(1), bases).view({K, r}); });
+      bwd = cached_layout({means, bases}, Layout::kBackwardPanels, KB,
+                          [&] { return backward_panels<T>(fwd, K, D, W, KB); });
+    Umu = cached_layout({means, bases}, Layout::kComponentMeanProjections, 0,
+                        [&] { return at::bmm(means.unsqueeze(1), bases).view({K, r}); });
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
   // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
@@ -237,7 +235,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
         // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
-        const at::Tensor F = gemm_nt(Xb, r > 0 ? fwd.narrow(0, k0 * W * D, nk * W * D).view({nk * W, D}) : Mk);
+        const at::Tensor F = gemm_nt(Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0), ldc = lds;
         T* Cp = r > 0 ? F.data_ptr<T>() + nk : nullptr;  // c_k of row i at Cp + i ldc + k r
@@ -335,8 +333,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         if (!need_denoised) continue;
         // acc = acc * rescale (+ z)
         const bool gemm_back = r > 0 && nonzero_p > 0;
-        const at::Tensor z = gemm_back ? gemm_nt(Q, bwd.narrow(0, k0 * W * D, nk * W * D).view({D, nk * W}))
-                                       : at::Tensor();
+        const at::Tensor z = gemm_back ? gemm_nt(Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
         for (int64_t i = 0; i < n; ++i) {
           T* a = accb.data_ptr<T>() + i * D;
           const T sc = rescale[i];
