@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import ops
+from ._contract import GaussianOperand, MixtureOperand
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -52,7 +53,7 @@ def _batches(data: Data):
         yield from data
 
 
-class GaussianModel:
+class GaussianModel(GaussianOperand):
     """A Gaussian N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)) over D = mean.numel()
     features. mean [D], basis [D, r] with orthonormal columns, eigvals [r] >= 0,
     residual_var >= 0 (0: the data lies in span(U))."""
@@ -209,7 +210,7 @@ class GaussianModel:
         return self.mean + (c * self.eigvals.sqrt()) @ self.basis.T + math.sqrt(self.residual_var) * (eps - c @ self.basis.T)
 
 
-class GaussianMixture:
+class GaussianMixture(MixtureOperand):
     """K low-rank Gaussian components: means [K, D], bases [K, D, r] (orthonormal columns),
     eigvals [K, r] >= 0, residual_var [K] >= 0, log_weights [K] (normalised on construction;
     None = uniform). r = 0 with residual_var = 0 is the empirical "delta" mixture of points."""
