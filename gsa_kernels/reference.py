@@ -68,7 +68,8 @@ def _score(y, s2, basis, eigvals, residual_var):
 def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var: float):
     """The PF-ODE dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to, in closed form, for
     y = x - mean: per eigen-direction of variance v, the gain sqrt((v + sb^2) / (v + sa^2)).
-    sigma_from = inf: y is unit noise and the gain is sqrt(v + sb^2)."""
+    sigma_from = inf: y is unit noise and the gain is sqrt(v + sb^2). y [B, D], sigma_from
+    [B, 1]; sigma_to [B, 1], or [T, B, 1] for T steps at once ([T, B, D] out)."""
     from_noise = torch.isinf(sigma_from)
     sa2 = torch.where(from_noise, torch.ones_like(sigma_from), sigma_from) ** 2
     sb2 = sigma_to**2
@@ -102,10 +103,12 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 
 
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
-    """x at sigmas[0] carried to every sigmas[t]: sigmas [T, B] -> [T, B, D] in x's dtype."""
-    one = torch.ones_like(sigmas[0])
-    return torch.stack([gaussian_map(x, mean, basis, eigvals, residual_var, sigmas[0], s, one, one, SpectralKind.FLOW)
-                        for s in sigmas])
+    """x at sigmas[0] carried to every sigmas[t]: sigmas [T, B] -> [T, B, D] in x's dtype (the flow
+    of gaussian_map from sigmas[0] to sigmas[t], scales 1, every step at once)."""
+    cd = compute_dtype(x.dtype)
+    sigmas = sigmas.to(cd)
+    out = mean + _flow(x.to(cd) - mean, sigmas[0][:, None], sigmas[:, :, None], basis, eigvals, float(residual_var))
+    return out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- mixture posterior
