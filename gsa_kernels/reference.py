@@ -50,7 +50,7 @@ def _off_span(y, c, basis):
 
 
 def _denoise(y, s2, basis, eigvals, residual_var):
-    """E[x0 | x] - mean for y = x - mean: U diag(lam/(lam+s^2)) c + lam_perp/(lam_perp+s^2) P_perp y."""
+    """E[x0 | x] - mean for y = x - mean: U diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y."""
     c = y @ basis
     out = (c * (eigvals / (eigvals + s2))) @ basis.T
     perp = _off_span(y, c, basis)
@@ -67,15 +67,15 @@ def _score(y, s2, basis, eigvals, residual_var):
 
 def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var: float):
     """The PF-ODE dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to, in closed form, for
-    y = x - mean: per eigen-direction of variance v, the gain sqrt((v + sb^2) / (v + sa^2)).
-    sigma_from = inf: y is unit noise and the gain is sqrt(v + sb^2). y [B, D], sigma_from
+    y = x - mean: per eigen-direction of variance v, the gain sqrt((v + sigma_to^2) / (v + sigma_from^2)).
+    sigma_from = inf: y is unit noise and the gain is sqrt(v + sigma_to^2). y [B, D], sigma_from
     [B, 1]; sigma_to [B, 1], or [T, B, 1] for T steps at once ([T, B, D] out)."""
     from_noise = torch.isinf(sigma_from)
-    sa2 = torch.where(from_noise, torch.ones_like(sigma_from), sigma_from) ** 2
-    sb2 = sigma_to**2
+    from2 = torch.where(from_noise, torch.ones_like(sigma_from), sigma_from) ** 2
+    to2 = sigma_to**2
 
     def gain(v):
-        return torch.where(from_noise, torch.sqrt(v + sb2), torch.sqrt((v + sb2) / (v + sa2)))
+        return torch.where(from_noise, torch.sqrt(v + to2), torch.sqrt((v + to2) / (v + from2)))
 
     c = y @ basis
     out = (c * gain(eigvals)) @ basis.T
@@ -90,15 +90,15 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
     kind = SpectralKind(kind)
     cd = compute_dtype(x.dtype)
     xc, residual_var = x.to(cd), float(residual_var)
-    sa = _col(sigma_from, cd)
+    sigma_from = _col(sigma_from, cd)
     if kind == SpectralKind.DENOISE:
-        out = mean + _denoise(xc - mean, sa**2, basis, eigvals, residual_var)
+        out = mean + _denoise(xc - mean, sigma_from**2, basis, eigvals, residual_var)
     elif kind == SpectralKind.SCORE:
-        out = _score(xc - mean, sa**2, basis, eigvals, residual_var)
+        out = _score(xc - mean, sigma_from**2, basis, eigvals, residual_var)
     else:
-        from_noise = torch.isinf(sa)
+        from_noise = torch.isinf(sigma_from)
         y = torch.where(from_noise, xc, xc / _col(scale_from, cd) - mean)  # unit noise: no mean to remove
-        out = _col(scale_to, cd) * (mean + _flow(y, sa, _col(sigma_to, cd), basis, eigvals, residual_var))
+        out = _col(scale_to, cd) * (mean + _flow(y, sigma_from, _col(sigma_to, cd), basis, eigvals, residual_var))
     return out.to(x.dtype)
 
 
@@ -153,7 +153,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     denoised = x.new_empty((0,))
     if need_denoised:
         acc = torch.zeros_like(xd)
-        for k in chunks:  # D_k = mu_k + U_k diag(lam/(lam+s^2)) c + lam_perp/(lam_perp+s^2) P_perp y
+        for k in chunks:  # D_k = mu_k + U_k diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y
             _, c, perp, _ = _component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])
             d_k = means[k][None] + torch.einsum("bkr,kdr->bkd", c * (eigvals[k][None] / (eigvals[k][None] + s2[:, :, None])), bases[k])
             if perp is not None:

@@ -4,7 +4,6 @@ integration of the probability-flow ODE (closed-form flows and trajectories, VP 
 rectified-flow scalings). Everything in float64."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
@@ -242,3 +241,60 @@ def test_float32_reference_tracks_float64(D, r):
     f32 = _flow(x, sig, 0.1 * sig, g, one, one)
     f64 = _flow(x.double(), sig.double(), 0.1 * sig.double(), g64, one.double(), one.double())
     assert rel_err(f32, f64) < 1e-5
+
+
+# ----------------------------------------------------------------------------- accuracy of the fallback
+# The reference is also the backend when the extension is missing: in float32 it must be as
+# accurate as the kernels (issue 11), and NaN rows must stay NaN.
+
+
+def _exact_full_rank(D, seed=0):
+    """A full-rank model with eigenvalues 1e-3..10 and an orthonormal float64 basis."""
+    g = random_gaussian(D, D, 0.0, seed=seed)
+    return gk.GaussianModel(g.mean, g.basis, 10.0 ** torch.linspace(-3, 1, D, dtype=torch.float64), 0.0)
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 0.002])
+def test_full_rank_score_at_small_sigma_float64(sigma):
+    """-(Sigma + s^2 I)^-1 (x - mu) by a dense float64 solve (Sigma's condition number ~1e4)."""
+    g = _exact_full_rank(40)
+    x = g.sample(3) + sigma * torch.randn(3, 40, dtype=torch.float64)
+    s = torch.full((3,), sigma, dtype=torch.float64)
+    want = -torch.linalg.solve(dense_covariance(g) + sigma**2 * torch.eye(40, dtype=torch.float64), (x - g.mean).T).T
+    assert rel_err(_score(x, s, g), want) < 1e-10
+
+
+def test_full_rank_score_at_small_sigma_float32():
+    """float32 inputs, float32 computation: within float32 accuracy of the float64 solve on the
+    same rounded model (the full-rank form: no residual term of a rounded basis / sigma^2)."""
+    g32 = _exact_full_rank(40).to(dtype=torch.float32)
+    g64 = g32.to(dtype=torch.float64)
+    x = (g64.sample(3) + 0.002 * torch.randn(3, 40, dtype=torch.float64)).float()
+    want = -torch.linalg.solve(dense_covariance(g64) + 0.002**2 * torch.eye(40, dtype=torch.float64), (x.double() - g64.mean).T).T
+    got = _score(x, torch.full((3,), 0.002), g32)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.03, 0.1])
+def test_float32_delta_near_ties(sigma):
+    """Empirical mixture, D = 3072, queries at midpoints of two points + 1e-3 noise: float32
+    weights within total variation 1e-3 of float64 softmax(-|x - mu|^2 / 2 s^2)."""
+    gen = torch.Generator().manual_seed(0)
+    pts = (torch.rand(24, 3072, generator=gen) * 2 - 1).float()
+    x = ((pts[:8] + pts[8:16]) / 2 + 1e-3 * torch.randn(8, 3072, generator=gen)).float()
+    m = gk.GaussianMixture.from_points(pts)
+    _, _, w = _posterior(x, torch.full((8,), sigma), m)
+    d2 = ((x.double()[:, None, :] - pts.double()[None]) ** 2).sum(-1)
+    want = torch.softmax(-d2 / (2 * sigma**2), 1)
+    assert w.dtype == torch.float32
+    assert 0.5 * (w.double() - want).abs().sum(1).max() < 1e-3
+
+
+def test_nan_rows_give_nan_outputs():
+    g = random_gaussian(20, 4, 0.2)
+    m = random_mixture(5, 20, 2)
+    x = torch.randn(3, 20, dtype=torch.float64)
+    x[1, 7] = math.nan
+    s = torch.full((3,), 0.5, dtype=torch.float64)
+    for out in (_denoise(x, s, g), _score(x, s, g), *_posterior(x, s, m)):
+        assert torch.isnan(out[1]).all() and not torch.isnan(out[[0, 2]]).any()
