@@ -13,8 +13,6 @@ backends are the medians' ratios. `python benchmarks/bench_gpu.py` prints the RO
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

@@ -11,7 +11,6 @@ over samples; "mode changed" counts samples ending in another component than wit
     OMP_NUM_THREADS=1 python benchmarks/teleport_error.py [--K 8 --D 64 --rank 4 --samples 512]
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """gsa_kernels: fused kernels for Gaussian and Gaussian-mixture score fields of diffusion
 models, their closed-form probability-flow ODE, and samplers with analytical teleportation."""
-from . import _extension  # noqa: F401  (loads the compiled ops when present)
-from . import reference, schedules, sampling  # noqa: F401
+from . import _extension, reference, sampling, schedules  # noqa: F401  (_extension: loads the compiled ops when present)
 from .models import GaussianMixture, GaussianModel
 from .ops import (
     available_backends,

@@ -11,10 +11,11 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
     loaded = False
     error = f"{type(e).__name__}: {e}"
 
-if loaded:
-    from . import _fake
+if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
+    from . import _contract
 
-    _fake.register_compiled_ops()  # fake / meta kernels for torch.compile and opcheck
+    _contract.register_fakes("gsa_kernels")
+    _contract.register_fakes("gsa_kernels", prefix="cuda_emu_")
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

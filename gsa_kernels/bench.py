@@ -35,6 +35,7 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels import reference
+from gsa_kernels._contract import SpectralKind
 
 WORKLOADS = ("G1", "G2", "T1", "M1", "E1")
 IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
@@ -89,7 +90,7 @@ def _compiled_mixture_reference(x, sigma, m):
 
     def run():
         with mock.patch.object(reference, "_component_terms", chunk):
-            return reference.mixture_posterior(x, sigma, *args)
+            return reference.mixture_posterior(x, *args, sigma, True, False)
 
     return run
 
@@ -103,11 +104,11 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
         g = _gaussian(D, r, gen, 1e-3 if r < D else 0.0).to(device, dtype)
         x = torch.randn(B, D, generator=gen).to(**to)
         sigma = _log_uniform(B, 0.002, 80.0, gen).to(**to)
-        ref = _compiled(reference.gaussian_denoise)
+        ref = _compiled(reference.gaussian_map)
         return Workload(
             name, f"gaussian_denoise B={B} D={D} r={r}", 4.0 * B * D * r, f * (2 * B * D + D * r + D),
             lambda backend: gk.gaussian_denoise(x, sigma, g, backend=backend),
-            lambda: ref(x, sigma, g.mean, g.basis, g.eigvals, g.residual_var),
+            lambda: ref(x, g.mean, g.basis, g.eigvals, g.residual_var, sigma, sigma, sigma, sigma, SpectralKind.DENOISE),
         )
     if name == "T1":
         T, B, D, r = 18, 256, 3072, 256
@@ -121,7 +122,7 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
             name, f"gaussian_trajectory T={T} B={B} D={D} r={r}", 2.0 * B * D * r * (T + 1),
             f * (B * D + T * B * D + D * r),
             lambda backend: gk.gaussian_trajectory(x, sigmas, g, backend=backend),
-            lambda: ref(x, sigmas, g.mean, g.basis, g.eigvals, g.residual_var),
+            lambda: ref(x, g.mean, g.basis, g.eigvals, g.residual_var, sigmas),
         )
     if name == "M1":
         B, D, K, r = 512, 3072, 200, 32

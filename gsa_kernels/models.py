@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import ops
+from ._contract import GaussianOperand, MixtureOperand
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -52,7 +53,7 @@ def _batches(data: Data):
         yield from data
 
 
-class GaussianModel:
+class GaussianModel(GaussianOperand):
     """A Gaussian N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)) over D = mean.numel()
     features. mean [D], basis [D, r] with orthonormal columns, eigvals [r] >= 0,
     residual_var >= 0 (0: the data lies in span(U))."""
@@ -209,7 +210,7 @@ class GaussianModel:
         return self.mean + (c * self.eigvals.sqrt()) @ self.basis.T + math.sqrt(self.residual_var) * (eps - c @ self.basis.T)
 
 
-class GaussianMixture:
+class GaussianMixture(MixtureOperand):
     """K low-rank Gaussian components: means [K, D], bases [K, D, r] (orthonormal columns),
     eigvals [K, r] >= 0, residual_var [K] >= 0, log_weights [K] (normalised on construction;
     None = uniform). r = 0 with residual_var = 0 is the empirical "delta" mixture of points."""
@@ -298,22 +299,25 @@ class GaussianMixture:
         if not 0 <= rank <= D:
             raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
         labels = kmeans(x, n_components, iters=iters, seed=seed)[1]
-        means, bases, eigvals, resid, logw = [], [], [], [], []
+        means, bases, eigvals, residual_vars, log_weights = [], [], [], [], []
         for k in range(n_components):
             xk = x[labels == k]
-            g = GaussianModel.fit(xk, rank=min(rank, max(xk.shape[0] - 1, 0))) if xk.shape[0] >= 2 else None
-            if g is None:  # a singleton cluster: a point mass
-                means.append(xk[0]); b = x.new_zeros(D, 0); e = x.new_zeros(0); rv = 0.0
-            else:
-                means.append(g.mean); b, e, rv = g.basis, g.eigvals, g.residual_var
-            pad = rank - b.shape[1]  # small clusters: pad the basis with zero-variance directions
+            if xk.shape[0] >= 2:
+                g = GaussianModel.fit(xk, rank=min(rank, xk.shape[0] - 1))
+                mean, basis, eig, residual_var = g.mean, g.basis, g.eigvals, g.residual_var
+            else:  # a singleton cluster: a point mass
+                mean, basis, eig, residual_var = xk[0], x.new_zeros(D, 0), x.new_zeros(0), 0.0
+            pad = rank - basis.shape[1]  # small clusters: pad the basis with zero-variance directions
             if pad:
-                b, e = _complete_basis(b, rank), torch.cat([e, e.new_full((pad,), rv)])
-            bases.append(b); eigvals.append(e); resid.append(rv)
-            logw.append(math.log(xk.shape[0] / N))
+                basis, eig = _complete_basis(basis, rank), torch.cat([eig, eig.new_full((pad,), residual_var)])
+            means.append(mean)
+            bases.append(basis)
+            eigvals.append(eig)
+            residual_vars.append(residual_var)
+            log_weights.append(math.log(xk.shape[0] / N))
         dt = data.dtype
         return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
-                   torch.tensor(resid, dtype=dt), torch.tensor(logw, dtype=dt))
+                   torch.tensor(residual_vars, dtype=dt), torch.tensor(log_weights, dtype=dt))
 
     # ------------------------------------------------------------------ conversion / io
     def to(self, device=None, dtype=None) -> "GaussianMixture":

@@ -1,4 +1,4 @@
-"""Public functional API (DESIGN.md section 2): validation, flattening, backend dispatch.
+"""Public functional API (docs/architecture.md, section 2): validation, flattening, backend dispatch.
 
 Every op takes x [B, *shape] with prod(shape) == D and returns outputs with x's shape and
 dtype. sigma is a float, a 0-d tensor or a [B] tensor (per-sample noise levels). Model tensors
@@ -14,7 +14,7 @@ from typing import Union
 import torch
 
 from . import _backends
-from ._backends import KIND_DENOISE, KIND_FLOW, KIND_SCORE
+from ._contract import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype
 
 Sigma = Union[float, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,10 +26,6 @@ def available_backends() -> tuple:
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _flatten(x, D, op):
@@ -53,7 +49,7 @@ def _checks_on_values(t):
 
 def _rows(v, B, x, name, op, *, allow_zero=False, allow_inf=False):
     """A float / 0-d / [B] per-sample value -> [B] tensor in x's compute dtype on x's device."""
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x.dtype)
     if isinstance(v, torch.Tensor):
         if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != B):
             raise ValueError(f"{op}: {name} must be a float, a 0-d tensor or a [B] = [{B}] tensor, got shape {tuple(v.shape)}")
@@ -94,7 +90,7 @@ def _check_values(t, name, op, allow_zero, allow_inf):
 
 def _model_tensors(model, x, names, op):
     """The model's tensors in x's compute dtype; a clear error if they live on another device."""
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x.dtype)
     out = []
     for n in names:
         t = getattr(model, n)
@@ -105,20 +101,17 @@ def _model_tensors(model, x, names, op):
 
 
 def _gaussian_args(g, x, op):
-    from .models import GaussianModel
-
-    if not isinstance(g, GaussianModel):
+    """mean, basis, eigvals, residual_var: the model's part of the kernel arguments."""
+    if not isinstance(g, GaussianOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianModel, got {type(g).__name__}")
-    mean, basis, eigvals = _model_tensors(g, x, ("mean", "basis", "eigvals"), op)
-    return mean, basis, eigvals, float(g.residual_var)
+    return (*_model_tensors(g, x, GaussianOperand.TENSORS, op), float(g.residual_var))
 
 
 def _mixture_args(m, x, op):
-    from .models import GaussianMixture
-
-    if not isinstance(m, GaussianMixture):
+    """means, bases, eigvals, residual_var, log_weights: the model's part of the kernel arguments."""
+    if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
-    return _model_tensors(m, x, ("means", "bases", "eigvals", "residual_var", "log_weights"), op)
+    return _model_tensors(m, x, MixtureOperand.TENSORS, op)
 
 
 # ----------------------------------------------------------------------------- Gaussian ops
@@ -127,33 +120,35 @@ def _mixture_args(m, x, op):
 def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backend, op):
     x2 = _flatten(x, g.dim, op)
     B = x2.shape[0]
-    flow = kind == KIND_FLOW
-    sa = _rows(sigma_from, B, x2, "sigma_from" if flow else "sigma", op, allow_inf=flow)
-    sb = _rows(sigma_to, B, x2, "sigma_to", op, allow_zero=True) if flow else sa
-    ka = _rows(scale_from, B, x2, "scale_from", op) if flow else sa
-    kb = _rows(scale_to, B, x2, "scale_to", op) if flow else sa
+    flow = kind == SpectralKind.FLOW
+    sigma_from = _rows(sigma_from, B, x2, "sigma_from" if flow else "sigma", op, allow_inf=flow)
+    # denoise and score read sigma_from only: the other per-row tensors are sigma_from itself
+    sigma_to = _rows(sigma_to, B, x2, "sigma_to", op, allow_zero=True) if flow else sigma_from
+    scale_from = _rows(scale_from, B, x2, "scale_from", op) if flow else sigma_from
+    scale_to = _rows(scale_to, B, x2, "scale_to", op) if flow else sigma_from
     params = _gaussian_args(g, x2, op)
     if B == 0:
         return torch.empty_like(x)
-    out = _backends.resolve(backend, x2.device).gaussian_map(x2, *params, sa, sb, ka, kb, kind)
+    kernel = _backends.resolve(backend, x2.device, "gaussian_map")
+    out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind))
     return out.reshape(x.shape)
 
 
 def gaussian_denoise(x, sigma: Sigma, g, backend: str = "auto"):
     """Posterior mean E[x0 | x] under the Gaussian model g at noise sigma. x [B, *shape]."""
-    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, KIND_DENOISE, backend, "gaussian_denoise")
+    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.DENOISE, backend, "gaussian_denoise")
 
 
 def gaussian_score(x, sigma: Sigma, g, backend: str = "auto"):
     """Score grad_x log p_sigma(x) = -(Sigma + sigma^2 I)^-1 (x - mean). x [B, *shape]."""
-    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, KIND_SCORE, backend, "gaussian_score")
+    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.SCORE, backend, "gaussian_score")
 
 
 def gaussian_flow(x, sigma_from: Sigma, sigma_to: Sigma, g, scale_from: Sigma = 1.0, scale_to: Sigma = 1.0, backend: str = "auto"):
     """Closed-form PF-ODE jump of x from sigma_from to sigma_to (per sample) under the Gaussian
     model g, for states x = scale * (x0 + sigma * eps). sigma_from = math.inf: x is unit noise eps.
     sigma_to = 0 gives the ODE's end point."""
-    return _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, KIND_FLOW, backend, "gaussian_flow")
+    return _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, SpectralKind.FLOW, backend, "gaussian_flow")
 
 
 def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
@@ -168,51 +163,58 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
         raise ValueError(f"{op}: sigmas must be [T] or [T, B] with T >= 1, got shape {tuple(sigmas.shape)}")
     if sigmas.device != x2.device:
         raise ValueError(f"{op}: sigmas is on {sigmas.device} but x is on {x2.device}")
-    sig = sigmas.to(_compute_dtype(x2))
-    sig = (sig[:, None] if sig.dim() == 1 else sig).expand(sig.shape[0], B).contiguous()
-    if _checks_on_values(sig) and B > 0:
-        _check_values(sig[0], "sigmas[0]", op, allow_zero=False, allow_inf=False)
-        _check_values(sig[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False)
+    sigmas = sigmas.to(compute_dtype(x2.dtype))
+    sigmas = (sigmas[:, None] if sigmas.dim() == 1 else sigmas).expand(sigmas.shape[0], B).contiguous()
+    if _checks_on_values(sigmas) and B > 0:
+        _check_values(sigmas[0], "sigmas[0]", op, allow_zero=False, allow_inf=False)
+        _check_values(sigmas[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False)
     params = _gaussian_args(g, x2, op)
     if B == 0:
-        return x.new_empty((sig.shape[0],) + tuple(x.shape))
-    out = _backends.resolve(backend, x2.device).gaussian_trajectory(x2, *params, sig)
-    return out.reshape((sig.shape[0],) + tuple(x.shape))
+        return x.new_empty((sigmas.shape[0],) + tuple(x.shape))
+    out = _backends.resolve(backend, x2.device, "gaussian_trajectory")(x2, *params, sigmas)
+    return out.reshape((sigmas.shape[0],) + tuple(x.shape))
 
 
 # ----------------------------------------------------------------------------- mixture ops
 
 
-def _mixture(x, sigma, m, need_denoised, need_weights, backend, op):
-    x2 = _flatten(x, m.dim, op)
+def _mixture(x2, sigma, m, need_denoised, need_weights, backend, op):
+    """(denoised, logp, weights, sigma [B]) for flattened x2 [B, D]."""
     B = x2.shape[0]
-    s = _rows(sigma, B, x2, "sigma", op)
+    sigma = _rows(sigma, B, x2, "sigma", op)
     params = _mixture_args(m, x2, op)
     if B == 0:
-        cd = _compute_dtype(x2)
-        return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), s
-    den, logp, w = _backends.resolve(backend, x2.device).mixture_posterior(x2, *params, s, need_denoised, need_weights)
-    return den, logp, w, s
+        cd = compute_dtype(x2.dtype)
+        return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), sigma
+    kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
+    denoised, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights)
+    return denoised, logp, weights, sigma
 
 
 def mixture_denoise(x, sigma: Sigma, m, return_weights: bool = False, backend: str = "auto"):
     """Posterior mean under the mixture m: sum_k w_k(x) D_k(x). With return_weights, also the
     posterior component weights [B, K]."""
-    den, _, w, _ = _mixture(x, sigma, m, True, return_weights, backend, "mixture_denoise")
-    den = den.reshape(x.shape)
-    return (den, w) if return_weights else den
+    op = "mixture_denoise"
+    denoised, _, weights, _ = _mixture(_flatten(x, m.dim, op), sigma, m, True, return_weights, backend, op)
+    denoised = denoised.reshape(x.shape)
+    return (denoised, weights) if return_weights else denoised
 
 
 def mixture_score(x, sigma: Sigma, m, backend: str = "auto"):
     """Score of the noised mixture: (D(x) - x) / sigma^2. x [B, *shape]."""
-    den, _, _, s = _mixture(x, sigma, m, True, False, backend, "mixture_score")
+    op = "mixture_score"
+    # (D - x) / sigma^2 cancels at small sigma: the denoiser must come back in the compute
+    # dtype, not rounded to a 16-bit x's dtype first, so the kernel reads x in the compute dtype
+    x2 = _flatten(x, m.dim, op)
+    x2 = x2.to(compute_dtype(x2.dtype))
+    denoised, _, _, sigma = _mixture(x2, sigma, m, True, False, backend, op)
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    x2 = x.reshape(den.shape).to(s.dtype)
-    return ((den.to(s.dtype) - x2) / (s * s)[:, None]).to(x.dtype).reshape(x.shape)
+    return ((denoised - x2) / (sigma * sigma)[:, None]).to(x.dtype).reshape(x.shape)
 
 
 def mixture_logp(x, sigma: Sigma, m, backend: str = "auto"):
     """log p_sigma(x) of the noised mixture, [B] in the compute dtype."""
-    _, logp, _, _ = _mixture(x, sigma, m, False, False, backend, "mixture_logp")
+    op = "mixture_logp"
+    _, logp, _, _ = _mixture(_flatten(x, m.dim, op), sigma, m, False, False, backend, op)
     return logp

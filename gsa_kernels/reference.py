@@ -1,12 +1,21 @@
-"""Readable PyTorch oracle of every op (DESIGN.md section 1). float32 and float64.
+"""Readable PyTorch oracle of the kernel-level ops (docs/architecture.md, sections 1 and 3).
 
-Every compiled / Triton kernel is tested against these functions, and these functions are tested
-against independent code (torch.distributions densities and autograd, numerical ODE integration)
-in tests/test_reference.py. Written for clarity, not speed: plain tensor algebra in the dtype of
-the inputs (float16/bfloat16 inputs are computed in float32).
+Callable exactly like every backend, in kernel argument order (_contract.py):
 
-Shapes: x [B, D]; sigma [B] (per-row); Gaussian: mean [D], basis [D, r] orthonormal columns,
-eigvals [r], residual_var float; mixture: means [K, D], bases [K, D, r], eigvals [K, r],
+    gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
+    gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
+    mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
+
+Every backend is tested against these functions, and they are tested against independent code
+(torch.distributions densities and autograd, numerical ODE integration) in tests/test_reference.py.
+Written for clarity, not speed: plain tensor algebra. The Gaussian ops compute in the compute
+dtype (_contract.compute_dtype) in forms without cancellation; the mixture posterior computes in
+float64 whatever the inputs' dtype (float32 values are exact in float64), because its logits
+scale as 1/sigma^2 and near ties need squared distances beyond float32. So the reference is as
+accurate as the kernels in float32: it is the fallback when the compiled extension is missing.
+
+Shapes: x [B, D]; per-row sigma_* / scale_* [B]; Gaussian: mean [D], basis [D, r] orthonormal
+columns, eigvals [r], residual_var float; mixture: means [K, D], bases [K, D, r], eigvals [K, r],
 residual_var [K], log_weights [K] (normalised: logsumexp = 0).
 """
 from __future__ import annotations
@@ -15,116 +24,140 @@ import math
 
 import torch
 
+from ._contract import SpectralKind, compute_dtype
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _compute(x):
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _f64(v):
+    return v.to(torch.float64)
 
 
-def _col(v, x):
-    """[B] per-row values -> [B, 1] in x's compute dtype."""
-    return v.to(_compute(x).dtype).reshape(-1, 1)
+def _col(v, dtype):
+    """[B] per-row values -> [B, 1] in dtype."""
+    return v.to(dtype).reshape(-1, 1)
 
 
-def _split(y, basis):
-    """c = U^T y and the in-span part U c of rows y [B, D]."""
+def _off_span(y, c, basis):
+    """P_perp y = y - U c, summed directly (|y|^2 - |c|^2 would carry c^T (U^T U - I) c of a rounded
+    basis, which small-sigma logits and scores multiply by 1/sigma^2); None at full rank, where
+    P_perp = 0 by definition and y - U c is only rounding."""
+    D, r = basis.shape[-2], basis.shape[-1]
+    return None if r == D else y - c @ basis.mT
+
+
+# ----------------------------------------------------------------------------- Gaussian ops
+
+
+def _denoise(y, s2, basis, eigvals, residual_var):
+    """E[x0 | x] - mean for y = x - mean: U diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y."""
     c = y @ basis
-    return c, c @ basis.T
+    out = (c * (eigvals / (eigvals + s2))) @ basis.T
+    perp = _off_span(y, c, basis)
+    return out if perp is None else out + residual_var / (residual_var + s2) * perp
 
 
-def gaussian_denoise(x, sigma, mean, basis, eigvals, residual_var):
-    """E[x0 | x] for x = x0 + sigma eps, x0 ~ N(mean, U diag(eigvals) U^T + residual_var P_perp).
-    [B, D] -> [B, D]."""
-    xc = _compute(x)
-    s2 = _col(sigma, x) ** 2
-    y = xc - mean
-    c, in_span = _split(y, basis)
-    shrink = eigvals / (eigvals + s2)  # [B, r]
-    perp = residual_var / (residual_var + s2)  # [B, 1]
-    out = mean + (c * shrink) @ basis.T + perp * (y - in_span)
+def _score(y, s2, basis, eigvals, residual_var):
+    """-(Sigma + s^2 I)^-1 y: per eigen-direction -1/(lam + s^2), without forming (D - x)/s^2."""
+    c = y @ basis
+    out = -(c / (eigvals + s2)) @ basis.T
+    perp = _off_span(y, c, basis)
+    return out if perp is None else out - perp / (residual_var + s2)
+
+
+def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var: float):
+    """The PF-ODE dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to, in closed form, for
+    y = x - mean: per eigen-direction of variance v, the gain sqrt((v + sigma_to^2) / (v + sigma_from^2)).
+    sigma_from = inf: y is unit noise and the gain is sqrt(v + sigma_to^2). y [B, D], sigma_from
+    [B, 1]; sigma_to [B, 1], or [T, B, 1] for T steps at once ([T, B, D] out)."""
+    from_noise = torch.isinf(sigma_from)
+    from2 = torch.where(from_noise, torch.ones_like(sigma_from), sigma_from) ** 2
+    to2 = sigma_to**2
+
+    def gain(v):
+        return torch.where(from_noise, torch.sqrt(v + to2), torch.sqrt((v + to2) / (v + from2)))
+
+    c = y @ basis
+    out = (c * gain(eigvals)) @ basis.T
+    perp = _off_span(y, c, basis)
+    return out if perp is None else out + gain(torch.tensor(residual_var, dtype=y.dtype, device=y.device)) * perp
+
+
+def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    """The spectral map of `kind` (SpectralKind) for x [B, D] -> [B, D] in x's dtype, under
+    N(mean, U diag(eigvals) U^T + residual_var P_perp), U = basis. Denoise and score read
+    sigma_from only. Flow: states x = scale (x0 + sigma eps); sigma_from = inf: x is unit noise."""
+    kind = SpectralKind(kind)
+    cd = compute_dtype(x.dtype)
+    xc, residual_var = x.to(cd), float(residual_var)
+    sigma_from = _col(sigma_from, cd)
+    if kind == SpectralKind.DENOISE:
+        out = mean + _denoise(xc - mean, sigma_from**2, basis, eigvals, residual_var)
+    elif kind == SpectralKind.SCORE:
+        out = _score(xc - mean, sigma_from**2, basis, eigvals, residual_var)
+    else:
+        from_noise = torch.isinf(sigma_from)
+        y = torch.where(from_noise, xc, xc / _col(scale_from, cd) - mean)  # unit noise: no mean to remove
+        out = _col(scale_to, cd) * (mean + _flow(y, sigma_from, _col(sigma_to, cd), basis, eigvals, residual_var))
     return out.to(x.dtype)
 
 
-def gaussian_score(x, sigma, mean, basis, eigvals, residual_var):
-    """grad_x log p_sigma(x) = -(Sigma + sigma^2 I)^-1 (x - mean). [B, D] -> [B, D]."""
-    xc = _compute(x)
-    s2 = _col(sigma, x) ** 2
-    y = xc - mean
-    c, in_span = _split(y, basis)
-    out = -(c / (eigvals + s2)) @ basis.T - (y - in_span) / (residual_var + s2)
+def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+    """x at sigmas[0] carried to every sigmas[t]: sigmas [T, B] -> [T, B, D] in x's dtype (the flow
+    of gaussian_map from sigmas[0] to sigmas[t], scales 1, every step at once)."""
+    cd = compute_dtype(x.dtype)
+    sigmas = sigmas.to(cd)
+    out = mean + _flow(x.to(cd) - mean, sigmas[0][:, None], sigmas[:, :, None], basis, eigvals, float(residual_var))
     return out.to(x.dtype)
 
 
-def gaussian_flow(x, sigma_from, sigma_to, mean, basis, eigvals, residual_var, scale_from, scale_to):
-    """Closed-form solution of the PF-ODE dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to,
-    for scaled states x_t = scale(t) (x0 + sigma(t) eps). sigma_from = inf: x is unit noise.
-    All of sigma_from, sigma_to, scale_from, scale_to are [B]. [B, D] -> [B, D]."""
-    xc = _compute(x)
-    sa, sb = _col(sigma_from, x), _col(sigma_to, x)
-    ka, kb = _col(scale_from, x), _col(scale_to, x)
-    from_noise = torch.isinf(sa)
-    sa_finite = torch.where(from_noise, torch.ones_like(sa), sa)
-    # finite start: y = x/scale - mean, gain psi = sqrt((lam + sb^2) / (lam + sa^2))
-    y = torch.where(from_noise, xc, xc / ka - mean)
-    c, in_span = _split(y, basis)
-    gain = torch.where(from_noise, torch.sqrt(eigvals + sb**2), torch.sqrt((eigvals + sb**2) / (eigvals + sa_finite**2)))
-    gain_perp = torch.where(
-        from_noise,
-        torch.sqrt(residual_var + sb**2),
-        torch.sqrt((residual_var + sb**2) / (residual_var + sa_finite**2)),
-    )
-    out = mean + (c * gain) @ basis.T + gain_perp * (y - in_span)
-    return (kb * out).to(x.dtype)
-
-
-def gaussian_trajectory(x, sigmas, mean, basis, eigvals, residual_var):
-    """x at sigmas[0] carried to every sigmas[t]: sigmas [T, B] -> [T, B, D]."""
-    one = torch.ones_like(sigmas[0])
-    return torch.stack([gaussian_flow(x, sigmas[0], s, mean, basis, eigvals, residual_var, one, one) for s in sigmas])
+# ----------------------------------------------------------------------------- mixture posterior
 
 
 def _component_terms(x, s2, means, bases, eigvals, residual_var):
-    """For a chunk of components: y = x - mu_k [B, k, D], c = U_k^T y [B, k, r], and
-    log N(x; mu_k, Sigma_k + s^2 I) [B, k]. |y|^2 is summed from the differences directly
-    (not expanded as |x|^2 - 2 x.mu + |mu|^2) so that small-sigma logits stay exact."""
+    """For a chunk of k components: y = x - mu [B, k, D], c = U^T y [B, k, r], P_perp y (or None
+    at full rank), and log N(x; mu, Sigma + s^2 I) [B, k]. |y|^2 and |P_perp y|^2 are summed from
+    the differences directly (never |x|^2 - 2 x.mu + |mu|^2): logits scale as 1/s^2."""
     D, r = means.shape[1], bases.shape[2]
     y = x[:, None, :] - means[None]
     c = torch.einsum("bkd,kdr->bkr", y, bases)
-    s2b = s2[:, :, None]  # [B, 1, 1]
-    v_low = eigvals[None] + s2b  # [B, k, r]
+    perp = None if r == D else y - torch.einsum("bkr,kdr->bkd", c, bases)
+    v_low = eigvals[None] + s2[:, :, None]  # [B, k, r]
     v_perp = residual_var[None] + s2  # [B, k]
-    # |P_perp y|^2 summed directly: |y|^2 - |c|^2 would carry c^T (U^T U - I) c of a rounded
-    # basis, which the 1/sigma^2 of the logits blows up at small sigma
-    resid = torch.zeros_like(y[..., 0]) if r == D else ((y - torch.einsum("bkr,kdr->bkd", c, bases)) ** 2).sum(-1)
+    perp_sq = torch.zeros_like(v_perp) if perp is None else (perp * perp).sum(-1)
     logpdf = -0.5 * (
-        (c * c / v_low).sum(-1) + resid / v_perp + torch.log(v_low).sum(-1) + (D - r) * torch.log(v_perp) + D * LOG_2PI
+        (c * c / v_low).sum(-1) + perp_sq / v_perp + torch.log(v_low).sum(-1) + (D - r) * torch.log(v_perp) + D * LOG_2PI
     )
-    return y, c, logpdf
+    return y, c, perp, logpdf
 
 
 def _chunks(K, B, D):
-    step = max(1, (1 << 24) // max(1, B * D))  # keep [B, k, D] temporaries ~16M elements
+    step = max(1, (1 << 22) // max(1, B * D))  # [B, k, D] float64 temporaries of ~32 MB
     return [slice(k, min(K, k + step)) for k in range(0, K, step)]
 
 
-def mixture_posterior(x, sigma, means, bases, eigvals, residual_var, log_weights):
-    """Posterior over the components of a low-rank Gaussian mixture at noise sigma.
-    Returns (denoised [B, D] = sum_k w_k D_k(x), logp [B] = log p_sigma(x), weights [B, K])."""
-    xc = _compute(x)
-    s2 = _col(sigma, x) ** 2
-    B, D = xc.shape
-    K = means.shape[0]
-    chunks = _chunks(K, B, D)
-    logits = torch.cat([_component_terms(xc, s2, means[k], bases[k], eigvals[k], residual_var[k])[2] for k in chunks], 1)
+def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
+    """Posterior over the components of a low-rank Gaussian mixture at per-row noise sigma [B].
+    Returns (denoised [B, D] = sum_k w_k D_k(x) in x's dtype, or [0] when not needed;
+    logp [B] = log p_sigma(x); weights [B, K] or [0]), logp and weights in the compute dtype."""
+    cd = compute_dtype(x.dtype)
+    xd = _f64(x)
+    means, bases, eigvals, residual_var, log_weights = map(_f64, (means, bases, eigvals, residual_var, log_weights))
+    s2 = _col(sigma, torch.float64) ** 2
+    B, D = xd.shape
+    chunks = _chunks(means.shape[0], B, D)
+    logits = torch.cat([_component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])[3] for k in chunks], 1)
     logits = logits + log_weights
     logp = torch.logsumexp(logits, dim=1)
     weights = torch.softmax(logits, dim=1)
-    denoised = torch.zeros_like(xc)
-    for k in chunks:
-        y, c, _ = _component_terms(xc, s2, means[k], bases[k], eigvals[k], residual_var[k])
-        perp = residual_var[k][None] / (residual_var[k][None] + s2)  # [B, k]
-        gain = eigvals[k][None] / (eigvals[k][None] + s2[:, :, None]) - perp[:, :, None]
-        d_k = means[k][None] + perp[:, :, None] * y + torch.einsum("bkr,kdr->bkd", gain * c, bases[k])
-        denoised = denoised + (weights[:, k, None] * d_k).sum(1)
-    return denoised.to(x.dtype), logp, weights
+    denoised = x.new_empty((0,))
+    if need_denoised:
+        acc = torch.zeros_like(xd)
+        for k in chunks:  # D_k = mu_k + U_k diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y
+            _, c, perp, _ = _component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])
+            d_k = means[k][None] + torch.einsum("bkr,kdr->bkd", c * (eigvals[k][None] / (eigvals[k][None] + s2[:, :, None])), bases[k])
+            if perp is not None:
+                d_k = d_k + (residual_var[k][None] / (residual_var[k][None] + s2))[:, :, None] * perp
+            acc = acc + (weights[:, k, None] * d_k).sum(1)
+        denoised = acc.to(x.dtype)
+    return denoised, logp.to(cd), weights.to(cd) if need_weights else logp.new_empty((0,), dtype=cd)

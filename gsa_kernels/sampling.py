@@ -168,14 +168,14 @@ def gaussian_approximation(m: GaussianMixture) -> GaussianModel:
     if not isinstance(m, GaussianMixture):
         raise TypeError(f"expected a GaussianMixture, got {type(m).__name__}")
     means, bases, eigvals = m.means.double(), m.bases.double(), m.eigvals.double()
-    resid, w = m.residual_var.double(), m.log_weights.double().exp()
+    residual_var, w = m.residual_var.double(), m.log_weights.double().exp()
     K, D, r = bases.shape
     mean = w @ means
-    iso = float(w @ resid)  # isotropic part of the covariance
-    # Sigma - iso I = A diag(var) A^T, columns U_k with signed variances w_k (lam_k - resid_k)
+    iso = float(w @ residual_var)  # isotropic part of the covariance
+    # Sigma - iso I = A diag(var) A^T, columns U_k with signed variances w_k (lam_k - residual_var_k)
     # and mu_k - mean with variances w_k: a rank <= K (r + 1) correction.
     A = torch.cat([bases.permute(1, 0, 2).reshape(D, K * r), (means - mean).T], 1)
-    var = torch.cat([(w[:, None] * (eigvals - resid[:, None])).reshape(K * r), w])
+    var = torch.cat([(w[:, None] * (eigvals - residual_var[:, None])).reshape(K * r), w])
     if A.shape[1] >= D:
         low = (A * var) @ A.T
         evals, evecs = torch.linalg.eigh(0.5 * (low + low.T))

@@ -1,7 +1,7 @@
 """Noise schedules and conversions between diffusion conventions.
 
 Every convention is written as scaled EDM states `x_t = scale(t) * (x0 + sigma(t) * eps)`
-(DESIGN.md section 1), so one closed-form flow serves them all:
+(docs/architecture.md, section 1), so one closed-form flow serves them all:
 
     EDM / VE:         scale = 1,               sigma = sigma
     VP / DDPM:        scale = sqrt(abar),      sigma = sqrt((1 - abar) / abar)    (abar = alphas_cumprod)

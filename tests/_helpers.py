@@ -1,5 +1,4 @@
 """Shared builders for tests: random models with known structure, in float64 unless asked."""
-import math
 
 import torch
 

@@ -1,8 +1,6 @@
 import pytest
 import torch
 
-import gsa_kernels as gk
-
 
 def pytest_report_header(config):
     from gsa_kernels import _backends

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels import reference
 from tests.conftest import requires_backend
 
 pytestmark = requires_backend("cpu")

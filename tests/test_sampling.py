@@ -5,7 +5,6 @@ samplers' discretisation errors, not floating-point noise.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp

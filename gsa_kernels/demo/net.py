@@ -11,8 +11,8 @@ blocks with FiLM noise conditioning), about 0.3 M parameters (1.2 MB in float32)
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 SIGMA_DATA = 0.5
 DENOISER_FILE = "mnist_edm_denoiser.safetensors"

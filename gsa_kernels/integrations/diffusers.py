@@ -24,8 +24,12 @@ from typing import Optional
 
 import diffusers  # noqa: F401  (fail early with ImportError when the extra is missing)
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from .. import ops, schedules
 from ..sampling import _teleport_gaussian

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._fake import FAKES
+from .._contract import FAKES
 from . import _config, gaussian, mixture
 
 NAMESPACE = "gsa_kernels_triton"

@@ -1,0 +1,110 @@
+"""The kernel contract: what every backend implements, in one place (docs/architecture.md, section 3).
+
+Three kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
+of them on one backend (_backends.py). Every backend takes the arguments in the order of
+ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference alike:
+
+    gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
+        -> out [B, D]. The spectral map of `kind` (SpectralKind): denoise and score read
+        sigma_from only (ops.py passes sigma for all four per-row tensors); flow reads all four,
+        sigma_from = +inf meaning x is unit noise.
+    gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
+        -> out [T, B, D]: x at sigmas[0] carried by the closed-form flow to every sigmas[t].
+    mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
+        -> (denoised [B, D] or [0], logp [B], weights [B, K] or [0]).
+
+Tensors: x [B, D] contiguous, float16 / bfloat16 / float32 / float64. Every other tensor
+(model tensors, per-row sigma_* / scale_* [B], sigmas [T, B]) is contiguous, on x's device, in
+the compute dtype of x (compute_dtype below); Gaussian residual_var is a Python float, mixture
+residual_var a [K] tensor. Outputs: out / denoised in x's dtype, logp and weights in the compute
+dtype. A kernel computes in the compute dtype whatever the storage dtype. NaN in x gives NaN in
+that row's outputs (never -inf, never another row).
+
+Room left on purpose (not implemented here; keep the names and orders above stable):
+- Prepared layouts. A model may own layouts derived from its tensors (a transposed basis, U^T mu,
+  per-component panels) and hand them to a kernel, instead of each backend caching its own.
+  They will travel as trailing arguments of the op (after the ones above, e.g. a `layouts`
+  tensor list that may be empty), so every argument index above stays valid; fake
+  implementations ignore them.
+- Autograd (gsa_kernels/_autograd.py) registers on these same op names: `kind` and the need_*
+  flags stay plain int / bool arguments, never folded into the name.
+- A per-row `labels` [B] int64 variant of the Gaussian ops (class-conditional models stored as a
+  mixture) is a new op name with `labels` right after x; it does not change the ops above.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+
+class SpectralKind(enum.IntEnum):
+    """The `kind` argument of gaussian_map; values are gsa::SpectralKind (csrc/include/gsa/spectral.h)."""
+
+    DENOISE = 0
+    SCORE = 1
+    FLOW = 2
+
+
+# Op names and their argument names, in kernel argument order (csrc/ops.cpp defines the same).
+ARGUMENTS = {
+    "gaussian_map": ("x", "mean", "basis", "eigvals", "residual_var", "sigma_from", "sigma_to", "scale_from",
+                     "scale_to", "kind"),
+    "gaussian_trajectory": ("x", "mean", "basis", "eigvals", "residual_var", "sigmas"),
+    "mixture_posterior": ("x", "means", "bases", "eigvals", "residual_var", "log_weights", "sigma", "need_denoised",
+                          "need_weights"),
+}
+OPS = tuple(ARGUMENTS)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel computes in for x of `dtype`: float64 stays float64, every other
+    floating dtype (float16, bfloat16, float32) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- fake (meta) kernels
+# Output shapes and dtypes only, so that torch.compile traces through the ops and opcheck tests them.
+
+
+def fake_gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    return torch.empty_like(x)
+
+
+def fake_gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+    return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
+
+
+def fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
+    B, K = x.shape[0], means.shape[0]
+    cd = compute_dtype(x.dtype)
+    denoised = x.new_empty((B, x.shape[1]) if need_denoised else (0,))
+    weights = x.new_empty((B, K) if need_weights else (0,), dtype=cd)
+    return denoised, x.new_empty((B,), dtype=cd), weights
+
+
+FAKES = {"gaussian_map": fake_gaussian_map, "gaussian_trajectory": fake_gaussian_trajectory,
+         "mixture_posterior": fake_mixture_posterior}
+
+
+def register_fakes(namespace: str, prefix: str = ""):
+    """register_fake for every op `namespace::<prefix><op>` (ops defined elsewhere, e.g. in C++)."""
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"{namespace}::{prefix}{name}")(fake)
+
+
+# ----------------------------------------------------------------------------- model operands
+
+
+class GaussianOperand:
+    """What the Gaussian ops read from a model: `mean` [D], `basis` [D, r], `eigvals` [r] tensors
+    and a float `residual_var`. GaussianModel is one; ops.py accepts any subclass instance."""
+
+    TENSORS = ("mean", "basis", "eigvals")
+
+
+class MixtureOperand:
+    """What the mixture ops read from a model: `means` [K, D], `bases` [K, D, r], `eigvals` [K, r],
+    `residual_var` [K], `log_weights` [K] (normalised). GaussianMixture is one."""
+
+    TENSORS = ("means", "bases", "eigvals", "residual_var", "log_weights")

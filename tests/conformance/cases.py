@@ -1,0 +1,336 @@
+"""The one case list of the conformance suite, shared by every backend.
+
+A case builds the arguments of one kernel-level op (gsa_kernels/_contract.py) in float64 from a
+seed; the suite rounds x to the case's dtype and everything else to the compute dtype, and the
+truth is the reference in float64 on exactly those rounded values. Families:
+
+  tiles     shapes one below / at / above every tile edge of every backend (below), per-sample
+            sigma over 0.002..80, r in {0, 1, D} and in between, K from 1 to several hundred
+  dtypes    float16 / bfloat16 / float64 (float32 is every other family's dtype)
+  sigma     one sigma for all rows: 1e-6 .. 1e4 (float32 / float64; 16-bit outputs would over- or
+            underflow there), the EDM range ends 0.002 and 80 in between
+  flow      (gaussian_map) the flow kind: sigma_from = inf rows, scales, sigma_to = 0 and backward
+  tie       near ties: nearly equal 1-d subspaces (low-rank) and midpoints of two training points
+            (delta mixture); weights within total variation 1e-3 of the truth
+  inf       -inf log weights (components that must get weight 0)
+  nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
+  grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
+
+Tile edges (read from the sources; keep in sync when they change):
+  triton interpreter  gaussian BLOCK_B 16, BLOCK_D 32, BLOCK_R 16, c in registers for r <= 16;
+                      mixture BLOCK_B 16, BLOCK_D 32, BLOCK_R 16 (registers r <= 16), BLOCK_K 16,
+                      BLOCK_DS 16, merge BLOCK_N 64; split-K over 4 programs
+                      (gsa_kernels/triton/{gaussian,mixture,_config}.py)
+  cuda                kTile 32 (rows, D, r), 8 rows per pass; projection split over D when
+                      ceil(D/32)/4 >= 2 (D >= 257 on the emulation's 4 multiprocessors); mixture
+                      8 rows per r = 0 block, 32-component chunks, split K >= 256 (r = 0)
+                      (csrc/cuda/params.h, csrc/emu/cuda_emu.cpp)
+  cpu                 row blocks of clamp(1.5 MiB / (D * 4 bytes), 16, 256) rows (257 rows cross
+                      one); mixture component blocks of 256 (r = 0) or max(4, 1024 / r) (r > 0),
+                      row blocks of ceil(B / threads) (csrc/cpu/common.h, csrc/cpu/mixture.cpp)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from gsa_kernels._contract import SpectralKind
+
+F64 = torch.float64
+EDM = (0.002, 80.0)  # the EDM sigma range
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    name: str
+    B: int
+    D: int
+    r: int
+    dtype: torch.dtype = torch.float32
+    residual_var: Optional[float] = 0.3  # None (mixtures): random per component in [0, 0.5)
+    sigma: Optional[float] = None  # None: per-sample, log-uniform over the EDM range
+    kind: SpectralKind = SpectralKind.DENOISE  # gaussian_map
+    T: int = 1  # gaussian_trajectory
+    K: int = 1  # mixture_posterior
+    neg_inf_weights: int = 0  # mixtures: this many components get log weight -inf
+    nan_rows: tuple = ()
+    seed: int = 0
+    interpreter: bool = True  # False: too many programs for the Triton interpreter (~40 ms each)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self):
+        return f"{self.family}-{self.name}"
+
+
+def _gen(case):
+    return torch.Generator().manual_seed(1000 + case.seed)
+
+
+def _orthonormal(D, r, gen):
+    return torch.linalg.qr(torch.randn(D, max(r, 1), dtype=F64, generator=gen))[0][:, :r].contiguous()
+
+
+def _log_uniform(n, lo, hi, gen):
+    """n values from lo to hi, log-uniform; the first two are the ends (when n >= 2)."""
+    v = torch.exp(torch.empty(n, dtype=F64).uniform_(math.log(lo), math.log(hi), generator=gen))
+    v[: min(n, 2)] = torch.tensor([lo, hi], dtype=F64)[: min(n, 2)]
+    return v
+
+
+def _row_sigma(case, gen):
+    if case.sigma is not None:
+        return torch.full((case.B,), case.sigma, dtype=F64)
+    return _log_uniform(case.B, *EDM, gen)
+
+
+def _add_nans(x, case):
+    for b in case.nan_rows:
+        x[b, b % x.shape[1]] = math.nan  # one NaN per row, at different features
+    return x
+
+
+# ----------------------------------------------------------------------------- Gaussian ops
+
+
+def _gaussian_model(case, gen):
+    D, r = case.D, case.r
+    basis = _orthonormal(D, r, gen)
+    eigvals = 10.0 ** torch.empty(r, dtype=F64).uniform_(-3, 1, generator=gen)  # 1e-3 .. 10
+    mean = torch.randn(D, dtype=F64, generator=gen)
+    residual_var = 0.0 if r == D else case.residual_var
+    return mean, basis, eigvals, residual_var
+
+
+def _gaussian_sample(mean, basis, eigvals, residual_var, B, gen):
+    """x0 ~ N(mean, U diag(eigvals) U^T + residual_var P_perp): the data a sampler denoises."""
+    eps = torch.randn(B, mean.shape[0], dtype=F64, generator=gen)
+    c = eps @ basis
+    return mean + (c * eigvals.sqrt()) @ basis.T + math.sqrt(residual_var) * (eps - c @ basis.T)
+
+
+def gaussian_map_args(case):
+    """(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind), float64."""
+    gen = _gen(case)
+    mean, basis, eigvals, residual_var = _gaussian_model(case, gen)
+    B = case.B
+    sigma_from = _row_sigma(case, gen)
+    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, B, gen)
+    eps = torch.randn(B, case.D, dtype=F64, generator=gen)
+    if case.kind == SpectralKind.FLOW:
+        # to 0 (the ODE's end), to a smaller sigma, backward to a larger one; schedule scalings
+        sigma_to = sigma_from * torch.tensor([0.0, 0.1, 0.5, 1.5], dtype=F64).repeat(B)[:B]
+        scale_from = torch.empty(B, dtype=F64).uniform_(0.5, 1.5, generator=gen)
+        scale_to = torch.empty(B, dtype=F64).uniform_(0.5, 1.5, generator=gen)
+        x = scale_from[:, None] * (x0 + sigma_from[:, None] * eps)
+        if B >= 3 and case.sigma is None:
+            sigma_from[2] = math.inf  # row 2 starts from unit noise
+            sigma_to[2] = 1.0
+            x[2] = eps[2]
+    else:
+        sigma_to, scale_from, scale_to = sigma_from, sigma_from, sigma_from
+        x = x0 + sigma_from[:, None] * eps
+    return (_add_nans(x, case), mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to,
+            int(case.kind))
+
+
+def gaussian_trajectory_args(case):
+    """(x, mean, basis, eigvals, residual_var, sigmas [T, B]), float64."""
+    gen = _gen(case)
+    mean, basis, eigvals, residual_var = _gaussian_model(case, gen)
+    B, T = case.B, case.T
+    start = _log_uniform(B, 0.01, 80.0, gen) if case.sigma is None else torch.full((B,), case.sigma, dtype=F64)
+    # later steps: down to 0, some above the start (backward); per sample
+    later = start * torch.rand(max(T - 1, 0), B, dtype=F64, generator=gen) * 1.3
+    if T >= 3:
+        later[-1] = 0.0
+    sigmas = torch.cat([start[None], later])
+    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, B, gen)
+    x = x0 + start[:, None] * torch.randn(B, case.D, dtype=F64, generator=gen)
+    return _add_nans(x, case), mean, basis, eigvals, residual_var, sigmas
+
+
+# ----------------------------------------------------------------------------- mixture posterior
+
+
+def _mixture_random(case, gen):
+    K, D, r = case.K, case.D, case.r
+    means = torch.randn(K, D, dtype=F64, generator=gen)
+    bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=F64)
+    eigvals = 10.0 ** torch.empty(K, r, dtype=F64).uniform_(-2, 1, generator=gen)  # 0.01 .. 10
+    if case.residual_var is None:
+        residual_var = torch.rand(K, dtype=F64, generator=gen) * 0.5
+    else:
+        residual_var = torch.full((K,), 0.0 if r == D else case.residual_var, dtype=F64)
+    log_weights = torch.randn(K, dtype=F64, generator=gen)
+    if case.neg_inf_weights:
+        log_weights[torch.randperm(K, generator=gen)[: case.neg_inf_weights]] = -math.inf
+    log_weights = torch.log_softmax(log_weights, 0)
+    # x near the data: a component's sample (an allowed one) plus sigma noise
+    allowed = torch.nonzero(torch.isfinite(log_weights))[:, 0]
+    k = allowed[torch.randint(0, allowed.numel(), (case.B,), generator=gen)]
+    eps = torch.randn(case.B, D, dtype=F64, generator=gen)
+    c = torch.einsum("bd,bdr->br", eps, bases[k])
+    in_span = torch.einsum("br,bdr->bd", c, bases[k])
+    x0 = means[k] + torch.einsum("br,bdr->bd", c * eigvals[k].sqrt(), bases[k]) + residual_var[k, None].sqrt() * (eps - in_span)
+    return means, bases, eigvals, residual_var, log_weights, x0
+
+
+def _lowrank_tie(case, gen):
+    """Two components, 1-d subspaces 1e-5 apart, eigvals 1e4, residual_var 0, means 0, x = 100 u
+    + 2e-3 noise (D = 64): the weights hinge on |P_perp y|^2 / sigma^2 of two nearly equal
+    projections (at sigma = 0.01 exact weights ~ [0.6, 0.4])."""
+    D = case.D
+    u = _orthonormal(D, 2, gen)
+    u1, u2 = u[:, 0], u[:, 0] + 1e-5 * u[:, 1]
+    bases = torch.stack([u1, u2 / u2.norm()])[:, :, None]
+    means = torch.zeros(2, D, dtype=F64)
+    eigvals = torch.full((2, 1), 1e4, dtype=F64)
+    x0 = 100.0 * u1.expand(case.B, D) + 2e-3 * torch.randn(case.B, D, dtype=F64, generator=gen)
+    return means, bases, eigvals, torch.zeros(2, dtype=F64), torch.log(torch.full((2,), 0.5, dtype=F64)), x0
+
+
+def _delta_tie(case, gen):
+    """The empirical mixture of K image-like points in [-1, 1]^D; queries at midpoints of two
+    points + 1e-3 noise per coordinate (D = 3072): two logits of ~|y|^2 / 2 sigma^2 nearly equal."""
+    K, D = case.K, case.D
+    points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
+    i = torch.arange(case.B) % K
+    j = (i + 1 + torch.arange(case.B) // K) % K
+    x0 = (points[i] + points[j]) / 2 + 1e-3 * torch.randn(case.B, D, dtype=F64, generator=gen)
+    zeros = torch.zeros(K, dtype=F64)
+    return points, torch.zeros(K, D, 0, dtype=F64), torch.zeros(K, 0, dtype=F64), zeros, zeros - math.log(K), x0
+
+
+def mixture_posterior_args(case):
+    """(x, means, bases, eigvals, residual_var, log_weights, sigma): the need_* flags are the
+    test's; float64."""
+    gen = _gen(case)
+    build = {"lowrank_tie": _lowrank_tie, "delta_tie": _delta_tie}.get(case.extra.get("build"), _mixture_random)
+    means, bases, eigvals, residual_var, log_weights, x0 = build(case, gen)
+    sigma = _row_sigma(case, gen)
+    if case.extra.get("build"):  # ties: the query is the point (sigma noise would break the tie)
+        x = x0.clone()
+    else:
+        x = x0 + sigma[:, None] * torch.randn(case.B, case.D, dtype=F64, generator=gen)
+    return _add_nans(x, case), means, bases, eigvals, residual_var, log_weights, sigma
+
+
+# ----------------------------------------------------------------------------- the lists
+
+
+def _shape_name(B, D, r, **more):
+    return "_".join([f"B{B}", f"D{D}", f"r{r}"] + [f"{k}{v}" for k, v in more.items()])
+
+
+_DT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
+_KINDS = {SpectralKind.DENOISE: "denoise", SpectralKind.SCORE: "score", SpectralKind.FLOW: "flow"}
+
+
+def _sigma_name(s):
+    return f"s{s:g}"
+
+
+GAUSSIAN_TILE_SHAPES = [  # (B, D, r)
+    (1, 1, 0), (1, 61, 0), (15, 31, 1),
+    (16, 32, 16), (17, 33, 17),  # triton BLOCK_B / BLOCK_D / BLOCK_R and the register rank
+    (33, 65, 31), (31, 64, 33),  # cuda kTile 32 in rows, D and r
+    (17, 33, 33), (8, 64, 64),  # full rank
+    (3, 257, 2),  # cuda split of the projection over D (2 slices, the last one short)
+    (257, 8, 3),  # cpu row block (256 rows at small D)
+]
+
+
+def gaussian_map_cases():
+    cases = []
+    for B, D, r in GAUSSIAN_TILE_SHAPES:
+        for kind in SpectralKind:
+            cases.append(Case("tiles", _shape_name(B, D, r) + "_" + _KINDS[kind], B, D, r, kind=kind))
+    for B, D, r in [(7, 61, 0), (7, 61, 5), (7, 40, 40)]:
+        for sigma in (1e-6, 0.002, 80.0, 1e4):
+            for dtype in (torch.float32, torch.float64):
+                for kind in (SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW):
+                    rv = 0.0 if r else 0.3  # residual_var 0: the off-span gain is 1/sigma^2 (score)
+                    name = _shape_name(B, D, r) + f"_{_KINDS[kind]}_{_sigma_name(sigma)}_{_DT[dtype]}"
+                    cases.append(Case("sigma", name, B, D, r, dtype=dtype, residual_var=rv, sigma=sigma, kind=kind))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        for B, D, r in [(17, 33, 5), (9, 33, 33), (5, 40, 0)]:
+            for kind in SpectralKind:
+                cases.append(Case("dtypes", _shape_name(B, D, r) + f"_{_KINDS[kind]}_{_DT[dtype]}", B, D, r,
+                                  dtype=dtype, kind=kind))
+    for B, D, r, rv in [(9, 33, 5, 0.0), (9, 33, 17, 0.2), (5, 33, 33, 0.0)]:
+        cases.append(Case("flow", _shape_name(B, D, r, rv=rv), B, D, r, residual_var=rv, kind=SpectralKind.FLOW,
+                          seed=1))
+    for kind in SpectralKind:
+        cases.append(Case("nan", _shape_name(5, 33, 4) + "_" + _KINDS[kind], 5, 33, 4, kind=kind, nan_rows=(1, 3)))
+        cases.append(Case("nan", _shape_name(5, 33, 0) + "_" + _KINDS[kind], 5, 33, 0, kind=kind, nan_rows=(1,)))
+    # rows beyond 65535 * 32 (the cuda kernels' row tiles on one grid dimension); D = 1, r = 0: cheap
+    cases.append(Case("grid", _shape_name(2_100_000, 1, 0), 2_100_000, 1, 0, sigma=0.5, interpreter=False))
+    return cases
+
+
+def gaussian_trajectory_cases():
+    cases = []
+    for B, D, r, T in [(1, 61, 0, 3), (17, 33, 15, 5), (15, 61, 17, 4), (5, 32, 32, 3), (33, 65, 33, 2), (3, 257, 2, 3),
+                       (4, 20, 3, 1)]:
+        cases.append(Case("tiles", _shape_name(B, D, r, T=T), B, D, r, T=T))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        cases.append(Case("dtypes", _shape_name(9, 33, 5, T=4) + "_" + _DT[dtype], 9, 33, 5, T=4, dtype=dtype))
+    for sigma in (1e-6, 1e4):
+        for dtype in (torch.float32, torch.float64):
+            cases.append(Case("sigma", _shape_name(5, 33, 5, T=3) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 5, 33, 5,
+                              T=3, sigma=sigma, dtype=dtype, residual_var=0.0))
+    cases.append(Case("nan", _shape_name(5, 33, 4, T=3), 5, 33, 4, T=3, nan_rows=(2,)))
+    # steps beyond 65535 (one grid dimension of the cuda kernels)
+    cases.append(Case("grid", _shape_name(1, 1, 0, T=65537), 1, 1, 0, T=65537, interpreter=False))
+    return cases
+
+
+def mixture_posterior_cases():
+    cases = []
+    for B, K, D, r, rv in [
+        (1, 1, 1, 0, 0.0), (2, 1, 20, 3, None),
+        (17, 5, 33, 1, None), (15, 3, 31, 16, None), (16, 4, 32, 17, 0.0),  # triton tiles, register rank
+        (9, 3, 33, 33, None),  # full rank
+        (9, 17, 65, 0, 0.0),  # delta: triton BLOCK_K 16, merge BLOCK_N 64; cuda 8-row blocks
+        (8, 33, 31, 0, None),  # isotropic, unequal residual_var; cuda 32-component chunks
+        (3, 257, 16, 0, 0.0),  # cpu component block 256; cuda / triton split-K
+        (5, 65, 24, 16, None),  # cpu component block max(4, 1024 / r) = 64
+        (2, 300, 8, 2, 0.1),  # several hundred low-rank components, split-K
+        (513, 3, 4, 1, None),  # cpu row blocks, many row blocks everywhere
+    ]:
+        cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=rv))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        for B, K, D, r, rv in [(17, 19, 33, 0, 0.0), (9, 5, 33, 5, None)]:
+            cases.append(Case("dtypes", _shape_name(B, D, r, K=K) + "_" + _DT[dtype], B, D, r, K=K, residual_var=rv,
+                              dtype=dtype))
+    for sigma in (1e-6, 0.002, 80.0, 1e4):
+        for dtype in (torch.float32, torch.float64):
+            for B, K, D, r, rv in [(5, 7, 33, 0, 0.0), (5, 4, 33, 3, 0.0)]:
+                name = _shape_name(B, D, r, K=K) + f"_{_sigma_name(sigma)}_{_DT[dtype]}"
+                cases.append(Case("sigma", name, B, D, r, K=K, residual_var=rv, sigma=sigma, dtype=dtype))
+    for sigma in (0.002, 0.01, 0.1, 80.0):
+        for dtype in (torch.float32, torch.float64):
+            cases.append(Case("tie", f"lowrank_D64_{_sigma_name(sigma)}_{_DT[dtype]}", 4, 64, 1, K=2, sigma=sigma,
+                              dtype=dtype, extra={"build": "lowrank_tie"}))
+    for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
+        cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
+                          extra={"build": "delta_tie"}))
+    for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
+        cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
+                          neg_inf_weights=K // 3))
+    for B, K, D, r in [(5, 20, 33, 0), (5, 4, 33, 3)]:
+        cases.append(Case("nan", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
+                          nan_rows=(0, 3)))
+    return cases
+
+
+CASES = {
+    "gaussian_map": (gaussian_map_cases(), gaussian_map_args),
+    "gaussian_trajectory": (gaussian_trajectory_cases(), gaussian_trajectory_args),
+    "mixture_posterior": (mixture_posterior_cases(), mixture_posterior_args),
+}

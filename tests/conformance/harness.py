@@ -1,0 +1,184 @@
+"""Backends, inputs, truth and the one tolerance function per dtype of the conformance suite.
+
+Error measures (the same for every backend; `tol(dtype)` is the only tolerance):
+- Gaussian ops, per row b:  |out_b - truth_b| / scale_b <= tol(x dtype), where
+  scale_b = |truth_b| + (largest gain of the map) |y_b| + |b mu|: relative to the largest term
+  the spectral map adds up (a y, U diag(f) c, b mu; docs/architecture.md, section 1). Where those
+  terms cancel (the score at small sigma with residual_var 0: a y and the in-span part are both
+  ~|y| / sigma^2) no float32 evaluation order does better than a few ulps of the largest term.
+  At full rank there are no residual directions, so the residual gain is not a term.
+- mixture logp, per row: |logp - truth| <= tol(compute dtype) * (|truth| + the largest
+  quadratic form + log-determinant of a component with weight): the logits are those terms.
+- mixture weights, per row: total variation <= 1e-3 (float32 compute; the spec, at every sigma,
+  near ties included) or 1e-9 (float64); components with log weight -inf get exactly 0.
+- mixture denoised, per row: |out - truth| <= tol(x dtype) * (|x| + max_k |D_k|) + 2 TV_b max_k
+  |D_k - truth|, TV_b the row's measured weight error: the denoised mean is the weighted sum of the
+  component denoisers D_k, so a weight error moves it by at most that much.
+- NaN: outputs are NaN exactly where the truth is NaN (NaN rows of x), never -inf; other rows
+  are checked as usual.
+
+tol: float64 1e-10 (the kernels reach ~1e-14; a float32 constant in a float64 path shows);
+float32 1e-5 (~100 ulp: sums over D <= 3072 terms); float16 1.5e-3 and bfloat16 1e-2 (the
+computation is float32 and the truth sees the same rounded x: what is left is the output's
+rounding, half an ulp = 2^-11 and 2^-8 relative).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gsa_kernels import _backends, reference
+from gsa_kernels._contract import SpectralKind, compute_dtype
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
+WEIGHTS_TV = {torch.float64: 1e-9, torch.float32: 1e-3}
+
+
+def tol(dtype):
+    return TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- backends and devices
+
+
+def device_type():
+    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda and a GPU is visible (then triton and cuda run
+    on CUDA tensors, compiled); else "cpu" (triton through the interpreter, cuda through the
+    SIMT emulation)."""
+    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def backends():
+    return ("triton", "cuda") if device_type() == "cuda" else ("reference", "cpu", "triton", "cuda")
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel(backend, op):
+    """The backend's kernel of `op` through the one dispatch point (_backends.resolve)."""
+    return _backends.resolve(backend, torch.device(device_type()), op)
+
+
+def cast(args, dtype):
+    """x (args[0]) to dtype, every other tensor to the compute dtype, all on the test device;
+    floats and flags unchanged."""
+    cd, dev = compute_dtype(dtype), device_type()
+    out = [args[0].to(dtype).to(dev)]
+    for a in args[1:]:
+        out.append(a.to(cd).to(dev) if isinstance(a, torch.Tensor) else a)
+    return out
+
+
+def as_f64(args):
+    return [a.to("cpu", torch.float64) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _nan_rows_match(out, truth, what):
+    """Same NaN positions as the truth (NaN rows of x), no infinities where the truth is finite.
+    Returns the rows without NaN in the truth, for the numeric checks."""
+    out = out.double().cpu()
+    nan_t = torch.isnan(truth)
+    bad = (torch.isnan(out) != nan_t).nonzero()
+    assert bad.numel() == 0, f"{what}: NaN pattern differs from the truth at {bad[:4].tolist()}"
+    bad = (torch.isinf(out) & torch.isfinite(truth)).nonzero()
+    assert bad.numel() == 0, f"{what}: infinite where the truth is finite, at {bad[:4].tolist()}"
+    rows = ~nan_t.reshape(nan_t.shape[0], -1).any(1)
+    return out[rows], truth[rows], rows
+
+
+def _gains(kind, lam, sa, sb, ka, kb):
+    """|gain| of the spectral map along eigen-directions of variance lam [1, n]; per-row [B, 1] args."""
+    if kind == SpectralKind.DENOISE:
+        return lam / (lam + sa**2) + 0 * sa
+    if kind == SpectralKind.SCORE:
+        return 1.0 / (lam + sa**2)
+    inf = torch.isinf(sa)
+    finite = torch.sqrt((lam + sb**2) / (lam + torch.where(inf, 1.0, sa) ** 2)) / ka
+    return kb.abs() * torch.where(inf, torch.sqrt(lam + sb**2), finite)
+
+
+def gaussian_scale(args64, kind):
+    """The terms of scale_b (module docstring) besides |truth_b|, [B], for gaussian_map args (float64)."""
+    x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, _ = args64
+    D, r = basis.shape
+    lam = eigvals if r == D else torch.cat([eigvals, torch.tensor([residual_var], dtype=torch.float64)])
+    sa, sb, ka, kb = (t[:, None] for t in (sa, sb, ka, kb))
+    gain = _gains(kind, lam[None], sa, sb, ka, kb).max(1).values if lam.numel() else torch.zeros(x.shape[0], dtype=torch.float64)
+    if kind == SpectralKind.FLOW:
+        y = torch.where(torch.isinf(sa), x, x / ka - mean)
+        mu_term = kb[:, 0].abs() * mean.norm()
+    else:
+        y = x - mean
+        mu_term = (1.0 if kind == SpectralKind.DENOISE else 0.0) * mean.norm() * torch.ones(x.shape[0], dtype=torch.float64)
+    return gain * torch.nan_to_num(y, nan=0.0).norm(dim=1) + mu_term
+
+
+def check_rows(out, truth, scale, dtype, what):
+    """Per-row |out - truth| <= tol(dtype) * (|truth| + scale) (gaussian_scale); NaN rows as the truth."""
+    out, truth, rows = _nan_rows_match(out, truth, what)
+    scale = scale[rows]
+    out, truth = out.reshape(out.shape[0], -1), truth.reshape(truth.shape[0], -1)
+    if out.shape[0] == 0:
+        return
+    err = (out - truth).norm(dim=1) / (truth.norm(dim=1) + scale).clamp_min(1e-300)
+    worst = int(err.argmax())
+    assert err[worst] <= tol(dtype), f"{what}: row {worst}: relative error {err[worst].item():.3g} > {tol(dtype):.3g}"
+
+
+def mixture_terms(args64):
+    """Per component, float64: quadratic form + log-determinant of the logits [B, K] and the
+    component denoisers D_k [B, K, D]."""
+    x, means, bases, eigvals, residual_var, log_weights, sigma = args64
+    s2 = sigma[:, None] ** 2
+    y, c, perp, logpdf = reference._component_terms(x, s2, means, bases, eigvals, residual_var)
+    terms = -2 * logpdf  # quadratic form + log det + D log 2 pi: all positive but the logs
+    logdet = torch.log(eigvals[None] + s2[:, :, None]).sum(-1) + (x.shape[1] - bases.shape[2]) * torch.log(residual_var[None] + s2)
+    terms = terms - logdet + logdet.abs()
+    d_k = means[None] + torch.einsum("bkr,kdr->bkd", c * (eigvals[None] / (eigvals[None] + s2[:, :, None])), bases)
+    if perp is not None:
+        d_k = d_k + (residual_var[None] / (residual_var[None] + s2))[:, :, None] * perp
+    return terms, d_k
+
+
+def check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, dtype, what):
+    cd = compute_dtype(dtype)
+    B, K = args[0].shape[0], args[1].shape[0]
+    den_t, logp_t, w_t = reference.mixture_posterior(*args64, True, True)
+    assert den.dtype == dtype and den.shape == args[0].shape, f"{what}: denoised {den.dtype} {tuple(den.shape)}"
+    assert logp1.dtype == cd and logp1.shape == (B,) and logp2.dtype == cd and logp2.shape == (B,), f"{what}: logp"
+    assert weights.dtype == cd and weights.shape == (B, K), f"{what}: weights {weights.dtype} {tuple(weights.shape)}"
+    assert w_empty.numel() == 0 and den_empty.numel() == 0, f"{what}: an output not asked for is not empty"
+    terms, d_k = mixture_terms(args64)
+    support = w_t > 1e-12  # [B, K]
+    lp_scale = logp_t.abs() + torch.where(support, terms, 0.0).max(1).values
+    for name, logp in (("logp (with denoised)", logp1), ("logp (with weights)", logp2)):
+        out, truth, rows = _nan_rows_match(logp, logp_t, f"{what}: {name}")
+        err = ((out - truth).abs() / lp_scale[rows]).max().item() if rows.any() else 0.0
+        assert err <= tol(cd), f"{what}: {name}: relative error {err:.3g} > {tol(cd):.3g}"
+    w, w_truth, rows = _nan_rows_match(weights, w_t, f"{what}: weights")
+    tv = torch.zeros(B, dtype=torch.float64)
+    if rows.any():
+        tv[rows] = 0.5 * (w - w_truth).abs().sum(1)
+        worst = int(tv.argmax())
+        assert tv[worst] <= WEIGHTS_TV[cd], f"{what}: weights row {worst}: total variation {tv[worst].item():.3g} > {WEIGHTS_TV[cd]:.3g}"
+    excluded = torch.isinf(args64[5])
+    if excluded.any():
+        assert (weights.cpu()[rows][:, excluded] == 0).all(), f"{what}: a component with log weight -inf has weight > 0"
+    out, truth, rows = _nan_rows_match(den, den_t, f"{what}: denoised")
+    if rows.any():
+        spread_support = support | (weights.double().cpu() > 1e-12)
+        d_norm = torch.where(spread_support, d_k.norm(dim=2), 0.0).max(1).values
+        spread = torch.where(spread_support, (d_k - den_t[:, None]).norm(dim=2), 0.0).max(1).values
+        allowed = tol(dtype) * (args64[0].norm(dim=1) + d_norm) + 2 * tv * spread
+        err = (out - truth).norm(dim=1) / allowed[rows]
+        worst = int(err.argmax())
+        assert err[worst] <= 1.0, f"{what}: denoised row {worst}: error {(out - truth).norm(dim=1)[worst].item():.3g} > allowed {allowed[rows][worst].item():.3g}"
+
