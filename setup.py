@@ -59,16 +59,21 @@ def _extensions():
         cxx.append("-march=native")  # opt-in: wheels must run on other CPUs
     else:  # the build machine's vector ISA, so the CPU kernels vectorize (CI builds where it runs)
         cxx += [f"-m{isa}" for isa in ("avx2", "fma", "f16c") if _cpu_has(isa)]
+    link = ["-fopenmp"]
+    if os.environ.get("GSA_KERNELS_SANITIZE", "0") == "1":  # scripts/sanitize.sh: ASan + UBSan build
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + san
+        link += san
     extra = {"cxx": cxx}
     if use_cuda:
         sources += rel(["csrc/cuda/*.cu", "csrc/cuda/*.cpp"])
         extra["cxx"] = cxx + ["-DGSA_KERNELS_WITH_CUDA"]
         extra["nvcc"] = ["-O3", "-std=c++20", "-DGSA_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension("gsa_kernels._C", sources, include_dirs=include_dirs,
-                            extra_compile_args=extra, extra_link_args=["-fopenmp"])
+                            extra_compile_args=extra, extra_link_args=link)
     else:
         ext = CppExtension("gsa_kernels._C", sources, include_dirs=include_dirs,
-                           extra_compile_args=extra, extra_link_args=["-fopenmp"])
+                           extra_compile_args=extra, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,152 +1,248 @@
-"""GPU benchmarks (pytest-benchmark) of the workloads shared with the CPU benchmarks.
+"""GPU benchmarks (pytest-benchmark): the triton and cuda backends against eager PyTorch and
+torch.compile on the same device, with the device's roofline measured in the same run.
 
     G1  gaussian_denoise     B=1024 D=3072 r=64
     G2  gaussian_denoise     B=256  D=3072 r=3072
     T1  gaussian_trajectory  T=18 B=256 D=3072 r=256
     M1  mixture_denoise      B=512  D=3072 K=200 r=32
-    E1  mixture_denoise      B=256  N=20000 D=3072 sigma=0.5 (empirical: r = 0, residual_var = 0)
+    E1  empirical mixture    B=256  N=20000 D=3072, sigma in 0.01 (one-hot), 0.5, 3 and 30 (dense)
 
-Runs only with a CUDA device (skipped otherwise):
-    python -m pytest benchmarks/bench_gpu.py --benchmark-columns=median,iqr,ops
-Each case records its H100 roofline estimate (extra_info, see ROOFLINE.md); ratios between
-backends are the medians' ratios. `python benchmarks/bench_gpu.py` prints the ROOFLINE.md table.
+    python -m pytest benchmarks/bench_gpu.py --benchmark-json out.json     (needs a CUDA device)
+
+Every case is timed with torch.cuda events after warm-up (compilation and autotuning happen in
+the warm-up); the medians land in each benchmark's extra_info together with the bytes and FLOPs
+the case must move and do, so scripts/gpu_check.py can turn them into GB/s, TFLOP/s, ratios and
+% of roofline. "eager" is the reference backend (gsa_kernels/reference.py; for the empirical
+mixture the paper authors' cdist + softmax + matmul), "compiled" is torch.compile of the same.
+
+Without a GPU the file is skipped, unless GSA_BENCH_DEVICE=cpu (used by
+`scripts/gpu_check.sh --dry-run`): then the same cases run on CPU tensors at reduced sizes with one
+timed repetition -- Triton through the interpreter (TRITON_INTERPRET=1), CUDA through the host
+SIMT emulation (GSA_KERNELS_CUDA_EMULATE=1) -- only so the pipeline cannot rot between GPU days.
 """
 from __future__ import annotations
+
+import os
+import statistics
+import time
 
 import pytest
 import torch
 
-# H100 SXM peaks (estimates, not measurements): HBM3 bandwidth, dense bf16 tensor cores, fp32 CUDA cores
-HBM_BYTES_PER_S = 3.35e12
-BF16_TC_FLOPS = 989e12
-FP32_FLOPS = 67e12
+DEVICE = os.environ.get("GSA_BENCH_DEVICE", "cuda")
+REDUCED = DEVICE != "cuda" or os.environ.get("GSA_BENCH_REDUCED", "0") == "1"
+ROUNDS = 1 if REDUCED else int(os.environ.get("GSA_BENCH_ROUNDS", "20"))
+COMPILE_BACKEND = os.environ.get("GSA_BENCH_COMPILE_BACKEND", "aot_eager" if DEVICE != "cuda" else "inductor")
 
-WORKLOADS = {
+FULL = {
     "G1": dict(op="gaussian_denoise", B=1024, D=3072, r=64),
     "G2": dict(op="gaussian_denoise", B=256, D=3072, r=3072),
     "T1": dict(op="gaussian_trajectory", T=18, B=256, D=3072, r=256),
     "M1": dict(op="mixture_denoise", B=512, D=3072, K=200, r=32),
-    "E1": dict(op="mixture_denoise", B=256, D=3072, K=20000, r=0, sigma=0.5),
+    "E1": dict(op="mixture_denoise", B=256, D=3072, K=20000, r=0),
 }
+SMALL = {  # the dry run: every code path, tiny shapes (interpreter / emulation speed)
+    "G1": dict(op="gaussian_denoise", B=24, D=80, r=8),
+    "G2": dict(op="gaussian_denoise", B=8, D=48, r=48),
+    "T1": dict(op="gaussian_trajectory", T=4, B=8, D=64, r=8),
+    "M1": dict(op="mixture_denoise", B=8, D=64, K=5, r=4),
+    "E1": dict(op="mixture_denoise", B=8, D=64, K=300, r=0),
+}
+WORKLOADS = SMALL if REDUCED else FULL
+EMPIRICAL_SIGMAS = (0.01, 3.0) if REDUCED else (0.01, 0.5, 3.0, 30.0)  # one-hot ... dense posterior
+CASES = [(n, None) for n in ("G1", "G2", "T1", "M1")] + [("E1", s) for s in EMPIRICAL_SIGMAS]
+IMPLS = ("triton", "cuda", "eager", "compiled")
 
 
-def work(name, x_bytes=4):
-    """(bytes, dot_flops, other_flops) that any implementation must move / do (compulsory HBM
-    traffic: inputs read once, outputs written once; model tensors in float32)."""
+def work(name, x_bytes=4, sigma=None):
+    """(bytes, dot_flops, other_flops) any implementation must move / do: inputs read once,
+    outputs written once, model tensors in float32. The empirical mixture counts the distance
+    GEMM always and the dense back-projection only where the posterior is dense (sigma >= 3)."""
     w = WORKLOADS[name]
     B, D, r = w["B"], w["D"], w["r"]
-    if w["op"] == "gaussian_denoise":  # c = y U, out = a y + mu + (c f) U^T
+    if w["op"] == "gaussian_denoise":
         return B * D * x_bytes * 2 + D * r * 4 + D * 4, 4 * B * D * r, 4 * B * D
-    if w["op"] == "gaussian_trajectory":  # c once, T reconstructions
+    if w["op"] == "gaussian_trajectory":
         T = w["T"]
         return B * D * x_bytes * (1 + T) + D * r * 4 + D * 4, 2 * B * D * r * (1 + T), 4 * T * B * D
     K = w["K"]
     model = K * D * 4 + K * D * r * 4
-    if r == 0:  # |x - mu|^2 directly (sub + fma per element: 2 fp32 issue slots = 4 flop-equivalents), p @ means
-        return B * D * x_bytes * 2 + model, 2 * B * K * D, 4 * B * K * D
-    # per (row, component): c (2 D r), the direct residual |y - U c|^2 (2 D r, taken whenever
-    # |y|^2 / (lp + s^2) > 256, i.e. nearly always at D = 3072), reconstruction (2 D r);
-    # |y|^2, the residual and the acc update ~ 10 D
-    return B * D * x_bytes * 2 + model, 6 * B * K * D * r, 10 * B * K * D
+    if r == 0:
+        dense = sigma is not None and sigma >= 3.0
+        return B * D * x_bytes * 2 + model, 2 * B * K * D * (2 if dense else 1), 4 * B * K
+    return B * D * x_bytes * 2 + model, 4 * B * K * D * r + 4 * B * K * D, 10 * B * K * D
 
 
-def roofline_us(name, tensor_cores, x_bytes=4):
-    """max(memory time, compute time) in microseconds; dots on bf16 tensor cores or fp32 FMA."""
-    nbytes, dot, other = work(name, x_bytes)
-    t_mem = nbytes / HBM_BYTES_PER_S
-    t_cmp = (dot / BF16_TC_FLOPS if tensor_cores else dot / FP32_FLOPS) + other / FP32_FLOPS
-    return 1e6 * max(t_mem, t_cmp), 1e6 * t_mem, 1e6 * t_cmp
+# ----------------------------------------------------------------------------- set-up
 
 
-def roofline_table():
-    lines = ["| workload | bytes (MB) | dot GFLOP | other GFLOP | memory us | fp32-FMA dots us | bf16-TC dots us |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in WORKLOADS:
-        nbytes, dot, other = work(name)
-        fp32, t_mem, t_fp32 = roofline_us(name, False)
-        tc, _, t_tc = roofline_us(name, True)
-        lines.append(f"| {name} | {nbytes / 1e6:.1f} | {dot / 1e9:.2f} | {other / 1e9:.2f} | {t_mem:.1f} | "
-                     f"{t_fp32:.1f} -> **{fp32:.1f}** | {t_tc:.1f} -> **{tc:.1f}** |")
-    return "\n".join(lines)
+def _device_ok():
+    if DEVICE == "cuda":
+        return torch.cuda.is_available()
+    return True
 
 
-# ----------------------------------------------------------------------------- benchmarks
-
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="GPU benchmarks need a CUDA device (H100 estimates: benchmarks/ROOFLINE.md)")
+pytestmark = pytest.mark.skipif(not _device_ok(), reason="GPU benchmarks need a CUDA device (or GSA_BENCH_DEVICE=cpu)")
 
 _CACHE = {}
 
 
-def _setup(name, dtype):
-    """(x, fn_of_backend) for a workload, built once per (workload, dtype) on the GPU."""
-    import gsa_kernels as gk
+def _authors_empirical(x, sigma, points):
+    """The paper authors' empirical-mixture denoiser: cdist + softmax + matmul (eager)."""
+    d2 = torch.cdist(x, points) ** 2
+    w = torch.softmax(-d2 / (2 * sigma[:, None] ** 2), dim=1)
+    return w @ points
 
-    if (name, dtype) in _CACHE:
-        return _CACHE[(name, dtype)]
+
+def _setup(name, sigma_e, dtype):
+    """{impl: zero-argument callable} for a case, built once per (case, dtype)."""
+    import gsa_kernels as gk
+    from gsa_kernels import reference
+
+    key = (name, sigma_e, dtype)
+    if key in _CACHE:
+        return _CACHE[key]
     w = WORKLOADS[name]
     B, D, r = w["B"], w["D"], w["r"]
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
+    dev = torch.device(DEVICE)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dev)
+    compile_ = lambda f: torch.compile(f, backend=COMPILE_BACKEND, dynamic=False)
     if w["op"].startswith("gaussian"):
-        basis = torch.linalg.qr(torch.randn(D, r, device=dev, generator=gen))[0]
-        eig = torch.linspace(4.0, 0.01, r, device=dev)
-        g = gk.GaussianModel(torch.randn(D, device=dev, generator=gen) * 0.1, basis, eig, 0.01)
-        x = (torch.randn(B, D, device=dev, generator=gen) * 2).to(dtype)
+        basis = torch.linalg.qr(torch.randn(D, r, generator=gen))[0].to(dev)
+        eig = torch.logspace(1, -3, r, device=dev)
+        g = gk.GaussianModel(rnd(D) * 0.1, basis, eig, 1e-3 if r < D else 0.0)
+        x = (rnd(B, D) * 2).to(dtype)
+        args = (g.mean, g.basis, g.eigvals, g.residual_var)
         if w["op"] == "gaussian_denoise":
-            sigma = torch.rand(B, device=dev, generator=gen) * 5 + 0.01
-
-            def fn(backend):
-                return gk.gaussian_denoise(x, sigma, g, backend=backend)
+            sigma = torch.exp(torch.empty(B).uniform_(-6.2, 4.4, generator=gen)).to(dev)  # 0.002 .. 80
+            fn = lambda backend: gk.gaussian_denoise(x, sigma, g, backend=backend)
+            eager = lambda: reference.gaussian_denoise(x, sigma, *args)
+            comp = compile_(reference.gaussian_denoise)
+            compiled = lambda: comp(x, sigma, *args)
         else:
             sigmas = gk.schedules.karras(w["T"] - 1).to(dev)  # T points, 80 -> 0
-
-            def fn(backend):
-                return gk.gaussian_trajectory(x, sigmas, g, backend=backend)
+            sig2 = sigmas[:, None].expand(-1, B).contiguous()
+            fn = lambda backend: gk.gaussian_trajectory(x, sigmas, g, backend=backend)
+            eager = lambda: reference.gaussian_trajectory(x, sig2, *args)
+            comp = compile_(reference.gaussian_trajectory)
+            compiled = lambda: comp(x, sig2, *args)
     else:
         K = w["K"]
         if r == 0:
-            m = gk.GaussianMixture.from_points(torch.randn(K, D, device=dev, generator=gen))
-            x = (m.means[torch.randint(0, K, (B,), device=dev, generator=gen)] + 0.5 * torch.randn(B, D, device=dev, generator=gen)).to(dtype)
+            points = (torch.rand(K, D, generator=gen) * 2 - 1).to(dev)
+            m = gk.GaussianMixture.from_points(points)
+            idx = torch.randint(0, K, (B,), generator=gen).to(dev)
+            x = (points[idx] + sigma_e * rnd(B, D)).to(dtype)
+            sigma = torch.full((B,), float(sigma_e), device=dev)
+            eager = lambda: _authors_empirical(x.float(), sigma, points)
+            comp = compile_(_authors_empirical)
+            compiled = lambda: comp(x.float(), sigma, points)
         else:
-            bases = torch.linalg.qr(torch.randn(K, D, r, device=dev, generator=gen))[0]
-            eig = torch.rand(K, r, device=dev, generator=gen) * 4 + 0.01
-            lw = torch.log_softmax(torch.randn(K, device=dev, generator=gen), 0)
-            m = gk.GaussianMixture(torch.randn(K, D, device=dev, generator=gen), bases, eig, torch.full((K,), 0.05, device=dev), lw)
-            x = (torch.randn(B, D, device=dev, generator=gen) * 2).to(dtype)
-        sigma = torch.full((B,), float(w.get("sigma", 1.0)), device=dev)
+            bases = torch.linalg.qr(torch.randn(K, D, r, generator=gen))[0].to(dev)
+            eig = (torch.rand(K, r, generator=gen) * 4 + 0.01).to(dev)
+            lw = torch.log_softmax(torch.randn(K, generator=gen), 0).to(dev)
+            m = gk.GaussianMixture(rnd(K, D), bases, eig, torch.full((K,), 0.05, device=dev), lw)
+            x = (rnd(B, D) * 2).to(dtype)
+            sigma = torch.exp(torch.empty(B).uniform_(-6.2, 4.4, generator=gen)).to(dev)
+            margs = (m.means, m.bases, m.eigvals, m.residual_var, m.log_weights)
+            eager = lambda: reference.mixture_posterior(x, sigma, *margs)
+            comp = compile_(reference.mixture_posterior)
+            compiled = lambda: comp(x, sigma, *margs)
+        fn = lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
+    impls = {"triton": lambda: fn("triton"), "cuda": lambda: fn("cuda"), "eager": eager, "compiled": compiled,
+             "_check": lambda: (fn, lambda: fn("reference"))}
+    _CACHE[key] = impls
+    return impls
 
-        def fn(backend):
-            return gk.mixture_denoise(x, sigma, m, backend=backend)
-    _CACHE[(name, dtype)] = fn
-    return fn
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
-@pytest.mark.parametrize("name", list(WORKLOADS))
-def test_gpu(benchmark, name, backend, dtype):
-    import gsa_kernels as gk
-
-    if backend not in gk.available_backends():
-        pytest.skip(f"backend {backend!r} not available here")
-    fn = _setup(name, dtype)
-    out = fn(backend)  # warm-up: compile + autotune
-    ref = fn("reference")
-    scale = ref.float().abs().max().item()
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= (1e-3 if dtype == torch.float32 else 3e-2) * max(1.0, scale), f"{name} {backend}: error {err}"
-    torch.cuda.synchronize()
-    x_bytes = torch.finfo(dtype).bits // 8
-    benchmark.extra_info["roofline_us_fp32_dots"] = roofline_us(name, False, x_bytes)[0]
-    benchmark.extra_info["roofline_us_tensor_cores"] = roofline_us(name, True, x_bytes)[0]
-
-    def run():
-        fn(backend)
+def _sync():
+    if DEVICE == "cuda":
         torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=20, warmup_rounds=2)
+
+def time_ms(fn, rounds, warmup=2):
+    """Median and min milliseconds of `rounds` calls after `warmup` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(rounds):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times), min(times)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+DTYPES = [torch.float32] if REDUCED else [torch.float32, torch.bfloat16]  # the dry run times float32 only
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).removeprefix("torch.") for d in DTYPES])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[n if s is None else f"{n}-s{s:g}" for n, s in CASES])
+def test_gpu(benchmark, case, impl, dtype):
+    import gsa_kernels as gk
+
+    name, sigma_e = case
+    if impl in ("triton", "cuda") and impl not in gk.available_backends():
+        pytest.skip(f"backend {impl!r} not available here")
+    impls = _setup(name, sigma_e, dtype)
+    run = impls[impl]
+    if impl in ("triton", "cuda"):  # a wrong answer is not a benchmark
+        fn, ref = impls["_check"]()
+        out, expect = fn(impl), ref()
+        scale = expect.float().abs().max().item()
+        err = (out.float() - expect.float()).abs().max().item()
+        assert err <= (1e-3 if dtype == torch.float32 else 3e-2) * max(1.0, scale), f"{name} {impl}: error {err}"
+    median_ms, best_ms = time_ms(run, ROUNDS, warmup=0 if REDUCED and impl in ("triton", "cuda") else 3)
+    nbytes, dot, other = work(name, torch.finfo(dtype).bits // 8, sigma_e)
+    benchmark.extra_info.update(workload=name, sigma=sigma_e, impl=impl, dtype=str(dtype).removeprefix("torch."),
+                                device=DEVICE, reduced=REDUCED, median_ms=median_ms, best_ms=best_ms,
+                                bytes=nbytes, dot_flops=dot, other_flops=other)
+    benchmark.pedantic(lambda: (run(), _sync()), rounds=1, iterations=1, warmup_rounds=0)
+
+
+def measure_peaks(device=DEVICE):
+    """The device's ceilings, measured now: copy bandwidth (read + write bytes/s) and matmul
+    FLOP/s in float32 on CUDA cores (TF32 off), TF32 and bfloat16 on tensor cores."""
+    out = {}
+    n_copy = (256 if device == "cuda" else 16) * 2**20
+    src = torch.empty(n_copy, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms, best = time_ms(lambda: dst.copy_(src), 10 if device == "cuda" else 3)
+    out["copy_bytes_per_s"] = 2 * src.numel() * 4 / (best * 1e-3)
+    n = 8192 if device == "cuda" else 512
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for label, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
+            if device != "cuda" and label != "fp32":
+                continue
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            ms, best = time_ms(lambda: a @ b, 5 if device == "cuda" else 2)
+            out[f"matmul_{label}_flops"] = 2 * n**3 / (best * 1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        out.update(name=p.name, sm_count=p.multi_processor_count, memory_gib=p.total_memory / 2**30,
+                   capability=f"{p.major}.{p.minor}")
+    return out
 
 
 if __name__ == "__main__":
-    print(roofline_table())
+    import json
+
+    print(json.dumps(measure_peaks(), indent=1))

@@ -471,7 +471,8 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
 
     smem_limit = {80: 163 * 1024, 90: 227 * 1024}[arch]
     f32, f64 = "*fp32", "*fp64"
-    for x_t, c_t, precision in ((f32, f32, "ieee"), ("*bf16", f32, "tf32x3"), (f64, f64, "ieee")):
+    # split3: the default 3xTF32 tensor-core dots (gsa_kernels/triton/_dot.py); ieee: the opt-out
+    for x_t, c_t, precision in ((f32, f32, "split3"), (f32, f32, "ieee"), ("*bf16", f32, "tf32x3"), (f64, f64, "ieee")):
         types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, lp_hi="fp32", lp_lo="fp32", sa_ptr=c_t,
                      ka_ptr=c_t, sb_ptr=c_t, kb_ptr=c_t, out_ptr=x_t, scratch_ptr=c_t, B="i32", D="i32", R="i32", T="i32")
         for registers in (True, False):  # map with r in registers; trajectory through the scratch
@@ -482,12 +483,13 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
     types = dict(x_ptr=f32, means_ptr=f32, bases_ptr=f32, eigvals_ptr=f32, lp_ptr=f32, logw_ptr=f32, sigma_ptr=f32,
                  logits_ptr=f32, state_ptr=f32, acc_ptr=f32, scratch_ptr=f32, B="i32", D="i32", R="i32", K="i32",
                  K_PER_SPLIT="i32", S="i32")
-    common = dict(NEED_DENOISED=True, NEED_WEIGHTS=True, PRECISION="ieee", LOG_2PI=mixture.LOG_2PI, BLOCK_B=mixture.BLOCK_B)
-    for registers in (True, False):
-        k = _gpu_compile(mixture._mixture_lowrank_kernel, types, dict(
-            common, C_IN_REGISTERS=registers, R_PAD=32, FULL_RANK=False, EXACT_RESIDUAL_RATIO=256.0), arch)
+    for precision in ("split3", "ieee"):
+        common = dict(NEED_DENOISED=True, NEED_WEIGHTS=True, PRECISION=precision, LOG_2PI=mixture.LOG_2PI, BLOCK_B=mixture.BLOCK_B)
+        for registers in (True, False):
+            k = _gpu_compile(mixture._mixture_lowrank_kernel, types, dict(
+                common, C_IN_REGISTERS=registers, R_PAD=32, FULL_RANK=False, EXACT_RESIDUAL_RATIO=256.0), arch)
+            assert k.metadata.shared <= smem_limit
+        k = _gpu_compile(mixture._mixture_isotropic_kernel, types, common, arch)
         assert k.metadata.shared <= smem_limit
-    k = _gpu_compile(mixture._mixture_isotropic_kernel, types, common, arch)
-    assert k.metadata.shared <= smem_limit
     types.update(denoised_ptr=f32, logp_ptr=f32)
     _gpu_compile(mixture._mixture_merge_kernel, types, dict(NEED_DENOISED=True, NEED_WEIGHTS=True, BLOCK_B=mixture.BLOCK_B, BLOCK_N=128), arch)

@@ -13,16 +13,18 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Dot precision for float32 operands. Default "ieee": exact float32 products (no tensor cores
-# for float32). The caller opts into tensor cores with GSA_KERNELS_TRITON_PRECISION=tf32x3
-# (three TF32 MMAs, ~fp32 accuracy) or =tf32 (10-bit mantissa products: fast, inaccurate at
-# small sigma where the spectral map cancels two terms of size 1/sigma^2).
-_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# Dot precision for float32 operands. Default "split3": three TF32 tensor-core dots on an explicit
+# hi/lo split of each operand (gsa_kernels/triton/_dot.py), about float32 accuracy. Opt-outs:
+# GSA_KERNELS_TRITON_PRECISION=ieee (exact float32 products on the FMA units, slower) or =tf32
+# (one TF32 dot, 10-bit mantissa products: fast, inaccurate at small sigma where the spectral map
+# cancels two terms of size 1/sigma^2); =tf32x3 is Triton's own 3xTF32 (not verifiable under the
+# interpreter, which ignores input_precision).
+_PRECISIONS = ("split3", "ieee", "tf32x3", "tf32")
 
 
 def dot_precision(compute_dtype: torch.dtype) -> str:
-    """input_precision of every tl.dot for this call. float64 dots are always exact ("ieee")."""
-    p = os.environ.get("GSA_KERNELS_TRITON_PRECISION", "ieee")
+    """PRECISION of every dot for this call. float64 dots are always exact ("ieee")."""
+    p = os.environ.get("GSA_KERNELS_TRITON_PRECISION", "split3")
     if p not in _PRECISIONS:
         raise ValueError(f"GSA_KERNELS_TRITON_PRECISION must be one of {_PRECISIONS}, got {p!r}")
     return "ieee" if compute_dtype == torch.float64 else p

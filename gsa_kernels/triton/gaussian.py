@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _config
+from ._dot import dot
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
@@ -167,7 +168,7 @@ def _spectral_map_kernel(
                 d_ok = d < D
                 y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                 u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                c = tl.dot(y, u, c, input_precision=PRECISION)
+                c = dot(y, u, c, PRECISION)
             lam = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
             if CF_IN_REGISTERS:
                 sb, kb = _row_params(sb_ptr, kb_ptr, 0, B, rows, row_ok, HAS_SCALES, acc_dtype)
@@ -187,7 +188,7 @@ def _spectral_map_kernel(
                     d_ok = d < D
                     y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
                     u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                    c = tl.dot(y, u, c, input_precision=PRECISION)
+                    c = dot(y, u, c, PRECISION)
                 lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
                 for t in range(0, T):
                     sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
@@ -210,14 +211,14 @@ def _spectral_map_kernel(
             if HAS_BASIS:
                 if CF_IN_REGISTERS:
                     u = tl.load(basis_ptr + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                    acc = tl.dot(cf, tl.trans(u), acc, input_precision=PRECISION)
+                    acc = dot(cf, tl.trans(u), acc, PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = r < R
                         cf_tile = tl.load(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         u = tl.load(basis_ptr + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                        acc = tl.dot(cf_tile, tl.trans(u), acc, input_precision=PRECISION)
+                        acc = dot(cf_tile, tl.trans(u), acc, PRECISION)
             out_offs = (t * B + rows64)[:, None] * D + d[None, :]
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 

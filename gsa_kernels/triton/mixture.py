@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _config
+from ._dot import dot
 from .gaussian import _launch
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -114,7 +115,7 @@ def _mixture_lowrank_kernel(
             sq += tl.sum(y * y, axis=1)
             if C_IN_REGISTERS:
                 u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                c = tl.dot(y, u, c, input_precision=PRECISION)
+                c = dot(y, u, c, PRECISION)
         # the spectral terms of the logit; g * c (g = lam / (lam + s^2) - h) for the denoiser
         cc = tl.zeros((BLOCK_B,), cdt)
         cc_w = tl.zeros((BLOCK_B,), cdt)
@@ -138,7 +139,7 @@ def _mixture_lowrank_kernel(
                     mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
                     y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
                     u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                    c_tile = tl.dot(y, u, c_tile, input_precision=PRECISION)
+                    c_tile = dot(y, u, c_tile, PRECISION)
                 lam = tl.load(eigvals_ptr + k * R + r, mask=r_ok, other=0.0)
                 v = lam[None, :] + s2[:, None]
                 cc += tl.sum(c_tile * c_tile, axis=1)
@@ -165,14 +166,14 @@ def _mixture_lowrank_kernel(
                     y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
                     if C_IN_REGISTERS:
                         u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                        y = tl.dot(-c, tl.trans(u), y, input_precision=PRECISION)
+                        y = dot(-c, tl.trans(u), y, PRECISION)
                     else:
                         for r0 in range(0, R, BLOCK_R):
                             r = r0 + tl.arange(0, BLOCK_R)
                             r_ok = r < R
                             c_tile = tl.load(scratch_ptr + c_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                             u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                            y = tl.dot(-c_tile, tl.trans(u), y, input_precision=PRECISION)
+                            y = dot(-c_tile, tl.trans(u), y, PRECISION)
                     resid += tl.sum(tl.where(d_ok[None, :], y * y, 0.0), axis=1)
         logit = tl.load(logw_ptr + k) - 0.5 * (cc_w + resid / vp + logdet + (D - R) * tl.log(vp) + D * LOG_2PI)
         if NEED_WEIGHTS:
@@ -190,14 +191,14 @@ def _mixture_lowrank_kernel(
                 contrib = (1.0 - h)[:, None] * mu[None, :]
                 if C_IN_REGISTERS:
                     u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                    contrib = tl.dot(gc, tl.trans(u), contrib, input_precision=PRECISION)
+                    contrib = dot(gc, tl.trans(u), contrib, PRECISION)
                 else:
                     for r0 in range(0, R, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         r_ok = r < R
                         gc_tile = tl.load(scratch_ptr + gc_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                         u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                        contrib = tl.dot(gc_tile, tl.trans(u), contrib, input_precision=PRECISION)
+                        contrib = dot(gc_tile, tl.trans(u), contrib, PRECISION)
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], pk[:, None] * contrib, m, alpha)
             tl.debug_barrier()  # the next component rewrites the scratch and acc tiles
         m = m_new
@@ -275,7 +276,7 @@ def _mixture_isotropic_kernel(
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
                 mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                contrib = tl.dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), input_precision=PRECISION)
+                contrib = dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), PRECISION)
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha)
         m = m_new
     state = state_ptr + split * B + rows
