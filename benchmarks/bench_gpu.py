@@ -231,7 +231,7 @@ def measure_peaks(device=DEVICE):
             torch.backends.cuda.matmul.allow_tf32 = tf32
             a = torch.randn(n, n, device=device, dtype=dtype)
             b = torch.randn(n, n, device=device, dtype=dtype)
-            ms, best = time_ms(lambda: a @ b, 5 if device == "cuda" else 2)
+            ms, best = time_ms(lambda a=a, b=b: a @ b, 5 if device == "cuda" else 2)
             out[f"matmul_{label}_flops"] = 2 * n**3 / (best * 1e-3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old

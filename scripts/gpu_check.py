@@ -304,7 +304,7 @@ def cmd_compile_cases(argv):
             try:
                 torch._dynamo.reset()
                 eager = fn(backend)
-                comp = torch.compile(lambda: fn(backend), fullgraph=True, backend=compile_backend)()
+                comp = torch.compile(lambda fn=fn, backend=backend: fn(backend), fullgraph=True, backend=compile_backend)()
                 flat = lambda o: torch.cat([t.reshape(-1).double() for t in (o if isinstance(o, tuple) else (o,))])
                 err = (flat(comp) - flat(eager)).abs().max().item()
                 ok = err <= 1e-5 * max(1.0, flat(eager).abs().max().item())
@@ -360,7 +360,7 @@ def cmd_sanitizer_cases(argv):
     if "cuda" not in _backends_here(dry):
         print("cuda backend not available")
         return 1
-    for name, fn in _calls(g, m, e, x, sigma).items():
+    for fn in _calls(g, m, e, x, sigma).values():
         fn("cuda")
         n += 1
     if device == "cuda":
@@ -404,7 +404,8 @@ def bench_table(info):
                 continue
             t = r["median_ms"] * 1e-3
             flops = r["dot_flops"] + r["other_flops"]
-            ratio = lambda o: (f"{impls[o]['median_ms'] / r['median_ms']:.2f}" if o in impls and impl not in ("eager", "compiled") else "-")
+            ours = impl not in ("eager", "compiled")
+            ratio = lambda o, r=r, ours=ours, impls=impls: f"{impls[o]['median_ms'] / r['median_ms']:.2f}" if o in impls and ours else "-"
             roof = max(r["bytes"] / bw, flops / fp32) if bw and fp32 else None
             roof_tc = max(r["bytes"] / bw, r["dot_flops"] / tc + r["other_flops"] / fp32) if bw and fp32 and tc else None
             best = r["best_ms"] * 1e-3

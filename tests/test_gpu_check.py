@@ -2,7 +2,6 @@
 interpreter, CUDA emulation, reduced sizes), so that it cannot rot between GPU days."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
