@@ -162,7 +162,7 @@ def part_conformance(args, out):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/conformance", f"--junitxml={xml}"]
     if args.dry_run:
         # a slice of the suite: enough to run every backend's stand-in end to end
-        cmd += ["-k", os.environ.get("GSA_GPU_CHECK_DRY_K", "cuda and not near_tie")]
+        cmd += ["-k", os.environ.get("GSA_GPU_CHECK_DRY_K", "(cuda or triton) and (B1_D1_ or B15_D31_r1_)")]
     env = dict(device_env(args.dry_run))
     if args.dry_run:
         env.pop("TRITON_INTERPRET")  # the suite starts its own interpreter subprocess
