@@ -11,12 +11,15 @@
 //                      fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k,
 //                      projections c_k = U_k^T x - U_k^T mu_k
 //   logits             component_logpdf (include/gsa/spectral.h) + log weight
-//   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, which is huge
-//                      next to sigma^2 at small sigma. When that error bound E (in logit units)
-//                      exceeds kLogitTol, every component whose fast logit is within
-//                      2 E + kCutoff of the running max gets |x - mu_k|^2 recomputed directly
-//                      from the differences in double. Skipped components have weight
-//                      < exp(-kCutoff) relative to the max, both exactly and as computed.
+//   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, and the GEMM's
+//                      c_k ~eps sqrt(D) |x| per coefficient, which is huge next to sigma^2 at
+//                      small sigma. When that error bound E (in logit units) exceeds kLogitTol,
+//                      every component whose fast logit is within 2 E + kCutoff of the running
+//                      max is recomputed in double from y = x - mu_k: |y|^2 (r = 0), or c_k =
+//                      U_k^T y and the residual |y - U_k c_k|^2 summed directly (r > 0; the
+//                      expansion |y|^2 - |c_k|^2 cancels when y lies near span(U_k)). Skipped
+//                      components have weight < exp(-kCutoff) relative to the max, both
+//                      exactly and as computed.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
 //                      G_k = p_k g c_k  (one GEMM; for r = 0 the means are used in place, and
 //                      with few nonzero p, as at small sigma, the few p_k mu_k rows are added
@@ -39,6 +42,7 @@ namespace gsa::cpu {
 namespace {
 
 constexpr double kLogitTol = 1e-4;  // fast logits this exact (bound) need no refinement
+constexpr double kLogitTol64 = 1e-10;  // (float64: its logits are accurate to 1e-9)
 constexpr double kCutoff = 30.0;    // exp(-30) ~ 1e-13: weight of a component never refined
 constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: axpy instead of GEMM
 constexpr double kNegligible = 50.0;  // exp(-50) ~ 2e-22: below the running max by more, a
@@ -82,6 +86,28 @@ inline double sqdist_exact(const double* a, const double* b, int64_t D) {
   }
   for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
   return (s0 + s1) + (s2 + s3);
+}
+
+// Exact (double) terms of component_logpdf for a low-rank component: y = x - mu, c = U^T y
+// (returned in c, U: [D, r] row-major), and the residual |y - U c|^2 summed directly (0 when
+// r == D). y, c: scratch of D and r doubles.
+template <typename T>
+double lowrank_terms_exact(const T* x, const T* mu, const T* U, const T* lam, double s2, int64_t D,
+                           int64_t r, double* y, double* c, double& cc_w) {
+  for (int64_t d = 0; d < D; ++d) y[d] = static_cast<double>(x[d]) - static_cast<double>(mu[d]);
+  std::fill(c, c + r, 0.0);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < r; ++j) c[j] += static_cast<double>(U[d * r + j]) * y[d];
+  cc_w = 0;
+  for (int64_t j = 0; j < r; ++j) cc_w += c[j] * c[j] / (static_cast<double>(lam[j]) + s2);
+  if (r == D) return 0.0;
+  double residual = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    double e = y[d];
+    for (int64_t j = 0; j < r; ++j) e -= static_cast<double>(U[d * r + j]) * c[j];
+    residual += e * e;
+  }
+  return residual;
 }
 
 template <typename T>
@@ -147,6 +173,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
   const X* xp = x.data_ptr<X>();
   const T* mu = means.data_ptr<T>();
+  const T* basis = bases.data_ptr<T>();
   const T* lam = eigvals.data_ptr<T>();
   const T* lpv = residual_var.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
@@ -172,6 +199,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
     equal_lp = equal_lp && lpv[k] == lpv[0];
   }
+  // the smallest variance any logit term is divided by (less s^2): residual_var or an eigval
+  double min_var = min_lp;
+  for (int64_t e = 0; e < K * r; ++e) min_var = std::min(min_var, static_cast<double>(lam[e]));
   const bool isotropic_equal = r == 0 && equal_lp;
   // Component blocks of KB (balanced: the last block is not a sliver), each one GEMM per direction
   // against its panel (W = r + 1 columns per component); and U_k^T mu_k.
@@ -193,6 +223,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
   const bool sq_matters = r < D;
   const double eps = std::numeric_limits<T>::epsilon();
+  const double logit_tol = std::is_same_v<T, double> ? kLogitTol64 : kLogitTol;
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // tall row blocks: each block streams every component panel (twice) from memory
@@ -206,6 +237,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     at::Tensor Qbuf = at::empty({BB * KB * W}, opts);
     std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
     std::vector<T> rescale(BB);
+    std::vector<double> y_exact(r > 0 ? D : 0), c_exact(r);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
@@ -224,10 +256,16 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
         l[i] = hx[i] = 0;
         x_sq[i] = sum_squares(xb + i * D, D);
-        // error bound of the fast logits: kGemmErr eps sqrt(D) (|x|^2 + |mu|^2) / (2 (lp + s^2))
-        err[i] = sq_matters ? kGemmErr * eps * std::sqrt(double(D)) * (x_sq[i] + max_mu_sq) /
-                                  (2 * (min_lp + s2v[i]))
-                            : 0.0;
+        // error bound of the fast logits (x 2 (var + s^2)): the expanded |y|^2 (when it enters),
+        // and for r > 0 |c|^2 from coefficients c_j = U_j^T x - U_j^T mu each off by up to dc,
+        // plus c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
+        const double gemm = kGemmErr * eps * std::sqrt(double(D));
+        double e = sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0;
+        if (r > 0) {
+          const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * (x_sq[i] + max_mu_sq + 2) / 2;
+          e += r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm;
+        }
+        err[i] = e / (2 * ((r > 0 ? min_var : min_lp) + s2v[i]));
       }
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
@@ -279,24 +317,27 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
           m_fast[i] = std::max(m_fast[i], block_fast_max);
           // exact refinement of the components that can matter
-          if (err[i] > kLogitTol) {
+          if (err[i] > logit_tol) {
             const double keep = m_fast[i] - 2 * err[i] - kCutoff;
             for (int64_t k = 0; k < nk; ++k) {
               if (L[k] < keep) continue;
               const int64_t kk = k0 + k;
+              if (r > 0) {  // exact c (kept for the denoiser) and residual
+                double cc_w;
+                const double residual = lowrank_terms_exact(xb + i * D, mu + kk * D, basis + kk * D * r, lam + kk * r,
+                                                            s2, D, r, y_exact.data(), c_exact.data(), cc_w);
+                T* c = Cp + i * ldc + k * r;
+                for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
+                L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
+                                                                    lpv[kk], s2, D, r);
+                continue;
+              }
               const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
               if (isotropic_equal) {
                 L[k] = logw[kk] + iso_norm - iso_scale * sq;
                 continue;
               }
-              double cc = 0, cc_w = 0;
-              const T* c = Cp ? Cp + i * ldc + k * r : nullptr;
-              for (int64_t j = 0; j < r; ++j) {
-                cc += double(c[j]) * c[j];
-                cc_w += double(c[j]) * c[j] / (static_cast<double>(lam[kk * r + j]) + s2);
-              }
-              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lam + kk * r, r, s2),
-                                                         lpv[kk], s2, D, r);
+              L[k] = logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2, D, 0);
             }
           }
           // online softmax update
@@ -364,8 +405,10 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       }
 
       // finalize the rows of this block
+      constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
       for (int64_t i = 0; i < n; ++i) {
         const int64_t b = b0 + i;
+        if (std::isnan(x_sq[i])) m[i] = l[i] = kNaN;  // NaN in x: NaN out (the softmax skipped its NaN logits)
         logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
         if (need_denoised) {
           const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);

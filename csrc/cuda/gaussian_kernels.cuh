@@ -27,7 +27,7 @@ struct ApplyShared {
 
 template <typename Acc>
 struct RowParams {
-  Acc sa, sb, ka, kb;
+  Acc sigma_from, sigma_to, scale_from, scale_to;
 };
 
 template <typename In, typename Acc>
@@ -39,17 +39,17 @@ GSA_DEVICE RowParams<Acc> row_params(const GaussianMapParams<In, Acc>& p, int64_
 template <typename In, typename Acc>
 GSA_DEVICE RowCoeffs<Acc> coeffs_of_row(const GaussianMapParams<In, Acc>& p, int64_t t, int64_t i) {
   const RowParams<Acc> rp = row_params(p, t, i);
-  return row_coeffs<Acc>(p.kind, p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb);
+  return row_coeffs<Acc>(p.kind, p.residual_var, rp.sigma_from, rp.sigma_to, rp.scale_from, rp.scale_to);
 }
 
-// grid (ceil(r / 32), ceil(B / 32), splits); block (32, 8). Thread (tx, ty) accumulates
+// grid (ceil(B / 32), ceil(r / 32), splits); block (32, 8). Thread (tx, ty) accumulates
 // coeffs[i0 + ty + 8m, j0 + tx] for m < 4 over its block's slice of D.
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
     gaussian_project_kernel(GaussianMapParams<In, Acc> p) {
   GSA_SHARED_STRUCT(ProjectShared<Acc>, sm);
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t j0 = int64_t(blockIdx.x) * kTile, i0 = int64_t(blockIdx.y) * kTile;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, j0 = int64_t(blockIdx.y) * kTile;
   const int64_t tiles_per_split = ceil_div(ceil_div(p.D, kTile), p.splits);
   const int64_t d_begin = int64_t(blockIdx.z) * tiles_per_split * kTile;
   const int64_t d_end = d_begin + tiles_per_split * kTile < p.D ? d_begin + tiles_per_split * kTile : p.D;
@@ -85,14 +85,14 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
   }
 }
 
-// grid (ceil(D / 32), ceil(B / 32), T); block (32, 8). Thread (tx, ty) writes
+// grid (ceil(B / 32), ceil(D / 32), T); block (32, 8). Thread (tx, ty) writes
 // out[t, i0 + ty + 8m, d0 + tx] for m < 4.
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
     gaussian_apply_kernel(GaussianMapParams<In, Acc> p) {
   GSA_SHARED_STRUCT(ApplyShared<Acc>, sm);
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t d0 = int64_t(blockIdx.x) * kTile, i0 = int64_t(blockIdx.y) * kTile, t = blockIdx.z;
+  const int64_t i0 = int64_t(blockIdx.x) * kTile, d0 = int64_t(blockIdx.y) * kTile, t = blockIdx.z;
   const bool full_rank = p.r == p.D;
 
   Acc acc[kRowsPerThread] = {};
@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
         Acc c = Acc(0);
         for (int s = 0; s < p.splits; ++s) c += p.coeffs[(s * p.B + i) * p.r + j];
         const RowParams<Acc> rp = row_params(p, t, i);
-        g = c * (full_rank ? eigen_gain<Acc>(p.kind, p.eigvals[j], rp.sa, rp.sb, rp.ka, rp.kb)
-                           : spectral_f<Acc>(p.kind, p.eigvals[j], p.residual_var, rp.sa, rp.sb, rp.ka, rp.kb));
+        g = c * (full_rank ? eigen_gain<Acc>(p.kind, p.eigvals[j], rp.sigma_from, rp.sigma_to, rp.scale_from, rp.scale_to)
+                           : spectral_f<Acc>(p.kind, p.eigvals[j], p.residual_var, rp.sigma_from, rp.sigma_to,
+                                             rp.scale_from, rp.scale_to));
       }
       sm.g[row][tx] = g;
       const int64_t d = d0 + row;

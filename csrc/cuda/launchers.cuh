@@ -14,18 +14,25 @@
 
 namespace gsa::cuda {
 
-// project (when r > 0), then apply; p.coeffs holds p.splits x B x r values.
+// project (when r > 0), then apply; p.coeffs holds p.splits x B x r values. Row tiles go on
+// gridDim.x; the T steps on gridDim.z, in launches of at most kMaxGridYZ steps.
 template <typename In, typename Acc>
 cudaError_t launch_gaussian_map(const GaussianMapParams<In, Acc>& p, cudaStream_t stream) {
   const dim3 block(kTile, kTileRowsPerPass);
   if (p.r > 0) {
     auto project = gaussian_project_kernel<In, Acc>;
-    const dim3 grid(ceil_div(p.r, kTile), ceil_div(p.B, kTile), p.splits);
+    const dim3 grid(ceil_div(p.B, kTile), ceil_div(p.r, kTile), p.splits);
     GSA_LAUNCH(project, grid, block, sizeof(ProjectShared<Acc>), stream, p);
   }
   auto apply = gaussian_apply_kernel<In, Acc>;
-  const dim3 grid(ceil_div(p.D, kTile), ceil_div(p.B, kTile), p.T);
-  GSA_LAUNCH(apply, grid, block, sizeof(ApplyShared<Acc>), stream, p);
+  for (int64_t t0 = 0; t0 < p.T; t0 += kMaxGridYZ) {
+    GaussianMapParams<In, Acc> steps = p;  // steps t0 .. t0 + T' - 1
+    steps.T = p.T - t0 < kMaxGridYZ ? p.T - t0 : kMaxGridYZ;
+    steps.sigma_to += t0 * p.B;
+    steps.out += t0 * p.B * p.D;
+    const dim3 grid(ceil_div(p.B, kTile), ceil_div(p.D, kTile), steps.T);
+    GSA_LAUNCH(apply, grid, block, sizeof(ApplyShared<Acc>), stream, steps);
+  }
   return cudaGetLastError();
 }
 
@@ -38,7 +45,7 @@ cudaError_t launch_mixture_posterior(const MixtureParams<In, Acc>& p, cudaStream
     GSA_LAUNCH(delta, dim3(ceil_div(p.B, kMixtureRows), p.splits), block, sizeof(DeltaShared<Acc>), stream, p);
   } else {
     auto lowrank = mixture_lowrank_kernel<In, Acc>;
-    GSA_LAUNCH(lowrank, dim3(p.B, p.splits), block, mixture_lowrank_smem_bytes<Acc>(p.r), stream, p);
+    GSA_LAUNCH(lowrank, dim3(p.B, p.splits), block, mixture_lowrank_smem_bytes(p.r), stream, p);
   }
   auto merge = mixture_merge_kernel<In, Acc>;
   GSA_LAUNCH(merge, dim3(p.B), dim3(32 * kWarps), 0, stream, p);

@@ -50,6 +50,8 @@ void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
                   const at::Tensor* scale_to, int64_t kind, const at::Tensor& out) {
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1), T = sigma_to.size(0);
   if (B == 0 || D == 0 || T == 0) return;
+  TORCH_CHECK_VALUE(ceil_div(D, kTile) <= kMaxGridYZ, "the cuda spectral map takes D <= ", kMaxGridYZ * kTile,
+                    ", got D = ", D);
   const int splits = projection_splits(B, D, r, L::multiprocessors(x));
   const at::Tensor coeffs = L::empty({r > 0 ? splits : 0, B, r}, x.options().dtype(compute_dtype(x)));
   dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
@@ -111,9 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
   check_device<L>(x, op);
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
   const auto cd = x.options().dtype(compute_dtype(x));
-  const int64_t smem = x.scalar_type() == at::kDouble ? mixture_lowrank_smem_bytes<double>(r)
-                                                      : mixture_lowrank_smem_bytes<float>(r);
-  TORCH_CHECK_VALUE(r == 0 || smem <= kSharedMemoryLimit, op, ": rank r = ", r,
+  TORCH_CHECK_VALUE(r == 0 || mixture_lowrank_smem_bytes(r) <= kSharedMemoryLimit, op, ": rank r = ", r,
                     " is too large for the cuda mixture kernel (its coefficients must fit in 48 KiB of "
                     "shared memory); use backend='triton' or 'cpu'");
   typename L::Guard guard(x.device());
@@ -122,16 +122,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
   at::Tensor weights = need_weights ? L::empty({B, K}, cd) : L::empty({0}, cd);
   if (B == 0) return {denoised, logp, weights};
   const int splits = mixture_splits(B, K, r, L::multiprocessors(x));
-  const at::Tensor part_max = L::empty({splits, B}, cd), part_sum = L::empty({splits, B}, cd);
+  const auto f64 = x.options().dtype(at::kDouble);
+  const at::Tensor part_max = L::empty({splits, B}, f64), part_sum = L::empty({splits, B}, cd);
+  // the logits in double: the weights' own memory when they are double
+  const at::Tensor logits = !need_weights || weights.scalar_type() == at::kDouble ? weights : L::empty({B, K}, f64);
   const at::Tensor accum = L::empty({need_denoised ? splits : 0, B, D}, cd);
   dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
     using In = decltype(in_tag);
     using Acc = decltype(acc_tag);
     MixtureParams<In, Acc> p{ptr<const In>(x), ptr<const Acc>(means), ptr<const Acc>(bases),
                              ptr<const Acc>(eigvals), ptr<const Acc>(residual_var), ptr<const Acc>(log_weights),
-                             ptr<const Acc>(sigma), B, D, K, r, splits, ptr<Acc>(part_max),
+                             ptr<const Acc>(sigma), B, D, K, r, splits, ptr<double>(part_max),
                              ptr<Acc>(part_sum), ptr<Acc>(accum), ptr<In>(denoised),
-                             ptr<Acc>(logp), ptr<Acc>(weights)};
+                             ptr<Acc>(logp), ptr<double>(logits), ptr<Acc>(weights)};
     L::mixture_posterior(p);
   });
   return {denoised, logp, weights};

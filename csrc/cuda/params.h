@@ -37,6 +37,21 @@ constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory with
 // the GPU; each split covers at least this many components.
 constexpr int64_t kMinComponentsPerSplitDelta = 4 * kMixtureChunk;
 constexpr int64_t kMinComponentsPerSplitLowRank = 1;
+// Mixture logits are double (they grow like |x - mu|^2 / sigma^2, and float32 would round a
+// logit of 1e6 by 0.06). A fast logit whose error bound exceeds logit_tol is recomputed exactly
+// (the r = 0 distance in double, the r > 0 residual summed directly) unless it trails the
+// running max by more than kCutoff plus the bounds: such a component weighs < exp(-kCutoff).
+constexpr double kCutoff = 30.0;
+template <typename Acc>
+GSA_HD constexpr double logit_tol() {
+  return sizeof(Acc) == sizeof(double) ? 1e-10 : 1e-4;
+}
+template <typename Acc>
+GSA_HD constexpr double machine_eps() {
+  return sizeof(Acc) == sizeof(double) ? 2.220446049250313e-16 : 1.1920928955078125e-7;
+}
+// Grid limits: gridDim.y and gridDim.z are at most 65535 (rows go on gridDim.x, up to 2^31 - 1).
+constexpr int64_t kMaxGridYZ = 65535;
 
 GSA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -64,16 +79,15 @@ inline int mixture_splits(int64_t B, int64_t K, int64_t r, int multiprocessors) 
 GSA_HD int64_t components_per_split(int64_t K, int splits) { return ceil_div(K, splits); }
 
 // Shared memory of the low-rank mixture kernel: per-warp partial sums and block_sum scratch
-// (LowRankShared in mixture_kernels.cuh), then the [r] coefficients.
-template <typename Acc>
+// (LowRankShared in mixture_kernels.cuh), then the [r] coefficients; all double.
 constexpr int64_t mixture_lowrank_smem_bytes(int64_t r) {
-  return int64_t(sizeof(Acc)) * (kWarps * 32 + kWarps * 4 + r);
+  return int64_t(sizeof(double)) * (kWarps * 32 + kWarps * 4 + r);
 }
 
 // Gaussian spectral map over T steps (T = 1 for gaussian_map; T = #sigmas for a trajectory):
 // out[t, i] = a y + b mu + U diag(f_j) c with c = U^T y, y = p x[i] - q mu, and the row
 // scalars / f_j of gsa::row_coeffs / gsa::spectral_f at (sigma_from[i], sigma_to[t, i],
-// scale_from[i], scale_to[i]).
+// scale_from[i], scale_to[i]). Launchers cut T into chunks of at most kMaxGridYZ steps.
 template <typename In, typename Acc>
 struct GaussianMapParams {
   const In* x;            // [B, D]
@@ -104,12 +118,14 @@ struct MixtureParams {
   const Acc* sigma;        // [B]
   int64_t B, D, K, r;
   int splits;              // mixture_splits(...): slices of the components, one per blockIdx.y
-  Acc* part_max;           // workspace [splits, B]: running max of the logits of each slice
+  double* part_max;        // workspace [splits, B]: running max of the logits of each slice
   Acc* part_sum;           // workspace [splits, B]: sum of exp(logit - part_max)
   Acc* accum;              // workspace [splits, B, D]: sum of exp(logit - part_max) D_k(x), or nullptr
   In* denoised;            // [B, D], or nullptr when not needed
   Acc* logp;               // [B]
-  Acc* weights;            // [B, K] (raw logits until the merge), or nullptr when not needed
+  double* logits;          // workspace [B, K]: the logits (the weights' own memory when Acc is
+                           // double), or nullptr when the weights are not needed
+  Acc* weights;            // [B, K], or nullptr when not needed
 };
 
 }  // namespace cuda

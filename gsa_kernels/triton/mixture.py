@@ -11,15 +11,21 @@ the S partial states exactly (merge_scale in spectral.h) and normalises: one pas
 when asked, over the stored logits (they are the [B, K] weights output, normalised in place).
 
 Logits use |x - mu_k|^2 summed from the differences (never |x|^2 - 2 x.mu + |mu|^2): logits
-scale as 1/sigma^2 and the expansion loses the small-sigma weights (DESIGN.md section 1).
+scale as 1/sigma^2 and the expansion loses the small-sigma weights (docs/architecture.md). For
+the same reason logits, their running max m, l and hsum are float64 in every dtype (float32
+rounds a logit of 1e6 by 0.06); so is log(2 pi) (a float constexpr would be float32).
 
 Two kernels stream the components:
 - r > 0: one component at a time (each has its own basis): c = (x - mu_k) U_k by tl.dot over
   D tiles, kept in registers when r <= MAX_REGISTER_RANK, else in a [S, 2, B, r] scratch. The
   residual |P_perp y|^2 of the logit is |y|^2 - |c|^2 where that is accurate, else (small
-  lp + sigma^2) |y - U_k c|^2 summed directly: one more tl.dot pass over D.
+  residual_var + sigma^2) e = y - U_k c summed directly in float64: one more tl.dot pass over D.
 - r = 0 (the empirical / delta mixture, and isotropic components): BLOCK_K components at a time;
   the weighted sum of means is one tl.dot of the [BLOCK_B, BLOCK_K] weights with the means tile.
+  |x - mu_k|^2 sums BLOCK_DS-wide tiles in the compute dtype and the tiles in float64; for
+  float32, a tile of components that can still compete (fast logit within kCutoff plus the error
+  bounds of the running max) whose bound exceeds LOGIT_TOL gets its distances recomputed exactly
+  in float64 (the CPU backend's refinement, csrc/cpu/mixture.cpp).
 """
 from __future__ import annotations
 
@@ -33,14 +39,18 @@ from . import _config
 from ._dot import dot
 from .gaussian import _launch
 
-LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI = math.log(2.0 * math.pi)  # passed as a constexpr and materialised as float64 (tl.full)
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64
 BLOCK_B = 16 if _config.INTERPRET else 32  # fixed (not tuned): the split count depends on it
 MIN_COMPONENTS_PER_SPLIT_LOWRANK = 1 if _config.INTERPRET else 4
 MIN_COMPONENTS_PER_SPLIT_ISOTROPIC = 16 if _config.INTERPRET else 128
-# Above this |y|^2 / (lp + s^2) the residual |P_perp y|^2 is summed directly: the expansion's
-# logit error is ~2 eps |y|^2 / (lp + s^2), kept below ~1e-4 in float32 (float64: never needed).
-EXACT_RESIDUAL_RATIO = {torch.float32: 256.0, torch.float64: 2.0**40}
+# A fast logit this exact needs no refinement (float64 paths are accurate to 1e-9).
+LOGIT_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+CUTOFF = 30.0  # exp(-30) ~ 1e-13: weight of a component never refined
+# Above this (r + 2) |y|^2 / (residual_var + s^2) the residual |P_perp y|^2 is summed directly: the
+# expansion |y|^2 - |c|^2 rounds by ~2 eps |y|^2 and misses c^T (U^T U - I) c (~r eps |c|^2) of a
+# rounded basis, so its logit error is ~(r + 2) eps |y|^2 / (2 (residual_var + s^2)) <= LOGIT_TOL.
+EXACT_RESIDUAL_RATIO = {dt: 2 * LOGIT_TOL[dt] / torch.finfo(dt).eps for dt in LOGIT_TOL}
 
 
 @triton.jit
@@ -73,8 +83,8 @@ _LOWRANK_GPU_CONFIGS = [  # (meta, num_warps, num_stages); BLOCK_B is fixed (mod
 )
 @triton.jit
 def _mixture_lowrank_kernel(
-    x_ptr, means_ptr, bases_ptr, eigvals_ptr, lp_ptr, logw_ptr, sigma_ptr,
-    logits_ptr, state_ptr, acc_ptr, scratch_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]; scratch [S, 2, B, R]
+    x_ptr, means_ptr, bases_ptr, eigvals_ptr, residual_var_ptr, logw_ptr, sigma_ptr,
+    logits_ptr, state_ptr, acc_ptr, scratch_ptr,  # logits [B, K] and state [3, S, B] float64; acc [S, B, D]; scratch [S, 2, B, R]
     B, D, R, K, K_PER_SPLIT, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, C_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
     FULL_RANK: tl.constexpr, EXACT_RESIDUAL_RATIO: tl.constexpr, PRECISION: tl.constexpr, LOG_2PI: tl.constexpr,
@@ -94,13 +104,14 @@ def _mixture_lowrank_kernel(
     gc_rows = ((2 * split + 1) * B + rows64)[:, None] * R
     r_reg = tl.arange(0, R_PAD)
 
-    m = tl.full((BLOCK_B,), float("-inf"), cdt)
-    l = tl.zeros((BLOCK_B,), cdt)
-    hsum = tl.zeros((BLOCK_B,), cdt)
+    log_2pi = tl.full((BLOCK_B,), LOG_2PI, tl.float64)
+    m = tl.full((BLOCK_B,), float("-inf"), tl.float64)
+    l = tl.zeros((BLOCK_B,), tl.float64)
+    hsum = tl.zeros((BLOCK_B,), tl.float64)
     for k in range(k_lo, k_hi):
-        lp = tl.load(lp_ptr + k)
-        vp = lp + s2
-        h = lp / vp
+        residual_var = tl.load(residual_var_ptr + k)
+        vp = residual_var + s2
+        h = residual_var / vp
         mean_k = means_ptr + k * D
         basis_k = bases_ptr + k * D * R
         # pass A: |y|^2 directly (and c when it fits in registers)
@@ -150,39 +161,51 @@ def _mixture_lowrank_kernel(
                 tl.store(scratch_ptr + gc_rows + r[None, :], gc_tile, mask=row_ok[:, None] & r_ok[None, :])
             tl.debug_barrier()
         # component_logpdf (spectral.h) needs the residual |P_perp y|^2 (0 at full rank). The
-        # expansion |y|^2 - |c|^2 cancels when y lies near span(U_k); its rounding (~eps |y|^2)
-        # divided by lp + s^2 moves the logit. When |y|^2 / (lp + s^2) is large enough for that to
-        # matter, |y - U_k c|^2 is summed directly instead (one more tl.dot pass over D).
-        resid = tl.zeros((BLOCK_B,), cdt)
+        # expansion |y|^2 - |c|^2 cancels when y lies near span(U_k); its error divided by
+        # residual_var + s^2 moves the logit. When that can matter (EXACT_RESIDUAL_RATIO),
+        # |y - U_k c|^2 is summed directly instead (one more tl.dot pass over D).
+        residual = tl.zeros((BLOCK_B,), tl.float64)
         if not FULL_RANK:
-            resid = tl.maximum(sq - cc, 0.0)
-            if tl.max(tl.where(row_ok, sq / vp, 0.0)) > EXACT_RESIDUAL_RATIO:
-                resid = tl.zeros((BLOCK_B,), cdt)
+            residual = tl.maximum(sq - cc, 0.0).to(tl.float64)
+            if tl.max(tl.where(row_ok, sq / vp, 0.0)) * (R + 2) > EXACT_RESIDUAL_RATIO:
+                # float64 e = y - U_k c; with c in registers, minus |U_k^T e|^2: the part of span(U_k)
+                # that the rounded c left in e (|P_perp y|^2 = |e|^2 - |U^T e|^2 for any c)
+                residual = tl.zeros((BLOCK_B,), tl.float64)
+                ute = tl.zeros((BLOCK_B, R_PAD), tl.float64)
                 for d0 in range(0, D, BLOCK_D):
                     d = d0 + tl.arange(0, BLOCK_D)
                     d_ok = d < D
                     x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                     mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
-                    y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
                     if C_IN_REGISTERS:
+                        e = tl.where(d_ok[None, :], x.to(tl.float64) - mu.to(tl.float64)[None, :], 0.0)
                         u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
-                        y = dot(-c, tl.trans(u), y, PRECISION)
+                        u = u.to(tl.float64)
+                        e = tl.dot(-c.to(tl.float64), tl.trans(u), e, input_precision="ieee")
+                        ute = tl.dot(e, u, ute, input_precision="ieee")
+                        residual += tl.sum(e * e, axis=1)
                     else:
+                        y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
                         for r0 in range(0, R, BLOCK_R):
                             r = r0 + tl.arange(0, BLOCK_R)
                             r_ok = r < R
                             c_tile = tl.load(scratch_ptr + c_rows + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                             u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                             y = dot(-c_tile, tl.trans(u), y, PRECISION)
-                    resid += tl.sum(tl.where(d_ok[None, :], y * y, 0.0), axis=1)
-        logit = tl.load(logw_ptr + k) - 0.5 * (cc_w + resid / vp + logdet + (D - R) * tl.log(vp) + D * LOG_2PI)
+                        residual += tl.sum(tl.where(d_ok[None, :], y * y, 0.0), axis=1).to(tl.float64)
+                residual = tl.maximum(residual - tl.sum(ute * ute, axis=1), 0.0)
+        vp64 = vp.to(tl.float64)
+        logit = tl.load(logw_ptr + k).to(tl.float64) - 0.5 * (
+            cc_w.to(tl.float64) + residual / vp64 + logdet.to(tl.float64) + (D - R) * tl.log(vp64) + D * log_2pi)
         if NEED_WEIGHTS:
             tl.store(logits_ptr + rows64 * K + k, logit, mask=row_ok)
         m_new = tl.maximum(m, logit)
-        alpha = _merge_scale(m, m_new)
-        pk = _merge_scale(logit, m_new)
-        l = l * alpha + pk
-        hsum = hsum * alpha + pk * h
+        alpha64 = _merge_scale(m, m_new)
+        pk64 = _merge_scale(logit, m_new)
+        l = l * alpha64 + pk64
+        hsum = hsum * alpha64 + pk64 * h.to(tl.float64)
+        alpha = alpha64.to(cdt)
+        pk = pk64.to(cdt)
         if NEED_DENOISED:  # acc = alpha acc + pk [(1 - h) mu_k + (g c) U_k^T]
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
@@ -223,14 +246,15 @@ _ISOTROPIC_GPU_CONFIGS = [  # (meta, num_warps, num_stages): BLOCK_DS is the dep
 )
 @triton.jit
 def _mixture_isotropic_kernel(
-    x_ptr, means_ptr, lp_ptr, logw_ptr, sigma_ptr,
-    logits_ptr, state_ptr, acc_ptr,  # logits [B, K]; state [3, S, B]; acc [S, B, D]
+    x_ptr, means_ptr, residual_var_ptr, logw_ptr, sigma_ptr,
+    logits_ptr, state_ptr, acc_ptr,  # logits [B, K] and state [3, S, B] float64; acc [S, B, D]
     B, D, K, K_PER_SPLIT, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
-    LOG_2PI: tl.constexpr,
+    LOG_2PI: tl.constexpr, REFINE: tl.constexpr, LOGIT_TOL: tl.constexpr, CUTOFF: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
 ):
-    """r = 0: component k is N(mu_k, (lp_k + s^2) I); lp_k = 0 is the empirical delta mixture."""
+    """r = 0: component k is N(mu_k, (residual_var_k + s^2) I); residual_var_k = 0 is the
+    empirical delta mixture. REFINE (float32): exact float64 distances where they can matter."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -238,46 +262,71 @@ def _mixture_isotropic_kernel(
     sigma = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0)
     s2 = sigma * sigma
     cdt = s2.dtype
+    s2_64 = sigma.to(tl.float64) * sigma.to(tl.float64)
     k_lo = split.to(tl.int64) * K_PER_SPLIT  # int64 loop index: k * D * R may pass 2^31
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     acc_rows = (split * B + rows64)[:, None] * D
+    log_2pi = tl.full((BLOCK_B, BLOCK_K), LOG_2PI, tl.float64)
+    # relative error bound of the tiled distance (difference, square and tile sum round in cdt)
+    sq_err = (BLOCK_DS + 4) * 1.1920928955078125e-07
 
-    m = tl.full((BLOCK_B,), float("-inf"), cdt)
-    l = tl.zeros((BLOCK_B,), cdt)
-    hsum = tl.zeros((BLOCK_B,), cdt)
+    m = tl.full((BLOCK_B,), float("-inf"), tl.float64)
+    l = tl.zeros((BLOCK_B,), tl.float64)
+    hsum = tl.zeros((BLOCK_B,), tl.float64)
+    m_fast = tl.full((BLOCK_B,), float("-inf"), tl.float64)  # largest fast logit and its error bound
+    err_at_max = tl.zeros((BLOCK_B,), tl.float64)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
         # |x - mu_k|^2 for the [BLOCK_B, BLOCK_K] tile, summed from the differences
-        sq = tl.zeros((BLOCK_B, BLOCK_K), cdt)
+        sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
         for d0 in range(0, D, BLOCK_DS):
             d = d0 + tl.arange(0, BLOCK_DS)
             d_ok = d < D
             x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
             diff = x.to(cdt)[:, None, :] - mu[None, :, :]
-            sq += tl.sum(diff * diff, axis=2)
-        lp = tl.load(lp_ptr + k, mask=k_ok, other=0.0)
-        vp = lp[None, :] + s2[:, None]
-        logw = tl.load(logw_ptr + k, mask=k_ok, other=float("-inf"))
-        logit = logw[None, :] - 0.5 * (sq / vp + D * tl.log(vp) + D * LOG_2PI)
-        logit = tl.where(k_ok[None, :], logit, float("-inf"))
+            sq += tl.sum(diff * diff, axis=2).to(tl.float64)
+        residual_var = tl.load(residual_var_ptr + k, mask=k_ok, other=0.0).to(tl.float64)
+        vp = residual_var[None, :] + s2_64[:, None]
+        logw = tl.load(logw_ptr + k, mask=k_ok, other=float("-inf")).to(tl.float64)
+        log_norm = logw[None, :] - 0.5 * (D * tl.log(vp) + D * log_2pi)
+        logit = tl.where(k_ok[None, :], log_norm - 0.5 * sq / vp, float("-inf"))
+        if REFINE:  # exact distances for the components that can still compete
+            err = sq_err * sq / (2 * vp)
+            tile_max = tl.max(logit, axis=1)
+            tile_err = tl.max(tl.where(logit == tile_max[:, None], err, 0.0), axis=1)
+            better = tile_max > m_fast
+            m_fast = tl.where(better, tile_max, m_fast)
+            err_at_max = tl.where(better, tile_err, err_at_max)
+            need = (err > LOGIT_TOL) & (logit + err >= (m_fast - err_at_max - CUTOFF)[:, None])
+            need = need & row_ok[:, None] & k_ok[None, :]
+            if tl.max(need.to(tl.int32)) > 0:
+                sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
+                for d0 in range(0, D, BLOCK_DS):
+                    d = d0 + tl.arange(0, BLOCK_DS)
+                    d_ok = d < D
+                    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                    diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
+                    sq += tl.sum(diff * diff, axis=2)
+                logit = tl.where(need, log_norm - 0.5 * sq / vp, logit)
         if NEED_WEIGHTS:
             tl.store(logits_ptr + rows64[:, None] * K + k[None, :], logit, mask=row_ok[:, None] & k_ok[None, :])
         m_new = tl.maximum(m, tl.max(logit, axis=1))
         alpha = _merge_scale(m, m_new)
         p = _merge_scale(logit, m_new[:, None])
-        h = lp[None, :] / vp
+        h = residual_var[None, :] / vp
         l = l * alpha + tl.sum(p, axis=1)
         hsum = hsum * alpha + tl.sum(p * h, axis=1)
         if NEED_DENOISED:  # acc = alpha acc + (p (1 - h)) @ means[k tile]
-            pm = p * (1.0 - h)
+            pm = (p * (1.0 - h)).to(cdt)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
                 mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                 contrib = dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), PRECISION)
-                _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha)
+                _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha.to(cdt))
         m = m_new
     state = state_ptr + split * B + rows
     tl.store(state, m, mask=row_ok)
@@ -287,12 +336,13 @@ def _mixture_isotropic_kernel(
 
 @triton.jit
 def _mixture_merge_kernel(
-    x_ptr, state_ptr, acc_ptr, logits_ptr, denoised_ptr, logp_ptr,
+    x_ptr, state_ptr, acc_ptr, logits_ptr, weights_ptr, denoised_ptr, logp_ptr,
     B, D, K, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Merge the S partial (m, l, hsum, acc) states; write logp, denoised = (acc + hsum x) / l,
-    and the weights exp(logit - logp) in place of the logits. Grid: row blocks x column tiles."""
+    """Merge the S partial (m, l, hsum, acc) states (float64); write logp, denoised =
+    (acc + hsum x) / l, and the weights exp(logit - logp) (in place of the logits when float64).
+    Grid: row blocks x column tiles."""
     tile = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -307,22 +357,23 @@ def _mixture_merge_kernel(
         l += scale * tl.load(state_ptr + (S + s) * B + rows, mask=row_ok, other=1.0)  # (masked rows: no log 0)
         hsum += scale * tl.load(state_ptr + (2 * S + s) * B + rows, mask=row_ok, other=0.0)
     logp = m + tl.log(l)
-    tl.store(logp_ptr + rows, logp, mask=row_ok & (tile == 0))
+    tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=row_ok & (tile == 0))
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if NEED_DENOISED:
         mask = row_ok[:, None] & (cols[None, :] < D)
-        num = tl.zeros((BLOCK_B, BLOCK_N), m.dtype)
+        cdt = acc_ptr.dtype.element_ty
+        num = tl.zeros((BLOCK_B, BLOCK_N), cdt)
         for s in range(0, S):
-            scale = _merge_scale(tl.load(state_ptr + s * B + rows, mask=row_ok, other=0.0), m)
+            scale = _merge_scale(tl.load(state_ptr + s * B + rows, mask=row_ok, other=0.0), m).to(cdt)
             num += scale[:, None] * tl.load(acc_ptr + (s * B + rows64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(m.dtype)
-        out = (num + hsum[:, None] * x) / l[:, None]
+        x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(cdt)
+        out = num * (1.0 / l).to(cdt)[:, None] + (hsum / l).to(cdt)[:, None] * x
         tl.store(denoised_ptr + rows64[:, None] * D + cols[None, :], out.to(denoised_ptr.dtype.element_ty), mask=mask)
     if NEED_WEIGHTS:
         mask = row_ok[:, None] & (cols[None, :] < K)
         offs = rows64[:, None] * K + cols[None, :]
         logit = tl.load(logits_ptr + offs, mask=mask, other=float("-inf"))
-        tl.store(logits_ptr + offs, tl.exp(logit - logp[:, None]), mask=mask)
+        tl.store(weights_ptr + offs, tl.exp(logit - logp[:, None]).to(weights_ptr.dtype.element_ty), mask=mask)
 
 
 MAX_PARTIAL_ELEMENTS = 1 << 24  # the [splits, B, D] partial accumulators stay <= 64 MB in float32
@@ -344,22 +395,24 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     cd = means.dtype
     dev = x.device
     logp = torch.empty((B,), dtype=cd, device=dev)
-    logits = torch.empty((B, K) if need_weights else (0,), dtype=cd, device=dev)
+    weights = torch.empty((B, K) if need_weights else (0,), dtype=cd, device=dev)
+    logits = weights if cd == torch.float64 or not need_weights else torch.empty((B, K), dtype=torch.float64, device=dev)
     denoised = torch.empty((B, D) if need_denoised else (0,), dtype=x.dtype, device=dev)
     if B == 0:
-        return denoised, logp, logits
+        return denoised, logp, weights
     isotropic = R == 0
     min_per_split = MIN_COMPONENTS_PER_SPLIT_ISOTROPIC if isotropic else MIN_COMPONENTS_PER_SPLIT_LOWRANK
     S = splits if splits is not None else _splits(B, D, K, min_per_split, dev)
     k_per_split = triton.cdiv(K, S)
     S = triton.cdiv(K, k_per_split)  # no empty split
-    state = torch.empty((3, S, B), dtype=cd, device=dev)
+    state = torch.empty((3, S, B), dtype=torch.float64, device=dev)
     acc = torch.empty((S, B, D) if need_denoised else (0,), dtype=cd, device=dev)
     grid = (triton.cdiv(B, BLOCK_B), S)
     common = dict(NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, PRECISION=_config.dot_precision(cd), LOG_2PI=LOG_2PI, BLOCK_B=BLOCK_B)
     if isotropic:
         _launch(_mixture_isotropic_kernel)[grid](
-            x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S, **common)
+            x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S,
+            REFINE=cd == torch.float32, LOGIT_TOL=LOGIT_TOL[cd], CUTOFF=CUTOFF, **common)
     else:
         in_registers = R <= MAX_REGISTER_RANK
         scratch = torch.empty((0 if in_registers else S * 2 * B * R,), dtype=cd, device=dev)
@@ -372,6 +425,6 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     cols = max(D if need_denoised else 0, K if need_weights else 0, 1)
     merge_grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(cols, block_n))
     _launch(_mixture_merge_kernel)[merge_grid](
-        x, state, acc, logits, denoised, logp, B, D, K, S,
+        x, state, acc, logits, weights, denoised, logp, B, D, K, S,
         NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n)
-    return denoised, logp, logits
+    return denoised, logp, weights
