@@ -5,6 +5,10 @@
 //   model tensors and per-row sigma / scale tensors: contiguous, "compute dtype"
 //   (float64 if x is float64, else float32), same device as x
 //   kind: 0 denoise, 1 score, 2 flow (gsa::SpectralKind in include/gsa/spectral.h)
+// The optional trailing layouts of gaussian_map / gaussian_trajectory / mixture_posterior
+// (basis_rows, forward/backward_panels) are GEMM-ready copies of model tensors that the model
+// keeps (gsa_kernels/_layouts.py); the CPU kernels build them per call when absent, the CUDA
+// kernels do not use them. The emulated cuda_emu_* ops have no layout arguments.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,28 +22,36 @@ PyObject* PyInit__C(void) {
 
 #define GSA_GAUSSIAN_MAP_ARGS                                                                \
   "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, "              \
-  "Tensor sigma_from, Tensor sigma_to, Tensor scale_from, Tensor scale_to, int kind) -> Tensor"
+  "Tensor sigma_from, Tensor sigma_to, Tensor scale_from, Tensor scale_to, int kind"
 #define GSA_TRAJECTORY_ARGS                                                                  \
-  "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, Tensor sigmas) " \
-  "-> Tensor"
+  "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, Tensor sigmas"
 #define GSA_MIXTURE_ARGS                                                                     \
   "(Tensor x, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, "            \
-  "Tensor log_weights, Tensor sigma, bool need_denoised, bool need_weights) "               \
-  "-> (Tensor, Tensor, Tensor)"
+  "Tensor log_weights, Tensor sigma, bool need_denoised, bool need_weights"
+#define GSA_TENSOR ") -> Tensor"
+#define GSA_TRIPLE ") -> (Tensor, Tensor, Tensor)"
+#define GSA_BASIS_ROWS ", Tensor? basis_rows=None) -> Tensor"
+#define GSA_PANELS ", Tensor? forward_panels=None, Tensor? backward_panels=None) -> (Tensor, Tensor, Tensor)"
 
 TORCH_LIBRARY(gsa_kernels, m) {
   // out[B, D] = spectral map of x (denoise / score / closed-form flow), per-row sigma [B].
   // Flow: sigma_from[b] = +inf means x is unit noise; scale_* are the schedule scalings.
-  m.def("gaussian_map" GSA_GAUSSIAN_MAP_ARGS);
+  m.def("gaussian_map" GSA_GAUSSIAN_MAP_ARGS GSA_BASIS_ROWS);
   // out[T, B, D]: x at sigmas[0, b] carried by the closed-form flow to every sigmas[t, b].
-  m.def("gaussian_trajectory" GSA_TRAJECTORY_ARGS);
+  m.def("gaussian_trajectory" GSA_TRAJECTORY_ARGS GSA_BASIS_ROWS);
   // Posterior of a K-component low-rank mixture: (denoised [B, D] or [0] when not needed,
   // logp [B], weights [B, K] or [0] when not needed). logp and weights in compute dtype.
-  m.def("mixture_posterior" GSA_MIXTURE_ARGS);
+  m.def("mixture_posterior" GSA_MIXTURE_ARGS GSA_PANELS);
+  // Layouts and their validity (gsa_kernels/_layouts.py; CPU): U^T [r, D] of a basis [D, r];
+  // the (forward, backward) component panels of a mixture (csrc/cpu/mixture.cpp); a 64-bit hash
+  // of a tensor's dtype, sizes and contents.
+  m.def("basis_rows(Tensor basis) -> Tensor");
+  m.def("mixture_panels(Tensor means, Tensor bases) -> (Tensor, Tensor)");
+  m.def("content_hash(Tensor t) -> int");
 
   // The same kernels as the CUDA backend, compiled for the host through the SIMT emulation
   // (csrc/emu): CPU tensors in, for tests only (GSA_KERNELS_CUDA_EMULATE=1).
-  m.def("cuda_emu_gaussian_map" GSA_GAUSSIAN_MAP_ARGS);
-  m.def("cuda_emu_gaussian_trajectory" GSA_TRAJECTORY_ARGS);
-  m.def("cuda_emu_mixture_posterior" GSA_MIXTURE_ARGS);
+  m.def("cuda_emu_gaussian_map" GSA_GAUSSIAN_MAP_ARGS GSA_TENSOR);
+  m.def("cuda_emu_gaussian_trajectory" GSA_TRAJECTORY_ARGS GSA_TENSOR);
+  m.def("cuda_emu_mixture_posterior" GSA_MIXTURE_ARGS GSA_TRIPLE);
 }

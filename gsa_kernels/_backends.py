@@ -151,10 +151,15 @@ def available():
     return tuple(name for name, b in BACKENDS.items() if b.status()[0])
 
 
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend row for backend=name on tensors of `device`; a clear error if it cannot run here."""
+    return BACKENDS[_resolve_name(name, device.type)]
+
+
 def resolve(name: str, device: torch.device, op: str):
     """The kernel of `op` (a _contract op name) for backend=name on tensors of `device`, in
     kernel argument order; a clear error if that backend cannot run it here."""
-    return BACKENDS[_resolve_name(name, device.type)].kernel(op, device.type)
+    return resolve_backend(name, device).kernel(op, device.type)
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates the choice once, at trace time

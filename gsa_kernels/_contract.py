@@ -20,12 +20,12 @@ residual_var a [K] tensor. Outputs: out / denoised in x's dtype, logp and weight
 dtype. A kernel computes in the compute dtype whatever the storage dtype. NaN in x gives NaN in
 that row's outputs (never -inf, never another row).
 
-Room left on purpose (not implemented here; keep the names and orders above stable):
-- Prepared layouts. A model may own layouts derived from its tensors (a transposed basis, U^T mu,
-  per-component panels) and hand them to a kernel, instead of each backend caching its own.
-  They will travel as trailing arguments of the op (after the ones above, e.g. a `layouts`
-  tensor list that may be empty), so every argument index above stays valid; fake
-  implementations ignore them.
+Prepared layouts: a model owns GEMM-ready layouts derived from its tensors (gsa_kernels/_layouts.py:
+U^T as `basis_rows`, a mixture's `forward_panels` / `backward_panels`) and hands them to the C++
+CPU kernels as optional trailing arguments (LAYOUT_ARGUMENTS, after the ones above, so every
+argument index above stays valid); other backends take none, fakes ignore them.
+
+Room left on purpose (keep the names and orders above stable):
 - Autograd (gsa_kernels/_autograd.py) registers on these same op names: `kind` and the need_*
   flags stay plain int / bool arguments, never folded into the name.
 - A per-row `labels` [B] int64 variant of the Gaussian ops (class-conditional models stored as a
@@ -55,6 +55,9 @@ ARGUMENTS = {
                           "need_weights"),
 }
 OPS = tuple(ARGUMENTS)
+# optional trailing arguments of the compiled CPU ops (csrc/ops.cpp), default None
+LAYOUT_ARGUMENTS = {"gaussian_map": ("basis_rows",), "gaussian_trajectory": ("basis_rows",),
+                    "mixture_posterior": ("forward_panels", "backward_panels")}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,15 +70,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # Output shapes and dtypes only, so that torch.compile traces through the ops and opcheck tests them.
 
 
-def fake_gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+def fake_gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind,
+                      basis_rows=None):
     return torch.empty_like(x)
 
 
-def fake_gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
+def fake_gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas, basis_rows=None):
     return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
 
 
-def fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
+def fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights,
+                           forward_panels=None, backward_panels=None):
     B, K = x.shape[0], means.shape[0]
     cd = compute_dtype(x.dtype)
     denoised = x.new_empty((B, x.shape[1]) if need_denoised else (0,))
@@ -87,9 +92,23 @@ FAKES = {"gaussian_map": fake_gaussian_map, "gaussian_trajectory": fake_gaussian
          "mixture_posterior": fake_mixture_posterior}
 
 
-def register_fakes(namespace: str, prefix: str = ""):
-    """register_fake for every op `namespace::<prefix><op>` (ops defined elsewhere, e.g. in C++)."""
-    for name, fake in FAKES.items():
+def fake_basis_rows(basis):
+    return basis.new_empty((basis.shape[1], basis.shape[0]))
+
+
+def fake_mixture_panels(means, bases):
+    n = means.shape[0] * (bases.shape[2] + 1) * means.shape[1]
+    return means.new_empty((n,)), means.new_empty((n,))
+
+
+# the CPU layout builders (gsa_kernels/_layouts.py); content_hash has none: its result is data
+LAYOUT_FAKES = {"basis_rows": fake_basis_rows, "mixture_panels": fake_mixture_panels}
+
+
+def register_fakes(namespace: str, prefix: str = "", layouts: bool = False):
+    """register_fake for every op `namespace::<prefix><op>` (ops defined elsewhere, e.g. in C++),
+    and with `layouts` for the layout builders too."""
+    for name, fake in {**FAKES, **(LAYOUT_FAKES if layouts else {})}.items():
         torch.library.register_fake(f"{namespace}::{prefix}{name}")(fake)
 
 

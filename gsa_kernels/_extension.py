@@ -14,7 +14,7 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
 if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
     from . import _contract
 
-    _contract.register_fakes("gsa_kernels")
+    _contract.register_fakes("gsa_kernels", layouts=True)
     _contract.register_fakes("gsa_kernels", prefix="cuda_emu_")
 
 

@@ -32,18 +32,45 @@ def _check_nonneg(t, name):
 
 
 def _check_orthonormal(basis, name):
-    """Cheap O(D r) probe of U^T U = I: column norms and one random direction."""
+    """Cheap O(D r) probe of U^T U = I: column norms and one random direction. The tolerance
+    covers rounding an orthonormal basis to its dtype (bfloat16 keeps 8 bits)."""
     D, r = basis.shape[-2], basis.shape[-1]
     if r == 0:
         return
-    b = basis.double().reshape(-1, D, r)
-    tol = 1e-6 if basis.dtype == torch.float64 else 1e-3 * max(1.0, math.sqrt(r) / 8)
-    norms = b.pow(2).sum(1)
+    b = basis.detach().reshape(-1, D, r)
+    if b.dtype not in (torch.float32, torch.float64):
+        b = b.float()  # half types: products in float32 (their rounding is in the tolerance)
+    eps = torch.finfo(basis.dtype).eps
+    tol = 1e-6 if basis.dtype == torch.float64 else max(1e-3, 4 * eps) * max(1.0, math.sqrt(r) / 8)
+    norms = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64).pow(2)
     v = torch.randn(r, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(b.device)
     v = v / v.norm()
-    err = ((b.transpose(1, 2) @ (b @ v[:, None]))[..., 0] - v).norm(dim=-1).max().item()
+    err = ((b.transpose(1, 2) @ (b @ v.to(b.dtype)[:, None]))[..., 0].double() - v).norm(dim=-1).max().item()
     if (norms - 1).abs().max().item() > tol or err > tol * math.sqrt(max(r, 1)):
         raise ValueError(f"{name} must have orthonormal columns (U^T U = I)")
+
+
+def _check_points(t, name, where):
+    """t must be [N, ...]: N >= 1 points of prod(...) features each (a 1-d tensor is ambiguous)."""
+    if t.dim() < 2:
+        raise ValueError(f"{where}: {name} must be [N, ...] (N points of D features), got shape {tuple(t.shape)}; "
+                         f"for N one-dimensional points pass {name}[:, None]")
+    if t.shape[0] == 0:
+        raise ValueError(f"{where}: {name} has no points (N = 0)")
+
+
+def _load_file(path, device, kind, keys):
+    """The tensors of a file saved by `kind`.save, or a clear error for another kind of file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        saved_as = (f.metadata() or {}).get("gsa_kernels")
+        if saved_as is not None and saved_as != kind:
+            raise ValueError(f"{path} holds a {saved_as}, not a {kind}: load it with gsa_kernels.{saved_as}.load")
+        missing = [k for k in keys if k not in f.keys()]
+        if missing:
+            raise ValueError(f"{path} is not a saved {kind}: it lacks {', '.join(missing)}")
+        return {k: f.get_tensor(k) for k in keys}
 
 
 def _batches(data: Data):
@@ -117,7 +144,7 @@ class GaussianModel(GaussianOperand):
                 batch = torch.as_tensor(batch)
             if batch.dim() < 2:
                 raise ValueError(f"data batches must be [N, ...] with N samples, got shape {tuple(batch.shape)}")
-            x = batch.reshape(batch.shape[0], -1).double()
+            x = batch.reshape(batch.shape[0], math.prod(batch.shape[1:])).double()
             if s is None:
                 D = x.shape[1]
                 s, ss = torch.zeros(D, dtype=torch.float64, device=x.device), torch.zeros(D, D, dtype=torch.float64, device=x.device)
@@ -181,9 +208,7 @@ class GaussianModel(GaussianOperand):
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianModel":
-        from safetensors.torch import load_file
-
-        d = load_file(str(path), device=str(device))
+        d = _load_file(path, device, "GaussianModel", ("mean", "basis", "eigvals", "residual_var"))
         return cls(d["mean"], d["basis"], d["eigvals"], float(d["residual_var"]))
 
     # ------------------------------------------------------------------ ops
@@ -282,7 +307,8 @@ class GaussianMixture(MixtureOperand):
         """The empirical ("delta") mixture of a training set: one zero-variance component per
         point [N, ...]. Its noised score is the exact score of the training distribution."""
         _check_float(points, "points")
-        pts = points.reshape(points.shape[0], -1)
+        _check_points(points, "points", "from_points")
+        pts = points.reshape(points.shape[0], math.prod(points.shape[1:]))
         N, D = pts.shape
         return cls(pts, pts.new_zeros(N, D, 0), pts.new_zeros(N, 0), 0.0, log_weights)
 
@@ -292,7 +318,8 @@ class GaussianMixture(MixtureOperand):
         each cluster keeps its top `rank` directions; the rest is isotropic residual_var (the
         mean of its remaining eigenvalues). Weights are the cluster fractions."""
         _check_float(data, "data")
-        x = data.reshape(data.shape[0], -1).double()
+        _check_points(data, "data", "GaussianMixture.fit")
+        x = data.reshape(data.shape[0], math.prod(data.shape[1:])).double()
         N, D = x.shape
         if not 1 <= n_components <= N:
             raise ValueError(f"n_components must be in [1, N = {N}], got {n_components}")
@@ -339,9 +366,7 @@ class GaussianMixture(MixtureOperand):
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
-        from safetensors.torch import load_file
-
-        d = load_file(str(path), device=str(device))
+        d = _load_file(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
         return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
 
     # ------------------------------------------------------------------ ops
@@ -378,6 +403,33 @@ def _complete_basis(b: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([b, q[:, r0:]], 1)
 
 
+def _assign_nonempty(x, centers):
+    """Labels of the nearest center, after re-seeding each empty cluster with the point farthest
+    from its center (which then is its own nearest center). With fewer distinct points than
+    centers no re-seeding helps: a clear error."""
+    k = centers.shape[0]
+    exact = False  # exact differences once re-seeding: coinciding points at distance exactly 0
+    for _ in range(k + 2):  # each re-seed puts one more center on a data point: <= k of them
+        mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+        dist = torch.cdist(x, centers, compute_mode=mode)
+        labels = dist.argmin(1)
+        empty = (torch.bincount(labels, minlength=k) == 0).nonzero()
+        if empty.numel() == 0:
+            return labels
+        if not exact:
+            exact = True
+            continue
+        j = int(empty[0])
+        far = dist.gather(1, labels[:, None])[:, 0]
+        i = int(far.argmax())
+        if far[i] == 0:
+            n = torch.unique(x, dim=0).shape[0]
+            raise ValueError(f"GaussianMixture.fit: the data has {n} distinct points, fewer than "
+                             f"n_components = {k}")
+        centers[j] = x[i]
+    raise RuntimeError("k-means re-seeding did not converge")  # unreachable (see the loop bound)
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
     """Lloyd's k-means with k-means++ seeding on rows of x [N, D]. Returns (centers [k, D],
     labels [N]). Deterministic for a seed."""
@@ -392,7 +444,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
         d2 = torch.minimum(d2, ((x - nxt) ** 2).sum(1))
     labels = None
     for _ in range(iters):
-        new = torch.cdist(x, centers).argmin(1)
+        new = _assign_nonempty(x, centers)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new

@@ -13,7 +13,7 @@ from typing import Union
 
 import torch
 
-from . import _backends
+from . import _backends, _layouts
 from ._contract import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype
 
 Sigma = Union[float, torch.Tensor]
@@ -57,35 +57,60 @@ def _rows(v, B, x, name, op, *, allow_zero=False, allow_inf=False):
             raise TypeError(f"{op}: {name} must be a real tensor, got {v.dtype}")
         if v.device != x.device:
             raise ValueError(f"{op}: {name} is on {v.device} but x is on {x.device}")
-        t = v.to(cd).expand(B).contiguous()
-        if _checks_on_values(t):
-            _check_values(t, name, op, allow_zero, allow_inf)
-        return t
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if _checks_on_values(v):
+            _check_values(v, name, op, allow_zero, allow_inf, cd)
+        return v.to(cd).expand(B).contiguous()
+    if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{op}: {name} must be a float or a tensor, got {type(v).__name__}")
-    _check_float_value(float(v), name, op, allow_zero, allow_inf)
-    return torch.full((B,), float(v), dtype=cd, device=x.device)
+    _check_float_value(v, name, op, allow_zero, allow_inf, cd)
+    return torch.full((B,), v, dtype=cd, device=x.device)
 
 
-def _check_float_value(v, name, op, allow_zero, allow_inf):
-    """The checks of _check_values for a Python float (no tensor: traceable by torch.compile)."""
-    if math.isnan(v):
+def _squarable(cd):
+    """The finite values whose square is a normal number of the compute dtype cd: sigma^2 enters
+    every op, so a sigma outside this range would turn into 0 or inf there."""
+    fi = torch.finfo(cd)
+    return math.sqrt(fi.tiny), math.sqrt(fi.max)
+
+
+def _range_error(v, name, op, cd):
+    lo, hi = _squarable(cd)
+    return ValueError(f"{op}: {name} = {float(v):g} is outside [{lo:.3g}, {hi:.3g}], where its square is a normal "
+                      f"{cd} number ({cd} is the compute dtype of this x; float64 x computes in float64)")
+
+
+def _check_float_value(v, name, op, allow_zero, allow_inf, cd):
+    """The checks of _check_values for a Python float. Comparisons only (no math.isnan): under
+    torch.compile(dynamic=True) v may be a symbolic float."""
+    if v != v:
         raise ValueError(f"{op}: {name} contains NaN")
-    if not allow_inf and math.isinf(v):
+    if v == math.inf and allow_inf:
+        return
+    if v == math.inf or v == -math.inf:
         raise ValueError(f"{op}: {name} must be finite")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{op}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    lo, hi = _squarable(cd)
+    if v != 0 and (v < lo or v > hi):
+        raise _range_error(v, name, op, cd)
 
 
-def _check_values(t, name, op, allow_zero, allow_inf):
+def _check_values(t, name, op, allow_zero, allow_inf, cd):
+    """Checks of a tensor of sigmas / scales before it is converted to the compute dtype cd."""
     if torch.isnan(t).any():
         raise ValueError(f"{op}: {name} contains NaN")
-    if not allow_inf and torch.isinf(t).any():
+    inf = torch.isinf(t)
+    if (inf & (t < 0)).any() or (not allow_inf and inf.any()):
         raise ValueError(f"{op}: {name} must be finite")
     low = (t < 0) if allow_zero else (t <= 0)
     if low.any():
         bad = t[low][0].item()
         raise ValueError(f"{op}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {bad}")
+    lo, hi = _squarable(cd)
+    a = t.double()
+    out = (a != 0) & ~inf & ((a < lo) | (a > hi))
+    if out.any():
+        raise _range_error(a[out][0].item(), name, op, cd)
 
 
 def _model_tensors(model, x, names, op):
@@ -129,8 +154,9 @@ def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backen
     params = _gaussian_args(g, x2, op)
     if B == 0:
         return torch.empty_like(x)
-    kernel = _backends.resolve(backend, x2.device, "gaussian_map")
-    out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind))
+    be = _backends.resolve_backend(backend, x2.device)
+    kernel = be.kernel("gaussian_map", x2.device.type)
+    out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind), *_layouts.gaussian(be.name, g, params[1]))
     return out.reshape(x.shape)
 
 
@@ -163,15 +189,18 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
         raise ValueError(f"{op}: sigmas must be [T] or [T, B] with T >= 1, got shape {tuple(sigmas.shape)}")
     if sigmas.device != x2.device:
         raise ValueError(f"{op}: sigmas is on {sigmas.device} but x is on {x2.device}")
-    sigmas = sigmas.to(compute_dtype(x2.dtype))
-    sigmas = (sigmas[:, None] if sigmas.dim() == 1 else sigmas).expand(sigmas.shape[0], B).contiguous()
+    cd = compute_dtype(x2.dtype)
     if _checks_on_values(sigmas) and B > 0:
-        _check_values(sigmas[0], "sigmas[0]", op, allow_zero=False, allow_inf=False)
-        _check_values(sigmas[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False)
+        _check_values(sigmas[0], "sigmas[0]", op, allow_zero=False, allow_inf=False, cd=cd)
+        _check_values(sigmas[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False, cd=cd)
+    sigmas = sigmas.to(cd)
+    sigmas = (sigmas[:, None] if sigmas.dim() == 1 else sigmas).expand(sigmas.shape[0], B).contiguous()
     params = _gaussian_args(g, x2, op)
     if B == 0:
         return x.new_empty((sigmas.shape[0],) + tuple(x.shape))
-    out = _backends.resolve(backend, x2.device, "gaussian_trajectory")(x2, *params, sigmas)
+    be = _backends.resolve_backend(backend, x2.device)
+    kernel = be.kernel("gaussian_trajectory", x2.device.type)
+    out = kernel(x2, *params, sigmas, *_layouts.gaussian(be.name, g, params[1]))
     return out.reshape((sigmas.shape[0],) + tuple(x.shape))
 
 
@@ -186,8 +215,10 @@ def _mixture(x2, sigma, m, need_denoised, need_weights, backend, op):
     if B == 0:
         cd = compute_dtype(x2.dtype)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), sigma
-    kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
-    denoised, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights)
+    be = _backends.resolve_backend(backend, x2.device)
+    kernel = be.kernel("mixture_posterior", x2.device.type)
+    denoised, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights,
+                                     *_layouts.mixture(be.name, m, params[0], params[1]))
     return denoised, logp, weights, sigma
 
 

@@ -8,10 +8,8 @@
 #include <ATen/core/stack.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
-#include <initializer_list>
-#include <mutex>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -75,69 +73,29 @@ at::Tensor transpose_last2(const at::Tensor& a) {
   return out;
 }
 
-// What a cached layout holds (with `param`, e.g. a block size, when a kind has variants).
-enum class Layout { kBasisRows, kMeanProjection, kSquaredNorms, kComponentMeanProjections,
-                    kForwardPanels, kBackwardPanels };
-
-// A layout derived from model tensors (a transposed or repacked basis, per-model constants),
-// cached across calls. A model hands the kernels the same tensors call after call, and
-// re-laying-out a full-PCA basis costs as much as the GEMMs that use it. An entry is keyed by the
-// sources' identities, data pointers and version counters (an in-place edit misses) plus its
-// kind and param; it holds references to its sources, so that no identity can be reused while
-// cached, and is released once the caller has dropped a source. Inference tensors have no
-// version counter: their layout is rebuilt on every call. make() -> the derived tensor.
-template <typename Make>
-at::Tensor cached_layout(std::initializer_list<at::Tensor> sources, Layout kind, int64_t param,
-                         Make make) {
-  for (const at::Tensor& t : sources)
-    if (t.is_inference()) return make();
-  struct Entry {
-    std::vector<at::Tensor> src;
-    std::vector<uint32_t> version;
-    Layout kind = Layout::kBasisRows;
-    int64_t param = 0;
-    at::Tensor out;
-    bool matches(std::initializer_list<at::Tensor> s, Layout k, int64_t p) const {
-      if (k != kind || p != param || s.size() != src.size()) return false;
-      size_t i = 0;
-      for (const at::Tensor& t : s) {
-        const at::Tensor& e = src[i];
-        if (e.unsafeGetTensorImpl() != t.unsafeGetTensorImpl() || e.data_ptr() != t.data_ptr() ||
-            version[i] != t._version())
-          return false;
-        ++i;
-      }
-      return true;
-    }
-  };
-  static std::mutex mutex;
-  static std::array<Entry, 6> cache;
-  static size_t next = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (Entry& e : cache) {
-      for (const at::Tensor& t : e.src)
-        if (t.use_count() == 1) {  // only we hold it: the model is gone, release the entry
-          e = Entry{};
-          break;
-        }
-      if (e.out.defined() && e.matches(sources, kind, param)) return e.out;
-    }
-  }
-  at::Tensor out = make();
-  Entry entry{std::vector<at::Tensor>(sources), {}, kind, param, out};
-  for (const at::Tensor& t : sources) entry.version.push_back(t._version());
-  std::lock_guard<std::mutex> lock(mutex);
-  cache[next] = std::move(entry);
-  next = (next + 1) % cache.size();
-  return out;
+// U^T with contiguous rows ([r, D]) of a basis U [D, r] (float or double): what gemm_nt wants
+// for x U.
+inline at::Tensor basis_rows(const at::Tensor& basis) {
+  return AT_DISPATCH_FLOATING_TYPES(basis.scalar_type(), "basis_rows", [&] {
+    return transpose_last2<scalar_t>(basis.unsqueeze(0)).squeeze(0);
+  });
 }
 
-// U^T with contiguous rows ([r, D]) of a basis U [D, r], cached: what gemm_nt wants for x U.
-template <typename T>
-at::Tensor basis_rows(const at::Tensor& basis) {
-  return cached_layout({basis}, Layout::kBasisRows, 0,
-                       [&] { return transpose_last2<T>(basis.unsqueeze(0)).squeeze(0); });
+// A GEMM-ready layout (basis_rows, mixture panels) is derived from model tensors. The model owns
+// it (gsa_kernels/_layouts.py builds it with the layout ops, keeps it beside its tensors while
+// their contents are unchanged, and passes it in); without one the kernel builds its own for the
+// call. A given layout is checked here for sizes, dtype, device and contiguity; its contents are
+// the model's responsibility.
+inline at::Tensor layout_or(const std::optional<at::Tensor>& given, const at::Tensor& like,
+                            at::IntArrayRef sizes, const char* name, const char* op,
+                            const std::function<at::Tensor()>& make) {
+  if (!given.has_value()) return make();
+  const at::Tensor& t = *given;
+  TORCH_CHECK_VALUE(t.sizes() == sizes && t.scalar_type() == like.scalar_type() &&
+                        t.device() == like.device() && t.is_contiguous(),
+                    op, ": ", name, " must be a contiguous ", like.scalar_type(), " tensor of size ",
+                    sizes, " on ", like.device(), ", got ", t.scalar_type(), " ", t.sizes());
+  return t;
 }
 
 // at::empty for the kernels' outputs; large ones come from output_memory.cpp (huge pages, and a

@@ -76,11 +76,11 @@ void scale_coeffs(int kind, const T* c, T* f, const T* lam, int64_t r, bool full
 //   out = a x + (1 - a) mu + U f c.
 template <typename T>
 at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                            const at::Tensor& eigvals, T lp, const at::Tensor& sigma) {
+                            const at::Tensor& basis_t, const at::Tensor& eigvals, T lp,
+                            const at::Tensor& sigma) {
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1);
   const bool full_rank = r == D;
-  const at::Tensor basis_t = basis_rows<T>(basis);
-  const at::Tensor umu = cached_layout({basis, mean}, Layout::kMeanProjection, 0, [&] { return at::mv(basis_t, mean); });
+  const at::Tensor umu = at::mv(basis_t, mean);  // U^T mu: one more row's worth of GEMM 1
   at::Tensor c = gemm_nt(x, basis_t);  // [B, r]
   const T *x_p = x.data_ptr<T>(), *mu = mean.data_ptr<T>(), *lam = eigvals.data_ptr<T>();
   const T *sig = sigma.data_ptr<T>(), *um = umu.data_ptr<T>();
@@ -109,7 +109,7 @@ at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const a
 
 template <typename X>
 void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                       const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
+                       const at::Tensor& basis_t, const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
                        const at::Tensor& sigma_to, const at::Tensor& scale_from,
                        const at::Tensor& scale_to, int kind, at::Tensor& out) {
   using T = at::opmath_type<X>;
@@ -122,7 +122,6 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
   const T *sa = sigma_from.data_ptr<T>(), *sb = sigma_to.data_ptr<T>();
   const T *ka = scale_from.data_ptr<T>(), *kb = scale_to.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const bool full_rank = r == D;
 
@@ -160,7 +159,8 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
 at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                             const at::Tensor& eigvals, double residual_var,
                             const at::Tensor& sigma_from, const at::Tensor& sigma_to,
-                            const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
+                            const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind,
+                            const std::optional<at::Tensor>& given_basis_rows) {
   const char* op = "gsa_kernels::gaussian_map (cpu)";
   check_gaussian(x, mean, basis, eigvals, residual_var, op);
   for (auto [t, name] : {std::pair{&sigma_from, "sigma_from"}, {&sigma_to, "sigma_to"},
@@ -169,16 +169,18 @@ at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const a
   TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
                     ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  const at::Tensor basis_t = layout_or(given_basis_rows, basis, {basis.size(1), basis.size(0)},
+                                       "basis_rows", op, [&] { return basis_rows(basis); });
   if (kind == kDenoise && basis.size(1) > 0 && x.numel() > 0) {  // no y pass: see denoise_expanded
     if (x.scalar_type() == at::kFloat)
-      return denoise_expanded<float>(x, mean, basis, eigvals, static_cast<float>(residual_var), sigma_from);
+      return denoise_expanded<float>(x, mean, basis, basis_t, eigvals, static_cast<float>(residual_var), sigma_from);
     if (x.scalar_type() == at::kDouble)
-      return denoise_expanded<double>(x, mean, basis, eigvals, residual_var, sigma_from);
+      return denoise_expanded<double>(x, mean, basis, basis_t, eigvals, residual_var, sigma_from);
   }
   at::Tensor out = empty_output(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_map", [&] {
-    gaussian_map_impl<scalar_t>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to,
+    gaussian_map_impl<scalar_t>(x, mean, basis, basis_t, eigvals, residual_var, sigma_from, sigma_to,
                                 scale_from, scale_to, static_cast<int>(kind), out);
   });
   return out;
@@ -188,7 +190,7 @@ at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const a
 // block and reused for every t; each out[t] block is written once.
 template <typename X>
 void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                     const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas,
+                     const at::Tensor& basis_t, const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas,
                      at::Tensor& out) {
   using T = at::opmath_type<X>;
   constexpr bool kDirect = std::is_same_v<X, T>;
@@ -199,7 +201,6 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
   const T* lam = eigvals.data_ptr<T>();
   const T* sig = sigmas.data_ptr<T>();
   X* op = out.data_ptr<X>();
-  const at::Tensor basis_t = basis_rows<T>(basis);
   const int64_t BB = row_block(B, D, r, sizeof(T));
   const bool full_rank = r == D;
   const T one(1);
@@ -240,7 +241,8 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
 
 at::Tensor gaussian_trajectory_cpu(const at::Tensor& x, const at::Tensor& mean,
                                    const at::Tensor& basis, const at::Tensor& eigvals,
-                                   double residual_var, const at::Tensor& sigmas) {
+                                   double residual_var, const at::Tensor& sigmas,
+                                   const std::optional<at::Tensor>& given_basis_rows) {
   const char* op = "gsa_kernels::gaussian_trajectory (cpu)";
   check_gaussian(x, mean, basis, eigvals, residual_var, op);
   check_param(x, sigmas, "sigmas", 2, op);
@@ -249,9 +251,11 @@ at::Tensor gaussian_trajectory_cpu(const at::Tensor& x, const at::Tensor& mean,
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
   at::Tensor out = empty_output({sigmas.size(0), x.size(0), x.size(1)}, x.options());
   if (out.numel() == 0) return out;
+  const at::Tensor basis_t = layout_or(given_basis_rows, basis, {basis.size(1), basis.size(0)},
+                                       "basis_rows", op, [&] { return basis_rows(basis); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_trajectory",
                                   [&] {
-                                    trajectory_impl<scalar_t>(x, mean, basis, eigvals,
+                                    trajectory_impl<scalar_t>(x, mean, basis, basis_t, eigvals,
                                                               residual_var, sigmas, out);
                                   });
   return out;

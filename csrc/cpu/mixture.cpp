@@ -135,7 +135,8 @@ double log_det_low(const T* lam, int64_t r, double s2) {
 //            x . mu_k and U_k^T x in one GEMM)
 //   backward [D, nk (r + 1)]: the forward panel transposed (Q W^T with Q = [P | G] gives
 //            sum_k p_k mu_k + U_k g_k in one GEMM)
-// Both have contiguous rows, which is what the oneDNN GEMM wants; they are cached per model.
+// Both have contiguous rows, which is what the oneDNN GEMM wants; the model keeps them
+// (mixture_panels, gsa_kernels/_layouts.py) and passes them in, else they are built per call.
 inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
   const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
   return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
@@ -164,11 +165,41 @@ at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int6
   return out;
 }
 
+// Components per block of the panels (balanced: the last block is not a sliver), each one GEMM
+// per direction against its panel.
+inline int64_t component_block(int64_t K, int64_t r) {
+  const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
+  const int64_t num_kb = (K + KB_max - 1) / KB_max;
+  return (K + num_kb - 1) / num_kb;
+}
+
+// (forward, backward) panels of means [K, D] and bases [K, D, r], r > 0, in their dtype.
+std::tuple<at::Tensor, at::Tensor> mixture_panels(const at::Tensor& means, const at::Tensor& bases) {
+  const char* op = "gsa_kernels::mixture_panels (cpu)";
+  TORCH_CHECK_VALUE(means.dim() == 2 && bases.dim() == 3 && bases.size(0) == means.size(0) &&
+                        bases.size(1) == means.size(1) && bases.size(2) > 0,
+                    op, ": means must be [K, D] and bases [K, D, r] with r > 0, got ", means.sizes(),
+                    " and ", bases.sizes());
+  TORCH_CHECK_TYPE((means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble) &&
+                       bases.scalar_type() == means.scalar_type(),
+                   op, ": means and bases must both be float32 or both float64");
+  TORCH_CHECK_VALUE(means.device().is_cpu() && bases.device().is_cpu() && means.is_contiguous() &&
+                        bases.is_contiguous(),
+                    op, ": means and bases must be contiguous CPU tensors");
+  const int64_t K = means.size(0), D = means.size(1), r = bases.size(2), KB = component_block(K, r);
+  return AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "mixture_panels", [&] {
+    at::Tensor fwd = forward_panels<scalar_t>(means, bases, KB);
+    at::Tensor bwd = backward_panels<scalar_t>(fwd, K, D, r + 1, KB);
+    return std::make_tuple(fwd, bwd);
+  });
+}
+
 template <typename X>
 void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
                   const at::Tensor& eigvals, const at::Tensor& residual_var,
                   const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
-                  bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
+                  bool need_weights, const at::Tensor& fwd, const at::Tensor& bwd,
+                  at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
   const X* xp = x.data_ptr<X>();
@@ -182,16 +213,11 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // Per-component constants, cached with the model.
-  const at::Tensor mu_sq_t = cached_layout({means}, Layout::kSquaredNorms, 0, [&] {
-    at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
-    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
-    });
-    return out;
+  // Per-component constants, per call: one pass over the means (1 / B of the GEMMs' reads).
+  std::vector<double> mu_sq(K);
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
   });
-  const double* mu_sq = mu_sq_t.data_ptr<double>();
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
   bool equal_lp = true;  // with r = 0 (the delta mixture): the log-density's log is per row
   for (int64_t k = 0; k < K; ++k) {
@@ -203,22 +229,12 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   double min_var = min_lp;
   for (int64_t e = 0; e < K * r; ++e) min_var = std::min(min_var, static_cast<double>(lam[e]));
   const bool isotropic_equal = r == 0 && equal_lp;
-  // Component blocks of KB (balanced: the last block is not a sliver), each one GEMM per direction
-  // against its panel (W = r + 1 columns per component); and U_k^T mu_k.
-  const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
-  const int64_t num_kb = (K + KB_max - 1) / KB_max;
-  const int64_t KB = (K + num_kb - 1) / num_kb;
+  // Component blocks of KB (component_block), W = r + 1 panel rows per component; U_k^T mu_k
+  // per call (one more row's worth of the forward GEMM).
+  const int64_t KB = component_block(K, r);
+  const int64_t num_kb = (K + KB - 1) / KB;
   const int64_t W = r + 1;
-  at::Tensor fwd, bwd, Umu;
-  if (r > 0) {
-    fwd = cached_layout({means, bases}, Layout::kForwardPanels, KB,
-                        [&] { return forward_panels<T>(means, bases, KB); });
-    if (need_denoised)
-      bwd = cached_layout({means, bases}, Layout::kBackwardPanels, KB,
-                          [&] { return backward_panels<T>(fwd, K, D, W, KB); });
-    Umu = cached_layout({means, bases}, Layout::kComponentMeanProjections, 0,
-                        [&] { return at::bmm(means.unsqueeze(1), bases).view({K, r}); });
-  }
+  const at::Tensor Umu = r > 0 ? at::bmm(means.unsqueeze(1), bases).view({K, r}) : at::Tensor();
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
   // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
   const bool sq_matters = r < D;
@@ -432,20 +448,33 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cpu(
     const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
     const at::Tensor& eigvals, const at::Tensor& residual_var, const at::Tensor& log_weights,
-    const at::Tensor& sigma, bool need_denoised, bool need_weights) {
+    const at::Tensor& sigma, bool need_denoised, bool need_weights,
+    const std::optional<at::Tensor>& given_forward_panels,
+    const std::optional<at::Tensor>& given_backward_panels) {
   const char* op = "gsa_kernels::mixture_posterior (cpu)";
   check_mixture(x, means, bases, eigvals, residual_var, log_weights, sigma, op);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
-  const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
+  const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
   const auto cd = compute_dtype(x);
   at::Tensor den = need_denoised ? at::empty({B, D}, x.options()) : at::empty({0}, x.options());
   at::Tensor logp = at::empty({B}, x.options().dtype(cd));
   at::Tensor weights = at::empty(need_weights ? at::IntArrayRef{B, K} : at::IntArrayRef{0},
                                  x.options().dtype(cd));
   if (B == 0) return {den, logp, weights};
+  at::Tensor fwd, bwd;
+  if (r > 0) {
+    const int64_t KB = component_block(K, r), n = K * (r + 1) * D;
+    AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "mixture_panels", [&] {
+      fwd = layout_or(given_forward_panels, means, {n}, "forward_panels", op,
+                      [&] { return forward_panels<scalar_t>(means, bases, KB); });
+      if (need_denoised)
+        bwd = layout_or(given_backward_panels, means, {n}, "backward_panels", op,
+                        [&] { return backward_panels<scalar_t>(fwd, K, D, r + 1, KB); });
+    });
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixture_posterior", [&] {
     mixture_impl<scalar_t>(x, means, bases, eigvals, residual_var, log_weights, sigma,
-                           need_denoised, need_weights, den, logp, weights);
+                           need_denoised, need_weights, fwd, bwd, den, logp, weights);
   });
   return {den, logp, weights};
 }
@@ -454,6 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cpu(
 
 TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
   m.impl("mixture_posterior", &mixture_posterior_cpu);
+  m.impl("mixture_panels", &mixture_panels);
 }
 
 }  // namespace gsa::cpu

@@ -9,6 +9,9 @@
 //     next output of about its size, already faulted in, as a caching allocator would: a sampler
 //     that calls the same op every step then never pays for page faults or zeroing. The cost is
 //     that this memory is returned to the system only when the cache evicts it.
+// Threads share the cache under its mutex. fork(): the forking thread holds the mutex across the
+// fork (pthread_atfork), so the child never inherits it locked by a thread that does not exist
+// there; the child keeps the kept buffers (its own copy-on-write copies).
 // The storage stays resizable through the default CPU allocator.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -20,6 +23,7 @@
 #include "common.h"
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -48,6 +52,10 @@ struct FreeBuffers {
 
 FreeBuffers& free_buffers() {
   static auto* buffers = new FreeBuffers();  // never destroyed: deleters may run at exit
+  static const int at_fork = pthread_atfork([] { free_buffers().mutex.lock(); },
+                                            [] { free_buffers().mutex.unlock(); },
+                                            [] { free_buffers().mutex.unlock(); });
+  (void)at_fork;
   return *buffers;
 }
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 
 #include "launchers.h"
 #include "op_bindings.h"
@@ -47,20 +48,23 @@ struct CudaLauncher {
 at::Tensor gaussian_map_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                              const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
                              const at::Tensor& sigma_to, const at::Tensor& scale_from,
-                             const at::Tensor& scale_to, int64_t kind) {
+                             const at::Tensor& scale_to, int64_t kind,
+                             const std::optional<at::Tensor>& /*basis_rows: CPU only*/) {
   return gaussian_map<CudaLauncher>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from,
                                     scale_to, kind, "gaussian_map");
 }
 
 at::Tensor gaussian_trajectory_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                                    const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas) {
+                                    const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas,
+                                    const std::optional<at::Tensor>& /*basis_rows: CPU only*/) {
   return gaussian_trajectory<CudaLauncher>(x, mean, basis, eigvals, residual_var, sigmas, "gaussian_trajectory");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cuda(
     const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases, const at::Tensor& eigvals,
     const at::Tensor& residual_var, const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
-    bool need_weights) {
+    bool need_weights, const std::optional<at::Tensor>& /*forward_panels: CPU only*/,
+    const std::optional<at::Tensor>& /*backward_panels: CPU only*/) {
   return mixture_posterior<CudaLauncher>(x, means, bases, eigvals, residual_var, log_weights, sigma,
                                          need_denoised, need_weights, "mixture_posterior");
 }

@@ -1,0 +1,80 @@
+// The layout ops behind gsa_kernels/_layouts.py: a model keeps GEMM-ready layouts of its tensors
+// (basis_rows here, mixture_panels in mixture.cpp) and a content hash of the tensors they were
+// built from; before each call it hashes its tensors again and rebuilds the layouts if the hash
+// changed. Writes through any route (.data, numpy, dlpack, storage) change the contents and so
+// are seen, which version counters and data pointers cannot promise.
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace gsa::cpu {
+namespace {
+
+constexpr uint64_t kPrime1 = 0x9E3779B185EBCA87ULL;  // xxHash64's primes and round
+constexpr uint64_t kPrime2 = 0xC2B2AE3D27D4EB4FULL;
+constexpr uint64_t kPrime3 = 0x165667B19E3779F9ULL;
+
+inline uint64_t rotl(uint64_t v, int s) { return (v << s) | (v >> (64 - s)); }
+inline uint64_t round64(uint64_t acc, uint64_t w) { return rotl(acc + w * kPrime2, 31) * kPrime1; }
+inline uint64_t avalanche(uint64_t h) {
+  h ^= h >> 33; h *= kPrime2; h ^= h >> 29; h *= kPrime3; return h ^ (h >> 32);
+}
+
+// Hash of n bytes (a chunk of the tensor): four independent lanes (so that the loop is not one
+// multiply-latency chain), merged in order, seeded by the chunk index.
+uint64_t hash_chunk(const unsigned char* p, int64_t n, uint64_t seed) {
+  uint64_t lane[4] = {seed + kPrime1, seed + kPrime2, seed, seed - kPrime1};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    uint64_t w[4];
+    std::memcpy(w, p + i, 32);
+    for (int j = 0; j < 4; ++j) lane[j] = round64(lane[j], w[j]);
+  }
+  uint64_t h = rotl(lane[0], 1) + rotl(lane[1], 7) + rotl(lane[2], 12) + rotl(lane[3], 18);
+  for (; i < n; ++i) h = round64(h, p[i]);
+  return avalanche(h ^ static_cast<uint64_t>(n));
+}
+
+// A 64-bit hash of a CPU tensor's dtype, sizes and bytes (in its contiguous order). Chunks of
+// 1 MiB are hashed in parallel and folded in order.
+int64_t content_hash(const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "gsa_kernels::content_hash: expected a CPU tensor, got ",
+                    t.device());
+  const at::Tensor c = t.contiguous();
+  const auto* p = static_cast<const unsigned char*>(c.data_ptr());
+  const int64_t nbytes = c.numel() * c.element_size();
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  const int64_t chunks = (nbytes + kChunk - 1) / kChunk;
+  std::vector<uint64_t> h(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = c0; i < c1; ++i)
+      h[i] = hash_chunk(p + i * kChunk, std::min(kChunk, nbytes - i * kChunk), static_cast<uint64_t>(i));
+  });
+  uint64_t out = round64(kPrime3, static_cast<uint64_t>(c.scalar_type()));
+  for (int64_t s : c.sizes()) out = round64(out, static_cast<uint64_t>(s));
+  for (uint64_t v : h) out = round64(out, v);
+  return static_cast<int64_t>(avalanche(out));
+}
+
+at::Tensor basis_rows_op(const at::Tensor& basis) {
+  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.device().is_cpu() && basis.is_contiguous(),
+                    "gsa_kernels::basis_rows: basis must be a contiguous CPU [D, r] tensor, got ",
+                    basis.sizes());
+  TORCH_CHECK_TYPE(basis.scalar_type() == at::kFloat || basis.scalar_type() == at::kDouble,
+                   "gsa_kernels::basis_rows: basis must be float32 or float64, got ",
+                   basis.scalar_type());
+  return basis_rows(basis);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
+  m.impl("content_hash", &content_hash);
+  m.impl("basis_rows", &basis_rows_op);
+}
+
+}  // namespace gsa::cpu
