@@ -24,7 +24,8 @@ def test_python_implementations_take_the_contract_order(op):
 
     assert _params(getattr(reference, op)) == _contract.ARGUMENTS[op]
     assert _params(getattr(triton_backend, op)) == _contract.ARGUMENTS[op]
-    assert _params(_contract.FAKES[op]) == _contract.ARGUMENTS[op]
+    # the fakes serve the CPU ops too, which take the model's prepared layouts last
+    assert _params(_contract.FAKES[op]) == _contract.ARGUMENTS[op] + _contract.LAYOUT_ARGUMENTS[op]
 
 
 @pytest.mark.skipif(not _extension.loaded, reason=f"compiled extension not loaded: {_extension.error}")
@@ -32,7 +33,9 @@ def test_python_implementations_take_the_contract_order(op):
 @pytest.mark.parametrize("prefix", ["", "cuda_emu_"])
 def test_compiled_schemas_take_the_contract_order(op, prefix):
     schema = getattr(torch.ops.gsa_kernels, prefix + op).default._schema
-    assert tuple(a.name for a in schema.arguments) == _contract.ARGUMENTS[op]
+    layouts = _contract.LAYOUT_ARGUMENTS[op] if prefix == "" else ()
+    assert tuple(a.name for a in schema.arguments) == _contract.ARGUMENTS[op] + layouts
+    assert all(a.default_value is None for a in schema.arguments[len(_contract.ARGUMENTS[op]):])
 
 
 def test_spectral_kind_matches_the_header():
