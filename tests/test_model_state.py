@@ -188,6 +188,16 @@ def test_layouts_live_in_the_model_and_are_rebuilt_only_on_change():
     assert all(c.model._layouts[k][1] is not kept[k][1] for k in kept)
 
 
+def test_pickled_model_leaves_its_layouts_behind():
+    import pickle
+
+    c = Ctx("mixture")
+    c.model.denoise(torch.randn(2, D, dtype=torch.float64), 0.5, backend="cpu")
+    assert "_layouts" in c.model.__dict__
+    copy = pickle.loads(pickle.dumps(c.model))
+    assert "_layouts" not in copy.__dict__ and torch.equal(copy.bases, c.model.bases)
+
+
 def test_layout_arguments_are_checked():
     g = Ctx("gaussian").model
     x = torch.randn(2, D, dtype=torch.float64)
