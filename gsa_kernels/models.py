@@ -73,6 +73,11 @@ def _load_file(path, device, kind, keys):
         return {k: f.get_tensor(k) for k in keys}
 
 
+def _getstate(model):
+    """Pickle / deepcopy state: the model's tensors, not its derived layouts (_layouts.py)."""
+    return {k: v for k, v in model.__dict__.items() if k != "_layouts"}
+
+
 def _batches(data: Data):
     if isinstance(data, torch.Tensor):
         yield data
@@ -107,6 +112,8 @@ class GaussianModel(GaussianOperand):
         self.basis = basis.to(dtype).contiguous()
         self.eigvals = eigvals.to(dtype).contiguous()
         self.residual_var = residual_var
+
+    __getstate__ = _getstate
 
     # ------------------------------------------------------------------ properties
     @property
@@ -277,6 +284,8 @@ class GaussianMixture(MixtureOperand):
         self.eigvals = eigvals.to(dtype).contiguous()
         self.residual_var = residual_var.contiguous()
         self.log_weights = torch.log_softmax(log_weights.double(), 0).to(dtype).contiguous()
+
+    __getstate__ = _getstate
 
     @property
     def num_components(self) -> int:

@@ -1,7 +1,8 @@
 """Public functional API (docs/architecture.md, section 2): validation, flattening, backend dispatch.
 
 Every op takes x [B, *shape] with prod(shape) == D and returns outputs with x's shape and
-dtype. sigma is a float, a 0-d tensor or a [B] tensor (per-sample noise levels). Model tensors
+dtype. sigma is a float, a 0-d tensor or a [B] tensor (per-sample noise levels), 0 < sigma with
+sigma^2 a normal number of the compute dtype (float32: 1.1e-19 <= sigma <= 1.8e19). Model tensors
 are cast to the compute dtype (float64 for float64 x, float32 otherwise) but must be on x's
 device. Each call is one kernel launch of the chosen backend (`backend=`: "auto", "reference",
 "cpu", "triton" or "cuda"; "auto" picks the fastest real backend for x's device).

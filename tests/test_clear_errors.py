@@ -56,10 +56,21 @@ def test_mixture_fit_with_too_few_distinct_points_is_a_clear_error():
         gk.GaussianMixture.fit(torch.ones(50, 4), n_components=3, rank=1)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_mixture_fit_reseeds_empty_clusters(seed):
-    """Three distinct points, one of them 48 times: k-means++ often seeds two centers on the
-    same point, and one cluster comes out empty; it must be re-seeded."""
+def test_empty_cluster_is_reseeded():
+    """Two centers on one point: the second one's cluster is empty until it is re-seeded on the
+    point farthest from its center."""
+    from gsa_kernels.models import _assign_nonempty
+
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
+    centers = x[[0, 0, 2]].clone()
+    labels = _assign_nonempty(x, centers)
+    assert torch.bincount(labels, minlength=3).tolist() == [2, 1, 1]
+    assert torch.equal(centers[1], x[3])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_mixture_fit_with_as_many_distinct_points_as_components(seed):
+    """Three distinct points, one of them 48 times: one component per point, no IndexError."""
     pts = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     data = torch.cat([pts[:1].expand(48, 2), pts[1:]])
     m = gk.GaussianMixture.fit(data, n_components=3, rank=0, seed=seed)

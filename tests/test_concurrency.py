@@ -77,7 +77,8 @@ def _child(conn, busy_thread_in_parent):
     try:
         torch.set_num_threads(1)
         plain = (torch.randn(300, 300) @ torch.randn(300, 300)).sum().item()  # plain torch works here
-        conn.send(("ok", plain, _run(_models(), _x())))
+        # numpy arrays: torch's own pickling of tensors shares memory with this process, which exits
+        conn.send(("ok", plain, [t.numpy() for t in _run(_models(), _x())]))
     except BaseException as e:  # report, do not hang the parent
         conn.send(("error", repr(e), None))
     conn.close()
@@ -102,7 +103,8 @@ def _in_child(method, busy=False):
         proc = ctx.Process(target=_child, args=(child_end, busy))
         proc.start()
         ready = parent_end.poll(180)
-        result = parent_end.recv() if ready else ("hung", None, None)
+        status, info, arrays = parent_end.recv() if ready else ("hung", None, None)
+        result = status, info, arrays and [torch.from_numpy(a) for a in arrays]
         proc.join(30)
         if proc.is_alive():
             proc.kill()
