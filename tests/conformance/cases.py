@@ -188,6 +188,8 @@ def _lowrank_tie(case, gen):
     u = _orthonormal(D, 2, gen)
     u1, u2 = u[:, 0], u[:, 0] + 1e-5 * u[:, 1]
     bases = torch.stack([u1, u2 / u2.norm()])[:, :, None]
+    if case.extra.get("float32_basis"):  # orthonormal to ~1e-8 only: the residual must be summed directly
+        bases = bases.float().double()
     means = torch.zeros(2, D, dtype=F64)
     eigvals = torch.full((2, 1), 1e4, dtype=F64)
     x0 = 100.0 * u1.expand(case.B, D) + 2e-3 * torch.randn(case.B, D, dtype=F64, generator=gen)
@@ -196,12 +198,14 @@ def _lowrank_tie(case, gen):
 
 def _delta_tie(case, gen):
     """The empirical mixture of K image-like points in [-1, 1]^D; queries at midpoints of two
-    points + 1e-3 noise per coordinate (D = 3072): two logits of ~|y|^2 / 2 sigma^2 nearly equal."""
+    points + 1e-3 noise per coordinate (D = 3072): two logits of ~|y|^2 / 2 sigma^2 nearly equal.
+    Rows 4.. get 1e-6 noise instead: ties that stay ties down to sigma ~ 0.01."""
     K, D = case.K, case.D
     points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
     i = torch.arange(case.B) % K
     j = (i + 1 + torch.arange(case.B) // K) % K
-    x0 = (points[i] + points[j]) / 2 + 1e-3 * torch.randn(case.B, D, dtype=F64, generator=gen)
+    noise = torch.where(torch.arange(case.B) < 4, 1e-3, 1e-6).to(F64)[:, None]
+    x0 = (points[i] + points[j]) / 2 + noise * torch.randn(case.B, D, dtype=F64, generator=gen)
     zeros = torch.zeros(K, dtype=F64)
     return points, torch.zeros(K, D, 0, dtype=F64), torch.zeros(K, 0, dtype=F64), zeros, zeros - math.log(K), x0
 
@@ -301,7 +305,7 @@ def mixture_posterior_cases():
         (3, 257, 16, 0, 0.0),  # cpu component block 256; cuda / triton split-K
         (5, 65, 24, 16, None),  # cpu component block max(4, 1024 / r) = 64
         (2, 300, 8, 2, 0.1),  # several hundred low-rank components, split-K
-        (513, 3, 4, 1, None),  # cpu row blocks, many row blocks everywhere
+        (257, 3, 4, 1, None),  # cpu row blocks (ceil(B / threads)), many row blocks everywhere
     ]:
         cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=rv))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
@@ -317,6 +321,8 @@ def mixture_posterior_cases():
         for dtype in (torch.float32, torch.float64):
             cases.append(Case("tie", f"lowrank_D64_{_sigma_name(sigma)}_{_DT[dtype]}", 4, 64, 1, K=2, sigma=sigma,
                               dtype=dtype, extra={"build": "lowrank_tie"}))
+    cases.append(Case("tie", "lowrank_D64_s0.01_f64_float32basis", 4, 64, 1, K=2, sigma=0.01, dtype=torch.float64,
+                      extra={"build": "lowrank_tie", "float32_basis": True}))
     for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
