@@ -59,7 +59,7 @@ class Case:
     neg_inf_weights: int = 0  # mixtures: this many components get log weight -inf
     nan_rows: tuple = ()
     seed: int = 0
-    interpreter: bool = True  # False: too many programs for the Triton interpreter (~40 ms each)
+    interpreter: bool = True  # False: too many programs for the Triton interpreter (tens of ms each)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
