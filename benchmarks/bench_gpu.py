@@ -45,7 +45,7 @@ def work(name, x_bytes=4):
     if r == 0:  # |x - mu|^2 directly (sub + fma per element: 2 fp32 issue slots = 4 flop-equivalents), p @ means
         return B * D * x_bytes * 2 + model, 2 * B * K * D, 4 * B * K * D
     # per (row, component): c (2 D r), the direct residual |y - U c|^2 (2 D r, taken whenever
-    # |y|^2 / (lp + s^2) > 256, i.e. nearly always at D = 3072), reconstruction (2 D r);
+    # |y|^2 / (residual_var + s^2) > 256, i.e. nearly always at D = 3072), reconstruction (2 D r);
     # |y|^2, the residual and the acc update ~ 10 D
     return B * D * x_bytes * 2 + model, 6 * B * K * D * r, 10 * B * K * D
 

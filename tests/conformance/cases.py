@@ -258,16 +258,16 @@ def gaussian_map_cases():
         for sigma in (1e-6, 0.002, 80.0, 1e4):
             for dtype in (torch.float32, torch.float64):
                 for kind in (SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW):
-                    rv = 0.0 if r else 0.3  # residual_var 0: the off-span gain is 1/sigma^2 (score)
+                    residual_var = 0.0 if r else 0.3  # 0: the off-span gain is 1/sigma^2 (score)
                     name = _shape_name(B, D, r) + f"_{_KINDS[kind]}_{_sigma_name(sigma)}_{_DT[dtype]}"
-                    cases.append(Case("sigma", name, B, D, r, dtype=dtype, residual_var=rv, sigma=sigma, kind=kind))
+                    cases.append(Case("sigma", name, B, D, r, dtype=dtype, residual_var=residual_var, sigma=sigma, kind=kind))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         for B, D, r in [(17, 33, 5), (9, 33, 33), (5, 40, 0)]:
             for kind in SpectralKind:
                 cases.append(Case("dtypes", _shape_name(B, D, r) + f"_{_KINDS[kind]}_{_DT[dtype]}", B, D, r,
                                   dtype=dtype, kind=kind))
-    for B, D, r, rv in [(9, 33, 5, 0.0), (9, 33, 17, 0.2), (5, 33, 33, 0.0)]:
-        cases.append(Case("flow", _shape_name(B, D, r, rv=rv), B, D, r, residual_var=rv, kind=SpectralKind.FLOW,
+    for B, D, r, residual_var in [(9, 33, 5, 0.0), (9, 33, 17, 0.2), (5, 33, 33, 0.0)]:
+        cases.append(Case("flow", _shape_name(B, D, r, rv=residual_var), B, D, r, residual_var=residual_var, kind=SpectralKind.FLOW,
                           seed=1))
     for kind in SpectralKind:
         cases.append(Case("nan", _shape_name(5, 33, 4) + "_" + _KINDS[kind], 5, 33, 4, kind=kind, nan_rows=(1, 3)))
@@ -296,7 +296,7 @@ def gaussian_trajectory_cases():
 
 def mixture_posterior_cases():
     cases = []
-    for B, K, D, r, rv in [
+    for B, K, D, r, residual_var in [
         (1, 1, 1, 0, 0.0), (2, 1, 20, 3, None),
         (17, 5, 33, 1, None), (15, 3, 31, 16, None), (16, 4, 32, 17, 0.0),  # triton tiles, register rank
         (9, 3, 33, 33, None),  # full rank
@@ -307,16 +307,16 @@ def mixture_posterior_cases():
         (2, 300, 8, 2, 0.1),  # several hundred low-rank components, split-K
         (257, 3, 4, 1, None),  # cpu row blocks (ceil(B / threads)), many row blocks everywhere
     ]:
-        cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=rv))
+        cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=residual_var))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        for B, K, D, r, rv in [(17, 19, 33, 0, 0.0), (9, 5, 33, 5, None)]:
-            cases.append(Case("dtypes", _shape_name(B, D, r, K=K) + "_" + _DT[dtype], B, D, r, K=K, residual_var=rv,
+        for B, K, D, r, residual_var in [(17, 19, 33, 0, 0.0), (9, 5, 33, 5, None)]:
+            cases.append(Case("dtypes", _shape_name(B, D, r, K=K) + "_" + _DT[dtype], B, D, r, K=K, residual_var=residual_var,
                               dtype=dtype))
     for sigma in (1e-6, 0.002, 80.0, 1e4):
         for dtype in (torch.float32, torch.float64):
-            for B, K, D, r, rv in [(5, 7, 33, 0, 0.0), (5, 4, 33, 3, 0.0)]:
+            for B, K, D, r, residual_var in [(5, 7, 33, 0, 0.0), (5, 4, 33, 3, 0.0)]:
                 name = _shape_name(B, D, r, K=K) + f"_{_sigma_name(sigma)}_{_DT[dtype]}"
-                cases.append(Case("sigma", name, B, D, r, K=K, residual_var=rv, sigma=sigma, dtype=dtype))
+                cases.append(Case("sigma", name, B, D, r, K=K, residual_var=residual_var, sigma=sigma, dtype=dtype))
     for sigma in (0.002, 0.01, 0.1, 80.0):
         for dtype in (torch.float32, torch.float64):
             cases.append(Case("tie", f"lowrank_D64_{_sigma_name(sigma)}_{_DT[dtype]}", 4, 64, 1, K=2, sigma=sigma,
