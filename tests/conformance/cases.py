@@ -280,7 +280,7 @@ def gaussian_map_cases():
 def gaussian_trajectory_cases():
     cases = []
     for B, D, r, T in [(1, 61, 0, 3), (17, 33, 15, 5), (15, 61, 17, 4), (5, 32, 32, 3), (33, 65, 33, 2), (3, 257, 2, 3),
-                       (4, 20, 3, 1)]:
+                       (4, 20, 3, 1), (257, 8, 3, 2)]:
         cases.append(Case("tiles", _shape_name(B, D, r, T=T), B, D, r, T=T))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         cases.append(Case("dtypes", _shape_name(9, 33, 5, T=4) + "_" + _DT[dtype], 9, 33, 5, T=4, dtype=dtype))
