@@ -67,9 +67,10 @@ def work(name, x_bytes=4, sigma=None):
         return B * D * x_bytes * (1 + T) + D * r * 4 + D * 4, 2 * B * D * r * (1 + T), 4 * T * B * D
     K = w["K"]
     model = K * D * 4 + K * D * r * 4
-    if r == 0:
+    if r == 0:  # distances (GEMM-shaped), and the back-projection p @ means where the posterior is dense
         dense = sigma is not None and sigma >= 3.0
         return B * D * x_bytes * 2 + model, 2 * B * K * D * (2 if dense else 1), 4 * B * K
+    # per (row, component): c (2 D r), reconstruction (2 D r); |y|^2, the residual and the acc update ~ 10 D
     return B * D * x_bytes * 2 + model, 4 * B * K * D * r + 4 * B * K * D, 10 * B * K * D
 
 

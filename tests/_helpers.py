@@ -19,13 +19,13 @@ def random_mixture(K, D, r, residual_var=0.2, dtype=torch.float64, seed=0, sep=3
     means = sep * torch.randn(K, D, dtype=torch.float64, generator=g)
     bases = torch.stack([torch.linalg.qr(torch.randn(D, max(r, 1), dtype=torch.float64, generator=g))[0][:, :r] for _ in range(K)])
     eigvals = torch.exp(2 * torch.rand(K, r, dtype=torch.float64, generator=g) - 1)
-    rv = residual_var * (0.5 + torch.rand(K, dtype=torch.float64, generator=g))
-    logw = torch.randn(K, dtype=torch.float64, generator=g)
-    return gk.GaussianMixture(means.to(dtype), bases.to(dtype), eigvals.to(dtype), rv.to(dtype), logw.to(dtype))
+    residual_vars = residual_var * (0.5 + torch.rand(K, dtype=torch.float64, generator=g))
+    log_weights = torch.randn(K, dtype=torch.float64, generator=g)
+    return gk.GaussianMixture(means.to(dtype), bases.to(dtype), eigvals.to(dtype), residual_vars.to(dtype), log_weights.to(dtype))
 
 
 def dense_covariance(g):
-    """Sigma = U diag(lam) U^T + lam_perp (I - U U^T) as a dense [D, D] float64 matrix."""
+    """Sigma = U diag(lam) U^T + residual_var (I - U U^T) as a dense [D, D] float64 matrix."""
     U = g.basis.double()
     P = torch.eye(g.dim, dtype=torch.float64) - U @ U.T
     return U @ torch.diag(g.eigvals.double()) @ U.T + g.residual_var * P

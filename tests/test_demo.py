@@ -21,9 +21,9 @@ def _scipy_frechet(a, b):
     """The FID code's formula: scipy.linalg.sqrtm of the (non-symmetric) product S_a S_b."""
     scipy_linalg = pytest.importorskip("scipy.linalg")
     a, b = a.double().numpy(), b.double().numpy()
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    cross = scipy_linalg.sqrtm(sa @ sb).real
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * cross))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = scipy_linalg.sqrtm(cov_a @ cov_b).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * cross))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -49,10 +49,10 @@ def test_frechet_shifted_set_is_squared_shift(d):
 
 
 def test_frechet_isotropic_gaussians_closed_form():
-    d, sa, sb = 20, 0.5, 2.0
+    d, std_a, std_b = 20, 0.5, 2.0
     mu = torch.zeros(d)
-    fd = frechet_distance_from_stats(mu, sa ** 2 * torch.eye(d), mu + 1, sb ** 2 * torch.eye(d))
-    assert fd == pytest.approx(d + d * (sa - sb) ** 2, rel=1e-10)  # |1|^2 d + d (sa - sb)^2
+    fd = frechet_distance_from_stats(mu, std_a ** 2 * torch.eye(d), mu + 1, std_b ** 2 * torch.eye(d))
+    assert fd == pytest.approx(d + d * (std_a - std_b) ** 2, rel=1e-10)  # |1|^2 d + d (std_a - std_b)^2
 
 
 @pytest.mark.parametrize("n_a,n_b,d", [(500, 300, 8), (200, 250, 40)])

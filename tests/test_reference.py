@@ -87,24 +87,24 @@ def _dense_denoiser(g):
     return denoise
 
 
-def _integrate_edm(g, x, sa, sb):
-    """Numerically integrate dx/ds = (x - D(x, s)) / s from sa to sb for rows x [B, D]."""
+def _integrate_edm(g, x, sigma_from, sigma_to):
+    """Numerically integrate dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to for rows x [B, D]."""
     den = _dense_denoiser(g)
     B, D = x.shape
     rhs = lambda s, v: ((v.reshape(B, D) - den(v.reshape(B, D), s)) / s).ravel()
-    sol = solve_ivp(rhs, (sa, sb), x.numpy().ravel(), method="DOP853", rtol=1e-11, atol=1e-11)
+    sol = solve_ivp(rhs, (sigma_from, sigma_to), x.numpy().ravel(), method="DOP853", rtol=1e-11, atol=1e-11)
     assert sol.success
     return torch.from_numpy(sol.y[:, -1].reshape(B, D))
 
 
 @pytest.mark.parametrize("D,r", [(2, 1), (61, 0), (61, 15), (61, 61), (784, 196)])
-@pytest.mark.parametrize("sa,sb", [(80.0, 0.002), (5.0, 0.5), (0.5, 0.02), (0.3, 4.0)])
-def test_flow_matches_numerical_ode(D, r, sa, sb):
+@pytest.mark.parametrize("sigma_from,sigma_to", [(80.0, 0.002), (5.0, 0.5), (0.5, 0.02), (0.3, 4.0)])
+def test_flow_matches_numerical_ode(D, r, sigma_from, sigma_to):
     g = random_gaussian(D, r, 0.25)
-    x = g.sample(2) + sa * torch.randn(2, D, dtype=torch.float64)
+    x = g.sample(2) + sigma_from * torch.randn(2, D, dtype=torch.float64)
     one = torch.ones(2, dtype=torch.float64)
-    got = _flow(x, sa * one, sb * one, g, one, one)
-    want = _integrate_edm(g, x, sa, sb)
+    got = _flow(x, sigma_from * one, sigma_to * one, g, one, one)
+    want = _integrate_edm(g, x, sigma_from, sigma_to)
     assert rel_err(got, want) < 1e-7
 
 
@@ -201,9 +201,9 @@ def test_mixture_logp_score_weights_match_torch_distributions(K, D, r, sigma):
     den, logp, w = _posterior(x, sig, m)
     dist = _mixture_dist(m, sigma)
     xg = x.clone().requires_grad_(True)
-    lp = dist.log_prob(xg)
-    (score,) = torch.autograd.grad(lp.sum(), xg)
-    assert torch.allclose(logp, lp.detach(), rtol=1e-10, atol=1e-8)
+    want_logp = dist.log_prob(xg)
+    (score,) = torch.autograd.grad(want_logp.sum(), xg)
+    assert torch.allclose(logp, want_logp.detach(), rtol=1e-10, atol=1e-8)
     assert rel_err((den - x) / sigma**2, score) < 1e-8
     comp = dist.component_distribution.log_prob(x[:, None, :]) + m.log_weights
     assert torch.allclose(w, torch.softmax(comp, 1), atol=1e-10)

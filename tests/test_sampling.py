@@ -30,8 +30,8 @@ def make_mixture(K=5, D=32, r=4, sep=12.0, seed=0):
     means = sep * means / means.norm(dim=1, keepdim=True)
     bases = torch.linalg.qr(torch.randn(K, D, r, dtype=F64, generator=g))[0]
     eigvals = 0.2 + 2.0 * torch.rand(K, r, dtype=F64, generator=g)
-    resid = torch.linspace(0.005, 0.05, K, dtype=F64)  # unequal: the moment match must weight them
-    return gk.GaussianMixture(means, bases, eigvals, resid, torch.randn(K, dtype=F64, generator=g))
+    residual_var = torch.linspace(0.005, 0.05, K, dtype=F64)  # unequal: the moment match must weight them
+    return gk.GaussianMixture(means, bases, eigvals, residual_var, torch.randn(K, dtype=F64, generator=g))
 
 
 def max_err(a, b):
@@ -144,7 +144,7 @@ def test_teleport_scaled_states_match_rectified_flow_ode():
     # independently of the EDM form; teleport with the (scale, sigma) pairs must agree.
     g = make_gaussian(D=16, r=4)
     t_a, t_b = 0.95, 0.3
-    (ka, sa), (kb, sb) = schedules.from_flow_t(t_a), schedules.from_flow_t(t_b)
+    (scale_from, sigma_from), (scale_to, sigma_to) = schedules.from_flow_t(t_a), schedules.from_flow_t(t_b)
     x = (1 - t_a) * g.sample(4) + t_a * torch.randn(4, 16, dtype=F64)
 
     def velocity(t, y):
@@ -155,10 +155,10 @@ def test_teleport_scaled_states_match_rectified_flow_ode():
 
     sol = solve_ivp(velocity, (t_a, t_b), x.reshape(-1).numpy(), method="DOP853", rtol=1e-11, atol=1e-11)
     want = torch.from_numpy(sol.y[:, -1]).reshape(4, 16)
-    got = sampling.teleport(x, sa, sb, g, scale_from=ka, scale_to=kb)
+    got = sampling.teleport(x, sigma_from, sigma_to, g, scale_from=scale_from, scale_to=scale_to)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
     # skipping the scale conversion (treating the RF state as an EDM state) is detected
-    assert max_err(sampling.teleport(x, sa, sb, g), want) > 1e-2
+    assert max_err(sampling.teleport(x, sigma_from, sigma_to, g), want) > 1e-2
 
 
 def test_teleport_from_unit_noise_is_the_large_sigma_limit():

@@ -203,11 +203,11 @@ def test_triton_op_traces_with_fake_cuda_tensors():
 
     B, D, r, K = 7, 64, 8, 5
 
-    def f(x, mean, basis, eig, s, sigmas, means, bases, meig, lp, logw):
+    def f(x, mean, basis, eig, s, sigmas, means, bases, meig, residual_var, log_weights):
         return (ops.gaussian_map(x, mean, basis, eig, 0.1, s, s, s, s, 2),
                 ops.gaussian_trajectory(x, mean, basis, eig, 0.1, sigmas),
-                ops.mixture_posterior(x, means, bases, meig, lp, logw, s, True, True),
-                ops.mixture_posterior(x, means, bases[:, :, :0], meig[:, :0], lp, logw, s, True, False))
+                ops.mixture_posterior(x, means, bases, meig, residual_var, log_weights, s, True, True),
+                ops.mixture_posterior(x, means, bases[:, :, :0], meig[:, :0], residual_var, log_weights, s, True, False))
 
     with FakeTensorMode():
         def e(*shape, dtype=torch.float32):

@@ -94,27 +94,27 @@ def _nan_rows_match(out, truth, what):
     return out[rows], truth[rows], rows
 
 
-def _gains(kind, lam, sa, sb, ka, kb):
+def _gains(kind, lam, sigma_from, sigma_to, scale_from, scale_to):
     """|gain| of the spectral map along eigen-directions of variance lam [1, n]; per-row [B, 1] args."""
     if kind == SpectralKind.DENOISE:
-        return lam / (lam + sa**2) + 0 * sa
+        return lam / (lam + sigma_from**2)
     if kind == SpectralKind.SCORE:
-        return 1.0 / (lam + sa**2)
-    inf = torch.isinf(sa)
-    finite = torch.sqrt((lam + sb**2) / (lam + torch.where(inf, 1.0, sa) ** 2)) / ka
-    return kb.abs() * torch.where(inf, torch.sqrt(lam + sb**2), finite)
+        return 1.0 / (lam + sigma_from**2)
+    inf = torch.isinf(sigma_from)
+    finite = torch.sqrt((lam + sigma_to**2) / (lam + torch.where(inf, 1.0, sigma_from) ** 2)) / scale_from
+    return scale_to.abs() * torch.where(inf, torch.sqrt(lam + sigma_to**2), finite)
 
 
 def gaussian_scale(args64, kind):
     """The terms of scale_b (module docstring) besides |truth_b|, [B], for gaussian_map args (float64)."""
-    x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, _ = args64
+    x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, _ = args64
     D, r = basis.shape
     lam = eigvals if r == D else torch.cat([eigvals, torch.tensor([residual_var], dtype=torch.float64)])
-    sa, sb, ka, kb = (t[:, None] for t in (sa, sb, ka, kb))
-    gain = _gains(kind, lam[None], sa, sb, ka, kb).max(1).values if lam.numel() else torch.zeros(x.shape[0], dtype=torch.float64)
+    rows = [t[:, None] for t in (sigma_from, sigma_to, scale_from, scale_to)]
+    gain = _gains(kind, lam[None], *rows).max(1).values if lam.numel() else torch.zeros(x.shape[0], dtype=torch.float64)
     if kind == SpectralKind.FLOW:
-        y = torch.where(torch.isinf(sa), x, x / ka - mean)
-        mu_term = kb[:, 0].abs() * mean.norm()
+        y = torch.where(torch.isinf(sigma_from)[:, None], x, x / scale_from[:, None] - mean)
+        mu_term = scale_to.abs() * mean.norm()
     else:
         y = x - mean
         mu_term = (1.0 if kind == SpectralKind.DENOISE else 0.0) * mean.norm() * torch.ones(x.shape[0], dtype=torch.float64)
