@@ -24,12 +24,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 #include "common.h"
 #include "gsa/checks.h"
@@ -46,49 +44,54 @@ constexpr double kNegligible = 50.0;  // exp(-50) ~ 2e-22: below the running max
                                       // weight sum >= 1, by < 2e-16 relative: double rounding)
 constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
 
-// |a - b|^2 summed in double from the exact differences (a, b float32-representable).
-inline double sqdist_exact(const float* a, const float* b, int64_t D) {
-  int64_t d = 0;
-  double s = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (; d + 8 <= D; d += 8) {
-    __m256 fa = _mm256_loadu_ps(a + d), fb = _mm256_loadu_ps(b + d);
-    __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fa)),
-                               _mm256_cvtps_pd(_mm256_castps256_ps128(fb)));
-    __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(fa, 1)),
-                               _mm256_cvtps_pd(_mm256_extractf128_ps(fb, 1)));
-    acc0 = _mm256_fmadd_pd(lo, lo, acc0);
-    acc1 = _mm256_fmadd_pd(hi, hi, acc1);
+// Sums of squares in double over 8 fixed lanes, with GCC / Clang vector extensions: one AVX-512
+// register, two AVX2 or four SSE2 / NEON ones, and the same bits on every ISA (the lanes fix the
+// order of the additions).
+using Double8 = double __attribute__((vector_size(64)));
+
+// v = p[0 .. 8) in double (by reference: a 64-byte vector by value has no one ABI)
+template <typename T>
+inline void load8(const T* p, Double8& v) {
+  if constexpr (std::is_same_v<T, double>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    using Float8 = float __attribute__((vector_size(32)));
+    Float8 f;
+    std::memcpy(&f, p, sizeof f);
+    v = __builtin_convertvector(f, Double8);
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-  s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-#endif
+}
+
+// sum_d (a_d - b_d)^2 (kDiff) or sum_d a_d^2, in double; a float32 difference is exact in double.
+template <bool kDiff, typename T>
+inline double lane_sum_squares(const T* a, const T* b, int64_t D) {
+  Double8 acc = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    Double8 t, u;
+    load8(a + d, t);
+    if constexpr (kDiff) {
+      load8(b + d, u);
+      t -= u;
+    }
+    acc += t * t;
+  }
+  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; d < D; ++d) {
-    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    const double t = kDiff ? static_cast<double>(a[d]) - static_cast<double>(b[d]) : static_cast<double>(a[d]);
     s += t * t;
   }
   return s;
 }
 
-inline double sqdist_exact(const double* a, const double* b, int64_t D) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    const double t0 = a[d] - b[d], t1 = a[d + 1] - b[d + 1];
-    const double t2 = a[d + 2] - b[d + 2], t3 = a[d + 3] - b[d + 3];
-    s0 += t0 * t0; s1 += t1 * t1; s2 += t2 * t2; s3 += t3 * t3;
-  }
-  for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
-  return (s0 + s1) + (s2 + s3);
+template <typename T>
+double sqdist_exact(const T* a, const T* b, int64_t D) {
+  return lane_sum_squares<true>(a, b, D);
 }
 
 template <typename T>
 double sum_squares(const T* v, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
-  return s;
+  return lane_sum_squares<false>(v, v, D);
 }
 
 // sum_j log(lam_j + s2), one log per 8 factors (each factor is in [s2, lam_max + s2]).
@@ -160,7 +163,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
     double* o = out.data_ptr<double>();
     at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
+      with_isa([&] {
+        for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
+      });
     });
     return out;
   });
@@ -215,27 +220,32 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         Xb = x.narrow(0, b0, n);
       } else {
         Xb = xbuf.narrow(0, 0, n);
-        for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
+        T* xw = Xb.data_ptr<T>();
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) convert_row(xw + i * D, xp + (b0 + i) * D, D);
+        });
       }
       const T* xb = Xb.data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        const double s = sig[b0 + i];
-        s2v[i] = s * s;
-        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
-        l[i] = hx[i] = 0;
-        x_sq[i] = sum_squares(xb + i * D, D);
-        // error bound of the fast logits: kGemmErr eps sqrt(D) (|x|^2 + |mu|^2) / (2 (lp + s^2))
-        err[i] = sq_matters ? kGemmErr * eps * std::sqrt(double(D)) * (x_sq[i] + max_mu_sq) /
-                                  (2 * (min_lp + s2v[i]))
-                            : 0.0;
-      }
+      with_isa([&] {
+        for (int64_t i = 0; i < n; ++i) {
+          const double s = sig[b0 + i];
+          s2v[i] = s * s;
+          m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
+          l[i] = hx[i] = 0;
+          x_sq[i] = sum_squares(xb + i * D, D);
+          // error bound of the fast logits: kGemmErr eps sqrt(D) (|x|^2 + |mu|^2) / (2 (lp + s^2))
+          err[i] = sq_matters ? kGemmErr * eps * std::sqrt(double(D)) * (x_sq[i] + max_mu_sq) /
+                                    (2 * (min_lp + s2v[i]))
+                              : 0.0;
+        }
+      });
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
         // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
-        const at::Tensor F = gemm_nt(Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
+        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0), ldc = lds;
         T* Cp = r > 0 ? F.data_ptr<T>() + nk : nullptr;  // c_k of row i at Cp + i ldc + k r
@@ -245,118 +255,126 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         const int64_t ldp = nk * W, ldg = ldp;
         int64_t nonzero_p = 0;
 
-        for (int64_t i = 0; i < n; ++i) {
-          const double s2 = s2v[i];
-          double* L = logit.data() + i * KB;
-          const double vp0 = static_cast<double>(lpv[0]) + s2;
-          const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
-          const double iso_scale = 0.5 / vp0;
-          // fast logits
-          if (isotropic_equal) {
-            for (int64_t k = 0; k < nk; ++k) {
-              const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-              L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
-            }
-          }
-          for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
-            const int64_t kk = k0 + k;
-            const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-            double cc = 0, cc_w = 0, ld = 0;
-            if (r > 0) {
-              T* c = Cp + i * ldc + k * r;
-              const T* lk = lam + kk * r;
-              for (int64_t j = 0; j < r; ++j) {
-                c[j] -= umu[kk * r + j];
-                const double cj = c[j];
-                cc += cj * cj;
-                cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            const double s2 = s2v[i];
+            double* L = logit.data() + i * KB;
+            const double vp0 = static_cast<double>(lpv[0]) + s2;
+            const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
+            const double iso_scale = 0.5 / vp0;
+            // fast logits
+            if (isotropic_equal) {
+              for (int64_t k = 0; k < nk; ++k) {
+                const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+                L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
               }
-              ld = log_det_low(lk, r, s2);
             }
-            L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
-          }
-          double block_fast_max = -std::numeric_limits<double>::infinity();
-          for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
-          m_fast[i] = std::max(m_fast[i], block_fast_max);
-          // exact refinement of the components that can matter
-          if (err[i] > kLogitTol) {
-            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            for (int64_t k = 0; k < nk; ++k) {
-              if (L[k] < keep) continue;
+            for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
               const int64_t kk = k0 + k;
-              const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
-              if (isotropic_equal) {
-                L[k] = logw[kk] + iso_norm - iso_scale * sq;
-                continue;
+              const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+              double cc = 0, cc_w = 0, ld = 0;
+              if (r > 0) {
+                T* c = Cp + i * ldc + k * r;
+                const T* lk = lam + kk * r;
+                for (int64_t j = 0; j < r; ++j) {
+                  c[j] -= umu[kk * r + j];
+                  const double cj = c[j];
+                  cc += cj * cj;
+                  cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
+                }
+                ld = log_det_low(lk, r, s2);
               }
-              double cc = 0, cc_w = 0;
-              const T* c = Cp ? Cp + i * ldc + k * r : nullptr;
-              for (int64_t j = 0; j < r; ++j) {
-                cc += double(c[j]) * c[j];
-                cc_w += double(c[j]) * c[j] / (static_cast<double>(lam[kk * r + j]) + s2);
-              }
-              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lam + kk * r, r, s2),
-                                                         lpv[kk], s2, D, r);
+              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
             }
-          }
-          // online softmax update
-          double m_new = m[i];
-          for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
-          const double scale = merge_scale(m[i], m_new);
-          const double hp0 = static_cast<double>(lpv[0]) / vp0;
-          double lsum = 0, hsum = 0;
-          for (int64_t k = 0; k < nk; ++k) {
-            const int64_t kk = k0 + k;
-            const double d = L[k] - m_new;
-            const double p = d > -kNegligible ? std::exp(d) : 0.0;
-            const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
-            lsum += p;
-            hsum += p * hp;
-            Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
-            nonzero_p += Pp[i * ldp + k] != T(0);
-            if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
-            if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
-              const T* c = Cp + i * ldc + k * r;
-              T* g = Gp + i * ldg + k * r;
-              for (int64_t j = 0; j < r; ++j) {
-                const double lj = lam[kk * r + j];
-                g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+            double block_fast_max = -std::numeric_limits<double>::infinity();
+            for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
+            m_fast[i] = std::max(m_fast[i], block_fast_max);
+            // exact refinement of the components that can matter
+            if (err[i] > kLogitTol) {
+              const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+              for (int64_t k = 0; k < nk; ++k) {
+                if (L[k] < keep) continue;
+                const int64_t kk = k0 + k;
+                const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
+                if (isotropic_equal) {
+                  L[k] = logw[kk] + iso_norm - iso_scale * sq;
+                  continue;
+                }
+                double cc = 0, cc_w = 0;
+                const T* c = Cp ? Cp + i * ldc + k * r : nullptr;
+                for (int64_t j = 0; j < r; ++j) {
+                  cc += double(c[j]) * c[j];
+                  cc_w += double(c[j]) * c[j] / (static_cast<double>(lam[kk * r + j]) + s2);
+                }
+                L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lam + kk * r, r, s2),
+                                                           lpv[kk], s2, D, r);
               }
             }
+            // online softmax update
+            double m_new = m[i];
+            for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
+            const double scale = merge_scale(m[i], m_new);
+            const double hp0 = static_cast<double>(lpv[0]) / vp0;
+            double lsum = 0, hsum = 0;
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t kk = k0 + k;
+              const double d = L[k] - m_new;
+              const double p = d > -kNegligible ? std::exp(d) : 0.0;
+              const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
+              lsum += p;
+              hsum += p * hp;
+              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
+              nonzero_p += Pp[i * ldp + k] != T(0);
+              if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
+              if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
+                const T* c = Cp + i * ldc + k * r;
+                T* g = Gp + i * ldg + k * r;
+                for (int64_t j = 0; j < r; ++j) {
+                  const double lj = lam[kk * r + j];
+                  g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+                }
+              }
+            }
+            l[i] = l[i] * scale + lsum;
+            hx[i] = hx[i] * scale + hsum;
+            if (need_weights) m_block[i * num_kb + kb] = m_new;
+            rescale[i] = static_cast<T>(scale);
+            m[i] = m_new;
           }
-          l[i] = l[i] * scale + lsum;
-          hx[i] = hx[i] * scale + hsum;
-          if (need_weights) m_block[i * num_kb + kb] = m_new;
-          rescale[i] = static_cast<T>(scale);
-          m[i] = m_new;
-        }
+        });
         if (!need_denoised) continue;
         // acc = acc * rescale (+ z)
         const bool gemm_back = r > 0 && nonzero_p > 0;
-        const at::Tensor z = gemm_back ? gemm_nt(Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
-        for (int64_t i = 0; i < n; ++i) {
-          T* a = accb.data_ptr<T>() + i * D;
-          const T sc = rescale[i];
-          if (gemm_back) {
-            const T* zi = z.data_ptr<T>() + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
-          } else if (sc != T(1)) {
-            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+        const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, panel(bwd, k0, nk, W, D, true))
+                                       : at::Tensor();
+        T* acc_p = accb.data_ptr<T>();
+        const T* z_p = gemm_back ? z.data_ptr<T>() : nullptr;
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            T* a = acc_p + i * D;
+            const T sc = rescale[i];
+            if (gemm_back) {
+              const T* zi = z_p + i * D;
+              for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
+            } else if (sc != T(1)) {
+              for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+            }
           }
-        }
+        });
         if (r == 0 && nonzero_p > 0) {
           const at::Tensor P = Q.narrow(1, 0, nk);
           if (nonzero_p * kSparseRatio < n * nk) {
             // small sigma: the weights are (numerically) sparse; add the few p mu_k directly
-            T* a = accb.data_ptr<T>();
-            for (int64_t i = 0; i < n; ++i)
-              for (int64_t k = 0; k < nk; ++k) {
-                const T p = Pp[i * ldp + k];
-                if (p == T(0)) continue;
-                const T* mk = mu + (k0 + k) * D;
-                T* ai = a + i * D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
-              }
+            with_isa([&] {
+              for (int64_t i = 0; i < n; ++i)
+                for (int64_t k = 0; k < nk; ++k) {
+                  const T p = Pp[i * ldp + k];
+                  if (p == T(0)) continue;
+                  const T* mk = mu + (k0 + k) * D;
+                  T* ai = acc_p + i * D;
+                  for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+                }
+            });
           } else {
             accb.addmm_(P, Mk);
           }
@@ -364,24 +382,27 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       }
 
       // finalize the rows of this block
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t b = b0 + i;
-        logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
-        if (need_denoised) {
-          const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
-          const T* a = accb.data_ptr<T>() + i * D;
-          const T* xi = xb + i * D;
-          X* o = den_p + b * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
-        }
-        if (need_weights) {
-          for (int64_t kb = 0; kb < num_kb; ++kb) {
-            const T f = static_cast<T>(std::exp(m_block[i * num_kb + kb] - m[i]) / l[i]);
-            T* w = w_p + b * K + kb * KB;
-            for (int64_t k = 0; k < std::min(KB, K - kb * KB); ++k) w[k] *= f;
+      const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
+      with_isa([&] {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = b0 + i;
+          logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
+          if (need_denoised) {
+            const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
+            const T* a = acc_p + i * D;
+            const T* xi = xb + i * D;
+            X* o = den_p + b * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
+          }
+          if (need_weights) {
+            for (int64_t kb = 0; kb < num_kb; ++kb) {
+              const T f = static_cast<T>(std::exp(m_block[i * num_kb + kb] - m[i]) / l[i]);
+              T* w = w_p + b * K + kb * KB;
+              for (int64_t k = 0; k < std::min(KB, K - kb * KB); ++k) w[k] *= f;
+            }
           }
         }
-      }
+      });
     }
   });
 }
