@@ -35,7 +35,7 @@ def test_forced_engine_serves_every_float32_class(engine):
 
 def test_engines_agree():
     a, b = (probe(gemm=e)["outputs"] for e in ENGINES)
-    assert a.keys() == b.keys() and len(a) == 24
+    assert a.keys() == b.keys() and len(a) == 27
     for name in a:
         err = rel_err(a[name], b[name])
         assert err <= AGREE[name.split("/")[0]], f"{name}: onednn vs blas differ by {err:.3g}"
@@ -50,7 +50,7 @@ def test_measured_choice_is_the_fastest():
         assert e["how"] == "measured", e
         assert set(e["ms"]) == set(ENGINES) and all(math.isfinite(t) and t > 0 for t in e["ms"].values()), e
         assert e["engine"] == min(e["ms"], key=e["ms"].get), e
-        assert 0 < e["m"] <= 160, e  # timed on the call's own rows
+        assert 0 < e["m"] <= 300, e  # timed on the call's own rows
 
 
 def test_auto_matches_forced():
