@@ -54,11 +54,13 @@ def _extensions():
     rel = lambda pats: sorted(os.path.relpath(p, HERE) for pat in pats for p in glob.glob(os.path.join(HERE, pat)))
     sources = rel(["csrc/*.cpp", "csrc/cpu/*.cpp", "csrc/emu/*.cpp"])
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-DGSA_KERNELS_BUILD"]  # no errno: sqrt vectorizes
+    # The baseline instruction set of the target (x86-64, aarch64), so that a build runs on every
+    # CPU of its architecture; the CPU kernels' hot loops are compiled again for AVX2 and AVX-512
+    # and chosen at run time (csrc/cpu/isa.h). No FMA contraction: every variant then computes
+    # the same bits. No errno: sqrt vectorizes.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-DGSA_KERNELS_BUILD"]
     if os.environ.get("GSA_KERNELS_NATIVE", "0") == "1":
-        cxx.append("-march=native")  # opt-in: wheels must run on other CPUs
-    else:  # the build machine's vector ISA, so the CPU kernels vectorize (CI builds where it runs)
-        cxx += [f"-m{isa}" for isa in ("avx2", "fma", "f16c") if _cpu_has(isa)]
+        cxx.append("-march=native")  # opt-in: the generic code for this machine only
     link = ["-fopenmp"]
     if os.environ.get("GSA_KERNELS_SANITIZE", "0") == "1":  # scripts/sanitize.sh: ASan + UBSan build
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
@@ -75,14 +77,6 @@ def _extensions():
         ext = CppExtension("gsa_kernels._C", sources, include_dirs=include_dirs,
                            extra_compile_args=extra, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
-
-
-def _cpu_has(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
 
 
 ext_modules, cmdclass = _extensions()

@@ -24,7 +24,11 @@ per-chunk function (reference._component_terms) and keeps its loop.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -200,6 +204,66 @@ def best_time(fn, repeats, device="cpu"):
     return min(_run_times(fn, repeats, device))
 
 
+# Host description printed with the table: which CPU, and what the CPU kernels dispatch to there.
+VECTOR_FLAG = re.compile(r"^(sse4_2|avx|avx2|fma|f16c|avx512.*|avx_vnni|amx_.*|asimd.*|sve.*|sme.*)$")
+GEMM_SITE_SHORT = {"project": "proj", "expand": "exp", "mixture_forward": "fwd", "mixture_backward": "bwd"}
+
+
+def cpu_description():
+    """(CPU model, [vector extensions]) from /proc/cpuinfo (x86 "flags", Arm "Features")."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = [v for v in value.split() if VECTOR_FLAG.match(v)]
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_dispatch():
+    """What the compiled CPU kernels chose on this host (csrc/cpu/isa.cpp), or None without them:
+    {"isa", "isa_supported", "gemm": [{site, dtype, threaded, engine, how, ms, calls, ...}]}."""
+    op = getattr(getattr(torch.ops, "gsa_kernels", None), "_cpu_dispatch_info", None)
+    try:
+        return json.loads(op()) if op is not None else None
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def gemm_engines_used(before, after):
+    """The GEMM engine of each shape class called between two cpu_dispatch() snapshots, e.g.
+    "proj=onednn exp=blas" ("-" if none)."""
+    def key(e):
+        return (e["site"], e["dtype"], e["threaded"], e["n"], e["k"])
+
+    old = {key(e): e["calls"] for e in (before or {}).get("gemm", [])}
+    used = {}
+    for e in (after or {}).get("gemm", []):
+        if e["calls"] > old.get(key(e), 0):
+            used.setdefault(GEMM_SITE_SHORT.get(e["site"], e["site"]), set()).add(e["engine"])
+    return " ".join(f"{site}={'/'.join(sorted(engines))}" for site, engines in used.items()) or "-"
+
+
+def host_lines():
+    model, flags = cpu_description()
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    lines = [f"host: {model}, {os.cpu_count()} CPUs; vector extensions: {' '.join(flags) or '-'}",
+             f"torch {torch.__version__}, BLAS {blas.group(1) if blas else '?'}, oneDNN "
+             f"{'yes' if torch.backends.mkldnn.is_available() else 'no'}"]
+    info = cpu_dispatch()
+    if info is not None:
+        lines.append(f"cpu kernels: ISA variant {info['isa']} (this CPU: {', '.join(info['isa_supported'])}; "
+                     "GSA_KERNELS_ISA overrides); GEMM engine per shape class measured on first use "
+                     "(GSA_KERNELS_GEMM overrides), column 'gemm'")
+    return lines
+
+
 def format_table(rows, peaks):
     """rows: [(workload, {impl: seconds})] -> the comparison table as text. Times are medians;
     "cpu_best" (the fastest cpu run) is compared with the roofline, whose peaks are best-of-N
@@ -211,7 +275,7 @@ def format_table(rows, peaks):
         "(shared machines are noisy: read the ratios)",
         "times are medians; % roofline = roofline / best cpu time (the peaks are best-of-N too)",
         f"{'workload':<5} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
-        f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  description",
+        f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  {'gemm':<26} description",
     ]
     fmt = lambda v: f"{v * 1e3:.1f}" if v is not None else "-"
     ratio = lambda a, b: f"{b / a:.2f}" if a and b else "-"
@@ -222,7 +286,7 @@ def format_table(rows, peaks):
         pct = f"{100 * roof / best:.0f}%" if best else "-"
         lines.append(
             f"{w.name:<5} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
-            f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {w.description}"
+            f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {t.get('gemm', '-'):<26} {w.description}"
         )
     return "\n".join(lines)
 
@@ -245,6 +309,7 @@ def main(argv=None):
         all_peaks.append(w.peaks)
         times = {}
         for impl in impls:
+            before = cpu_dispatch() if impl == "cpu" else None
             slow = impl in ("reference", "compiled") and w.slow_reference
             # a slow eager reference is timed once, cold (it has nothing to warm up)
             runs = _run_times(w.runner(impl, args.backend), 1 if slow else args.repeats, "cpu",
@@ -252,7 +317,9 @@ def main(argv=None):
             times[impl] = statistics.median(runs)
             if impl == "cpu":
                 times["cpu_best"] = min(runs)
+                times["gemm"] = gemm_engines_used(before, cpu_dispatch())
         rows.append((w, times))
         print(f"{name} done", flush=True)
+    print("\n".join(host_lines()))
     print(format_table(rows, max(all_peaks, key=lambda p: p["flops"])))
     return 0

@@ -4,8 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -13,6 +11,9 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "gemm.h"
+#include "isa.h"
 
 namespace gsa::cpu {
 
@@ -30,22 +31,6 @@ inline int64_t row_block(int64_t B, int64_t D, int64_t r, int64_t elem_size) {
     rows = std::max(rows, std::min<int64_t>(per_thread, 256));
   }
   return rows;
-}
-
-// a [m, k] @ w^T for w [n, k] with contiguous rows -> [m, n]. float32 goes through oneDNN
-// (torch's mkldnn::_linear_pointwise): its AVX-512 kernels run ~2x faster than the MKL sgemm
-// behind at::mm on CPUs where MKL takes its AVX2 path (AMD). float64, or a torch without
-// oneDNN, uses at::mm. oneDNN is only fast with a contiguous w: callers keep that layout.
-inline at::Tensor gemm_nt(const at::Tensor& a, const at::Tensor& w) {
-  static const std::optional<c10::OperatorHandle> onednn =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (a.scalar_type() == at::kFloat && onednn && w.is_contiguous() && a.stride(1) == 1) {
-    torch::jit::Stack stack{a, w, c10::IValue(), std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-    onednn->callBoxed(stack);
-    return stack[0].toTensor();
-  }
-  return at::mm(a, w.t());
 }
 
 // a [n, R, C] -> [n, C, R], contiguous, in 8 x 8 tiles, parallel. (A strided copy of the

@@ -81,28 +81,32 @@ at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const a
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1);
   const bool full_rank = r == D;
   const at::Tensor umu = at::mv(basis_t, mean);  // U^T mu: one more row's worth of GEMM 1
-  at::Tensor c = gemm_nt(x, basis_t);  // [B, r]
+  at::Tensor c = gemm_nt(GemmSite::kProject, x, basis_t);  // [B, r]
   const T *x_p = x.data_ptr<T>(), *mu = mean.data_ptr<T>(), *lam = eigvals.data_ptr<T>();
   const T *sig = sigma.data_ptr<T>(), *um = umu.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   std::vector<T> a(B);
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* cb = cp + b * r;
-      for (int64_t j = 0; j < r; ++j) cb[j] -= um[j];
-      a[b] = full_rank ? T(0) : row_coeffs<T>(kDenoise, lp, sig[b], T(0), T(1), T(1)).a;
-      scale_coeffs_kind<kDenoise>(cb, cb, lam, r, full_rank, lp, sig[b], T(0), T(1), T(1));
-    }
+    with_isa([&] {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* cb = cp + b * r;
+        for (int64_t j = 0; j < r; ++j) cb[j] -= um[j];
+        a[b] = full_rank ? T(0) : row_coeffs<T>(kDenoise, lp, sig[b], T(0), T(1), T(1)).a;
+        scale_coeffs_kind<kDenoise>(cb, cb, lam, r, full_rank, lp, sig[b], T(0), T(1), T(1));
+      }
+    });
   });
-  at::Tensor out = gemm_nt(c, basis);  // U f c, [B, D]
+  at::Tensor out = gemm_nt(GemmSite::kExpand, c, basis);  // U f c, [B, D]
   T* op = out.data_ptr<T>();
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const T ab = a[b], mb = T(1) - a[b];
-      const T* xb = x_p + b * D;
-      T* ob = op + b * D;
-      for (int64_t d = 0; d < D; ++d) ob[d] += ab * xb[d] + mb * mu[d];
-    }
+    with_isa([&] {
+      for (int64_t b = b0; b < b1; ++b) {
+        const T ab = a[b], mb = T(1) - a[b];
+        const T* xb = x_p + b * D;
+        T* ob = op + b * D;
+        for (int64_t d = 0; d < D; ++d) ob[d] += ab * xb[d] + mb * mu[d];
+      }
+    });
   });
   return out;
 }
@@ -137,20 +141,25 @@ void gaussian_map_impl(const at::Tensor& x, const at::Tensor& mean, const at::Te
         rc[i] = row_coeffs<T>(kind, lp, sa[b], sb[b], ka[b], kb[b]);
         if (full_rank) rc[i].a = T(0);
       }
-      form_y(xp + b0 * D, mu, y, n, D, rc.data());
+      with_isa([&] { form_y(xp + b0 * D, mu, y, n, D, rc.data()); });
       at::Tensor z;
       if (r > 0) {
-        at::Tensor cb = gemm_nt(yb, basis_t);
+        at::Tensor cb = gemm_nt(GemmSite::kProject, yb, basis_t);
         T* c = cb.data_ptr<T>();
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = b0 + i;
-          scale_coeffs<T>(kind, c + i * r, c + i * r, lam, r, full_rank, lp, sa[b], sb[b], ka[b], kb[b]);
-        }
-        z = gemm_nt(cb, basis);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = b0 + i;
+            scale_coeffs<T>(kind, c + i * r, c + i * r, lam, r, full_rank, lp, sa[b], sb[b], ka[b], kb[b]);
+          }
+        });
+        z = gemm_nt(GemmSite::kExpand, cb, basis);
       }
-      affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, y, n, D, rc.data());
+      const T* zp = r > 0 ? z.data_ptr<T>() : nullptr;
+      with_isa([&] { affine_rows(y, mu, zp, y, n, D, rc.data()); });
       if constexpr (!kDirect) {
-        for (int64_t i = 0; i < n; ++i) convert_row(op + (b0 + i) * D, y + i * D, D);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) convert_row(op + (b0 + i) * D, y + i * D, D);
+        });
       }
     }
   });
@@ -215,24 +224,29 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
       at::Tensor yb = ybuf.narrow(0, 0, n), fb = fbuf.narrow(0, 0, n);
       T* y = yb.data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) rc[i] = row_coeffs<T>(kFlow, lp, sig[b0 + i], one, one, one);
-      form_y(xp + b0 * D, mu, y, n, D, rc.data());  // p, q do not depend on the target sigma
-      const at::Tensor cb = r > 0 ? gemm_nt(yb, basis_t) : at::Tensor();
+      with_isa([&] { form_y(xp + b0 * D, mu, y, n, D, rc.data()); });  // p, q do not depend on the target sigma
+      const at::Tensor cb = r > 0 ? gemm_nt(GemmSite::kProject, yb, basis_t) : at::Tensor();
       const T* c = r > 0 ? cb.data_ptr<T>() : nullptr;
       T* f = fb.data_ptr<T>();
       for (int64_t t = 0; t < steps; ++t) {
         const T* sa = sig;          // sigmas[0, :]
         const T* sb = sig + t * B;  // sigmas[t, :]
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = b0 + i;
-          rc[i] = row_coeffs<T>(kFlow, lp, sa[b], sb[b], one, one);
-          if (full_rank) rc[i].a = T(0);
-          if (r > 0) scale_coeffs_kind<kFlow>(c + i * r, f + i * r, lam, r, full_rank, lp, sa[b], sb[b], one, one);
-        }
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t b = b0 + i;
+            rc[i] = row_coeffs<T>(kFlow, lp, sa[b], sb[b], one, one);
+            if (full_rank) rc[i].a = T(0);
+            if (r > 0) scale_coeffs_kind<kFlow>(c + i * r, f + i * r, lam, r, full_rank, lp, sa[b], sb[b], one, one);
+          }
+        });
         T* o = kDirect ? reinterpret_cast<T*>(op) + (t * B + b0) * D : obuf.data_ptr<T>();
-        const at::Tensor z = r > 0 ? gemm_nt(fb, basis) : at::Tensor();
-        affine_rows(y, mu, r > 0 ? z.data_ptr<T>() : nullptr, o, n, D, rc.data());
+        const at::Tensor z = r > 0 ? gemm_nt(GemmSite::kExpand, fb, basis) : at::Tensor();
+        const T* zp = r > 0 ? z.data_ptr<T>() : nullptr;
+        with_isa([&] { affine_rows(y, mu, zp, o, n, D, rc.data()); });
         if constexpr (!kDirect) {
-          for (int64_t i = 0; i < n; ++i) convert_row(op + (t * B + b0 + i) * D, o + i * D, D);
+          with_isa([&] {
+            for (int64_t i = 0; i < n; ++i) convert_row(op + (t * B + b0 + i) * D, o + i * D, D);
+          });
         }
       }
     }

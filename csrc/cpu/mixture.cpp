@@ -27,12 +27,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 #include "common.h"
 #include "gsa/checks.h"
@@ -50,42 +48,54 @@ constexpr double kNegligible = 50.0;  // exp(-50) ~ 2e-22: below the running max
                                       // weight sum >= 1, by < 2e-16 relative: double rounding)
 constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
 
-// |a - b|^2 summed in double from the exact differences (a, b float32-representable).
-inline double sqdist_exact(const float* a, const float* b, int64_t D) {
-  int64_t d = 0;
-  double s = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (; d + 8 <= D; d += 8) {
-    __m256 fa = _mm256_loadu_ps(a + d), fb = _mm256_loadu_ps(b + d);
-    __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fa)),
-                               _mm256_cvtps_pd(_mm256_castps256_ps128(fb)));
-    __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(fa, 1)),
-                               _mm256_cvtps_pd(_mm256_extractf128_ps(fb, 1)));
-    acc0 = _mm256_fmadd_pd(lo, lo, acc0);
-    acc1 = _mm256_fmadd_pd(hi, hi, acc1);
+// Sums of squares in double over 8 fixed lanes, with GCC / Clang vector extensions: one AVX-512
+// register, two AVX2 or four SSE2 / NEON ones, and the same bits on every ISA (the lanes fix the
+// order of the additions).
+using Double8 = double __attribute__((vector_size(64)));
+
+// v = p[0 .. 8) in double (by reference: a 64-byte vector by value has no one ABI)
+template <typename T>
+inline void load8(const T* p, Double8& v) {
+  if constexpr (std::is_same_v<T, double>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    using Float8 = float __attribute__((vector_size(32)));
+    Float8 f;
+    std::memcpy(&f, p, sizeof f);
+    v = __builtin_convertvector(f, Double8);
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-  s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-#endif
+}
+
+// sum_d (a_d - b_d)^2 (kDiff) or sum_d a_d^2, in double; a float32 difference is exact in double.
+template <bool kDiff, typename T>
+inline double lane_sum_squares(const T* a, const T* b, int64_t D) {
+  Double8 acc = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    Double8 t, u;
+    load8(a + d, t);
+    if constexpr (kDiff) {
+      load8(b + d, u);
+      t -= u;
+    }
+    acc += t * t;
+  }
+  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   for (; d < D; ++d) {
-    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    const double t = kDiff ? static_cast<double>(a[d]) - static_cast<double>(b[d]) : static_cast<double>(a[d]);
     s += t * t;
   }
   return s;
 }
 
-inline double sqdist_exact(const double* a, const double* b, int64_t D) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    const double t0 = a[d] - b[d], t1 = a[d + 1] - b[d + 1];
-    const double t2 = a[d + 2] - b[d + 2], t3 = a[d + 3] - b[d + 3];
-    s0 += t0 * t0; s1 += t1 * t1; s2 += t2 * t2; s3 += t3 * t3;
-  }
-  for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
-  return (s0 + s1) + (s2 + s3);
+template <typename T>
+double sqdist_exact(const T* a, const T* b, int64_t D) {
+  return lane_sum_squares<true>(a, b, D);
+}
+
+template <typename T>
+double sum_squares(const T* v, int64_t D) {
+  return lane_sum_squares<false>(v, v, D);
 }
 
 // Exact (double) terms of component_logpdf for a low-rank component: y = x - mu, c = U^T y
@@ -108,13 +118,6 @@ double lowrank_terms_exact(const T* x, const T* mu, const T* U, const T* lam, do
     residual += e * e;
   }
   return residual;
-}
-
-template <typename T>
-double sum_squares(const T* v, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
-  return s;
 }
 
 // sum_j log(lam_j + s2), one log per 8 factors (each factor is in [s2, lam_max + s2]).
@@ -216,7 +219,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   // Per-component constants, per call: one pass over the means (1 / B of the GEMMs' reads).
   std::vector<double> mu_sq(K);
   at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+    with_isa([&] {
+      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+    });
   });
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
   bool equal_lp = true;  // with r = 0 (the delta mixture): the log-density's log is per row
@@ -263,33 +268,37 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         Xb = x.narrow(0, b0, n);
       } else {
         Xb = xbuf.narrow(0, 0, n);
-        for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
+        });
       }
       const T* xb = Xb.data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        const double s = sig[b0 + i];
-        s2v[i] = s * s;
-        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
-        l[i] = hx[i] = 0;
-        x_sq[i] = sum_squares(xb + i * D, D);
-        // error bound of the fast logits (x 2 (var + s^2)): the expanded |y|^2 (when it enters),
-        // and for r > 0 |c|^2 from coefficients c_j = U_j^T x - U_j^T mu each off by up to dc,
-        // plus c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
-        const double gemm = kGemmErr * eps * std::sqrt(double(D));
-        double e = sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0;
-        if (r > 0) {
-          const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * (x_sq[i] + max_mu_sq + 2) / 2;
-          e += r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm;
+      with_isa([&] {
+        for (int64_t i = 0; i < n; ++i) {
+          const double s = sig[b0 + i];
+          s2v[i] = s * s;
+          m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
+          l[i] = hx[i] = 0;
+          x_sq[i] = sum_squares(xb + i * D, D);
+          // error bound of the fast logits (x 2 (var + s^2)): the expanded |y|^2 (when it enters),
+          // and for r > 0 |c|^2 from coefficients c_j = U_j^T x - U_j^T mu each off by up to dc,
+          // plus c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
+          const double gemm = kGemmErr * eps * std::sqrt(double(D));
+          double e = sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0;
+          if (r > 0) {
+            const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * (x_sq[i] + max_mu_sq + 2) / 2;
+            e += r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm;
+          }
+          err[i] = e / (2 * ((r > 0 ? min_var : min_lp) + s2v[i]));
         }
-        err[i] = e / (2 * ((r > 0 ? min_var : min_lp) + s2v[i]));
-      }
+      });
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
         // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
-        const at::Tensor F = gemm_nt(Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
+        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0), ldc = lds;
         T* Cp = r > 0 ? F.data_ptr<T>() + nk : nullptr;  // c_k of row i at Cp + i ldc + k r
@@ -299,108 +308,112 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         const int64_t ldp = nk * W, ldg = ldp;
         int64_t nonzero_p = 0;
 
-        for (int64_t i = 0; i < n; ++i) {
-          const double s2 = s2v[i];
-          double* L = logit.data() + i * KB;
-          const double vp0 = static_cast<double>(lpv[0]) + s2;
-          const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
-          const double iso_scale = 0.5 / vp0;
-          // fast logits
-          if (isotropic_equal) {
-            for (int64_t k = 0; k < nk; ++k) {
-              const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-              L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
-            }
-          }
-          for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
-            const int64_t kk = k0 + k;
-            const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-            double cc = 0, cc_w = 0, ld = 0;
-            if (r > 0) {
-              T* c = Cp + i * ldc + k * r;
-              const T* lk = lam + kk * r;
-              for (int64_t j = 0; j < r; ++j) {
-                c[j] -= umu[kk * r + j];
-                const double cj = c[j];
-                cc += cj * cj;
-                cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            const double s2 = s2v[i];
+            double* L = logit.data() + i * KB;
+            const double vp0 = static_cast<double>(lpv[0]) + s2;
+            const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
+            const double iso_scale = 0.5 / vp0;
+            // fast logits
+            if (isotropic_equal) {
+              for (int64_t k = 0; k < nk; ++k) {
+                const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+                L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
               }
-              ld = log_det_low(lk, r, s2);
             }
-            L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
-          }
-          double block_fast_max = -std::numeric_limits<double>::infinity();
-          for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
-          m_fast[i] = std::max(m_fast[i], block_fast_max);
-          // exact refinement of the components that can matter
-          if (err[i] > logit_tol) {
-            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            for (int64_t k = 0; k < nk; ++k) {
-              if (L[k] < keep) continue;
+            for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
               const int64_t kk = k0 + k;
-              if (r > 0) {  // exact c (kept for the denoiser) and residual
-                double cc_w;
-                const double residual = lowrank_terms_exact(xb + i * D, mu + kk * D, basis + kk * D * r, lam + kk * r,
-                                                            s2, D, r, y_exact.data(), c_exact.data(), cc_w);
+              const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
+              double cc = 0, cc_w = 0, ld = 0;
+              if (r > 0) {
                 T* c = Cp + i * ldc + k * r;
-                for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
-                L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
-                                                                    lpv[kk], s2, D, r);
-                continue;
+                const T* lk = lam + kk * r;
+                for (int64_t j = 0; j < r; ++j) {
+                  c[j] -= umu[kk * r + j];
+                  const double cj = c[j];
+                  cc += cj * cj;
+                  cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
+                }
+                ld = log_det_low(lk, r, s2);
               }
-              const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
-              if (isotropic_equal) {
-                L[k] = logw[kk] + iso_norm - iso_scale * sq;
-                continue;
-              }
-              L[k] = logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2, D, 0);
+              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
             }
-          }
-          // online softmax update
-          double m_new = m[i];
-          for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
-          const double scale = merge_scale(m[i], m_new);
-          const double hp0 = static_cast<double>(lpv[0]) / vp0;
-          double lsum = 0, hsum = 0;
-          for (int64_t k = 0; k < nk; ++k) {
-            const int64_t kk = k0 + k;
-            const double d = L[k] - m_new;
-            const double p = d > -kNegligible ? std::exp(d) : 0.0;
-            const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
-            lsum += p;
-            hsum += p * hp;
-            Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
-            nonzero_p += Pp[i * ldp + k] != T(0);
-            if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
-            if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
-              const T* c = Cp + i * ldc + k * r;
-              T* g = Gp + i * ldg + k * r;
-              for (int64_t j = 0; j < r; ++j) {
-                const double lj = lam[kk * r + j];
-                g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+            double block_fast_max = -std::numeric_limits<double>::infinity();
+            for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
+            m_fast[i] = std::max(m_fast[i], block_fast_max);
+            // exact refinement of the components that can matter
+            if (err[i] > logit_tol) {
+              const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+              for (int64_t k = 0; k < nk; ++k) {
+                if (L[k] < keep) continue;
+                const int64_t kk = k0 + k;
+                if (r > 0) {  // exact c (kept for the denoiser) and residual
+                  double cc_w;
+                  const double residual = lowrank_terms_exact(xb + i * D, mu + kk * D, basis + kk * D * r, lam + kk * r,
+                                                              s2, D, r, y_exact.data(), c_exact.data(), cc_w);
+                  T* c = Cp + i * ldc + k * r;
+                  for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
+                  L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
+                                                                      lpv[kk], s2, D, r);
+                  continue;
+                }
+                const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
+                if (isotropic_equal) {
+                  L[k] = logw[kk] + iso_norm - iso_scale * sq;
+                  continue;
+                }
+                L[k] = logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2, D, 0);
               }
             }
+            // online softmax update
+            double m_new = m[i];
+            for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
+            const double scale = merge_scale(m[i], m_new);
+            const double hp0 = static_cast<double>(lpv[0]) / vp0;
+            double lsum = 0, hsum = 0;
+            for (int64_t k = 0; k < nk; ++k) {
+              const int64_t kk = k0 + k;
+              const double d = L[k] - m_new;
+              const double p = d > -kNegligible ? std::exp(d) : 0.0;
+              const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
+              lsum += p;
+              hsum += p * hp;
+              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
+              nonzero_p += Pp[i * ldp + k] != T(0);
+              if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
+              if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
+                const T* c = Cp + i * ldc + k * r;
+                T* g = Gp + i * ldg + k * r;
+                for (int64_t j = 0; j < r; ++j) {
+                  const double lj = lam[kk * r + j];
+                  g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+                }
+              }
+            }
+            l[i] = l[i] * scale + lsum;
+            hx[i] = hx[i] * scale + hsum;
+            if (need_weights) m_block[i * num_kb + kb] = m_new;
+            rescale[i] = static_cast<T>(scale);
+            m[i] = m_new;
           }
-          l[i] = l[i] * scale + lsum;
-          hx[i] = hx[i] * scale + hsum;
-          if (need_weights) m_block[i * num_kb + kb] = m_new;
-          rescale[i] = static_cast<T>(scale);
-          m[i] = m_new;
-        }
+        });
         if (!need_denoised) continue;
         // acc = acc * rescale (+ z)
         const bool gemm_back = r > 0 && nonzero_p > 0;
-        const at::Tensor z = gemm_back ? gemm_nt(Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
-        for (int64_t i = 0; i < n; ++i) {
-          T* a = accb.data_ptr<T>() + i * D;
-          const T sc = rescale[i];
-          if (gemm_back) {
-            const T* zi = z.data_ptr<T>() + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
-          } else if (sc != T(1)) {
-            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+        const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            T* a = accb.data_ptr<T>() + i * D;
+            const T sc = rescale[i];
+            if (gemm_back) {
+              const T* zi = z.data_ptr<T>() + i * D;
+              for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
+            } else if (sc != T(1)) {
+              for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+            }
           }
-        }
+        });
         if (r == 0 && nonzero_p > 0) {
           const at::Tensor P = Q.narrow(1, 0, nk);
           if (nonzero_p * kSparseRatio < n * nk) {

@@ -1,0 +1,163 @@
+// Engine choice for the kernels' GEMMs (gemm.h). A shape class is the call site, the dtype,
+// whether the call runs threaded (outside at::parallel_for) or single-threaded inside a parallel
+// row block, and n, k rounded down to powers of two. On a class's first call, each engine that
+// accepts the operands runs on them (the first rows only: about kMeasureFlops of work, at least
+// kMeasureRows rows), once to warm up (oneDNN compiles its kernel on first use) and then
+// kTimedRuns times, interleaved; the fastest run wins and serves the class for the process.
+// The choice is plain data behind a mutex: nothing to redo after fork.
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <tuple>
+
+namespace gsa::cpu {
+namespace {
+
+constexpr double kMeasureFlops = 1e8;  // ~1 ms at 100 GFLOP/s
+constexpr int64_t kMeasureRows = 64;   // fewer rows would time the weight's memory traffic only
+constexpr int kTimedRuns = 2;
+
+enum class Engine : int { kOneDnn, kBlas };
+constexpr int kNumEngines = 2;
+constexpr const char* kEngineNames[kNumEngines] = {"onednn", "blas"};
+constexpr const char* kSiteNames[] = {"project", "expand", "mixture_forward", "mixture_backward"};
+
+const std::optional<c10::OperatorHandle>& onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op;
+}
+
+// oneDNN: float32, and only fast with contiguous rows of w (callers keep that layout).
+bool onednn_accepts(const at::Tensor& a, const at::Tensor& w) {
+  return onednn_linear().has_value() && a.scalar_type() == at::kFloat && w.is_contiguous() &&
+         a.stride(1) == 1;
+}
+
+at::Tensor run(Engine engine, const at::Tensor& a, const at::Tensor& w) {
+  if (engine == Engine::kOneDnn) {
+    torch::jit::Stack stack{a, w, c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    onednn_linear()->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  return at::mm(a, w.t());
+}
+
+// GSA_KERNELS_GEMM: unset or "auto" (measure), or an engine name (forced wherever it applies).
+std::optional<Engine> forced_engine() {
+  static const std::optional<Engine> forced = []() -> std::optional<Engine> {
+    const char* env = std::getenv("GSA_KERNELS_GEMM");
+    const std::string value = env ? env : "";
+    if (value.empty() || value == "auto") return std::nullopt;
+    for (int e = 0; e < kNumEngines; ++e)
+      if (value == kEngineNames[e]) return static_cast<Engine>(e);
+    TORCH_CHECK_VALUE(false, "GSA_KERNELS_GEMM must be auto, onednn or blas; got '", value, "'");
+  }();
+  return forced;
+}
+
+struct Choice {
+  Engine engine = Engine::kBlas;
+  const char* how = "only";  // "only" (one engine accepts the operands), "forced" or "measured"
+  int64_t m = 0, n = 0, k = 0;  // the shape it was chosen on (m: the rows timed)
+  double ms[kNumEngines] = {NAN, NAN};  // best timed run of each engine
+  int64_t calls = 0;
+};
+
+double seconds(Engine engine, const at::Tensor& a, const at::Tensor& w) {
+  const auto t0 = std::chrono::steady_clock::now();
+  run(engine, a, w);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Choice choose(const at::Tensor& a, const at::Tensor& w) {
+  Choice c;
+  c.m = a.size(0), c.n = w.size(0), c.k = a.size(1);
+  const bool onednn = onednn_accepts(a, w);
+  if (const auto forced = forced_engine()) {
+    c.engine = *forced == Engine::kOneDnn && !onednn ? Engine::kBlas : *forced;
+    c.how = "forced";
+    return c;
+  }
+  if (!onednn) return c;
+  c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
+  const at::Tensor rows = a.narrow(0, 0, c.m);
+  double best[kNumEngines];
+  std::fill_n(best, kNumEngines, std::numeric_limits<double>::infinity());
+  for (int run = 0; run <= kTimedRuns; ++run)
+    for (int e = 0; e < kNumEngines; ++e) {
+      const double t = seconds(static_cast<Engine>(e), rows, w);
+      if (run > 0) best[e] = std::min(best[e], t);
+    }
+  c.engine = static_cast<Engine>(std::min_element(best, best + kNumEngines) - best);
+  c.how = "measured";
+  for (int e = 0; e < kNumEngines; ++e) c.ms[e] = best[e] * 1e3;
+  return c;
+}
+
+using Key = std::tuple<int, int, bool, int, int>;  // site, dtype, threaded, log2 n, log2 k
+
+std::mutex mutex;
+std::map<Key, Choice> choices;
+
+int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
+
+}  // namespace
+
+at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
+  if (a.numel() == 0 || w.numel() == 0) return at::mm(a, w.t());  // no work to time
+  forced_engine();  // a bad GSA_KERNELS_GEMM raises here, outside the lock
+  const Key key{static_cast<int>(site), static_cast<int>(a.scalar_type()),
+                !at::in_parallel_region() && at::get_num_threads() > 1,
+                floor_log2(w.size(0)), floor_log2(a.size(1))};
+  Engine engine;
+  {
+    std::lock_guard<std::mutex> lock(mutex);  // held while measuring: concurrent first calls wait
+    auto it = choices.find(key);
+    if (it == choices.end()) it = choices.emplace(key, choose(a, w)).first;
+    ++it->second.calls;
+    engine = it->second.engine;
+  }
+  if (engine == Engine::kOneDnn && !onednn_accepts(a, w)) engine = Engine::kBlas;
+  return run(engine, a, w);
+}
+
+std::string gemm_choices_json() {
+  std::lock_guard<std::mutex> lock(mutex);
+  std::ostringstream out;
+  out << "[";
+  const char* sep = "";
+  for (const auto& [key, c] : choices) {
+    const auto& [site, dtype, threaded, log_n, log_k] = key;
+    out << sep << "{\"site\": \"" << kSiteNames[site] << "\", \"dtype\": \""
+        << (dtype == static_cast<int>(at::kDouble) ? "float64" : "float32") << "\", \"threaded\": "
+        << (threaded ? "true" : "false") << ", \"m\": " << c.m << ", \"n\": " << c.n
+        << ", \"k\": " << c.k << ", \"engine\": \"" << kEngineNames[static_cast<int>(c.engine)]
+        << "\", \"how\": \"" << c.how << "\", \"ms\": {";
+    const char* sep2 = "";
+    for (int e = 0; e < kNumEngines; ++e)
+      if (!std::isnan(c.ms[e])) {
+        out << sep2 << "\"" << kEngineNames[e] << "\": " << c.ms[e];
+        sep2 = ", ";
+      }
+    out << "}, \"calls\": " << c.calls << "}";
+    sep = ", ";
+  }
+  out << "]";
+  return out.str();
+}
+
+}  // namespace gsa::cpu

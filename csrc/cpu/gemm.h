@@ -1,0 +1,28 @@
+// The GEMMs of the CPU kernels, each run by the engine that is fastest on this host for its shape
+// class (gemm.cpp). Engines: "onednn" (torch's mkldnn::_linear_pointwise, float32 only) and
+// "blas" (at::mm: torch's BLAS, MKL in the x86-64 wheels). Which one wins depends on the CPU:
+// oneDNN's sgemm ran ~2x faster than MKL's on an AMD AVX-512 host, MKL's faster on an Intel
+// AVX2 one; so each class is timed on first use, and GSA_KERNELS_GEMM=onednn|blas forces one.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace gsa::cpu {
+
+// The shape classes. [m, k] @ w^T with w [n, k]:
+enum class GemmSite : int {
+  kProject,          // gaussian: x or y [rows, D] against U^T [r, D] -> coefficients [rows, r]
+  kExpand,           // gaussian: coefficients [rows, r] against U [D, r] -> [rows, D]
+  kMixtureForward,   // mixture: x [rows, D] against a component panel [nk (r + 1), D]
+  kMixtureBackward,  // mixture: [P | G] [rows, nk (r + 1)] against a panel [D, nk (r + 1)]
+};
+
+// a [m, k] @ w^T for w [n, k] -> [m, n] (a new tensor), in a's dtype. Rows of a and w should be
+// contiguous (oneDNN is only fast then; the other engines accept any strides).
+at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w);
+
+// The engine chosen for each shape class met so far, with the timings behind it, as JSON.
+std::string gemm_choices_json();
+
+}  // namespace gsa::cpu
