@@ -9,6 +9,12 @@ with device="cuda") and by the command-line table:
   T1  gaussian_trajectory  T=18, B=256, D=3072, r=256
   M1  mixture_denoise      B=512, D=3072, K=200, r=32
   E1  empirical mixture    B=256, N=20000, D=3072, sigma = 0.5
+  E2  empirical mixture sweep (`--workloads E2`, not in the default list): B=256,
+      sigma in {0.01, 0.5, 3, 30} x N in {4k, 20k, 100k} x D in {3072, 784}, named
+      E2-s<sigma>-n<N>-d<D>. Posteriors from one-hot (0.01, 0.5) to few-hot (3) and dense (30)
+      on these points (n_eff in the description: mean 1 / sum_k w_k^2). Baseline: the paper
+      authors' style, torch.cdist + softmax + matmul (eager, and torch.compile of it).
+      `--plot out.png` draws time vs N and vs sigma.
 
 float32, per-sample sigma unless noted. Each workload is compared across implementations:
 a gsa_kernels backend, the eager reference (gsa_kernels/reference.py), torch.compile of the
@@ -37,6 +43,18 @@ import gsa_kernels as gk
 from gsa_kernels import reference
 
 WORKLOADS = ("G1", "G2", "T1", "M1", "E1")
+EMPIRICAL_SIGMAS = (0.01, 0.5, 3.0, 30.0)
+EMPIRICAL_NS = (4000, 20000, 100000)
+EMPIRICAL_DS = (3072, 784)
+
+
+def empirical_name(sigma, N, D):
+    return f"E2-s{sigma:g}-n{N // 1000}k-d{D}"
+
+
+# the sweep, D then N then sigma: consecutive workloads share their points (_empirical_points)
+EMPIRICAL_WORKLOADS = tuple(empirical_name(s, N, D) for D in EMPIRICAL_DS for N in EMPIRICAL_NS for s in EMPIRICAL_SIGMAS)
+GROUPS = {"E2": EMPIRICAL_WORKLOADS}
 IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
 
 
@@ -94,7 +112,74 @@ def _compiled_mixture_reference(x, sigma, m):
     return run
 
 
+def eager_empirical(x, points, sigma, max_bytes=2**30):
+    """The empirical denoiser as the paper authors compute it: torch.cdist + softmax + matmul.
+    x [B, D], points [N, D], sigma [B, 1]. Chunked over the points when the B x N logits would
+    exceed max_bytes (chunks merged with logsumexp)."""
+    chunk = max(1, max_bytes // (4 * x.shape[0]))
+    if chunk >= points.shape[0]:
+        return torch.softmax(-torch.cdist(x, points) ** 2 / (2 * sigma**2), dim=1) @ points
+    lse, out = None, None
+    for k0 in range(0, points.shape[0], chunk):
+        p = points[k0:k0 + chunk]
+        logits = -torch.cdist(x, p) ** 2 / (2 * sigma**2)
+        c_lse = torch.logsumexp(logits, 1, keepdim=True)
+        c_out = torch.softmax(logits, dim=1) @ p
+        if lse is None:
+            lse, out = c_lse, c_out
+        else:
+            new = torch.logaddexp(lse, c_lse)
+            out = out * torch.exp(lse - new) + c_out * torch.exp(c_lse - new)
+            lse = new
+    return out
+
+
+_POINTS = {}
+
+
+def _empirical_points(N, D, device, dtype, seed):
+    """Image-like points in [-1, 1] (as E1), kept for the next workload of the same size only."""
+    key = (N, D, str(device), dtype, seed)
+    if key not in _POINTS:
+        _POINTS.clear()
+        gen = torch.Generator().manual_seed(seed)
+        _POINTS[key] = (torch.rand(N, D, generator=gen) * 2 - 1).to(device, dtype)
+    return _POINTS[key]
+
+
+def _empirical_sweep(name, device, dtype, seed):
+    _, s, n, d = name.split("-")
+    sigma, N, D = float(s[1:]), int(n[1:-1]) * 1000, int(d[1:])
+    if name != empirical_name(sigma, N, D):
+        raise ValueError(f"unknown workload {name!r}")
+    B = 256
+    gen = torch.Generator().manual_seed(seed + 1)
+    points = _empirical_points(N, D, device, dtype, seed)
+    m = gk.GaussianMixture.from_points(points)
+    x = points[torch.randint(0, N, (B,), generator=gen).to(points.device)]
+    x = x + sigma * torch.randn(B, D, generator=gen).to(x)
+    sig = torch.full((B, 1), sigma, device=device, dtype=dtype)
+    # essential work: the distance GEMM (2 B N D) and a back-projection of the weights that
+    # matter (2 D per weight within exp(-50) of its row's max, as counted by the eager code)
+    logits = -torch.cdist(x, points) ** 2 / (2 * sigma**2)
+    kept = (logits >= logits.amax(1, keepdim=True) - 50).sum().item()
+    w = torch.softmax(logits.double(), 1)
+    n_eff = (1 / (w * w).sum(1)).mean().item()
+    del logits, w
+    f = torch.finfo(dtype).bits // 8
+    compiled = _compiled(eager_empirical)
+    return Workload(
+        name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={sigma:g} (n_eff {n_eff:.3g})",
+        2.0 * B * N * D + 2.0 * D * kept, f * (2 * B * D + N * D),
+        lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
+        if backend != "reference" else eager_empirical(x, points, sig),
+        lambda: compiled(x, points, sig),
+    )
+
+
 def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
+    if name.startswith("E2-"):
+        return _empirical_sweep(name, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
     to = dict(device=device, dtype=dtype)
     f = torch.finfo(dtype).bits // 8

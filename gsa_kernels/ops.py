@@ -13,7 +13,7 @@ from typing import Union
 
 import torch
 
-from . import _backends
+from . import _backends, streamed
 from ._backends import KIND_DENOISE, KIND_FLOW, KIND_SCORE
 
 Sigma = Union[float, torch.Tensor]
@@ -187,11 +187,16 @@ def _mixture(x, sigma, m, need_denoised, need_weights, backend, op):
     x2 = _flatten(x, m.dim, op)
     B = x2.shape[0]
     s = _rows(sigma, B, x2, "sigma", op)
-    params = _mixture_args(m, x2, op)
+    params = None if isinstance(m, streamed.StreamedMixture) else _mixture_args(m, x2, op)
     if B == 0:
         cd = _compute_dtype(x2)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), s
-    den, logp, w = _backends.resolve(backend, x2.device).mixture_posterior(x2, *params, s, need_denoised, need_weights)
+    if params is None:  # points in a file: streamed block by block
+        if x2.device.type != "cpu":
+            raise ValueError(f"{op}: a file-backed mixture streams its points on the CPU; x is on {x2.device}")
+        den, logp, w = streamed.mixture_posterior(x2, s, m, need_denoised, need_weights, backend)
+    else:
+        den, logp, w = _backends.resolve(backend, x2.device).mixture_posterior(x2, *params, s, need_denoised, need_weights)
     return den, logp, w, s
 
 

@@ -32,6 +32,7 @@
 #endif
 
 #include "common.h"
+#include "empirical.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
 
@@ -400,6 +401,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cpu(
   at::Tensor weights = at::empty(need_weights ? at::IntArrayRef{B, K} : at::IntArrayRef{0},
                                  x.options().dtype(cd));
   if (B == 0) return {den, logp, weights};
+  if (bases.size(2) == 0) {  // isotropic components / the empirical mixture: empirical.cpp
+    empirical_posterior_cpu(x, means, residual_var, log_weights, sigma, need_denoised, need_weights,
+                            den, logp, weights);
+    return {den, logp, weights};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mixture_posterior", [&] {
     mixture_impl<scalar_t>(x, means, bases, eigvals, residual_var, log_weights, sigma,
                            need_denoised, need_weights, den, logp, weights);
