@@ -2,18 +2,19 @@
 // empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
-// Parallel over row blocks; inside a row block the points stream in blocks of <= 256 with an
-// online softmax (running max m, sum l, unnormalised denoiser accumulator acc), as in
-// mixture.cpp. Per (row block, point block):
+// Parallel over row blocks; inside a row block the points stream in blocks (a [rows, block]
+// float tile of 16 MiB) with an online softmax (running max m, sum l, unnormalised denoiser
+// accumulator acc). Per (row block, point block):
 //   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
-//   refinement         where the fast logits may be off by more than kLogitTol, the points
-//                      within reach of the running max get |x - mu_k|^2 from the differences in
-//                      double (see err_bound / err_estimate below)
-//   p = exp(L - m)     one vectorized exp over the block (ATen's exp kernel)
+//   per row           fast logits; the row's max over the block (m moves there once per
+//                      block); where the logits may be off by more than kLogitTol (the smaller
+//                      of an error bound and a measured estimate), the points within reach of
+//                      the max get |x - mu_k|^2 from the differences in double
+//   p = exp(L - m)     written over F, one vectorized exp (ATen's kernel)
 //   acc = acc * rescale + P M
-//                      dense posterior (sigma large): one GEMM; few nonzero p (sigma small):
-//                      the nonzero p_k mu_k rows are added directly. The choice counts the
-//                      nonzero p of the block (kSparseRatio, measured below).
+//                      dense posterior (sigma large): one GEMM over the block; few nonzero p
+//                      (sigma small): the nonzero p_k mu_k rows are added directly. The choice
+//                      counts the block's weights above exp(-kNegligible) (kSparseRatio).
 #include <torch/library.h>
 
 #include <cmath>
@@ -31,20 +32,23 @@
 namespace gsa::cpu {
 namespace {
 
-constexpr double kLogitTol = 1e-4;    // fast logits this exact need no refinement
+// Fast logits this exact need no refinement. Logit errors within +-e move the weights by a
+// total variation <= tanh(e) <= e: 2.5e-4 keeps a 4x margin on the 1e-3 asked for.
+constexpr double kLogitTol = 2.5e-4;
 constexpr double kCutoff = 30.0;      // exp(-30) ~ 1e-13: weight of a point never refined
 constexpr double kNegligible = 50.0;  // below the running max by more: weight dropped (< 2e-22)
 constexpr double kGemmErr = 4.0;      // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) |x| |mu|
 // Rounding errors of the fast distances are measured on kProbes points per row; the estimate
-// is kSafety times the worst measured rate (the largest of 1e5 roughly Gaussian errors is
-// ~4.5 standard deviations; the largest of 16 ~2).
+// is kSafety times the worst measured rate, relative to |x| |mu| (measured here with D = 784
+// and 3072, sigma 0.5 to 30: the estimate is 0.4 to 3x the largest error over 4000 points,
+// the low end at small sigma, where the bound decides anyway).
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 // Sparse back-projection (axpy per nonzero p) while fewer than 1 in kSparseRatio of the block's
 // weights are nonzero: an axpy streams a [D] row of acc per point (~8 flop / cycle) where the
 // GEMM runs at ~60 (AVX-512, this machine); 16 measured fastest between 8 and 32.
 constexpr int64_t kSparseRatio = 16;
-constexpr int64_t kPointBlock = 256;
+constexpr int64_t kPointBlockBytes = 16 << 20;
 
 // |a - b|^2 summed in double from the exact differences (a, b float32-representable).
 inline double sqdist_exact(const float* a, const float* b, int64_t D) {
@@ -123,21 +127,29 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     equal_lp = equal_lp && lpv[k] == lpv[0];
   }
   const double max_mu = std::sqrt(max_mu_sq);
-  const int64_t num_kb = (K + kPointBlock - 1) / kPointBlock;
-  const int64_t KB = (K + num_kb - 1) / num_kb;  // balanced: the last block is not a sliver
+  const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // tall row blocks: each block streams every point once through the GEMMs
   const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  // blocks of SB points: one distance GEMM each, its [BB, SB] result kept for the two passes
+  // below and then overwritten by the weights (kPointBlockBytes per thread, in L2 / L3);
+  // balanced: the last block is not a sliver
+  const int64_t num_sb = std::max<int64_t>(1, (K * BB * int64_t(sizeof(T)) + kPointBlockBytes - 1) / kPointBlockBytes);
+  const int64_t SB = (K + num_sb - 1) / num_sb;
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
     at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
-    at::Tensor Pbuf = at::empty({BB * KB}, opts);  // p_k (1 - h_perp_k), [n, nk]
-    std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
-    std::vector<T> rescale(BB);
-    std::vector<double> m_block(need_weights ? BB * num_kb : 0);
+    std::vector<double> m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB), iso_norm(BB);
+    std::vector<double> Lrow(SB);  // one row's logits over a point block
+    std::vector<double> m_block(need_weights ? BB * num_sb : 0);  // m after each point block
+    // logit of point kk for row i from its squared distance
+    const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
+      return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
+                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
+    };
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
@@ -152,6 +164,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       for (int64_t i = 0; i < n; ++i) {
         const double s = sig[b0 + i];
         s2v[i] = s * s;
+        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
         m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
         l[i] = hx[i] = 0;
         x_sq[i] = sum_squares(xb + i * D, D);
@@ -161,110 +174,118 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       }
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
-      for (int64_t kb = 0; kb < num_kb; ++kb) {
-        const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
-        const at::Tensor Mk = means.narrow(0, k0, nk);
-        const at::Tensor F = gemm_nt(Xb, Mk);  // [n, nk]: x . mu_k
+      for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
+        const int64_t gn = std::min(SB, K - g0);
+        const at::Tensor F = gemm_nt(Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0);
-        const at::Tensor P = Pbuf.narrow(0, 0, n * nk).view({n, nk});
-        T* Pp = P.data_ptr<T>();
+        T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
         int64_t nonzero_p = 0;
-
         for (int64_t i = 0; i < n; ++i) {
-          const double s2 = s2v[i];
-          double* L = logit.data() + i * KB;
-          const double vp0 = static_cast<double>(lpv[0]) + s2;
-          const double iso_norm = isotropic_log_norm<double>(vp0, D);
-          const double iso_scale = 0.5 / vp0;
-          const auto logit_of = [&](int64_t kk, double sq) {
-            return equal_lp ? logw[kk] + iso_norm - iso_scale * sq
-                            : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2, D, 0);
-          };
-          for (int64_t k = 0; k < nk; ++k) {
-            const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-            L[k] = logit_of(k0 + k, std::max(sq, 0.0));
+          // fast logits of the row (one vectorizable loop when every lp is equal)
+          double* L = Lrow.data();
+          const T* Fi = Sp + i * lds;
+          if (equal_lp) {
+            const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
+            for (int64_t k = 0; k < gn; ++k) {
+              const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
+              L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
+            }
+          } else {
+            for (int64_t k = 0; k < gn; ++k)
+              L[k] = logit_of(i, g0 + k, std::max(0.0, x_sq[i] + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
           }
-          // The bound above is worst case; in the noise-dominated regime (large sigma, where
-          // every point is within reach of the max) it overstates the rounding by ~100x and would
-          // send every point through the double refinement. So the first block measures the
-          // actual error on kProbes points, and the smaller of bound and estimate decides.
-          if (kb == 0 && err[i] > kLogitTol) {
-            const int64_t probes = std::min(nk, kProbes);
+          // the row's fast max over the block first: refinement and the weights below then work
+          // against (nearly) the final max; against a running max the first blocks would see
+          // hundreds of points "within reach" at moderate sigma
+          double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+          int64_t k = 0;
+          for (; k + 4 <= gn; k += 4)
+            for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
+          for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
+          const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
+          m_fast[i] = std::max(m_fast[i], best);
+          // The bound err is worst case; in the noise-dominated regime (large sigma, where every
+          // point is within reach of the max) it overstates the rounding by ~100x and would send
+          // every point through the double refinement. So the first block measures the actual
+          // error on the nearest point (aligned with x: its dot product errs the most) and
+          // kProbes - 1 others, and the smaller of bound and estimate decides.
+          if (g0 == 0 && err[i] > kLogitTol) {
+            const int64_t probes = std::min(gn, kProbes);
+            const int64_t best_k = std::find(L, L + gn, best) - L;
             double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
             for (int64_t j = 0; j < probes; ++j) {
-              const int64_t k = j * nk / probes;
-              const double fast = x_sq[i] + mu_sq[k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-              const double norms = std::sqrt(x_sq[i] * mu_sq[k]);
+              const int64_t kp = j == 0 ? best_k : j * gn / probes;
+              const double fast = x_sq[i] + mu_sq[kp] - 2.0 * static_cast<double>(Fi[kp]);
+              const double norms = std::sqrt(x_sq[i] * mu_sq[kp]);
               if (norms > 0)
-                rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + k * D, D)) / (2 * norms));
+                rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
             }
-            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2));
+            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
           }
-          double block_fast_max = -std::numeric_limits<double>::infinity();
-          for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
-          m_fast[i] = std::max(m_fast[i], block_fast_max);
+          // one softmax reference for the whole block (fast max + its error: p <= e^err)
+          const double m_new = std::max(m[i], m_fast[i] + err[i]);
+          const T sc = static_cast<T>(merge_scale(m[i], m_new));
+          m[i] = m_new;
+          l[i] *= sc;
+          hx[i] *= sc;
+          if (need_denoised && sc != T(1)) {
+            T* a = accb.data_ptr<T>() + i * D;
+            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+          }
           if (err[i] > kLogitTol) {  // exact distances of the points that can matter
             const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            for (int64_t k = 0; k < nk; ++k)
-              if (L[k] >= keep) L[k] = logit_of(k0 + k, sqdist_exact(xb + i * D, mu + (k0 + k) * D, D));
+            for (int64_t kk = 0; kk < gn; ++kk)
+              if (L[kk] >= keep) L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
           }
-          double m_new = m[i];
-          for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
-          T* Pi = Pp + i * nk;
-          for (int64_t k = 0; k < nk; ++k) {
-            const double d = L[k] - m_new;
+          T* Pi = Pp + i * lds;
+          const double mi = m[i];
+          int64_t kept_row = 0;
+          for (int64_t kk = 0; kk < gn; ++kk) {
+            const double d = L[kk] - mi;
             const bool kept = d > -kNegligible;
-            nonzero_p += kept;
+            kept_row += kept;
             if constexpr (std::is_same_v<T, float>) {
-              Pi[k] = kept ? static_cast<float>(d) : -std::numeric_limits<float>::infinity();
+              Pi[kk] = kept ? static_cast<float>(d) : -INFINITY;
             } else {
-              Pi[k] = kept ? std::exp(d) : 0.0;
+              Pi[kk] = kept ? std::exp(d) : 0.0;
             }
           }
-          rescale[i] = static_cast<T>(merge_scale(m[i], m_new));
-          if (need_weights) m_block[i * num_kb + kb] = m_new;
-          m[i] = m_new;
+          nonzero_p += kept_row;
         }
-        if constexpr (std::is_same_v<T, float>) P.exp_();  // vectorized; exp(-inf) = 0
-
+        if constexpr (std::is_same_v<T, float>) F.exp_();  // vectorized; exp(-inf) = 0
         for (int64_t i = 0; i < n; ++i) {
-          const double s2 = s2v[i];
-          T* Pi = Pp + i * nk;
+          T* Pi = Pp + i * lds;
           double lsum = 0, hsum = 0;
-          for (int64_t k = 0; k < nk; ++k) {
-            const double p = Pi[k];
-            lsum += p;
-            if (!equal_lp || lpv[0] != T(0)) {  // isotropic: D_k = mu_k + h_perp (x - mu_k)
-              const double hp = static_cast<double>(lpv[k0 + k]) / (static_cast<double>(lpv[k0 + k]) + s2);
-              hsum += p * hp;
-              Pi[k] = static_cast<T>(p * (1.0 - hp));
+          for (int64_t k = 0; k < gn; ++k) lsum += Pi[k];
+          if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
+          if (!isotropic_delta) {  // isotropic components: D_k = mu_k + h_perp (x - mu_k)
+            for (int64_t k = 0; k < gn; ++k) {
+              const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
+              hsum += Pi[k] * hp;
+              Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
             }
-            if (need_weights) w_p[(b0 + i) * K + k0 + k] = static_cast<T>(p);
           }
-          l[i] = l[i] * rescale[i] + lsum;
-          hx[i] = hx[i] * rescale[i] + hsum;
+          l[i] += lsum;
+          hx[i] += hsum;
         }
-        if (!need_denoised) continue;
-        T* a = accb.data_ptr<T>();
-        for (int64_t i = 0; i < n; ++i) {
-          const T sc = rescale[i];
-          if (sc != T(1))
-            for (int64_t d = 0; d < D; ++d) a[i * D + d] *= sc;
+        if (need_denoised && nonzero_p > 0) {
+          if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
+            T* a = accb.data_ptr<T>();
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t k = 0; k < gn; ++k) {
+                const T p = Pp[i * lds + k];
+                if (p == T(0)) continue;
+                const T* mk = mu + (g0 + k) * D;
+                T* ai = a + i * D;
+                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              }
+          } else {
+            accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one GEMM
+          }
         }
-        if (nonzero_p == 0) continue;
-        if (nonzero_p * kSparseRatio < n * nk) {
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t k = 0; k < nk; ++k) {
-              const T p = Pp[i * nk + k];
-              if (p == T(0)) continue;
-              const T* mk = mu + (k0 + k) * D;
-              T* ai = a + i * D;
-              for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
-            }
-        } else {
-          accb.addmm_(P, Mk);  // dense posterior: one GEMM
-        }
+        if (need_weights)
+          for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
       }
 
       for (int64_t i = 0; i < n; ++i) {  // finalize the rows of this block
@@ -278,10 +299,10 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
         }
         if (need_weights) {
-          for (int64_t kb = 0; kb < num_kb; ++kb) {
-            const T f = static_cast<T>(std::exp(m_block[i * num_kb + kb] - m[i]) / l[i]);
-            T* w = w_p + b * K + kb * KB;
-            for (int64_t k = 0; k < std::min(KB, K - kb * KB); ++k) w[k] *= f;
+          for (int64_t sb = 0; sb < num_sb; ++sb) {
+            const T f = static_cast<T>(std::exp(m_block[i * num_sb + sb] - m[i]) / l[i]);
+            T* w = w_p + b * K + sb * SB;
+            for (int64_t k = 0; k < std::min(SB, K - sb * SB); ++k) w[k] *= f;
           }
         }
       }
