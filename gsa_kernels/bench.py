@@ -168,12 +168,26 @@ def _empirical_sweep(name, device, dtype, seed):
     del logits, w
     f = torch.finfo(dtype).bits // 8
     compiled = _compiled(eager_empirical)
+
+    def flushed(fn):
+        # The eager softmax leaves denormal weights (e^-88 .. e^-104) that slow its matmul ~50x
+        # on this CPU (measured at sigma = 3); the baseline is timed with denormals flushed to
+        # zero: the stronger baseline. (Flushing is per thread: the calling thread's.)
+        def run():
+            torch.set_flush_denormal(True)
+            try:
+                return fn()
+            finally:
+                torch.set_flush_denormal(False)
+        return run
+
     return Workload(
         name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={sigma:g} (n_eff {n_eff:.3g})",
         2.0 * B * N * D + 2.0 * D * kept, f * (2 * B * D + N * D),
         lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
-        if backend != "reference" else eager_empirical(x, points, sig),
-        lambda: compiled(x, points, sig),
+        if backend != "reference" else flushed(lambda: eager_empirical(x, points, sig))(),
+        flushed(lambda: compiled(x, points, sig)),
+        slow_reference=N >= 100000,
     )
 
 
@@ -289,12 +303,13 @@ def format_table(rows, peaks):
     "cpu_best" (the fastest cpu run) is compared with the roofline, whose peaks are best-of-N
     measurements too: on a shared machine, a median against best-case peaks would charge the
     machine's noise to the kernel."""
+    width = max([5] + [len(w.name) for w, _ in rows])
     lines = [
         f"machine: GEMM peak {peaks['flops'] / 1e9:.1f} GFLOP/s, stream bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s "
         f"(best seen), {torch.get_num_threads()} threads; each roofline uses the peaks measured next to its workload "
         "(shared machines are noisy: read the ratios)",
         "times are medians; % roofline = roofline / best cpu time (the peaks are best-of-N too)",
-        f"{'workload':<5} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
+        f"{'workload':<{width}} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
         f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  description",
     ]
     fmt = lambda v: f"{v * 1e3:.1f}" if v is not None else "-"
@@ -305,24 +320,82 @@ def format_table(rows, peaks):
         roof = w.roofline_seconds(w.peaks or peaks)
         pct = f"{100 * roof / best:.0f}%" if best else "-"
         lines.append(
-            f"{w.name:<5} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
+            f"{w.name:<{width}} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
             f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {w.description}"
         )
     return "\n".join(lines)
 
 
+def plot_empirical(rows, peaks, path):
+    """Time vs N (one panel per sigma) and vs sigma (largest N), per D, for the E2 rows:
+    ours, eager, torch.compile, roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {}  # (D, sigma, N) -> times
+    for w, t in rows:
+        if w.name.startswith("E2-"):
+            _, s, n, d = w.name.split("-")
+            pts[(int(d[1:]), float(s[1:]), int(n[1:-1]) * 1000)] = dict(t, roofline=w.roofline_seconds(w.peaks or peaks))
+    if not pts:
+        return
+    Ds = sorted({k[0] for k in pts}, reverse=True)
+    sigmas = sorted({k[1] for k in pts})
+    Ns = sorted({k[2] for k in pts})
+    styles = {"cpu": ("gsa_kernels cpu", "o-"), "reference": ("eager cdist+softmax+matmul", "s--"),
+              "compiled": ("torch.compile of it", "^--"), "roofline": ("roofline", "k:")}
+    fig, axes = plt.subplots(len(Ds), len(sigmas) + 1, figsize=(4 * (len(sigmas) + 1), 3.4 * len(Ds)), squeeze=False)
+    for r, D in enumerate(Ds):
+        for c, s in enumerate(sigmas):
+            ax = axes[r][c]
+            for impl, (label, st) in styles.items():
+                xs = [N for N in Ns if impl in pts.get((D, s, N), {})]
+                ax.loglog(xs, [pts[(D, s, N)][impl] for N in xs], st, label=label)
+            ax.set(title=f"D={D}, sigma={s:g}", xlabel="N points", ylabel="seconds (B=256)")
+        ax = axes[r][-1]
+        N = max(N for (d, _, N) in pts if d == D)
+        for impl, (label, st) in styles.items():
+            xs = [s for s in sigmas if impl in pts.get((D, s, N), {})]
+            ax.loglog(xs, [pts[(D, s, N)][impl] for s in xs], st, label=label)
+        ax.set(title=f"D={D}, N={N}", xlabel="sigma", ylabel="seconds (B=256)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def growth_exponents(rows):
+    """log-log slope of our time vs N per (D, sigma) over the E2 rows: ~1 when time is linear in N."""
+    by = {}
+    for w, t in rows:
+        if w.name.startswith("E2-") and "cpu" in t:
+            _, s, n, d = w.name.split("-")
+            by.setdefault((d, s), []).append((int(n[1:-1]) * 1000, t["cpu"]))
+    out = []
+    for (d, s), v in sorted(by.items()):
+        if len(v) >= 2:
+            (n0, t0), (n1, t1) = min(v), max(v)
+            out.append(f"{d} {s}: time ~ N^{math.log(t1 / t0) / math.log(n1 / n0):.2f} (N {n0}..{n1})")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gsa_kernels bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ", E2 (the empirical sweep) or E2-... names")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--plot", default=None, help="write time vs N and vs sigma of the E2 workloads to this image")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
     if args.backend not in gk.available_backends():
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
-    for name in [w for w in args.workloads.split(",") if w]:
+    names = [n for w in args.workloads.split(",") if w for n in GROUPS.get(w, (w,))]
+    for name in names:
         w = build(name)
         # peaks measured next to each workload: on a shared machine the load drifts over minutes
         w.peaks = machine_peaks(repeats=3)
@@ -338,5 +411,10 @@ def main(argv=None):
                 times["cpu_best"] = min(runs)
         rows.append((w, times))
         print(f"{name} done", flush=True)
-    print(format_table(rows, max(all_peaks, key=lambda p: p["flops"])))
+    best_peaks = max(all_peaks, key=lambda p: p["flops"])
+    print(format_table(rows, best_peaks))
+    for line in growth_exponents(rows):
+        print(line)
+    if args.plot:
+        plot_empirical(rows, best_peaks, args.plot)
     return 0

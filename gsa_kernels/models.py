@@ -294,7 +294,7 @@ class GaussianMixture:
         if isinstance(points, (np.memmap, str, os.PathLike)):
             from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
-            return StreamedMixture(points, log_weights, block_bytes or DEFAULT_BLOCK_BYTES, key)
+            return StreamedMixture(points, log_weights, DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes, key)
         if isinstance(points, np.ndarray):
             points = torch.from_numpy(points)
         _check_float(points, "points")

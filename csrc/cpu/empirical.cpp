@@ -223,8 +223,19 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             }
             err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
           }
-          // one softmax reference for the whole block (fast max + its error: p <= e^err)
-          const double m_new = std::max(m[i], m_fast[i] + err[i]);
+          // exact distances of the points that can matter; the block's max logit is among them
+          double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
+          if (err[i] > kLogitTol) {
+            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+            block_max = -INFINITY;
+            for (int64_t kk = 0; kk < gn; ++kk)
+              if (L[kk] >= keep) {
+                L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
+                block_max = std::max(block_max, L[kk]);
+              }
+          }
+          // one softmax reference for the whole block
+          const double m_new = std::max(m[i], block_max);
           const T sc = static_cast<T>(merge_scale(m[i], m_new));
           m[i] = m_new;
           l[i] *= sc;
@@ -232,11 +243,6 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           if (need_denoised && sc != T(1)) {
             T* a = accb.data_ptr<T>() + i * D;
             for (int64_t d = 0; d < D; ++d) a[d] *= sc;
-          }
-          if (err[i] > kLogitTol) {  // exact distances of the points that can matter
-            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            for (int64_t kk = 0; kk < gn; ++kk)
-              if (L[kk] >= keep) L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
           }
           T* Pi = Pp + i * lds;
           const double mi = m[i];
