@@ -102,7 +102,9 @@ class StreamedMixture:
         if not isinstance(block_bytes, int) or block_bytes <= 0:
             raise ValueError(f"from_points: block_bytes must be a positive int, got {block_bytes!r}")
         self.block_bytes = block_bytes
-        self._dtype = dtype or torch.from_numpy(np.empty(0, self._points.dtype)).dtype
+        # the model's dtype (what .dtype reports, blocks are read in x's compute dtype):
+        # float64 for a float64 file, else float32 (a float16 file is widened block by block)
+        self._dtype = dtype or (torch.float64 if self._points.dtype == np.float64 else torch.float32)
         if log_weights is None:
             log_weights = torch.zeros(N, dtype=torch.float64)
         log_weights = torch.as_tensor(log_weights, dtype=torch.float64)
