@@ -1,4 +1,5 @@
-"""CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1; shapes and
+"""CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1 and the E2
+empirical sweep over sigma x N x D; shapes and
 FLOP / byte counts in gsa_kernels/bench.py). Each group times, in the same run: our cpu
 backend, the eager reference, torch.compile of the reference, and a "roofline" entry: the
 time max(FLOPs / GEMM peak, bytes / stream bandwidth) with both peaks measured here (measured
@@ -8,7 +9,8 @@ group table shows it in line).
     OMP_NUM_THREADS unset (all cores):
     python -m pytest benchmarks/bench_cpu.py --benchmark-columns=median,rounds --benchmark-sort=name
 
-The slow eager references of M1 / E1 (tens of seconds) run one round. The summary printed at
+The slow eager references of M1 / E1 (tens of seconds) and of the N = 100k E2 points run one
+round. Only the sweep: `-k E2`; one D: `-k d784`. The summary printed at
 the end gives the ratios (x vs reference, x vs torch.compile, % of roofline)."""
 import time
 
@@ -33,7 +35,7 @@ def _workload(name):
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference", "compiled", "roofline"])
-@pytest.mark.parametrize("name", bench.WORKLOADS)
+@pytest.mark.parametrize("name", bench.WORKLOADS + bench.EMPIRICAL_WORKLOADS)
 def test_workload(benchmark, name, impl, peaks):
     import benchmarks.conftest as conf
 

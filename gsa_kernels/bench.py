@@ -9,6 +9,12 @@ with device="cuda") and by the command-line table:
   T1  gaussian_trajectory  T=18, B=256, D=3072, r=256
   M1  mixture_denoise      B=512, D=3072, K=200, r=32
   E1  empirical mixture    B=256, N=20000, D=3072, sigma = 0.5
+  E2  empirical mixture sweep (`--workloads E2`, not in the default list): B=256,
+      sigma in {0.01, 0.5, 3, 30} x N in {4k, 20k, 100k} x D in {3072, 784}, named
+      E2-s<sigma>-n<N>-d<D>. Posteriors from one-hot (0.01, 0.5) to few-hot (3) and dense (30)
+      on these points (n_eff in the description: mean 1 / sum_k w_k^2). Baseline: the paper
+      authors' style, torch.cdist + softmax + matmul (eager, and torch.compile of it).
+      `--plot out.png` draws time vs N and vs sigma.
 
 float32, per-sample sigma unless noted. Each workload is compared across implementations:
 a gsa_kernels backend, the eager reference (gsa_kernels/reference.py), torch.compile of the
@@ -42,6 +48,18 @@ from gsa_kernels import reference
 from gsa_kernels._contract import SpectralKind
 
 WORKLOADS = ("G1", "G2", "T1", "M1", "E1")
+EMPIRICAL_SIGMAS = (0.01, 0.5, 3.0, 30.0)
+EMPIRICAL_NS = (4000, 20000, 100000)
+EMPIRICAL_DS = (3072, 784)
+
+
+def empirical_name(sigma, N, D):
+    return f"E2-s{sigma:g}-n{N // 1000}k-d{D}"
+
+
+# the sweep, D then N then sigma: consecutive workloads share their points (_empirical_points)
+EMPIRICAL_WORKLOADS = tuple(empirical_name(s, N, D) for D in EMPIRICAL_DS for N in EMPIRICAL_NS for s in EMPIRICAL_SIGMAS)
+GROUPS = {"E2": EMPIRICAL_WORKLOADS}
 IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
 
 
@@ -99,7 +117,88 @@ def _compiled_mixture_reference(x, sigma, m):
     return run
 
 
+def eager_empirical(x, points, sigma, max_bytes=2**30):
+    """The empirical denoiser as the paper authors compute it: torch.cdist + softmax + matmul.
+    x [B, D], points [N, D], sigma [B, 1]. Chunked over the points when the B x N logits would
+    exceed max_bytes (chunks merged with logsumexp)."""
+    chunk = max(1, max_bytes // (4 * x.shape[0]))
+    if chunk >= points.shape[0]:
+        return torch.softmax(-torch.cdist(x, points) ** 2 / (2 * sigma**2), dim=1) @ points
+    lse, out = None, None
+    for k0 in range(0, points.shape[0], chunk):
+        p = points[k0:k0 + chunk]
+        logits = -torch.cdist(x, p) ** 2 / (2 * sigma**2)
+        c_lse = torch.logsumexp(logits, 1, keepdim=True)
+        c_out = torch.softmax(logits, dim=1) @ p
+        if lse is None:
+            lse, out = c_lse, c_out
+        else:
+            new = torch.logaddexp(lse, c_lse)
+            out = out * torch.exp(lse - new) + c_out * torch.exp(c_lse - new)
+            lse = new
+    return out
+
+
+_POINTS = {}
+
+
+def _empirical_points(N, D, device, dtype, seed):
+    """Image-like points in [-1, 1] (as E1), kept for the next workload of the same size only."""
+    key = (N, D, str(device), dtype, seed)
+    if key not in _POINTS:
+        _POINTS.clear()
+        gen = torch.Generator().manual_seed(seed)
+        _POINTS[key] = (torch.rand(N, D, generator=gen) * 2 - 1).to(device, dtype)
+    return _POINTS[key]
+
+
+def _empirical_sweep(name, device, dtype, seed):
+    _, s, n, d = name.split("-")
+    sigma, N, D = float(s[1:]), int(n[1:-1]) * 1000, int(d[1:])
+    if name != empirical_name(sigma, N, D):
+        raise ValueError(f"unknown workload {name!r}")
+    B = 256
+    gen = torch.Generator().manual_seed(seed + 1)
+    points = _empirical_points(N, D, device, dtype, seed)
+    m = gk.GaussianMixture.from_points(points)
+    x = points[torch.randint(0, N, (B,), generator=gen).to(points.device)]
+    x = x + sigma * torch.randn(B, D, generator=gen).to(x)
+    sig = torch.full((B, 1), sigma, device=device, dtype=dtype)
+    # essential work: the distance GEMM (2 B N D) and a back-projection of the weights that
+    # matter (2 D per weight within exp(-50) of its row's max, as counted by the eager code)
+    logits = -torch.cdist(x, points) ** 2 / (2 * sigma**2)
+    kept = (logits >= logits.amax(1, keepdim=True) - 50).sum().item()
+    w = torch.softmax(logits.double(), 1)
+    n_eff = (1 / (w * w).sum(1)).mean().item()
+    del logits, w
+    f = torch.finfo(dtype).bits // 8
+    compiled = _compiled(eager_empirical)
+
+    def flushed(fn):
+        # The eager softmax leaves denormal weights (e^-88 .. e^-104) that slow its matmul ~50x
+        # on this CPU (measured at sigma = 3); the baseline is timed with denormals flushed to
+        # zero: the stronger baseline. (Flushing is per thread: the calling thread's.)
+        def run():
+            torch.set_flush_denormal(True)
+            try:
+                return fn()
+            finally:
+                torch.set_flush_denormal(False)
+        return run
+
+    return Workload(
+        name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={sigma:g} (n_eff {n_eff:.3g})",
+        2.0 * B * N * D + 2.0 * D * kept, f * (2 * B * D + N * D),
+        lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
+        if backend != "reference" else flushed(lambda: eager_empirical(x, points, sig))(),
+        flushed(lambda: compiled(x, points, sig)),
+        slow_reference=N >= 100000,
+    )
+
+
 def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
+    if name.startswith("E2-"):
+        return _empirical_sweep(name, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
     to = dict(device=device, dtype=dtype)
     f = torch.finfo(dtype).bits // 8
@@ -269,12 +368,13 @@ def format_table(rows, peaks):
     "cpu_best" (the fastest cpu run) is compared with the roofline, whose peaks are best-of-N
     measurements too: on a shared machine, a median against best-case peaks would charge the
     machine's noise to the kernel."""
+    width = max([5] + [len(w.name) for w, _ in rows])
     lines = [
         f"machine: GEMM peak {peaks['flops'] / 1e9:.1f} GFLOP/s, stream bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s "
         f"(best seen), {torch.get_num_threads()} threads; each roofline uses the peaks measured next to its workload "
         "(shared machines are noisy: read the ratios)",
         "times are medians; % roofline = roofline / best cpu time (the peaks are best-of-N too)",
-        f"{'workload':<5} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
+        f"{'workload':<{width}} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
         f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  {'gemm':<26} description",
     ]
     fmt = lambda v: f"{v * 1e3:.1f}" if v is not None else "-"
@@ -285,24 +385,82 @@ def format_table(rows, peaks):
         roof = w.roofline_seconds(w.peaks or peaks)
         pct = f"{100 * roof / best:.0f}%" if best else "-"
         lines.append(
-            f"{w.name:<5} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
+            f"{w.name:<{width}} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
             f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {t.get('gemm', '-'):<26} {w.description}"
         )
     return "\n".join(lines)
 
 
+def plot_empirical(rows, peaks, path):
+    """Time vs N (one panel per sigma) and vs sigma (largest N), per D, for the E2 rows:
+    ours, eager, torch.compile, roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = {}  # (D, sigma, N) -> times
+    for w, t in rows:
+        if w.name.startswith("E2-"):
+            _, s, n, d = w.name.split("-")
+            pts[(int(d[1:]), float(s[1:]), int(n[1:-1]) * 1000)] = dict(t, roofline=w.roofline_seconds(w.peaks or peaks))
+    if not pts:
+        return
+    Ds = sorted({k[0] for k in pts}, reverse=True)
+    sigmas = sorted({k[1] for k in pts})
+    Ns = sorted({k[2] for k in pts})
+    styles = {"cpu": ("gsa_kernels cpu", "o-"), "reference": ("eager cdist+softmax+matmul", "s--"),
+              "compiled": ("torch.compile of it", "^--"), "roofline": ("roofline", "k:")}
+    fig, axes = plt.subplots(len(Ds), len(sigmas) + 1, figsize=(4 * (len(sigmas) + 1), 3.4 * len(Ds)), squeeze=False)
+    for r, D in enumerate(Ds):
+        for c, s in enumerate(sigmas):
+            ax = axes[r][c]
+            for impl, (label, st) in styles.items():
+                xs = [N for N in Ns if impl in pts.get((D, s, N), {})]
+                ax.loglog(xs, [pts[(D, s, N)][impl] for N in xs], st, label=label)
+            ax.set(title=f"D={D}, sigma={s:g}", xlabel="N points", ylabel="seconds (B=256)")
+        ax = axes[r][-1]
+        N = max(N for (d, _, N) in pts if d == D)
+        for impl, (label, st) in styles.items():
+            xs = [s for s in sigmas if impl in pts.get((D, s, N), {})]
+            ax.loglog(xs, [pts[(D, s, N)][impl] for s in xs], st, label=label)
+        ax.set(title=f"D={D}, N={N}", xlabel="sigma", ylabel="seconds (B=256)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def growth_exponents(rows):
+    """log-log slope of our time vs N per (D, sigma) over the E2 rows: ~1 when time is linear in N."""
+    by = {}
+    for w, t in rows:
+        if w.name.startswith("E2-") and "cpu" in t:
+            _, s, n, d = w.name.split("-")
+            by.setdefault((d, s), []).append((int(n[1:-1]) * 1000, t["cpu"]))
+    out = []
+    for (d, s), v in sorted(by.items()):
+        if len(v) >= 2:
+            (n0, t0), (n1, t1) = min(v), max(v)
+            out.append(f"{d} {s}: time ~ N^{math.log(t1 / t0) / math.log(n1 / n0):.2f} (N {n0}..{n1})")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gsa_kernels bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ", E2 (the empirical sweep) or E2-... names")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--plot", default=None, help="write time vs N and vs sigma of the E2 workloads to this image")
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
     if args.backend not in gk.available_backends():
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
-    for name in [w for w in args.workloads.split(",") if w]:
+    names = [n for w in args.workloads.split(",") if w for n in GROUPS.get(w, (w,))]
+    for name in names:
         w = build(name)
         # peaks measured next to each workload: on a shared machine the load drifts over minutes
         w.peaks = machine_peaks(repeats=3)
@@ -321,5 +479,10 @@ def main(argv=None):
         rows.append((w, times))
         print(f"{name} done", flush=True)
     print("\n".join(host_lines()))
-    print(format_table(rows, max(all_peaks, key=lambda p: p["flops"])))
+    best_peaks = max(all_peaks, key=lambda p: p["flops"])
+    print(format_table(rows, best_peaks))
+    for line in growth_exponents(rows):
+        print(line)
+    if args.plot:
+        plot_empirical(rows, best_peaks, args.plot)
     return 0

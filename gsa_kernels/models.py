@@ -312,9 +312,26 @@ class GaussianMixture(MixtureOperand):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_points(cls, points: torch.Tensor, log_weights=None) -> "GaussianMixture":
+    def from_points(cls, points, log_weights=None, *, block_bytes: Optional[int] = None,
+                    key: Optional[str] = None) -> "GaussianMixture":
         """The empirical ("delta") mixture of a training set: one zero-variance component per
-        point [N, ...]. Its noised score is the exact score of the training distribution."""
+        point [N, ...]. Its noised score is the exact score of the training distribution.
+
+        points: a tensor, a numpy array (shared, not copied, where torch can), or -- for training
+        sets larger than memory -- a numpy.memmap or the path of a .npy / .safetensors file
+        (`key`: which tensor of a .safetensors file). Those stay in the file and the ops stream
+        them in blocks (gsa_kernels/streamed.py): the result is a StreamedMixture, with
+        `block_bytes` (default 256 MiB) of anonymous memory for the points whatever N is."""
+        import os
+
+        import numpy as np
+
+        if isinstance(points, (np.memmap, str, os.PathLike)):
+            from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
+
+            return StreamedMixture(points, log_weights, DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes, key)
+        if isinstance(points, np.ndarray):
+            points = torch.from_numpy(points)
         _check_float(points, "points")
         _check_points(points, "points", "from_points")
         pts = points.reshape(points.shape[0], math.prod(points.shape[1:]))
@@ -375,6 +392,16 @@ class GaussianMixture(MixtureOperand):
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("gsa_kernels") == "StreamedMixture":  # refers to its points file
+            from safetensors.torch import load_file
+
+            from .streamed import StreamedMixture
+
+            return StreamedMixture.from_saved(load_file(str(path), device=str(device)), meta).to(device)
         d = _load_file(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
         return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
 

@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 
-from . import _backends, _layouts
+from . import _backends, _layouts, streamed
 from ._contract import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype
 
 Sigma = Union[float, torch.Tensor]
@@ -212,10 +212,15 @@ def _mixture(x2, sigma, m, need_denoised, need_weights, backend, op):
     """(denoised, logp, weights, sigma [B]) for flattened x2 [B, D]."""
     B = x2.shape[0]
     sigma = _rows(sigma, B, x2, "sigma", op)
-    params = _mixture_args(m, x2, op)
+    params = None if isinstance(m, streamed.StreamedMixture) else _mixture_args(m, x2, op)
     if B == 0:
         cd = compute_dtype(x2.dtype)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), sigma
+    if params is None:  # points in a file: streamed block by block
+        if x2.device.type != "cpu":
+            raise ValueError(f"{op}: a file-backed mixture streams its points on the CPU; x is on {x2.device}")
+        denoised, logp, weights = streamed.mixture_posterior(x2, sigma, m, need_denoised, need_weights, backend)
+        return denoised, logp, weights, sigma
     be = _backends.resolve_backend(backend, x2.device)
     kernel = be.kernel("mixture_posterior", x2.device.type)
     denoised, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights,

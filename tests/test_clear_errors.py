@@ -1,7 +1,6 @@
 """Inputs that used to fail with the wrong error (or none): bfloat16 models, empty k-means
 clusters, symbolic float sigmas under torch.compile(dynamic=True), sigmas that round to 0 or inf
 in the compute dtype, empty and 1-d data, a file of the other model kind."""
-import math
 
 import pytest
 import torch

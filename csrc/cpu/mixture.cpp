@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "empirical.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
 
@@ -474,8 +475,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cpu(
   at::Tensor weights = at::empty(need_weights ? at::IntArrayRef{B, K} : at::IntArrayRef{0},
                                  x.options().dtype(cd));
   if (B == 0) return {den, logp, weights};
+  if (bases.size(2) == 0) {  // isotropic components / the empirical mixture: empirical.cpp
+    empirical_posterior_cpu(x, means, residual_var, log_weights, sigma, need_denoised, need_weights,
+                            den, logp, weights);
+    return {den, logp, weights};
+  }
   at::Tensor fwd, bwd;
-  if (r > 0) {
+  {
     const int64_t KB = component_block(K, r), n = K * (r + 1) * D;
     AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "mixture_panels", [&] {
       fwd = layout_or(given_forward_panels, means, {n}, "forward_panels", op,

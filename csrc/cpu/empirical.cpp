@@ -1,0 +1,331 @@
+// CPU kernel of the r = 0 mixture posterior: isotropic components, and with residual_var = 0 the
+// empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
+// mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
+//
+// Parallel over row blocks; inside a row block the points stream in blocks (a [rows, block]
+// float tile of 16 MiB) with an online softmax (running max m, sum l, unnormalised denoiser
+// accumulator acc). Per (row block, point block):
+//   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
+//   per row           fast logits; the row's max over the block (m moves there once per
+//                      block); where the logits may be off by more than kLogitTol (the smaller
+//                      of an error bound and a measured estimate), the points within reach of
+//                      the max get |x - mu_k|^2 from the differences in double
+//   p = exp(L - m)     written over F, one vectorized exp (ATen's kernel)
+//   acc = acc * rescale + P M
+//                      dense posterior (sigma large): one GEMM over the block; few nonzero p
+//                      (sigma small): the nonzero p_k mu_k rows are added directly. The choice
+//                      counts the block's weights above exp(-kNegligible) (kSparseRatio).
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "common.h"
+#include "empirical.h"
+#include "gsa/spectral.h"
+
+namespace gsa::cpu {
+namespace {
+
+// Fast logits this exact need no refinement. Logit errors within +-e move the weights by a
+// total variation <= tanh(e) <= e: 2.5e-4 keeps a 4x margin on the 1e-3 asked for.
+constexpr double kLogitTol = 2.5e-4;
+constexpr double kCutoff = 30.0;      // exp(-30) ~ 1e-13: weight of a point never refined
+constexpr double kNegligible = 50.0;  // below the running max by more: weight dropped (< 2e-22)
+constexpr double kGemmErr = 4.0;      // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) |x| |mu|
+// Rounding errors of the fast distances are measured on kProbes points per row; the estimate
+// is kSafety times the worst measured rate, relative to |x| |mu| (measured here with D = 784
+// and 3072, sigma 0.5 to 30: the estimate is 0.4 to 3x the largest error over 4000 points,
+// the low end at small sigma, where the bound decides anyway).
+constexpr int64_t kProbes = 16;
+constexpr double kSafety = 8.0;
+// Sparse back-projection (axpy per nonzero p) while fewer than 1 in kSparseRatio of the block's
+// weights are nonzero: an axpy streams a [D] row of acc per point (~8 flop / cycle) where the
+// GEMM runs at ~60 (AVX-512, this machine); 16 measured fastest between 8 and 32.
+constexpr int64_t kSparseRatio = 16;
+constexpr int64_t kPointBlockBytes = 16 << 20;
+
+// |a - b|^2 summed in double from the exact differences (a, b float32-representable).
+inline double sqdist_exact(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  double s = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  for (; d + 8 <= D; d += 8) {
+    __m256 fa = _mm256_loadu_ps(a + d), fb = _mm256_loadu_ps(b + d);
+    __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fa)),
+                               _mm256_cvtps_pd(_mm256_castps256_ps128(fb)));
+    __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(fa, 1)),
+                               _mm256_cvtps_pd(_mm256_extractf128_ps(fb, 1)));
+    acc0 = _mm256_fmadd_pd(lo, lo, acc0);
+    acc1 = _mm256_fmadd_pd(hi, hi, acc1);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  for (; d < D; ++d) {
+    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    s += t * t;
+  }
+  return s;
+}
+
+inline double sqdist_exact(const double* a, const double* b, int64_t D) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const double t0 = a[d] - b[d], t1 = a[d + 1] - b[d + 1];
+    const double t2 = a[d + 2] - b[d + 2], t3 = a[d + 3] - b[d + 3];
+    s0 += t0 * t0; s1 += t1 * t1; s2 += t2 * t2; s3 += t3 * t3;
+  }
+  for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename T>
+double sum_squares(const T* v, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
+  return s;
+}
+
+template <typename X>
+void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
+                    const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
+                    bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
+  using T = at::opmath_type<X>;
+  const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
+  const X* xp = x.data_ptr<X>();
+  const T* mu = means.data_ptr<T>();
+  const T* lpv = residual_var.data_ptr<T>();
+  const T* logw = log_weights.data_ptr<T>();
+  const T* sig = sigma.data_ptr<T>();
+  T* logp_p = logp.data_ptr<T>();
+  T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
+  X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
+
+  const at::Tensor mu_sq_t = cached_layout({means}, Layout::kSquaredNorms, 0, [&] {
+    at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
+    });
+    return out;
+  });
+  const double* mu_sq = mu_sq_t.data_ptr<double>();
+  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
+  bool equal_lp = true;  // then the log-density's normalisation is one log per row
+  for (int64_t k = 0; k < K; ++k) {
+    max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
+    min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
+    equal_lp = equal_lp && lpv[k] == lpv[0];
+  }
+  const double max_mu = std::sqrt(max_mu_sq);
+  const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
+  const double eps = std::numeric_limits<T>::epsilon();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // tall row blocks: each block streams every point once through the GEMMs
+  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  // blocks of SB points: one distance GEMM each, its [BB, SB] result kept for the two passes
+  // below and then overwritten by the weights (kPointBlockBytes per thread, in L2 / L3);
+  // balanced: the last block is not a sliver
+  const int64_t num_sb = std::max<int64_t>(1, (K * BB * int64_t(sizeof(T)) + kPointBlockBytes - 1) / kPointBlockBytes);
+  const int64_t SB = (K + num_sb - 1) / num_sb;
+
+  at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
+    auto opts = options_for<T>();
+    at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
+    at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
+    std::vector<double> m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB), iso_norm(BB);
+    std::vector<double> Lrow(SB);  // one row's logits over a point block
+    std::vector<double> m_block(need_weights ? BB * num_sb : 0);  // m after each point block
+    // logit of point kk for row i from its squared distance
+    const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
+      return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
+                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
+    };
+
+    for (int64_t b0 = begin; b0 < end; b0 += BB) {
+      const int64_t n = std::min(BB, end - b0);
+      at::Tensor Xb;
+      if constexpr (std::is_same_v<X, T>) {
+        Xb = x.narrow(0, b0, n);
+      } else {
+        Xb = xbuf.narrow(0, 0, n);
+        for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
+      }
+      const T* xb = Xb.data_ptr<T>();
+      for (int64_t i = 0; i < n; ++i) {
+        const double s = sig[b0 + i];
+        s2v[i] = s * s;
+        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
+        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
+        l[i] = hx[i] = 0;
+        x_sq[i] = sum_squares(xb + i * D, D);
+        // error bound of the fast logits (|x|^2, |mu|^2 are exact sums in double; only the dot
+        // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (lp + s^2)
+        err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
+      }
+      at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
+
+      for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
+        const int64_t gn = std::min(SB, K - g0);
+        const at::Tensor F = gemm_nt(Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
+        const T* Sp = F.data_ptr<T>();
+        const int64_t lds = F.stride(0);
+        T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
+        int64_t nonzero_p = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          // fast logits of the row (one vectorizable loop when every lp is equal)
+          double* L = Lrow.data();
+          const T* Fi = Sp + i * lds;
+          if (equal_lp) {
+            const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
+            for (int64_t k = 0; k < gn; ++k) {
+              const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
+              L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
+            }
+          } else {
+            for (int64_t k = 0; k < gn; ++k)
+              L[k] = logit_of(i, g0 + k, std::max(0.0, x_sq[i] + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
+          }
+          // the row's fast max over the block first: refinement and the weights below then work
+          // against (nearly) the final max; against a running max the first blocks would see
+          // hundreds of points "within reach" at moderate sigma
+          double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+          int64_t k = 0;
+          for (; k + 4 <= gn; k += 4)
+            for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
+          for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
+          const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
+          m_fast[i] = std::max(m_fast[i], best);
+          // The bound err is worst case; in the noise-dominated regime (large sigma, where every
+          // point is within reach of the max) it overstates the rounding by ~100x and would send
+          // every point through the double refinement. So the first block measures the actual
+          // error on the nearest point (aligned with x: its dot product errs the most) and
+          // kProbes - 1 others, and the smaller of bound and estimate decides.
+          if (g0 == 0 && err[i] > kLogitTol) {
+            const int64_t probes = std::min(gn, kProbes);
+            const int64_t best_k = std::find(L, L + gn, best) - L;
+            double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
+            for (int64_t j = 0; j < probes; ++j) {
+              const int64_t kp = j == 0 ? best_k : j * gn / probes;
+              const double fast = x_sq[i] + mu_sq[kp] - 2.0 * static_cast<double>(Fi[kp]);
+              const double norms = std::sqrt(x_sq[i] * mu_sq[kp]);
+              if (norms > 0)
+                rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
+            }
+            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
+          }
+          // exact distances of the points that can matter; the block's max logit is among them
+          double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
+          if (err[i] > kLogitTol) {
+            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+            block_max = -INFINITY;
+            for (int64_t kk = 0; kk < gn; ++kk)
+              if (L[kk] >= keep) {
+                L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
+                block_max = std::max(block_max, L[kk]);
+              }
+          }
+          // one softmax reference for the whole block
+          const double m_new = std::max(m[i], block_max);
+          const T sc = static_cast<T>(merge_scale(m[i], m_new));
+          m[i] = m_new;
+          l[i] *= sc;
+          hx[i] *= sc;
+          if (need_denoised && sc != T(1)) {
+            T* a = accb.data_ptr<T>() + i * D;
+            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+          }
+          T* Pi = Pp + i * lds;
+          const double mi = m[i];
+          int64_t kept_row = 0;
+          for (int64_t kk = 0; kk < gn; ++kk) {
+            const double d = L[kk] - mi;
+            const bool kept = d > -kNegligible;
+            kept_row += kept;
+            if constexpr (std::is_same_v<T, float>) {
+              Pi[kk] = kept ? static_cast<float>(d) : -INFINITY;
+            } else {
+              Pi[kk] = kept ? std::exp(d) : 0.0;
+            }
+          }
+          nonzero_p += kept_row;
+        }
+        if constexpr (std::is_same_v<T, float>) F.exp_();  // vectorized; exp(-inf) = 0
+        for (int64_t i = 0; i < n; ++i) {
+          T* Pi = Pp + i * lds;
+          double lsum = 0, hsum = 0;
+          for (int64_t k = 0; k < gn; ++k) lsum += Pi[k];
+          if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
+          if (!isotropic_delta) {  // isotropic components: D_k = mu_k + h_perp (x - mu_k)
+            for (int64_t k = 0; k < gn; ++k) {
+              const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
+              hsum += Pi[k] * hp;
+              Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
+            }
+          }
+          l[i] += lsum;
+          hx[i] += hsum;
+        }
+        if (need_denoised && nonzero_p > 0) {
+          if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
+            T* a = accb.data_ptr<T>();
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t k = 0; k < gn; ++k) {
+                const T p = Pp[i * lds + k];
+                if (p == T(0)) continue;
+                const T* mk = mu + (g0 + k) * D;
+                T* ai = a + i * D;
+                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              }
+          } else {
+            accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one GEMM
+          }
+        }
+        if (need_weights)
+          for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
+      }
+
+      for (int64_t i = 0; i < n; ++i) {  // finalize the rows of this block
+        const int64_t b = b0 + i;
+        logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
+        if (need_denoised) {
+          const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
+          const T* a = accb.data_ptr<T>() + i * D;
+          const T* xi = xb + i * D;
+          X* o = den_p + b * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
+        }
+        if (need_weights) {
+          for (int64_t sb = 0; sb < num_sb; ++sb) {
+            const T f = static_cast<T>(std::exp(m_block[i * num_sb + sb] - m[i]) / l[i]);
+            T* w = w_p + b * K + sb * SB;
+            for (int64_t k = 0; k < std::min(SB, K - sb * SB); ++k) w[k] *= f;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void empirical_posterior_cpu(const at::Tensor& x, const at::Tensor& means,
+                             const at::Tensor& residual_var, const at::Tensor& log_weights,
+                             const at::Tensor& sigma, bool need_denoised, bool need_weights,
+                             at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "empirical_posterior", [&] {
+    empirical_impl<scalar_t>(x, means, residual_var, log_weights, sigma, need_denoised, need_weights,
+                             den, logp, weights);
+  });
+}
+
+}  // namespace gsa::cpu
