@@ -15,6 +15,10 @@ if loaded:
     from . import _fake
 
     _fake.register_compiled_ops()  # fake / meta kernels for torch.compile and opcheck
+    from . import _autograd
+
+    _autograd.register("gsa_kernels")  # backward formulas (gsa_kernels/_autograd.py)
+    _autograd.register("gsa_kernels", prefix="cuda_emu_")
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

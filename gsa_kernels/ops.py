@@ -13,7 +13,7 @@ from typing import Union
 
 import torch
 
-from . import _backends
+from . import _autograd, _backends
 from ._backends import KIND_DENOISE, KIND_FLOW, KIND_SCORE
 
 Sigma = Union[float, torch.Tensor]
@@ -133,6 +133,7 @@ def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backen
     ka = _rows(scale_from, B, x2, "scale_from", op) if flow else sa
     kb = _rows(scale_to, B, x2, "scale_to", op) if flow else sa
     params = _gaussian_args(g, x2, op)
+    _autograd.check_no_grad(op, basis=params[1], **({"sigma_from": sa, "sigma_to": sb, "scale_from": ka, "scale_to": kb} if flow else {"sigma": sa}))
     if B == 0:
         return torch.empty_like(x)
     out = _backends.resolve(backend, x2.device).gaussian_map(x2, *params, sa, sb, ka, kb, kind)
@@ -174,6 +175,7 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
         _check_values(sig[0], "sigmas[0]", op, allow_zero=False, allow_inf=False)
         _check_values(sig[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False)
     params = _gaussian_args(g, x2, op)
+    _autograd.check_no_grad(op, basis=params[1], sigmas=sig)
     if B == 0:
         return x.new_empty((sig.shape[0],) + tuple(x.shape))
     out = _backends.resolve(backend, x2.device).gaussian_trajectory(x2, *params, sig)
@@ -188,6 +190,7 @@ def _mixture(x, sigma, m, need_denoised, need_weights, backend, op):
     B = x2.shape[0]
     s = _rows(sigma, B, x2, "sigma", op)
     params = _mixture_args(m, x2, op)
+    _autograd.check_no_grad(op, bases=params[1], sigma=s)
     if B == 0:
         cd = _compute_dtype(x2)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), s
