@@ -242,6 +242,31 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
     return gx, cat(gmu), cat(glam), cat(glp), cat(glogw)
 
 
+def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights, gD, gL,
+                            gW, *needs):
+    """The CPU kernel gsa_kernels::mixture_posterior_backward; the terms of a_k that are the same
+    for every component of a row are summed here: row_term = gL - sum_k w_k gW_k - gD . den."""
+    cd = means.dtype
+    row = torch.zeros_like(logp) if gL is None else gL.to(cd)
+    absent = means.new_empty(0)
+    if gW is not None:
+        gW = gW.to(cd).contiguous()
+        row = row - (gW * weights).sum(1)
+    if gD is not None:
+        gD = gD.to(cd).contiguous()
+        row = row - (gD * den.to(cd)).sum(1)
+    return torch.ops.gsa_kernels.mixture_posterior_backward(
+        x.to(cd).contiguous(), means, bases, eigvals, residual_var, log_weights, sigma, logp, row.contiguous(),
+        absent if gD is None else gD, absent if gW is None else gW, *needs)
+
+
+def _fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
+                         grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights):
+    out = lambda need, t: x.new_empty(t.shape if need else (0,))
+    return (out(need_x, x), out(need_means, means), out(need_eigvals, eigvals), out(need_residual_var, residual_var),
+            out(need_log_weights, log_weights))
+
+
 def _mixture_backward(forward, fused):
     def backward(ctx, gD, gL, gW):
         x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights = ctx.saved_tensors
@@ -264,15 +289,19 @@ def _mixture_backward(forward, fused):
 # ----------------------------------------------------------------------------- registration
 
 
-def register(namespace: str, prefix: str = "", fused_mixture_backward=None):
+def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = False):
     """register_autograd for <namespace>::<prefix>{gaussian_map, gaussian_trajectory,
-    mixture_posterior}. fused_mixture_backward: a CPU op computing the mixture gradients in one
-    pass (else they are composed from the forward op and torch GEMMs)."""
+    mixture_posterior}. fused_mixture_backward: CPU tensors take the kernel
+    gsa_kernels::mixture_posterior_backward (else the gradients are composed from the forward op
+    and torch GEMMs, as for CUDA tensors)."""
     ops = getattr(torch.ops, namespace)
+    if fused_mixture_backward:
+        torch.library.register_fake("gsa_kernels::mixture_posterior_backward")(_fused_backward_fake)
     for name, backward, setup in (
         ("gaussian_map", _map_backward(getattr(ops, prefix + "gaussian_map")), _map_setup),
         ("gaussian_trajectory", _trajectory_backward, _trajectory_setup),
-        ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"), fused_mixture_backward),
+        ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"),
+                                                _fused_mixture_backward if fused_mixture_backward else None),
          _mixture_setup),
     ):
         qualname = f"{namespace}::{prefix}{name}"

@@ -17,7 +17,7 @@ if loaded:
     _fake.register_compiled_ops()  # fake / meta kernels for torch.compile and opcheck
     from . import _autograd
 
-    _autograd.register("gsa_kernels")  # backward formulas (gsa_kernels/_autograd.py)
+    _autograd.register("gsa_kernels", fused_mixture_backward=True)  # backward formulas (gsa_kernels/_autograd.py)
     _autograd.register("gsa_kernels", prefix="cuda_emu_")
 
 

@@ -155,6 +155,16 @@ def test_gradcheck_isotropic_mixture(op, arg, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg", ["x", "means", "eigvals"])
+def test_gradcheck_one_hot_row(arg, backend, monkeypatch):
+    """A row at small sigma whose posterior is one component (a_k = 0 there: its gradient is
+    w_k A_k gD alone), next to rows where it is not."""
+    monkeypatch.setattr(sys.modules[__name__], "SIGMA", torch.tensor([0.05, 1.0, 2.5], dtype=F64))
+    f, t = _mixture_case("denoise", arg, backend)
+    assert gradcheck(f, (t,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arg", ["x", "mean", "eigvals"])
 def test_gradcheck_full_rank(arg, backend):
     """r = D: the kernels' full-basis form of the spectral map."""
@@ -338,3 +348,16 @@ def test_triton_interpreter():
     assert proc.returncode == 0, f"triton interpreter gradient tests failed:\n{tail}"
     assert " passed" in tail and "failed" not in tail
     print(tail)
+
+
+def test_readme_gradient_example():
+    """The README's gradient example runs as written, and its claim x.grad == score holds."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Gradients\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    ns = {}
+    exec(compile(block, "README.md (gradients)", "exec"), ns)
+    x, m = ns["x"], ns["m"]
+    torch.testing.assert_close(x.grad, gk.mixture_score(x.detach(), 2.0, m), rtol=1e-4, atol=1e-5)
+    assert ns["eps"].grad is not None and torch.isfinite(ns["loss"])
