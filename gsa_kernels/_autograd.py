@@ -137,7 +137,7 @@ def _trajectory_backward(ctx, grad):
     need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     gx = gmean = glam = None
     if need_x or need_mean:
-        gx = (h * g).sum(0) + ((psi - h) * cg).sum(0) @ basis.T
+        gx = torch.einsum("tb,tbd->bd", h[..., 0], g) + ((psi - h) * cg).sum(0) @ basis.T  # no [T, B, D] temporary
     if need_mean:
         gmean = g.sum((0, 1)) - gx.sum(0)
     if need_lam:

@@ -165,6 +165,28 @@ def test_gradcheck_one_hot_row(arg, backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg", ["x", "points", "log_weights"])
+@pytest.mark.parametrize("op", ["denoise", "logp"])
+def test_gradcheck_delta_mixture(op, arg, backend):
+    """The empirical mixture of 40 points at small sigma: each row's posterior sits on a few
+    points (the CPU kernels' sparse path: dot products and axpys instead of GEMMs)."""
+    gen = torch.Generator().manual_seed(4)
+    points = torch.randn(40, D, dtype=F64, generator=gen)
+    x = points[:B] + 0.05 * torch.randn(B, D, dtype=F64, generator=gen)
+    values = {"x": x, "points": points, "log_weights": torch.randn(40, dtype=F64, generator=gen)}
+    sigma = torch.tensor([0.08, 0.1, 0.12], dtype=F64)
+
+    def f(t):
+        v = dict(values, **{arg: t})
+        m = gk.GaussianMixture.from_points(v["points"].clone(), v["log_weights"].clone())
+        if op == "logp":
+            return gk.mixture_logp(v["x"], sigma, m, backend=backend)
+        return gk.mixture_denoise(v["x"], sigma, m, backend=backend)
+
+    assert gradcheck(f, (values[arg].clone().requires_grad_(),), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arg", ["x", "mean", "eigvals"])
 def test_gradcheck_full_rank(arg, backend):
     """r = D: the kernels' full-basis form of the spectral map."""

@@ -32,6 +32,7 @@ constexpr double kLogitTol = 1e-4;
 constexpr double kCutoff = 30.0;
 constexpr double kNegligible = 50.0;
 constexpr double kGemmErr = 4.0;
+constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: dots / axpys, no GEMM
 
 template <typename T>
 double sqdist_exact(const T* a, const T* b, int64_t D) {
@@ -40,6 +41,13 @@ double sqdist_exact(const T* a, const T* b, int64_t D) {
     const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
     s += t * t;
   }
+  return s;
+}
+
+template <typename T>
+double dot(const T* a, const T* b, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
   return s;
 }
 
@@ -148,7 +156,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
     auto opts = options_for<T>();
     at::Tensor acc = need.x ? at::empty({BB, D}, opts) : at::Tensor();
     at::Tensor Qbuf = at::empty({BB * KB * W}, opts);
-    std::vector<double> x_sq(BB), err(BB), s2v(BB), gdx(BB), psum(BB), whp(BB), L(KB);
+    std::vector<double> x_sq(BB), err(BB), s2v(BB), gdx(BB), psum(BB), whp(BB), wbuf(BB * KB);
     for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
       const int64_t b0 = rb * BB, n = std::min(BB, B - b0);
       double* slot = slots.data() + rb * K * S;
@@ -174,19 +182,13 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         const at::Tensor Mk = means.narrow(0, k0, nk);
         const at::Tensor pan = r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk;
         const at::Tensor F = gemm_nt(Xb, pan);
-        const at::Tensor Fg = has_gd ? gemm_nt(Gb, pan) : at::Tensor();
-        const int64_t ldf = F.stride(0), ldg = has_gd ? Fg.stride(0) : 0;
-        const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
-        T* Pp = Q.data_ptr<T>();
-        T* Gp = Pp + nk;
-        const int64_t ldq = nk * W;
-        int64_t nonzero = 0;
-
+        const int64_t ldf = F.stride(0);
+        int64_t nonzero_w = 0;
+        // weights w = exp(l - logp), l as the forward computes it (c_k formed in place in F)
         for (int64_t i = 0; i < n; ++i) {
           const double s2 = s2v[i];
           T* Fi = F.data_ptr<T>() + i * ldf;
-          const T* Fgi = has_gd ? Fg.data_ptr<T>() + i * ldg : nullptr;
-          // logits as the forward computes them (c_k formed in place in F)
+          double* L = wbuf.data() + i * nk;
           for (int64_t k = 0; k < nk; ++k) {
             const int64_t kk = k0 + k;
             const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Fi[k]);
@@ -205,13 +207,31 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
               const double sqe = sqdist_exact(xb + i * D, mu + kk * D, D);
               L[k] = logw[kk] + component_logpdf<double>(sqe, cc_w, cc, ld, lpv[kk], s2, D, r);
             }
+            const double d = L[k] - lse[b0 + i];
+            L[k] = d > -kNegligible ? std::exp(d) : 0.0;
+            nonzero_w += L[k] != 0.0;
           }
+        }
+        // gD . mu_k and U_k^T gD: one GEMM, or (r = 0, few nonzero weights, as at small sigma)
+        // dot products for the components that carry weight
+        const bool sparse = r == 0 && nonzero_w * kSparseRatio < n * nk;
+        const at::Tensor Fg = has_gd && !sparse ? gemm_nt(Gb, pan) : at::Tensor();
+        const int64_t ldg = Fg.defined() ? Fg.stride(0) : 0;
+        const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
+        T* Pp = Q.data_ptr<T>();
+        T* Gp = Pp + nk;
+        const int64_t ldq = nk * W;
+        int64_t nonzero = 0;
+
+        for (int64_t i = 0; i < n; ++i) {
+          const double s2 = s2v[i];
+          const T* Fi = F.data_ptr<T>() + i * ldf;
+          const T* Fgi = Fg.defined() ? Fg.data_ptr<T>() + i * ldg : nullptr;
           for (int64_t k = 0; k < nk; ++k) {
             const int64_t kk = k0 + k;
             T* P = Pp + i * ldq + k;
             T* G = Gp + i * ldq + k * r;
-            const double d = L[k] - lse[b0 + i];
-            const double w = d > -kNegligible ? std::exp(d) : 0.0;
+            const double w = wbuf[i * nk + k];
             if (w == 0.0) {
               *P = T(0);
               for (int64_t j = 0; j < r; ++j) G[j] = T(0);
@@ -221,9 +241,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
             const T* c = Fi + nk + k * r;
             const T* cg = has_gd ? Fgi + nk + k * r : nullptr;
             double t = rterm[b0 + i] + (has_gw ? double(gwp[(b0 + i) * K + kk]) : 0.0);
-            double gcc = 0;  // (U^T gD) . c
+            double gcc = 0, gm = 0;  // (U^T gD) . c, gD . mu_k
             if (has_gd) {
-              double gDk = (1 - hp) * double(Fgi[k]) + hp * gdx[i];
+              gm = Fgi ? double(Fgi[k]) : dot(gdp + (b0 + i) * D, mu + kk * D, D);
+              double gDk = (1 - hp) * gm + hp * gdx[i];
               for (int64_t j = 0; j < r; ++j) {
                 const double lj = lam[kk * r + j];
                 gDk += (lj / (lj + s2) - hp) * double(c[j]) * double(cg[j]);
@@ -243,7 +264,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
               for (int64_t j = 0; j < r; ++j) cc += double(c[j]) * double(c[j]);
               const double resid = r == D ? 0.0 : std::max(sq - cc, 0.0);
               double g = 0.5 * a * (resid / (vp * vp) - double(D - r) / vp);
-              if (has_gd) g += w * s2 / (vp * vp) * (gdx[i] - double(Fgi[k]) - gcc);
+              if (has_gd) g += w * s2 / (vp * vp) * (gdx[i] - gm - gcc);
               sl[1] += g;
             }
             sl[2] += p;
@@ -264,6 +285,15 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         if (!need.x || nonzero == 0) continue;
         if (r > 0) {
           accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+        } else if (nonzero * kSparseRatio < n * nk) {  // the few P_k mu_k added directly
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t k = 0; k < nk; ++k) {
+              const T p = Pp[i * ldq + k];
+              if (p == T(0)) continue;
+              const T* mk = mu + (k0 + k) * D;
+              T* ai = accb.data_ptr<T>() + i * D;
+              for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+            }
         } else {
           accb.addmm_(Q, Mk);
         }
