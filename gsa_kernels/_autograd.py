@@ -124,26 +124,31 @@ def _trajectory_setup(op_name):
 
 def _trajectory_backward(ctx, grad):
     """out[t] = mean + A_t (x - mean), A_t = h_t P + U diag(psi_t) U^T, sa = sigmas[0] (finite).
-    grad x = sum_t A_t g_t = sum_t h_t g_t + U sum_t diag(psi_t - h_t) U^T g_t: one projection of
-    all T B gradient rows and one back-projection, (T + 1) B D r multiply-adds like the forward."""
+    grad x = sum_t A_t g_t = sum_t h_t g_t + U sum_t diag(psi_t - h_t) U^T g_t: per t, one
+    projection of g_t (read once more from cache for h_t g_t), then one back-projection:
+    (T + 1) B D r multiply-adds like the forward, and one pass over the [T, B, D] gradient."""
     x, mean, basis, eigvals, sigmas = ctx.saved_tensors
     cd = mean.dtype
     g = grad.to(cd)  # [T, B, D]
     lp = ctx.residual_var
-    sa2, sb2 = (sigmas[0] ** 2)[None, :, None], (sigmas**2)[:, :, None]  # [1, B, 1], [T, B, 1]
-    h = torch.sqrt((lp + sb2) / (lp + sa2))  # [T, B, 1]
-    psi = torch.sqrt((eigvals + sb2) / (eigvals + sa2))  # [T, B, r]
-    cg = g @ basis  # [T, B, r]
     need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-    gx = gmean = glam = None
-    if need_x or need_mean:
-        gx = torch.einsum("tb,tbd->bd", h[..., 0], g) + ((psi - h) * cg).sum(0) @ basis.T  # no [T, B, D] temporary
-    if need_mean:
-        gmean = g.sum((0, 1)) - gx.sum(0)
-    if need_lam:
-        va, vb = eigvals + sa2, eigvals + sb2
-        deriv = 0.5 * (va - vb) / (va * torch.sqrt(va * vb))
-        glam = (cg * deriv * ((x.to(cd) - mean) @ basis)).sum((0, 1))
+    sa2 = (sigmas[0] ** 2)[:, None]  # [B, 1]
+    va = eigvals + sa2  # [B, r]
+    cy = (x.to(cd) - mean) @ basis if need_lam else None
+    acc = torch.zeros_like(va)  # sum_t (psi_t - h_t) U^T g_t
+    gx = torch.zeros(g.shape[1:], dtype=cd, device=g.device)
+    glam = torch.zeros_like(eigvals) if need_lam else None
+    for t in range(g.shape[0]):
+        sb2 = (sigmas[t] ** 2)[:, None]
+        vb = eigvals + sb2
+        h = torch.sqrt((lp + sb2) / (lp + sa2))  # [B, 1]
+        cg = g[t] @ basis  # [B, r]
+        acc.addcmul_(torch.sqrt(vb / va) - h, cg)
+        gx.addcmul_(h, g[t])
+        if need_lam:
+            glam += (cg * (0.5 * (va - vb) / (va * torch.sqrt(va * vb))) * cy).sum(0)
+    gx.addmm_(acc, basis.T)
+    gmean = g.sum((0, 1)) - gx.sum(0) if need_mean else None
     return (gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None
 
 

@@ -13,7 +13,10 @@
 // Per-component sums (log_weights, eigvals, residual_var, and sum_b P, sum_b G for the means)
 // go to per-row-block slots, added up at the end; grad means = P^T X + (w (1 - hp))^T gD
 // - (sum_b P) mu_k - U_k sum_b G is one more GEMM over [B, K] (only when asked for).
-// Cost (M1-like, gD given): three GEMMs of the forward's size instead of two.
+// For r = 0 with few nonzero weights (the delta mixture at small sigma), Fg becomes dot products
+// and the back-projection axpys, for the components that carry weight only (as in the forward).
+// Cost (M1-like, gD given): three GEMMs of the forward's size instead of two; E1-like (sparse):
+// the forward's one distance GEMM.
 #include <torch/library.h>
 
 #include <cmath>
