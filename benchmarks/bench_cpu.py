@@ -58,3 +58,32 @@ def test_workload(benchmark, name, impl, peaks):
     record(w, impl, benchmark.stats.stats.median)
     if impl == "cpu":
         record(w, "cpu_best", benchmark.stats.stats.min)  # compared with the (best-of-N) roofline
+
+
+# ----------------------------------------------------------------------------- gradients
+# The gradient w.r.t. x of G1, T1, M1, E1 (gsa_kernels/_autograd.py), next to the cpu forward in
+# the same run: "forward" runs the op on an x that requires grad (graph recorded), "backward"
+# runs backward() from a fixed output gradient through a graph built outside the timed call.
+# Read the backward / forward ratio (the target: <= 2.5) from one group.
+
+GRAD_WORKLOADS = ("G1", "T1", "M1", "E1")
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("name", GRAD_WORKLOADS)
+def test_gradient(benchmark, name, direction):
+    import torch
+
+    w = _workload(name)
+    benchmark.group = f"grad {name}: {w.description}"
+    x = w.x.detach().requires_grad_()
+    grad = torch.randn_like(w.op("cpu"))
+
+    if direction == "forward":
+        benchmark.pedantic(lambda: w.op("cpu", x=x), rounds=5, iterations=1, warmup_rounds=1)
+        return
+
+    def graph():  # untimed: the forward that the timed backward runs through
+        return (w.op("cpu", x=x),), {}
+
+    benchmark.pedantic(lambda out: out.backward(grad), setup=graph, rounds=5, iterations=1, warmup_rounds=1)

@@ -14,8 +14,12 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
 if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
     from . import _contract
 
-    _contract.register_fakes("gsa_kernels", layouts=True)
+    _contract.register_fakes("gsa_kernels", layouts=True)  # fake / meta kernels for torch.compile and opcheck
     _contract.register_fakes("gsa_kernels", prefix="cuda_emu_")
+    from . import _autograd
+
+    _autograd.register("gsa_kernels", fused_mixture_backward=True)  # backward formulas (gsa_kernels/_autograd.py)
+    _autograd.register("gsa_kernels", prefix="cuda_emu_")
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

@@ -69,10 +69,11 @@ class Workload:
     description: str
     flops: float  # essential floating-point operations
     bytes: float  # compulsory memory traffic
-    op: Callable[[str], object]  # op(backend) runs the public op with that backend
+    op: Callable[..., object]  # op(backend) runs the public op with that backend; op(backend, x=...) on another x
     compiled_reference: Callable[[], object]  # torch.compile of the reference
     slow_reference: bool = False  # eager reference takes tens of seconds: time it once
     peaks: Optional[dict] = None  # machine peaks measured next to this workload, if any
+    x: Optional[torch.Tensor] = None  # the op's input (its gradient is benchmarked in bench_cpu.py)
 
     def roofline_seconds(self, peaks):
         return max(self.flops / peaks["flops"], self.bytes / peaks["bandwidth"])
@@ -210,8 +211,9 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
         ref = _compiled(reference.gaussian_map)
         return Workload(
             name, f"gaussian_denoise B={B} D={D} r={r}", 4.0 * B * D * r, f * (2 * B * D + D * r + D),
-            lambda backend: gk.gaussian_denoise(x, sigma, g, backend=backend),
+            lambda backend, x=x: gk.gaussian_denoise(x, sigma, g, backend=backend),
             lambda: ref(x, g.mean, g.basis, g.eigvals, g.residual_var, sigma, sigma, sigma, sigma, SpectralKind.DENOISE),
+            x=x,
         )
     if name == "T1":
         T, B, D, r = 18, 256, 3072, 256
@@ -224,8 +226,9 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
         return Workload(
             name, f"gaussian_trajectory T={T} B={B} D={D} r={r}", 2.0 * B * D * r * (T + 1),
             f * (B * D + T * B * D + D * r),
-            lambda backend: gk.gaussian_trajectory(x, sigmas, g, backend=backend),
+            lambda backend, x=x: gk.gaussian_trajectory(x, sigmas, g, backend=backend),
             lambda: ref(x, g.mean, g.basis, g.eigvals, g.residual_var, sigmas),
+            x=x,
         )
     if name == "M1":
         B, D, K, r = 512, 3072, 200, 32
@@ -238,9 +241,10 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
         return Workload(
             name, f"mixture_denoise B={B} D={D} K={K} r={r}", 4.0 * B * K * D * r + 4.0 * B * K * D,
             f * (2 * B * D + K * D + K * D * r),
-            lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend),
+            lambda backend, x=x: gk.mixture_denoise(x, sigma, m, backend=backend),
             _compiled_mixture_reference(x, sigma, m),
             slow_reference=True,
+            x=x,
         )
     if name == "E1":
         B, N, D, s = 256, 20000, 3072, 0.5
@@ -255,9 +259,10 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
             # roofline below what a sparse-aware kernel achieves.
             name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={s}", 2.0 * B * N * D,
             f * (2 * B * D + N * D),
-            lambda backend: gk.mixture_denoise(x, s, m, backend=backend),
+            lambda backend, x=x: gk.mixture_denoise(x, s, m, backend=backend),
             _compiled_mixture_reference(x, sigma, m),
             slow_reference=True,
+            x=x,
         )
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 

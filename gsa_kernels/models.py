@@ -102,6 +102,9 @@ class GaussianModel(GaussianOperand):
             raise ValueError(f"eigvals must be [r] with r = {basis.shape[1]}, got shape {tuple(eigvals.shape)}")
         if not (basis.device == mean.device == eigvals.device):
             raise ValueError("mean, basis and eigvals must be on one device")
+        if isinstance(residual_var, torch.Tensor) and residual_var.requires_grad:
+            raise TypeError("residual_var of a GaussianModel is a float and has no gradient; to learn it, use a "
+                            "one-component GaussianMixture (its residual_var is a differentiable [K] tensor)")
         residual_var = float(residual_var)
         if not math.isfinite(residual_var) or residual_var < 0:
             raise ValueError(f"residual_var must be finite and >= 0, got {residual_var}")

@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 
-from . import _backends, _layouts, streamed
+from . import _autograd, _backends, _layouts, streamed
 from ._contract import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype
 
 Sigma = Union[float, torch.Tensor]
@@ -153,6 +153,8 @@ def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backen
     scale_from = _rows(scale_from, B, x2, "scale_from", op) if flow else sigma_from
     scale_to = _rows(scale_to, B, x2, "scale_to", op) if flow else sigma_from
     params = _gaussian_args(g, x2, op)
+    _autograd.check_no_grad(op, basis=params[1], **({"sigma_from": sigma_from, "sigma_to": sigma_to, "scale_from": scale_from,
+                                                     "scale_to": scale_to} if flow else {"sigma": sigma_from}))
     if B == 0:
         return torch.empty_like(x)
     be = _backends.resolve_backend(backend, x2.device)
@@ -197,6 +199,7 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
     sigmas = sigmas.to(cd)
     sigmas = (sigmas[:, None] if sigmas.dim() == 1 else sigmas).expand(sigmas.shape[0], B).contiguous()
     params = _gaussian_args(g, x2, op)
+    _autograd.check_no_grad(op, basis=params[1], sigmas=sigmas)
     if B == 0:
         return x.new_empty((sigmas.shape[0],) + tuple(x.shape))
     be = _backends.resolve_backend(backend, x2.device)
@@ -213,6 +216,8 @@ def _mixture(x2, sigma, m, need_denoised, need_weights, backend, op):
     B = x2.shape[0]
     sigma = _rows(sigma, B, x2, "sigma", op)
     params = None if isinstance(m, streamed.StreamedMixture) else _mixture_args(m, x2, op)
+    if params is not None:
+        _autograd.check_no_grad(op, bases=params[1], sigma=sigma)
     if B == 0:
         cd = compute_dtype(x2.dtype)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), sigma

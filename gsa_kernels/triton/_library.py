@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _autograd
 from .._contract import FAKES
 from . import _config, gaussian, mixture
 
@@ -49,4 +50,5 @@ for _name, _impl in _OPS:
     else:
         torch.library.triton_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
 
+_autograd.register(NAMESPACE)  # backward formulas (gsa_kernels/_autograd.py)
 ops = getattr(torch.ops, NAMESPACE)

@@ -1,0 +1,320 @@
+"""Backward formulas of the kernel-level ops (torch.library.register_autograd), for every
+namespace that registers them: gsa_kernels:: (C++ CPU / CUDA), gsa_kernels::cuda_emu_* (the
+SIMT emulation) and gsa_kernels_triton:: (Triton). The reference backend is plain PyTorch and
+needs none. The backward bodies are torch ops only, so torch.compile(fullgraph=True) traces them.
+
+Differentiable inputs: x of every op; mean and eigvals of the Gaussian ops; means, eigvals,
+residual_var and log_weights of the mixture posterior. The rest (basis / bases, noise levels,
+scales; the Gaussian residual_var is a float) have no gradient: when one requires grad the op
+raises, naming it, instead of returning an output silently detached from it.
+
+Gaussian maps (DESIGN.md section 1): out = a y + b mu + U diag(f) U^T y with y = p x - q mu is
+affine in x with a symmetric linear part, so the vector-Jacobian product w.r.t. x is the same
+kernel applied to the output gradient with mean = 0 (which drops the constant term).
+
+Mixture posterior, per row (s = sigma): logits l_k = log w_k + log N_k(x), weights
+w = softmax(l), den = sum_k w_k D_k, logp = logsumexp(l). With upstream gradients gD (den),
+gL (logp), gW (weights), every path through a logit meets in
+    a_k = w_k (gL + gW_k - sum_j w_j gW_j + gD.(D_k - den))        (sum_k a_k = gL)
+and, with D_k = x - s^2 C_k^-1 (x - mu_k) (C_k = Sigma_k + s^2 I, A_k = I - s^2 C_k^-1):
+    dl_k/dx = -dl_k/dmu_k = (D_k - x) / s^2
+    grad x     = sum_k a_k (D_k - x) / s^2 + w_k A_k gD
+    grad mu_k  = sum_b a_k (x - D_k) / s^2 + w_k (I - A_k) gD
+    grad lam_kj = sum_b a_k/2 (c_j^2/v_j^2 - 1/v_j) + w_k s^2 c_j (U_k^T gD)_j / v_j^2,  v = lam + s^2
+    grad lp_k  = sum_b a_k/2 (|P y|^2/vp^2 - (D-r)/vp) + w_k s^2/vp^2 gD.(P y),  vp = lp + s^2
+    grad log w_k = sum_b a_k
+(y = x - mu_k, c = U_k^T y, P = I - U_k U_k^T.) On CPU one kernel computes all of these
+(gsa_kernels::mixture_posterior_backward, csrc/cpu/mixture_backward.cpp); elsewhere
+_mixture_backward_composed does, from the forward op (for the weights) and torch GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+
+_GAUSSIAN_NO_GRAD = {2: "basis", 5: "sigma_from", 6: "sigma_to", 7: "scale_from", 8: "scale_to"}
+_TRAJECTORY_NO_GRAD = {2: "basis", 5: "sigmas"}
+_MIXTURE_NO_GRAD = {2: "bases", 6: "sigma"}
+KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2
+
+
+def check_no_grad(op: str, **tensors):
+    """Raise if, with grad mode on, a tensor that `op` does not differentiate requires grad."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"{op}: {name} requires grad, but gsa_kernels has no gradient w.r.t. {name} (differentiable: "
+                "x; Gaussian mean, eigvals; mixture means, eigvals, residual_var, log_weights); pass "
+                f"{name}.detach() to treat it as a constant")
+
+
+def _check_inputs(op, inputs, no_grad):
+    # setup_context runs only when autograd records the op (grad mode may read off here)
+    with torch.enable_grad():
+        check_no_grad(op, **{name: inputs[i] for i, name in no_grad.items()})
+
+
+# ----------------------------------------------------------------------------- Gaussian maps
+
+
+def _gain_derivative(kind, lam, sa, sb, kb):
+    """d f_j / d lam_j of the per-eigenvalue gain f (spectral.h eigen_gain), rows [B, 1] x [r]."""
+    if kind == KIND_DENOISE:
+        return sa * sa / (lam + sa * sa) ** 2
+    if kind == KIND_SCORE:
+        return 1.0 / (lam + sa * sa) ** 2
+    vb = lam + sb * sb
+    finite = torch.where(torch.isinf(sa), torch.ones_like(sa), sa)
+    va = lam + finite * finite
+    from_finite = 0.5 * (va - vb) / (va * torch.sqrt(va * vb))
+    return kb * torch.where(torch.isinf(sa), 0.5 / torch.sqrt(vb), from_finite)
+
+
+def _map_setup(op_name):
+    def setup_context(ctx, inputs, output):
+        ctx.layouts = len(inputs) - 10  # the CPU op's prepared layouts (gsa_kernels/_layouts.py): no gradient
+        inputs = inputs[:10]
+        _check_inputs(op_name, inputs, _GAUSSIAN_NO_GRAD)
+        x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, kind = inputs
+        ctx.save_for_backward(x, mean, basis, eigvals, sa, sb, ka, kb)
+        ctx.residual_var, ctx.kind = residual_var, kind
+
+    return setup_context
+
+
+def _map_backward(op):
+    def backward(ctx, grad):
+        x, mean, basis, eigvals, sa, sb, ka, kb = ctx.saved_tensors
+        kind = ctx.kind
+        need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        gx = gmean = glam = None
+        cd = mean.dtype
+        g = grad.to(cd).contiguous()
+        if need_x or need_mean:
+            gx = op(g, torch.zeros_like(mean), basis, eigvals, ctx.residual_var, sa, sb, ka, kb, kind)
+        if need_mean:
+            # d out / d mean = cm I - cv (linear part): denoise (1, 1), score (0, 1),
+            # flow kb (I - A) with A = (ka/kb) x-Jacobian, from noise kb I
+            if kind == KIND_FLOW:
+                cm, cv = kb, torch.where(torch.isinf(sa), torch.zeros_like(ka), ka)
+            else:
+                cm, cv = (torch.ones_like(sa) if kind == KIND_DENOISE else torch.zeros_like(sa)), torch.ones_like(sa)
+            gmean = (cm[:, None] * g - cv[:, None] * gx).sum(0)
+        if need_lam:
+            y = x.to(cd)
+            if kind == KIND_FLOW:
+                y = torch.where(torch.isinf(sa)[:, None], y, y / ka[:, None] - mean)
+            else:
+                y = y - mean
+            deriv = _gain_derivative(kind, eigvals, sa[:, None], sb[:, None], kb[:, None])  # [B, r]
+            glam = ((g @ basis) * deriv * (y @ basis)).sum(0)
+        return ((gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, None, None, None, None,
+                *(None,) * ctx.layouts)
+
+    return backward
+
+
+def _trajectory_setup(op_name):
+    def setup_context(ctx, inputs, output):
+        ctx.layouts = len(inputs) - 6
+        inputs = inputs[:6]
+        _check_inputs(op_name, inputs, _TRAJECTORY_NO_GRAD)
+        x, mean, basis, eigvals, residual_var, sigmas = inputs
+        ctx.save_for_backward(x, mean, basis, eigvals, sigmas)
+        ctx.residual_var = residual_var
+
+    return setup_context
+
+
+def _trajectory_backward(ctx, grad):
+    """out[t] = mean + A_t (x - mean), A_t = h_t P + U diag(psi_t) U^T, sa = sigmas[0] (finite).
+    grad x = sum_t A_t g_t = sum_t h_t g_t + U sum_t diag(psi_t - h_t) U^T g_t: per t, one
+    projection of g_t (read once more from cache for h_t g_t), then one back-projection:
+    (T + 1) B D r multiply-adds like the forward, and one pass over the [T, B, D] gradient."""
+    x, mean, basis, eigvals, sigmas = ctx.saved_tensors
+    cd = mean.dtype
+    g = grad.to(cd)  # [T, B, D]
+    lp = ctx.residual_var
+    need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    sa2 = (sigmas[0] ** 2)[:, None]  # [B, 1]
+    va = eigvals + sa2  # [B, r]
+    cy = (x.to(cd) - mean) @ basis if need_lam else None
+    acc = torch.zeros_like(va)  # sum_t (psi_t - h_t) U^T g_t
+    gx = torch.zeros(g.shape[1:], dtype=cd, device=g.device)
+    glam = torch.zeros_like(eigvals) if need_lam else None
+    for t in range(g.shape[0]):
+        sb2 = (sigmas[t] ** 2)[:, None]
+        vb = eigvals + sb2
+        h = torch.sqrt((lp + sb2) / (lp + sa2))  # [B, 1]
+        cg = g[t] @ basis  # [B, r]
+        acc.addcmul_(torch.sqrt(vb / va) - h, cg)
+        gx.addcmul_(h, g[t])
+        if need_lam:
+            glam += (cg * (0.5 * (va - vb) / (va * torch.sqrt(va * vb))) * cy).sum(0)
+    gx.addmm_(acc, basis.T)
+    gmean = g.sum((0, 1)) - gx.sum(0) if need_mean else None
+    return (gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, *(None,) * ctx.layouts
+
+
+# ----------------------------------------------------------------------------- mixture posterior
+
+
+def _mixture_setup(op_name):
+    def setup_context(ctx, inputs, output):
+        ctx.layouts = len(inputs) - 9
+        inputs = inputs[:9]
+        _check_inputs(op_name, inputs, _MIXTURE_NO_GRAD)
+        x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights = inputs
+        den, logp, weights = output
+        ctx.save_for_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
+        ctx.need_denoised, ctx.need_weights = need_denoised, need_weights
+
+    return setup_context
+
+
+def _chunks(K, B, D, r):
+    step = max(1, (1 << 22) // max(1, B * (r + 1) + D * (r + 1)))  # [B, k, r] and [k, D, r] temporaries
+    return [slice(k, min(K, k + step)) for k in range(0, K, step)]
+
+
+def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp,
+                               weights, gD, gL, gW, needs):
+    """The mixture gradients (module docstring) from torch ops: the weights come from the forward
+    op (need_weights=True: one more forward pass over the components when the caller did not ask
+    for them), the rest from chunked GEMMs against the components: x and gD projected on
+    [mu_k; U_k] (2 x B K (r + 1) D multiply-adds), back-projection for grad x and grad mu
+    (another 2 x), so the backward costs about 3x a denoising forward on the GEMMs."""
+    need_x, need_mu, need_lam, need_lp, need_logw = needs
+    cd = means.dtype
+    B, D = x.shape
+    K, r = means.shape[0], bases.shape[2]
+    xc = x.to(cd)
+    if weights.numel() == 0:
+        weights = forward(x, means, bases, eigvals, residual_var, log_weights, sigma, False, True)[2]
+    s2 = (sigma * sigma)[:, None]  # [B, 1]
+    base = torch.zeros_like(s2[:, 0]) if gL is None else gL.to(cd)
+    if gW is not None:
+        gW = gW.to(cd)
+        base = base - (gW * weights).sum(1)
+    if gD is not None:
+        gD = gD.to(cd)
+        gDx = (gD * xc).sum(1)
+        gD_den = (gD * den.to(cd)).sum(1)
+    gx = torch.zeros_like(xc) if need_x else None
+    gmu, glam, glp, glogw = [], [], [], []
+    for ck in _chunks(K, B, D, r):
+        M, U, lam, lp = means[ck], bases[ck], eigvals[ck], residual_var[ck]
+        w = weights[:, ck]
+        k = M.shape[0]
+        Uflat = U.permute(1, 0, 2).reshape(D, k * r)
+        c = (xc @ Uflat).view(B, k, r) - torch.einsum("kd,kdr->kr", M, U)  # U_k^T (x - mu_k)
+        v = lam[None] + s2[:, :, None]  # [B, k, r]
+        vp = lp[None] + s2  # [B, k]
+        hp = lp[None] / vp
+        gain = lam[None] / v - hp[:, :, None]  # h - hp
+        a = w * base[:, None]
+        if gW is not None:
+            a = a + w * gW[:, ck]
+        if gD is not None:
+            gm = gD @ M.T  # [B, k]
+            cg = (gD @ Uflat).view(B, k, r)
+            gD_Dk = (1 - hp) * gm + hp * gDx[:, None] + (gain * c * cg).sum(-1)
+            a = a + w * (gD_Dk - gD_den[:, None])
+        alpha = a * (1 - hp) / s2  # coefficient of mu_k - x
+        G = (a / s2)[:, :, None] * gain * c  # coefficient of U_k
+        if gD is not None:
+            G = G + w[:, :, None] * gain * cg
+        if need_x:
+            gx = gx + alpha @ M - xc * alpha.sum(1, keepdim=True) + G.reshape(B, k * r) @ Uflat.T
+            if gD is not None:
+                gx = gx + gD * (w * hp).sum(1, keepdim=True)
+        if need_mu:
+            gm_k = alpha.T @ xc - alpha.sum(0)[:, None] * M - torch.einsum("kr,kdr->kd", G.sum(0), U)
+            if gD is not None:
+                gm_k = gm_k + (w * (1 - hp)).T @ gD
+            gmu.append(gm_k)
+        if need_lam:
+            gl = 0.5 * a[:, :, None] * (c * c / v**2 - 1 / v)
+            if gD is not None:
+                gl = gl + w[:, :, None] * s2[:, :, None] * c * cg / v**2
+            glam.append(gl.sum(0))
+        if need_lp:
+            # |P y|^2 from the differences: the expansion |x|^2 - 2 x.mu + |mu|^2 loses the
+            # accuracy that a / vp^2 needs at small sigma
+            sq = ((xc[:, None, :] - M[None]) ** 2).sum(-1)
+            resid = torch.zeros_like(sq) if r == D else (sq - (c * c).sum(-1)).clamp_min(0)
+            gp = 0.5 * a * (resid / vp**2 - (D - r) / vp)
+            if gD is not None:
+                gp = gp + w * s2 / vp**2 * (gDx[:, None] - gm - (cg * c).sum(-1))
+            glp.append(gp.sum(0))
+        if need_logw:
+            glogw.append(a.sum(0))
+    cat = lambda parts: torch.cat(parts) if parts else None
+    return gx, cat(gmu), cat(glam), cat(glp), cat(glogw)
+
+
+def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights, gD, gL,
+                            gW, *needs):
+    """The CPU kernel gsa_kernels::mixture_posterior_backward; the terms of a_k that are the same
+    for every component of a row are summed here: row_term = gL - sum_k w_k gW_k - gD . den."""
+    cd = means.dtype
+    row = torch.zeros_like(logp) if gL is None else gL.to(cd)
+    absent = means.new_empty(0)
+    if gW is not None:
+        gW = gW.to(cd).contiguous()
+        row = row - (gW * weights).sum(1)
+    if gD is not None:
+        gD = gD.to(cd).contiguous()
+        row = row - (gD * den.to(cd)).sum(1)
+    return torch.ops.gsa_kernels.mixture_posterior_backward(
+        x.to(cd).contiguous(), means, bases, eigvals, residual_var, log_weights, sigma, logp, row.contiguous(),
+        absent if gD is None else gD, absent if gW is None else gW, *needs)
+
+
+def _fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
+                         grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights):
+    out = lambda need, t: x.new_empty(t.shape if need else (0,))
+    return (out(need_x, x), out(need_means, means), out(need_eigvals, eigvals), out(need_residual_var, residual_var),
+            out(need_log_weights, log_weights))
+
+
+def _mixture_backward(forward, fused):
+    def backward(ctx, gD, gL, gW):
+        x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[3], n[4], n[5])
+        gD = gD if ctx.need_denoised and gD is not None else None
+        gW = gW if ctx.need_weights and gW is not None else None
+        args = (x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
+        if fused is not None and x.device.type == "cpu":
+            gx, gmu, glam, glp, glogw = fused(*args, gD, gL, gW, *needs)
+            gx, gmu, glam, glp, glogw = [t if need else None for t, need in zip((gx, gmu, glam, glp, glogw), needs)]
+        else:
+            gx, gmu, glam, glp, glogw = _mixture_backward_composed(forward, *args, gD, gL, gW, needs)
+        gx = gx.to(x.dtype) if gx is not None else None
+        return gx, gmu, None, glam, glp, glogw, None, None, None, *(None,) * ctx.layouts
+
+    return backward
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = False):
+    """register_autograd for <namespace>::<prefix>{gaussian_map, gaussian_trajectory,
+    mixture_posterior}. fused_mixture_backward: CPU tensors take the kernel
+    gsa_kernels::mixture_posterior_backward (else the gradients are composed from the forward op
+    and torch GEMMs, as for CUDA tensors)."""
+    ops = getattr(torch.ops, namespace)
+    if fused_mixture_backward:
+        torch.library.register_fake("gsa_kernels::mixture_posterior_backward")(_fused_backward_fake)
+    for name, backward, setup in (
+        ("gaussian_map", _map_backward(getattr(ops, prefix + "gaussian_map")), _map_setup),
+        ("gaussian_trajectory", _trajectory_backward, _trajectory_setup),
+        ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"),
+                                                _fused_mixture_backward if fused_mixture_backward else None),
+         _mixture_setup),
+    ):
+        qualname = f"{namespace}::{prefix}{name}"
+        torch.library.register_autograd(qualname, backward, setup_context=setup(qualname))
