@@ -3,6 +3,7 @@ models, their closed-form probability-flow ODE, and samplers with analytical tel
 from . import _extension  # noqa: F401  (loads the compiled ops when present)
 from . import reference, schedules, sampling  # noqa: F401
 from .models import GaussianMixture, GaussianModel
+from .partial import MixturePartial, merge_partials, mixture_partial
 from .ops import (
     available_backends,
     gaussian_denoise,
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GaussianModel", "GaussianMixture", "available_backends", "gaussian_denoise", "gaussian_score",
     "gaussian_flow", "gaussian_trajectory", "mixture_denoise", "mixture_score", "mixture_logp",
-    "reference", "schedules", "sampling",
+    "reference", "schedules", "sampling", "MixturePartial", "mixture_partial", "merge_partials", "distributed",
 ]

@@ -315,6 +315,25 @@ class GaussianMixture:
         return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
                    torch.tensor(resid, dtype=dt), torch.tensor(logw, dtype=dt))
 
+    def shard(self, index: int, count: int) -> "GaussianMixture":
+        """The index-th of `count` near-equal contiguous slices of the components (the first
+        K % count slices hold one more), copied, with log_weights unchanged (not renormalised),
+        so that gk.merge_partials of the gk.mixture_partial of every shard equals the whole
+        mixture. A shard may be empty (count > K); only gk.mixture_partial accepts it."""
+        for v, n in ((index, "index"), (count, "count")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"shard: {n} must be an int, got {type(v).__name__}")
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard: need count >= 1 and 0 <= index < count, got index={index}, count={count}")
+        K = self.num_components
+        lo = index * (K // count) + min(index, K % count)
+        hi = lo + K // count + (index < K % count)
+        # built like .to(): the constructor would renormalise the weights and refuse K = 0
+        m = GaussianMixture.__new__(GaussianMixture)
+        m.means, m.bases, m.eigvals = (t[lo:hi].clone() for t in (self.means, self.bases, self.eigvals))
+        m.residual_var, m.log_weights = self.residual_var[lo:hi].clone(), self.log_weights[lo:hi].clone()
+        return m
+
     # ------------------------------------------------------------------ conversion / io
     def to(self, device=None, dtype=None) -> "GaussianMixture":
         t = lambda v: v.to(device=device, dtype=dtype)

@@ -118,6 +118,9 @@ def _mixture_args(m, x, op):
 
     if not isinstance(m, GaussianMixture):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
+    if m.num_components == 0:
+        raise ValueError(f"{op}: the mixture has no components (an empty shard, m.shard(i, n) with n > K): "
+                         "use gk.mixture_partial and gk.merge_partials")
     return _model_tensors(m, x, ("means", "bases", "eigvals", "residual_var", "log_weights"), op)
 
 
