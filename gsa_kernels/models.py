@@ -102,12 +102,22 @@ class GaussianModel:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, data: Data, rank: Optional[int] = None, energy: Optional[float] = None) -> "GaussianModel":
+    def fit(cls, data: Data, rank: Optional[int] = None, energy: Optional[float] = None, method: str = "auto") -> "GaussianModel":
         """Fit mean and covariance to data [N, ...] (or an iterable of such batches, streamed and
-        accumulated in float64). Keeps the top `rank` principal directions, or the fewest whose
-        eigenvalues hold an `energy` fraction of the variance (default: all directions with
-        nonzero variance); the rest is modelled as isotropic residual_var = their mean eigenvalue.
-        The model has the dtype of the data (float32 for integer data)."""
+        accumulated in float64, or a callable returning a fresh one). Keeps the top `rank`
+        principal directions, or the fewest whose eigenvalues hold an `energy` fraction of the
+        variance (default: all directions with nonzero variance); the rest is modelled as
+        isotropic residual_var = their mean eigenvalue. The model has the dtype of the data
+        (float32 for integer data). method: "exact" (a D x D matrix), "randomized" (needs rank;
+        several passes, no D x D matrix) or "auto" (exact while D x D float64 fits 1 GiB);
+        see gsa_kernels/fitting.py."""
+        from . import fitting
+
+        method, data = fitting.plan(data, rank, energy, method)
+        if method == "randomized":
+            if energy is not None:
+                raise ValueError("the randomized fit takes rank, not energy")
+            return fitting.fit_randomized(data, rank)
         if rank is not None and energy is not None:
             raise ValueError("give rank or energy, not both")
         n, s, ss, dtype, device = 0, None, None, None, None
