@@ -1,7 +1,7 @@
 """gsa_kernels: fused kernels for Gaussian and Gaussian-mixture score fields of diffusion
 models, their closed-form probability-flow ODE, and samplers with analytical teleportation."""
 from . import _extension  # noqa: F401  (loads the compiled ops when present)
-from . import reference, schedules, sampling  # noqa: F401
+from . import distributed, reference, schedules, sampling  # noqa: F401
 from .models import GaussianMixture, GaussianModel
 from .partial import MixturePartial, merge_partials, mixture_partial
 from .ops import (

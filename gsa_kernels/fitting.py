@@ -111,7 +111,7 @@ def _as_rows(batch):
         batch = torch.as_tensor(batch)
     if batch.dim() < 2:
         raise ValueError(f"data batches must be [N, ...] with N samples, got shape {tuple(batch.shape)}")
-    return batch.reshape(batch.shape[0], -1)
+    return batch.reshape(batch.shape[0], math.prod(batch.shape[1:]))
 
 
 def plan(data, rank, energy, method):
@@ -228,15 +228,6 @@ def local_pass(passes, Q=None, anchor=None):
     return local, None
 
 
-def single_meta(D, dtype, device, error):
-    """The meta agreement of a single process: raise its own error; no data is an error."""
-    if error is not None:
-        raise error
-    if D is None:
-        raise ValueError("fitting a Gaussian needs at least 2 samples, got 0")
-    return D, dtype, device
-
-
 # ----------------------------------------------------------------------------- the two fits
 
 
@@ -273,12 +264,11 @@ def exact_from_scatter(n, mean, scatter, rank, energy, dtype, device):
 
 
 def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversample: Optional[int] = None, seed: int = 0,
-                   reduce: Callable = _identity, meta: Callable = single_meta):
+                   reduce: Callable = _identity, agreed: Optional[tuple] = None):
     """The randomized fit (module docstring): GaussianModel with the top `rank` directions.
-    data: anything Passes accepts, or a Passes. reduce(t) -> t summed over ranks and
-    meta(D, dtype, device, error) -> (D, dtype, device) agreed by every rank (gk.distributed
-    supplies both; the defaults serve one process). The test matrix comes from `seed`, so every
-    rank draws the same one."""
+    data: anything Passes accepts, or a Passes. gk.distributed supplies reduce(t) -> t summed
+    over ranks and agreed = (D, dtype, device) of the whole group; the defaults serve one
+    process. The test matrix comes from `seed`, so every rank draws the same one."""
     from .models import GaussianModel
 
     passes = data if isinstance(data, Passes) else Passes(data)
@@ -287,11 +277,11 @@ def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversampl
     if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
         raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
     passes.check_passes(power_iters + 1)
-    try:
-        (D, dtype, device), error = passes.peek(), None
-    except (ValueError, TypeError, RuntimeError) as e:
-        (D, dtype, device), error = (None, None, None), e
-    D, dtype, device = meta(D, dtype, device, error)
+    if agreed is None:
+        agreed = passes.peek()
+        if agreed[0] is None:
+            raise ValueError("fitting a Gaussian needs at least 2 samples, got 0")
+    D, dtype, device = agreed
     if rank > D:
         raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
     width = sketch_width(rank, D, oversample) if rank else 0
