@@ -327,3 +327,21 @@ def test_fit_method_auto_and_data_kinds(monkeypatch):
     with pytest.raises(ValueError, match="changed between passes"):
         calls = iter(range(10))
         gk.GaussianModel.fit(lambda: iter(X[: 300 - next(calls)].split(64)), rank=5, method="randomized")
+
+
+def test_readme_torchrun_example_runs():
+    """The README's torchrun command, as written (2 gloo ranks; the example checks its answer)."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = re.search(r"^\s*(torchrun --nproc-per-node 2 examples/sharded_empirical_score.py)\s*$", (root / "README.md").read_text(), re.M)
+    assert cmd, "README lost the torchrun command"
+    # --standalone: a free rendezvous port (other jobs on this machine may hold the default one)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + cmd.group(1).split()[1:]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("score relative error vs one process") == 2
