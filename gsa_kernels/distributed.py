@@ -28,7 +28,6 @@ local kernel / fit arithmetic.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -225,6 +224,7 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
         raise ValueError(f"gk.distributed.fit_gaussian: rank must be an int in [0, D = {D}], got {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"gk.distributed.fit_gaussian: energy must be in (0, 1], got {energy}")
+    error = None
     if method == "randomized":
         if rank is None:
             raise ValueError(f"gk.distributed.fit_gaussian: the randomized fit (D = {D}) needs rank=")
@@ -237,20 +237,30 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
         n, mean, _, scatter = fitting.centred(local, D, device, None, comm.all_reduce, error)
         if n < 2:
             raise ValueError(f"gk.distributed.fit_gaussian: fitting a Gaussian needs at least 2 samples, got {n}")
-        g = fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device) if comm.me == 0 else None
-    g = _broadcast_model(comm, g, D, dtype, device)
+        g = None
+        if comm.me == 0:
+            try:
+                g = fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device)
+            except (ValueError, RuntimeError) as e:  # told to the others by the broadcast, then raised
+                error = e
+    g = _broadcast_model(comm, g, D, dtype, device, error)
     comm.finish(method=method, dim=D, model_rank=g.rank)
     return g
 
 
-def _broadcast_model(comm, g, D, dtype, device):
-    """The group's first rank's model on every rank (bitwise the same everywhere)."""
+def _broadcast_model(comm, g, D, dtype, device, error=None):
+    """The group's first rank's model on every rank (bitwise the same everywhere); if that rank
+    failed (error), every rank raises."""
     from .models import GaussianModel
 
     f64 = dict(dtype=torch.float64, device=device)
-    head = torch.tensor([float(g.rank), g.residual_var] if g is not None else [0.0, 0.0], **f64)
+    head = torch.tensor([float(g.rank), g.residual_var] if g is not None else [-1.0, 0.0], **f64)
     comm.broadcast(head)
     r = int(head[0].item())
+    if r < 0:
+        if error is not None:
+            raise error
+        raise RuntimeError("gk.distributed.fit_gaussian: the group's first rank failed the eigendecomposition (its own error says why)")
     body = (torch.cat([g.mean.double(), g.basis.double().reshape(-1), g.eigvals.double()]) if g is not None
             else torch.empty(D * (r + 1) + r, **f64))
     comm.broadcast(body)

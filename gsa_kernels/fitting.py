@@ -115,8 +115,8 @@ def _as_rows(batch):
 
 
 def plan(data, rank, energy, method):
-    """(method, data) for GaussianModel.fit: "auto" resolved; data as something the exact
-    path can iterate once (the tensor itself, or a Passes pass) or as Passes."""
+    """(method, data) for GaussianModel.fit: "auto" resolved; for "exact", data as its loop
+    takes it (a tensor, or one pass of 2-d batches); for "randomized", a Passes."""
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
     passes = Passes(data)
@@ -128,7 +128,7 @@ def plan(data, rank, energy, method):
                              f"{EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB budget: give rank= for the randomized fit, or method='exact'")
     if method == "randomized":
         return method, passes
-    return method, (data if passes.kind == "tensor" else iter(passes))
+    return method, (data if isinstance(data, torch.Tensor) else iter(passes))
 
 
 def sketch_width(rank: int, D: int, oversample: Optional[int] = None) -> int:
