@@ -285,8 +285,7 @@ def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversampl
     if rank > D:
         raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
     width = sketch_width(rank, D, oversample) if rank else 0
-    omega = torch.randn(D, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
-    Q = torch.linalg.qr(omega).Q
+    Q = torch.linalg.qr(torch.randn(D, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)).Q
     anchor, n_first = None, None
     for it in range(power_iters + 1 if rank else 1):
         local, error = local_pass(passes, Q, anchor)
