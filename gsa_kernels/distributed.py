@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import fitting, ops
-from .partial import _merge, mixture_partial
+from .partial import _merge, compute_dtype, mixture_partial
 
 _stats: dict = {}
 
@@ -137,7 +137,7 @@ def _sharded(x, sigma, shard, group, backend, op):
         if not isinstance(shard, GaussianMixture):
             raise TypeError(f"gk.distributed.{op}: shard must be a gsa_kernels.GaussianMixture, got {type(shard).__name__}")
         x2 = ops._flatten(x, shard.dim, op)
-        cd = ops._compute_dtype(x2)
+        cd = compute_dtype(x2.dtype)
         s = ops._rows(sigma, x2.shape[0], x2, "sigma", op)
         header = (x2.shape[0], shard.dim, fitting._DTYPES.index(cd))
     except (TypeError, ValueError) as e:

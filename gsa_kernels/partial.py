@@ -21,6 +21,11 @@ import torch
 from . import ops
 
 
+def compute_dtype(dtype):
+    """The ops' compute dtype rule: float64 stays float64, every other float type runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class MixturePartial:
     """Per-row state (max_logit [B], sum_exp [B], weighted [B, D]) of a mixture posterior over a
     subset of its components, in the compute dtype (float64 for float64 x, else float32).
@@ -63,7 +68,7 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
     x2 = ops._flatten(x, m.dim, op)
     # partials are merged in the compute dtype: a float16 denoised would be rounded twice
-    xc = x2.to(ops._compute_dtype(x2))
+    xc = x2.to(compute_dtype(x2.dtype))
     B = xc.shape[0]
     if m.num_components == 0:
         ops._rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
