@@ -140,12 +140,22 @@ class GaussianModel(GaussianOperand):
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, data: Data, rank: Optional[int] = None, energy: Optional[float] = None) -> "GaussianModel":
+    def fit(cls, data: Data, rank: Optional[int] = None, energy: Optional[float] = None, method: str = "auto") -> "GaussianModel":
         """Fit mean and covariance to data [N, ...] (or an iterable of such batches, streamed and
-        accumulated in float64). Keeps the top `rank` principal directions, or the fewest whose
-        eigenvalues hold an `energy` fraction of the variance (default: all directions with
-        nonzero variance); the rest is modelled as isotropic residual_var = their mean eigenvalue.
-        The model has the dtype of the data (float32 for integer data)."""
+        accumulated in float64, or a callable returning a fresh one). Keeps the top `rank`
+        principal directions, or the fewest whose eigenvalues hold an `energy` fraction of the
+        variance (default: all directions with nonzero variance); the rest is modelled as
+        isotropic residual_var = their mean eigenvalue. The model has the dtype of the data
+        (float32 for integer data). method: "exact" (a D x D matrix), "randomized" (needs rank;
+        several passes, no D x D matrix) or "auto" (exact while D x D float64 fits 1 GiB);
+        see gsa_kernels/fitting.py."""
+        from . import fitting
+
+        method, data = fitting.plan(data, rank, energy, method)
+        if method == "randomized":
+            if energy is not None:
+                raise ValueError("the randomized fit takes rank, not energy")
+            return fitting.fit_randomized(data, rank)
         if rank is not None and energy is not None:
             raise ValueError("give rank or energy, not both")
         n, s, ss, dtype, device = 0, None, None, None, None
@@ -374,6 +384,25 @@ class GaussianMixture(MixtureOperand):
         dt = data.dtype
         return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
                    torch.tensor(residual_vars, dtype=dt), torch.tensor(log_weights, dtype=dt))
+
+    def shard(self, index: int, count: int) -> "GaussianMixture":
+        """The index-th of `count` near-equal contiguous slices of the components (the first
+        K % count slices hold one more), copied, with log_weights unchanged (not renormalised),
+        so that gk.merge_partials of the gk.mixture_partial of every shard equals the whole
+        mixture. A shard may be empty (count > K); only gk.mixture_partial accepts it."""
+        for v, n in ((index, "index"), (count, "count")):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"shard: {n} must be an int, got {type(v).__name__}")
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard: need count >= 1 and 0 <= index < count, got index={index}, count={count}")
+        K = self.num_components
+        lo = index * (K // count) + min(index, K % count)
+        hi = lo + K // count + (index < K % count)
+        # built like .to(): the constructor would renormalise the weights and refuse K = 0
+        m = GaussianMixture.__new__(GaussianMixture)
+        m.means, m.bases, m.eigvals = (t[lo:hi].clone() for t in (self.means, self.bases, self.eigvals))
+        m.residual_var, m.log_weights = self.residual_var[lo:hi].clone(), self.log_weights[lo:hi].clone()
+        return m
 
     # ------------------------------------------------------------------ conversion / io
     def to(self, device=None, dtype=None) -> "GaussianMixture":

@@ -137,6 +137,9 @@ def _mixture_args(m, x, op):
     """means, bases, eigvals, residual_var, log_weights: the model's part of the kernel arguments."""
     if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
+    if m.num_components == 0:
+        raise ValueError(f"{op}: the mixture has no components (an empty shard, m.shard(i, n) with n > K): "
+                         "use gk.mixture_partial and gk.merge_partials")
     return _model_tensors(m, x, MixtureOperand.TENSORS, op)
 
 
