@@ -41,8 +41,24 @@ def _want_cuda(torch):
     return have
 
 
+NO_TORCH = """
+gsa_kernels compiles its extension against the torch installed in your environment, and this
+build cannot import torch: either torch is not installed, or pip is building in an isolated
+environment (its default), which hides your torch. Install torch first, then build without
+isolation:
+
+    pip install torch "setuptools>=64,<81" wheel ninja
+    pip install --no-build-isolation .        (or -e . , or git+<url>)
+
+or run `bash scripts/install.sh` from a clone, which does both.
+"""
+
+
 def _extensions():
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.exit(NO_TORCH)
 
     use_cuda = _want_cuda(torch)
     if use_cuda:
