@@ -89,7 +89,7 @@ def run_settings(args, net, gaussian, noise):
     from tqdm import tqdm
 
     settings = plan_settings(args.runs, not args.no_baselines)
-    total = sum(gk.sampling.expected_nfe(sampler, s) for *_, sampler, _, _, _, s in settings)
+    total = sum(gk.sampling.expected_nfe(sampler, s) for _, _, sampler, *_, s in settings)
     rows, jumps = [], []
     with tqdm(total=total, desc="sampling (network evaluations of all samples)", unit="NFE") as bar:
         den = TimedDenoiser(net, args.batch_size, bar)
