@@ -139,6 +139,7 @@ def save_grid(x, path, title, n=8):
 
 
 MARKERS = {"full": "*", "teleport": "o", "fewer steps": "s", "truncated": "^"}
+DODGE = {"full": 0.0, "teleport": 0.0, "fewer steps": -0.15, "truncated": 0.15}  # equal-NFE points side by side
 COLORS = {"full": "black", "teleport": "tab:green", "fewer steps": "tab:blue", "truncated": "tab:red"}
 
 
@@ -150,6 +151,7 @@ def save_plot(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sampled = [r for r in rows if r["variant"] in VARIANTS]
     runs = list(dict.fromkeys(r["run"] for r in sampled))
@@ -159,7 +161,7 @@ def save_plot(rows, path):
         rs = [r for r in sampled if r["run"] == run]
         full = next(r for r in rs if r["variant"] == "full")
         for r in rs:
-            ax.plot(r["nfe"], r["fd_features"], MARKERS[r["variant"]], color=COLORS[r["variant"]], ms=9, mfc="none" if
+            ax.plot(r["nfe"] + DODGE[r["variant"]], r["fd_features"], MARKERS[r["variant"]], color=COLORS[r["variant"]], ms=9, mfc="none" if
                     r["variant"] != "full" else COLORS["full"], mew=1.6)
             if r["variant"] == "teleport":
                 ax.plot([r["nfe"], full["nfe"]], [r["fd_features"], full["fd_features"]], color="tab:green", lw=0.8)
@@ -173,6 +175,8 @@ def save_plot(rows, path):
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("Frechet distance, classifier features (lower is better)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("quality vs cost (lower is better)", fontsize=10)
@@ -185,7 +189,7 @@ def save_plot(rows, path):
                           (run, k, variant)), float("nan")) for run, k in groups]
             bars = ax.bar([i + (j - 1) * width for i in range(len(groups))], vals, width, color=COLORS[variant],
                           label=variant)
-            ax.bar_label(bars, fmt="%+.0f%%", fontsize=7, padding=2)
+            ax.bar_label(bars, fmt="%+.1f%%", fontsize=7, padding=2)
         full_nfe = {r["run"]: r["nfe"] for r in sampled if r["variant"] == "full"}
         nfe = {(r["run"], r["skipped_steps"]): r["nfe"] for r in sampled if r["variant"] == "teleport"}
         ax.set_xticks(range(len(groups)), [f"{run}\nskip {k}: NFE {full_nfe[run]} -> {nfe[run, k]}" for run, k in groups],
