@@ -96,5 +96,8 @@ def _cpu_has(flag):
         return False
 
 
-ext_modules, cmdclass = _extensions()
+if os.environ.get("GSA_KERNELS_PREBUILT") == "1":  # scripts/install.sh built _C in place already:
+    ext_modules, cmdclass = [], {}  # pip install -e would compile it all again in a temporary folder
+else:
+    ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

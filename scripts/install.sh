@@ -51,7 +51,7 @@ echo "ninja prints one line per compiled file:"
 python setup.py -q build_ext --inplace
 
 phase 4 "the package (editable) and its dependencies (extras: $extras); the build above is reused"
-pip_install -c "$constraints" --no-build-isolation -e ".[${extras}]"
+GSA_KERNELS_PREBUILT=1 pip_install -c "$constraints" --no-build-isolation -e ".[${extras}]"
 
 if [ "${1:-}" = "test" ]; then
   phase 5 "k-diffusion without its stale numpy<2 pin"
