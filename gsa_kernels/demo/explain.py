@@ -15,15 +15,14 @@ the variance of that output across the batch (the R^2 of M as a predictor of the
 Outputs in --out-dir: explained_variance.csv (one row per sigma and split) and
 explained_variance.png.
 """
-import argparse
 import csv
 import math
-from pathlib import Path
 
 import torch
 
 import gsa_kernels as gk
 
+from .cli import explain_parser
 from .data import mnist_split
 from .net import load_denoiser
 
@@ -31,17 +30,7 @@ MODELS = ("gaussian", "mixture", "delta")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels explain", description="Fraction of the demo network's denoiser variance explained by the Gaussian, the "
-                                "10-mode mixture and the training-set delta mixture, across sigma in [0.002, 80].")
-    p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory (default ./demo_out)")
-    p.add_argument("--num-samples", type=int, default=500, help="digits per split (default 500)")
-    p.add_argument("--num-sigmas", type=int, default=17, help="log-spaced noise levels in [0.002, 80] (default 17)")
-    p.add_argument("--splits", nargs="+", choices=("heldout", "train"), default=["heldout", "train"])
-    p.add_argument("--mixture-components", type=int, default=10)
-    p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise eps (and the digit subset)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="CI setting: 32 digits, 4 noise levels, held-out split")
+    p = explain_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.num_sigmas, args.splits = 32, 4, ["heldout"]

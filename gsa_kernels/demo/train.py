@@ -2,19 +2,18 @@
 classifier on the MNIST-5k training split with fixed seeds, and write both (EMA weights for the
 denoiser) as safetensors into gsa_kernels/assets/, with the command, wall time and final losses
 in the files' metadata."""
-import argparse
 import copy
 import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .classifier import CLASSIFIER_FILE, Classifier
-from .data import ASSETS_DIR, mnist_split
+from .cli import train_parser
+from .data import mnist_split
 from .net import DENOISER_FILE, EDMDenoiser
 
 
@@ -103,17 +102,7 @@ def train_denoiser(steps, batch_size, lr, ema_decay, seed, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels train-demo-model",
-                                description="Train the MNIST demo's denoiser and classifier (fixed seeds) into gsa_kernels/assets/.")
-    p.add_argument("--steps", type=int, default=5000, help="denoiser optimisation steps (default 5000)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3, help="denoiser peak learning rate (cosine decay)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved denoiser weights")
-    p.add_argument("--classifier-epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = deterministic and fastest on a shared machine)")
-    p.add_argument("--only", choices=("both", "denoiser", "classifier"), default="both")
-    p.add_argument("--out-dir", type=Path, default=ASSETS_DIR)
+    p = train_parser()
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,86 @@
+"""Command-line options of `demo`, `explain` and `train-demo-model`, defined without importing
+torch so that `python -m gsa_kernels <command> --help` answers at once."""
+import argparse
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # committed weights
+
+# The default demo: a standard 18-step Heun run and the low-NFE regime, where skipping steps
+# with the closed-form jump should pay most (SAMPLER:STEPS:SKIP-FRACTIONS).
+DEFAULT_RUNS = ["heun:18:0.2,0.4", "heun:8:0.25", "dpmpp_2m:10:0.2"]
+QUICK_RUNS = ["heun:6:0.34", "dpmpp_2m:5:0.2"]
+SAMPLERS = ("heun", "dpmpp_2m")
+
+
+def _parser(prog, description):
+    return argparse.ArgumentParser(prog=f"python -m gsa_kernels {prog}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def run_spec(text):
+    """'heun:18:0.2,0.4' -> ('heun', 18, [0.2, 0.4])."""
+    try:
+        sampler, steps, fractions = text.split(":")
+        steps, fractions = int(steps), [float(f) for f in fractions.split(",") if f]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SAMPLER:STEPS:FRACTIONS, e.g. heun:18:0.2,0.4") from None
+    if sampler not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if steps < 2 or not fractions or any(not 0 < f < 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"{text!r}: STEPS must be >= 2 and each fraction in (0, 1)")
+    return sampler, steps, fractions
+
+
+def demo_parser():
+    p = _parser("demo", "MNIST: the committed EDM network sampled from fixed seeds with the full schedule, with its "
+                "first steps replaced by one closed-form Gaussian jump (teleport), and at the same number of network "
+                "evaluations without the jump (fewer steps; truncated schedule). Quality: Frechet distance to the "
+                "held-out digits (lower is better). Writes a table, sample grids and a figure.")
+    p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per setting")
+    p.add_argument("--runs", type=run_spec, nargs="+", default=[run_spec(r) for r in DEFAULT_RUNS],
+                   metavar="SAMPLER:STEPS:FRACTIONS",
+                   help=f"sampler ({' or '.join(SAMPLERS)}), its steps on the full schedule, and the fractions of those "
+                        f"steps to skip; default: {' '.join(DEFAULT_RUNS)}")
+    p.add_argument("--mixture-components", type=int, default=10, help="components of the fitted Gaussian mixture "
+                   "(a reference row: samples of the mixture alone)")
+    p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
+    p.add_argument("--no-baselines", action="store_true", help="skip the equal-NFE baselines without teleportation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every setting)")
+    p.add_argument("--batch-size", type=int, default=500, help="network batch size")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"CI setting: 48 samples, runs {' '.join(QUICK_RUNS)}")
+    return p
+
+
+def explain_parser():
+    p = _parser("explain", "Fraction of the demo network's denoiser variance explained by the Gaussian, the "
+                "10-mode mixture and the training-set delta mixture, across sigma in [0.002, 80].")
+    p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory")
+    p.add_argument("--num-samples", type=int, default=500, help="digits per split")
+    p.add_argument("--num-sigmas", type=int, default=17, help="log-spaced noise levels in [0.002, 80]")
+    p.add_argument("--splits", nargs="+", choices=("heldout", "train"), default=["heldout", "train"],
+                   help="digits to noise: held-out and/or training split")
+    p.add_argument("--mixture-components", type=int, default=10, help="components of the fitted Gaussian mixture")
+    p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise eps (and the digit subset)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="CI setting: 32 digits, 4 noise levels, held-out split")
+    return p
+
+
+def train_parser():
+    p = _parser("train-demo-model", "Train the MNIST demo's denoiser and classifier (fixed seeds) into "
+                "gsa_kernels/assets/.")
+    p.add_argument("--steps", type=int, default=5000, help="denoiser optimisation steps")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size (denoiser and classifier)")
+    p.add_argument("--lr", type=float, default=2e-3, help="denoiser peak learning rate (cosine decay)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved denoiser weights")
+    p.add_argument("--classifier-epochs", type=int, default=15, help="classifier training epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 = deterministic and fastest on a "
+                   "shared machine)")
+    p.add_argument("--only", choices=("both", "denoiser", "classifier"), default="both", help="which model to train")
+    p.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where the safetensors files go")
+    return p
