@@ -63,7 +63,7 @@ double sum_squares(const T* v, int64_t D) {
 }
 
 // Forward-layout panels of component block k0 .. k0 + nk - 1 (see mixture.cpp: forward rows
-// mu_k.., U_k^T..; backward = its transpose), built the same way as the forward's.
+// mu_k.., U_k^T..; backward = its transpose, used when given), built the same way as the forward's.
 inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
   const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
   return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
@@ -78,16 +78,6 @@ at::Tensor forward_panels(const at::Tensor& means, const at::Tensor& bases, int6
     const int64_t nk = std::min(KB, K - k0);
     at::Tensor p = panel(out, k0, nk, W, D, false);
     at::cat_out(p, {means.narrow(0, k0, nk), Ut.narrow(0, k0, nk).reshape({nk * r, D})});
-  }
-  return out;
-}
-
-template <typename T>
-at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int64_t W, int64_t KB) {
-  at::Tensor out = at::empty_like(forward);
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t nk = std::min(KB, K - k0);
-    panel(out, k0, nk, W, D, true).copy_(transpose_last2<T>(panel(forward, k0, nk, W, D, false).unsqueeze(0)).squeeze(0));
   }
   return out;
 }
@@ -131,7 +121,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   at::Tensor fwd, bwd, Umu;
   if (r > 0) {
     fwd = forward_given.has_value() ? *forward_given : forward_panels<T>(means, bases, KB);
-    if (need.x) bwd = backward_given.has_value() ? *backward_given : backward_panels<T>(fwd, K, D, W, KB);
+    if (need.x && backward_given.has_value()) bwd = *backward_given;  // else Q F_panel, no transpose
     Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
@@ -280,7 +270,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         }
         if (!need.x || nonzero == 0) continue;
         if (r > 0) {
-          accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+          if (bwd.defined()) accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+          else accb.addmm_(Q, pan);
         } else if (nonzero * kSparseRatio < n * nk) {  // the few P_k mu_k added directly
           for (int64_t i = 0; i < n; ++i)
             for (int64_t k = 0; k < nk; ++k) {
