@@ -52,10 +52,12 @@ TORCH_LIBRARY(gsa_kernels, m) {
   // x and grad tensors in the compute dtype; logp: the forward's; row_term [B] = gL - sum_k w_k
   // gW_k - gD . den; grad_den [B, D] / grad_weights [B, K] or [0] when absent. Returns
   // (grad x, grad means, grad eigvals, grad residual_var, grad log_weights), [0] when not needed.
+  // forward_panels / backward_panels: the forward's component panels, when it was given them.
   m.def("mixture_posterior_backward(Tensor x, Tensor means, Tensor bases, Tensor eigvals, "
         "Tensor residual_var, Tensor log_weights, Tensor sigma, Tensor logp, Tensor row_term, "
         "Tensor grad_den, Tensor grad_weights, bool need_x, bool need_means, bool need_eigvals, "
-        "bool need_residual_var, bool need_log_weights) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_residual_var, bool need_log_weights, Tensor? forward_panels=None, "
+        "Tensor? backward_panels=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // The same kernels as the CUDA backend, compiled for the host through the SIMT emulation
   // (csrc/emu): CPU tensors in, for tests only (GSA_KERNELS_CUDA_EMULATE=1).

@@ -73,12 +73,10 @@ def _gain_derivative(kind, lam, sa, sb, kb):
 
 def _map_setup(op_name):
     def setup_context(ctx, inputs, output):
-        ctx.layouts = len(inputs) - 10  # the CPU op's prepared layouts (gsa_kernels/_layouts.py): no gradient
-        inputs = inputs[:10]
         _check_inputs(op_name, inputs, _GAUSSIAN_NO_GRAD)
-        x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, kind = inputs
+        x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, kind = inputs[:10]
         ctx.save_for_backward(x, mean, basis, eigvals, sa, sb, ka, kb)
-        ctx.residual_var, ctx.kind = residual_var, kind
+        ctx.residual_var, ctx.kind, ctx.layouts = residual_var, kind, inputs[10:]
 
     return setup_context
 
@@ -92,7 +90,7 @@ def _map_backward(op):
         cd = mean.dtype
         g = grad.to(cd).contiguous()
         if need_x or need_mean:
-            gx = op(g, torch.zeros_like(mean), basis, eigvals, ctx.residual_var, sa, sb, ka, kb, kind)
+            gx = op(g, torch.zeros_like(mean), basis, eigvals, ctx.residual_var, sa, sb, ka, kb, kind, *ctx.layouts)
         if need_mean:
             # d out / d mean = cm I - cv (linear part): denoise (1, 1), score (0, 1),
             # flow kb (I - A) with A = (ka/kb) x-Jacobian, from noise kb I
@@ -110,19 +108,17 @@ def _map_backward(op):
             deriv = _gain_derivative(kind, eigvals, sa[:, None], sb[:, None], kb[:, None])  # [B, r]
             glam = ((g @ basis) * deriv * (y @ basis)).sum(0)
         return ((gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, None, None, None, None,
-                *(None,) * ctx.layouts)
+                *[None] * len(ctx.layouts))
 
     return backward
 
 
 def _trajectory_setup(op_name):
     def setup_context(ctx, inputs, output):
-        ctx.layouts = len(inputs) - 6
-        inputs = inputs[:6]
         _check_inputs(op_name, inputs, _TRAJECTORY_NO_GRAD)
-        x, mean, basis, eigvals, residual_var, sigmas = inputs
+        x, mean, basis, eigvals, residual_var, sigmas = inputs[:6]
         ctx.save_for_backward(x, mean, basis, eigvals, sigmas)
-        ctx.residual_var = residual_var
+        ctx.residual_var, ctx.layouts = residual_var, inputs[6:]
 
     return setup_context
 
@@ -154,7 +150,7 @@ def _trajectory_backward(ctx, grad):
             glam += (cg * (0.5 * (va - vb) / (va * torch.sqrt(va * vb))) * cy).sum(0)
     gx.addmm_(acc, basis.T)
     gmean = g.sum((0, 1)) - gx.sum(0) if need_mean else None
-    return (gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, *(None,) * ctx.layouts
+    return (gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, *[None] * len(ctx.layouts)
 
 
 # ----------------------------------------------------------------------------- mixture posterior
@@ -162,13 +158,11 @@ def _trajectory_backward(ctx, grad):
 
 def _mixture_setup(op_name):
     def setup_context(ctx, inputs, output):
-        ctx.layouts = len(inputs) - 9
-        inputs = inputs[:9]
         _check_inputs(op_name, inputs, _MIXTURE_NO_GRAD)
-        x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights = inputs
+        x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights = inputs[:9]
         den, logp, weights = output
         ctx.save_for_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
-        ctx.need_denoised, ctx.need_weights = need_denoised, need_weights
+        ctx.need_denoised, ctx.need_weights, ctx.layouts = need_denoised, need_weights, inputs[9:]
 
     return setup_context
 
@@ -179,7 +173,7 @@ def _chunks(K, B, D, r):
 
 
 def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp,
-                               weights, gD, gL, gW, needs):
+                               weights, gD, gL, gW, needs, layouts=()):
     """The mixture gradients (module docstring) from torch ops: the weights come from the forward
     op (need_weights=True: one more forward pass over the components when the caller did not ask
     for them), the rest from chunked GEMMs against the components: x and gD projected on
@@ -191,7 +185,7 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
     K, r = means.shape[0], bases.shape[2]
     xc = x.to(cd)
     if weights.numel() == 0:
-        weights = forward(x, means, bases, eigvals, residual_var, log_weights, sigma, False, True)[2]
+        weights = forward(x, means, bases, eigvals, residual_var, log_weights, sigma, False, True, *layouts)[2]
     s2 = (sigma * sigma)[:, None]  # [B, 1]
     base = torch.zeros_like(s2[:, 0]) if gL is None else gL.to(cd)
     if gW is not None:
@@ -255,7 +249,7 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
 
 
 def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights, gD, gL,
-                            gW, *needs):
+                            gW, needs, layouts=()):
     """The CPU kernel gsa_kernels::mixture_posterior_backward; the terms of a_k that are the same
     for every component of a row are summed here: row_term = gL - sum_k w_k gW_k - gD . den."""
     cd = means.dtype
@@ -269,11 +263,12 @@ def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights,
         row = row - (gD * den.to(cd)).sum(1)
     return torch.ops.gsa_kernels.mixture_posterior_backward(
         x.to(cd).contiguous(), means, bases, eigvals, residual_var, log_weights, sigma, logp, row.contiguous(),
-        absent if gD is None else gD, absent if gW is None else gW, *needs)
+        absent if gD is None else gD, absent if gW is None else gW, *needs, *layouts)
 
 
 def _fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
-                         grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights):
+                         grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights,
+                         forward_panels=None, backward_panels=None):
     out = lambda need, t: x.new_empty(t.shape if need else (0,))
     return (out(need_x, x), out(need_means, means), out(need_eigvals, eigvals), out(need_residual_var, residual_var),
             out(need_log_weights, log_weights))
@@ -288,12 +283,12 @@ def _mixture_backward(forward, fused):
         gW = gW if ctx.need_weights and gW is not None else None
         args = (x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
         if fused is not None and x.device.type == "cpu":
-            gx, gmu, glam, glp, glogw = fused(*args, gD, gL, gW, *needs)
+            gx, gmu, glam, glp, glogw = fused(*args, gD, gL, gW, needs, ctx.layouts)
             gx, gmu, glam, glp, glogw = [t if need else None for t, need in zip((gx, gmu, glam, glp, glogw), needs)]
         else:
-            gx, gmu, glam, glp, glogw = _mixture_backward_composed(forward, *args, gD, gL, gW, needs)
+            gx, gmu, glam, glp, glogw = _mixture_backward_composed(forward, *args, gD, gL, gW, needs, ctx.layouts)
         gx = gx.to(x.dtype) if gx is not None else None
-        return gx, gmu, None, glam, glp, glogw, None, None, None, *(None,) * ctx.layouts
+        return (gx, gmu, None, glam, glp, glogw, None, None, None, *[None] * len(ctx.layouts))
 
     return backward
 

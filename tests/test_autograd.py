@@ -156,12 +156,23 @@ def test_gradcheck_isotropic_mixture(op, arg, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arg", ["x", "means", "eigvals"])
-def test_gradcheck_one_hot_row(arg, backend, monkeypatch):
-    """A row at small sigma whose posterior is one component (a_k = 0 there: its gradient is
-    w_k A_k gD alone), next to rows where it is not."""
-    monkeypatch.setattr(sys.modules[__name__], "SIGMA", torch.tensor([0.05, 1.0, 2.5], dtype=F64))
-    f, t = _mixture_case("denoise", arg, backend)
-    assert gradcheck(f, (t,), fast_mode=True)
+def test_gradcheck_one_hot_rows(arg, backend):
+    """Rows whose posterior is exactly one component (the others > 50 logits below): there
+    a_k = 0 and the whole gradient is w_k A_k gD (kernels must not skip its back-projection)."""
+    means, bases, eigvals, lp, logw = mixture_tensors(3, D, 2)
+    means = means * 12
+    x = means + 0.1 * torch.randn(3, D, dtype=F64, generator=torch.Generator().manual_seed(5))
+    values = {"x": x, "means": means, "eigvals": eigvals}
+    sigma = torch.tensor([0.3, 0.5, 0.2], dtype=F64)
+
+    def f(t):
+        v = dict(values, **{arg: t})
+        m = gk.GaussianMixture(v["means"].clone(), bases, v["eigvals"].clone(), lp, logw)
+        return gk.mixture_denoise(v["x"], sigma, m, backend=backend)
+
+    _, w = gk.mixture_denoise(x, sigma, gk.GaussianMixture(means, bases, eigvals, lp, logw), return_weights=True)
+    assert ((w == 0) | (w == 1)).all()
+    assert gradcheck(f, (values[arg].clone().requires_grad_(),), fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,12 +21,9 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 #include "common.h"
 #include "empirical.h"
+#include "exact_sums.h"
 #include "gsa/spectral.h"
 
 namespace gsa::cpu {
@@ -50,51 +47,6 @@ constexpr double kSafety = 8.0;
 constexpr int64_t kSparseRatio = 16;
 constexpr int64_t kPointBlockBytes = 16 << 20;
 
-// |a - b|^2 summed in double from the exact differences (a, b float32-representable).
-inline double sqdist_exact(const float* a, const float* b, int64_t D) {
-  int64_t d = 0;
-  double s = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
-  for (; d + 8 <= D; d += 8) {
-    __m256 fa = _mm256_loadu_ps(a + d), fb = _mm256_loadu_ps(b + d);
-    __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(fa)),
-                               _mm256_cvtps_pd(_mm256_castps256_ps128(fb)));
-    __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(fa, 1)),
-                               _mm256_cvtps_pd(_mm256_extractf128_ps(fb, 1)));
-    acc0 = _mm256_fmadd_pd(lo, lo, acc0);
-    acc1 = _mm256_fmadd_pd(hi, hi, acc1);
-  }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-  s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-#endif
-  for (; d < D; ++d) {
-    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-    s += t * t;
-  }
-  return s;
-}
-
-inline double sqdist_exact(const double* a, const double* b, int64_t D) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    const double t0 = a[d] - b[d], t1 = a[d + 1] - b[d + 1];
-    const double t2 = a[d + 2] - b[d + 2], t3 = a[d + 3] - b[d + 3];
-    s0 += t0 * t0; s1 += t1 * t1; s2 += t2 * t2; s3 += t3 * t3;
-  }
-  for (; d < D; ++d) s0 += (a[d] - b[d]) * (a[d] - b[d]);
-  return (s0 + s1) + (s2 + s3);
-}
-
-template <typename T>
-double sum_squares(const T* v, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
-  return s;
-}
-
 template <typename X>
 void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
                     const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
@@ -110,15 +62,15 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  const at::Tensor mu_sq_t = cached_layout({means}, Layout::kSquaredNorms, 0, [&] {
-    at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
-    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) o[k] = sum_squares(mu + k * D, D);
+  // |mu_k|^2 per call: one pass over the points, 1 / B of the distance GEMM's reads (a cache
+  // keyed by tensor identity went stale through .data / numpy writes; the model owns no r = 0 layout)
+  std::vector<double> mu_sq_v(K);
+  double* mu_sq = mu_sq_v.data();
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    with_isa([&] {
+      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
     });
-    return out;
   });
-  const double* mu_sq = mu_sq_t.data_ptr<double>();
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
   bool equal_lp = true;  // then the log-density's normalisation is one log per row
   for (int64_t k = 0; k < K; ++k) {
@@ -161,120 +113,126 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
       }
       const T* xb = Xb.data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        const double s = sig[b0 + i];
-        s2v[i] = s * s;
-        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
-        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
-        l[i] = hx[i] = 0;
-        x_sq[i] = sum_squares(xb + i * D, D);
-        // error bound of the fast logits (|x|^2, |mu|^2 are exact sums in double; only the dot
-        // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (lp + s^2)
-        err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
-      }
+      with_isa([&] {
+        for (int64_t i = 0; i < n; ++i) {
+          const double s = sig[b0 + i];
+          s2v[i] = s * s;
+          iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
+          m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
+          l[i] = hx[i] = 0;
+          x_sq[i] = sum_squares(xb + i * D, D);
+          // error bound of the fast logits (|x|^2, |mu|^2 are exact sums in double; only the dot
+          // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (lp + s^2)
+          err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
+        }
+      });
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
       for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
         const int64_t gn = std::min(SB, K - g0);
-        const at::Tensor F = gemm_nt(Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
+        const at::Tensor F = gemm_nt(GemmSite::kDistances, Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0);
         T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
         int64_t nonzero_p = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          // fast logits of the row (one vectorizable loop when every lp is equal)
-          double* L = Lrow.data();
-          const T* Fi = Sp + i * lds;
-          if (equal_lp) {
-            const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
-            for (int64_t k = 0; k < gn; ++k) {
-              const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
-              L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
-            }
-          } else {
-            for (int64_t k = 0; k < gn; ++k)
-              L[k] = logit_of(i, g0 + k, std::max(0.0, x_sq[i] + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
-          }
-          // the row's fast max over the block first: refinement and the weights below then work
-          // against (nearly) the final max; against a running max the first blocks would see
-          // hundreds of points "within reach" at moderate sigma
-          double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-          int64_t k = 0;
-          for (; k + 4 <= gn; k += 4)
-            for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
-          for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
-          const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
-          m_fast[i] = std::max(m_fast[i], best);
-          // The bound err is worst case; in the noise-dominated regime (large sigma, where every
-          // point is within reach of the max) it overstates the rounding by ~100x and would send
-          // every point through the double refinement. So the first block measures the actual
-          // error on the nearest point (aligned with x: its dot product errs the most) and
-          // kProbes - 1 others, and the smaller of bound and estimate decides.
-          if (g0 == 0 && err[i] > kLogitTol) {
-            const int64_t probes = std::min(gn, kProbes);
-            const int64_t best_k = std::find(L, L + gn, best) - L;
-            double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
-            for (int64_t j = 0; j < probes; ++j) {
-              const int64_t kp = j == 0 ? best_k : j * gn / probes;
-              const double fast = x_sq[i] + mu_sq[kp] - 2.0 * static_cast<double>(Fi[kp]);
-              const double norms = std::sqrt(x_sq[i] * mu_sq[kp]);
-              if (norms > 0)
-                rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
-            }
-            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
-          }
-          // exact distances of the points that can matter; the block's max logit is among them
-          double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
-          if (err[i] > kLogitTol) {
-            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            block_max = -INFINITY;
-            for (int64_t kk = 0; kk < gn; ++kk)
-              if (L[kk] >= keep) {
-                L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
-                block_max = std::max(block_max, L[kk]);
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            // fast logits of the row (one vectorizable loop when every lp is equal)
+            double* L = Lrow.data();
+            const T* Fi = Sp + i * lds;
+            if (equal_lp) {
+              const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
+              for (int64_t k = 0; k < gn; ++k) {
+                const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
+                L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
               }
-          }
-          // one softmax reference for the whole block
-          const double m_new = std::max(m[i], block_max);
-          const T sc = static_cast<T>(merge_scale(m[i], m_new));
-          m[i] = m_new;
-          l[i] *= sc;
-          hx[i] *= sc;
-          if (need_denoised && sc != T(1)) {
-            T* a = accb.data_ptr<T>() + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
-          }
-          T* Pi = Pp + i * lds;
-          const double mi = m[i];
-          int64_t kept_row = 0;
-          for (int64_t kk = 0; kk < gn; ++kk) {
-            const double d = L[kk] - mi;
-            const bool kept = d > -kNegligible;
-            kept_row += kept;
-            if constexpr (std::is_same_v<T, float>) {
-              Pi[kk] = kept ? static_cast<float>(d) : -INFINITY;
             } else {
-              Pi[kk] = kept ? std::exp(d) : 0.0;
+              for (int64_t k = 0; k < gn; ++k)
+                L[k] = logit_of(i, g0 + k, std::max(0.0, x_sq[i] + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
             }
+            // the row's fast max over the block first: refinement and the weights below then work
+            // against (nearly) the final max; against a running max the first blocks would see
+            // hundreds of points "within reach" at moderate sigma
+            double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+            int64_t k = 0;
+            for (; k + 4 <= gn; k += 4)
+              for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
+            for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
+            const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
+            m_fast[i] = std::max(m_fast[i], best);
+            // The bound err is worst case; in the noise-dominated regime (large sigma, where every
+            // point is within reach of the max) it overstates the rounding by ~100x and would send
+            // every point through the double refinement. So the first block measures the actual
+            // error on the nearest point (aligned with x: its dot product errs the most) and
+            // kProbes - 1 others, and the smaller of bound and estimate decides.
+            if (g0 == 0 && err[i] > kLogitTol) {
+              const int64_t probes = std::min(gn, kProbes);
+              const int64_t best_k = std::find(L, L + gn, best) - L;
+              double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
+              for (int64_t j = 0; j < probes; ++j) {
+                const int64_t kp = j == 0 ? best_k : j * gn / probes;
+                const double fast = x_sq[i] + mu_sq[kp] - 2.0 * static_cast<double>(Fi[kp]);
+                const double norms = std::sqrt(x_sq[i] * mu_sq[kp]);
+                if (norms > 0)
+                  rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
+              }
+              err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
+            }
+            // exact distances of the points that can matter; the block's max logit is among them
+            double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
+            if (err[i] > kLogitTol) {
+              const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+              block_max = -INFINITY;
+              for (int64_t kk = 0; kk < gn; ++kk)
+                if (L[kk] >= keep) {
+                  L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
+                  block_max = std::max(block_max, L[kk]);
+                }
+            }
+            // one softmax reference for the whole block
+            const double m_new = std::max(m[i], block_max);
+            const T sc = static_cast<T>(merge_scale(m[i], m_new));
+            m[i] = m_new;
+            l[i] *= sc;
+            hx[i] *= sc;
+            if (need_denoised && sc != T(1)) {
+              T* a = accb.data_ptr<T>() + i * D;
+              for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+            }
+            T* Pi = Pp + i * lds;
+            const double mi = m[i];
+            int64_t kept_row = 0;
+            for (int64_t kk = 0; kk < gn; ++kk) {
+              const double d = L[kk] - mi;
+              const bool kept = d > -kNegligible;
+              kept_row += kept;
+              if constexpr (std::is_same_v<T, float>) {
+                Pi[kk] = kept ? static_cast<float>(d) : -INFINITY;
+              } else {
+                Pi[kk] = kept ? std::exp(d) : 0.0;
+              }
+            }
+            nonzero_p += kept_row;
           }
-          nonzero_p += kept_row;
-        }
+        });
         if constexpr (std::is_same_v<T, float>) F.exp_();  // vectorized; exp(-inf) = 0
-        for (int64_t i = 0; i < n; ++i) {
-          T* Pi = Pp + i * lds;
-          double lsum = 0, hsum = 0;
-          for (int64_t k = 0; k < gn; ++k) lsum += Pi[k];
-          if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
-          if (!isotropic_delta) {  // isotropic components: D_k = mu_k + h_perp (x - mu_k)
-            for (int64_t k = 0; k < gn; ++k) {
-              const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
-              hsum += Pi[k] * hp;
-              Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            T* Pi = Pp + i * lds;
+            double lsum = 0, hsum = 0;
+            for (int64_t k = 0; k < gn; ++k) lsum += Pi[k];
+            if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
+            if (!isotropic_delta) {  // isotropic components: D_k = mu_k + h_perp (x - mu_k)
+              for (int64_t k = 0; k < gn; ++k) {
+                const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
+                hsum += Pi[k] * hp;
+                Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
+              }
             }
+            l[i] += lsum;
+            hx[i] += hsum;
           }
-          l[i] += lsum;
-          hx[i] += hsum;
-        }
+        });
         if (need_denoised && nonzero_p > 0) {
           if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
             T* a = accb.data_ptr<T>();
@@ -294,24 +252,26 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
       }
 
-      for (int64_t i = 0; i < n; ++i) {  // finalize the rows of this block
-        const int64_t b = b0 + i;
-        logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
-        if (need_denoised) {
-          const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
-          const T* a = accb.data_ptr<T>() + i * D;
-          const T* xi = xb + i * D;
-          X* o = den_p + b * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
-        }
-        if (need_weights) {
-          for (int64_t sb = 0; sb < num_sb; ++sb) {
-            const T f = static_cast<T>(std::exp(m_block[i * num_sb + sb] - m[i]) / l[i]);
-            T* w = w_p + b * K + sb * SB;
-            for (int64_t k = 0; k < std::min(SB, K - sb * SB); ++k) w[k] *= f;
+      with_isa([&] {
+        for (int64_t i = 0; i < n; ++i) {  // finalize the rows of this block
+          const int64_t b = b0 + i;
+          logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
+          if (need_denoised) {
+            const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
+            const T* a = accb.data_ptr<T>() + i * D;
+            const T* xi = xb + i * D;
+            X* o = den_p + b * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
+          }
+          if (need_weights) {
+            for (int64_t sb = 0; sb < num_sb; ++sb) {
+              const T f = static_cast<T>(std::exp(m_block[i * num_sb + sb] - m[i]) / l[i]);
+              T* w = w_p + b * K + sb * SB;
+              for (int64_t k = 0; k < std::min(SB, K - sb * SB); ++k) w[k] *= f;
+            }
           }
         }
-      }
+      });
     }
   });
 }

@@ -32,7 +32,7 @@ constexpr int kTimedRuns = 2;
 enum class Engine : int { kOneDnn, kBlas };
 constexpr int kNumEngines = 2;
 constexpr const char* kEngineNames[kNumEngines] = {"onednn", "blas"};
-constexpr const char* kSiteNames[] = {"project", "expand", "mixture_forward", "mixture_backward"};
+constexpr const char* kSiteNames[] = {"project", "expand", "mixture_forward", "mixture_backward", "distances"};
 
 const std::optional<c10::OperatorHandle>& onednn_linear() {
   static const std::optional<c10::OperatorHandle> op =

@@ -16,6 +16,7 @@ enum class GemmSite : int {
   kExpand,           // gaussian: coefficients [rows, r] against U [D, r] -> [rows, D]
   kMixtureForward,   // mixture: x [rows, D] against a component panel [nk (r + 1), D]
   kMixtureBackward,  // mixture: [P | G] [rows, nk (r + 1)] against a panel [D, nk (r + 1)]
+  kDistances,        // empirical mixture: x [rows, D] against a block of points [n, D] -> x . mu
 };
 
 // a [m, k] @ w^T for w [n, k] -> [m, n] (a new tensor), in a's dtype. Rows of a and w should be

@@ -1,8 +1,8 @@
 // CPU kernel of the mixture posterior's backward (formulas in gsa_kernels/_autograd.py): the
 // gradients w.r.t. x, means, eigvals, residual_var and log_weights in one streamed pass over the
-// components, with the forward's layout (mixture.cpp: component blocks of KB, one cached panel
-// [M; Ut] per block, the same cache entries) and its logits (fast expansion plus the exact
-// refinement near the top). The weights need no online max: the forward's logp is the exact
+// components, with the forward's layout (mixture.cpp: component blocks of KB, one panel [M; Ut]
+// per block; the forward's panels when the caller passes them, else built here) and its logits
+// (fast expansion plus the exact refinement near the top). The weights need no online max: the forward's logp is the exact
 // normaliser, w_k = exp(l_k - logp). Per (row block, component block):
 //   F  = X  [M; Ut]^T      x . mu_k, U_k^T x -> logits, c_k            (the forward's GEMM)
 //   Fg = gD [M; Ut]^T      gD . mu_k, U_k^T gD (only with a denoiser gradient gD)
@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "common.h"
@@ -62,7 +63,7 @@ double sum_squares(const T* v, int64_t D) {
 }
 
 // Forward-layout panels of component block k0 .. k0 + nk - 1 (see mixture.cpp: forward rows
-// mu_k.., U_k^T..; backward = its transpose), built the same way so the cache entries are shared.
+// mu_k.., U_k^T..; backward = its transpose, used when given), built the same way as the forward's.
 inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
   const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
   return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
@@ -81,16 +82,6 @@ at::Tensor forward_panels(const at::Tensor& means, const at::Tensor& bases, int6
   return out;
 }
 
-template <typename T>
-at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int64_t W, int64_t KB) {
-  at::Tensor out = at::empty_like(forward);
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t nk = std::min(KB, K - k0);
-    panel(out, k0, nk, W, D, true).copy_(transpose_last2<T>(panel(forward, k0, nk, W, D, false).unsqueeze(0)).squeeze(0));
-  }
-  return out;
-}
-
 struct Needs {
   bool x, means, eigvals, residual_var, log_weights;
 };
@@ -100,7 +91,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
                    const at::Tensor& eigvals, const at::Tensor& residual_var,
                    const at::Tensor& log_weights, const at::Tensor& sigma, const at::Tensor& logp,
                    const at::Tensor& row_term, const at::Tensor& grad_den,
-                   const at::Tensor& grad_weights, Needs need, at::Tensor& gx, at::Tensor& gmu,
+                   const at::Tensor& grad_weights, const std::optional<at::Tensor>& forward_given,
+                   const std::optional<at::Tensor>& backward_given, Needs need, at::Tensor& gx, at::Tensor& gmu,
                    at::Tensor& glam, at::Tensor& glp, at::Tensor& glogw) {
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2), W = r + 1;
   const bool has_gd = grad_den.numel() > 0, has_gw = grad_weights.numel() > 0;
@@ -115,13 +107,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const T* gdp = has_gd ? grad_den.data_ptr<T>() : nullptr;
   const T* gwp = has_gw ? grad_weights.data_ptr<T>() : nullptr;
 
-  const at::Tensor mu_sq_t = cached_layout({means}, Layout::kSquaredNorms, 0, [&] {
-    at::Tensor out = at::empty({K}, means.options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
-    for (int64_t k = 0; k < K; ++k) o[k] = sum_squares(mu + k * D, D);
-    return out;
-  });
-  const double* mu_sq = mu_sq_t.data_ptr<double>();
+  std::vector<double> mu_sq(K);
+  for (int64_t k = 0; k < K; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
   for (int64_t k = 0; k < K; ++k) {
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
@@ -133,13 +120,9 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const int64_t KB = (K + num_kb - 1) / num_kb;
   at::Tensor fwd, bwd, Umu;
   if (r > 0) {
-    fwd = cached_layout({means, bases}, Layout::kForwardPanels, KB,
-                        [&] { return forward_panels<T>(means, bases, KB); });
-    if (need.x)
-      bwd = cached_layout({means, bases}, Layout::kBackwardPanels, KB,
-                          [&] { return backward_panels<T>(fwd, K, D, W, KB); });
-    Umu = cached_layout({means, bases}, Layout::kComponentMeanProjections, 0,
-                        [&] { return at::bmm(means.unsqueeze(1), bases).view({K, r}); });
+    fwd = forward_given.has_value() ? *forward_given : forward_panels<T>(means, bases, KB);
+    if (need.x && backward_given.has_value()) bwd = *backward_given;  // else Q F_panel, no transpose
+    Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   }
   const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
   const bool sq_matters = r < D;
@@ -287,7 +270,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         }
         if (!need.x || nonzero == 0) continue;
         if (r > 0) {
-          accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+          if (bwd.defined()) accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+          else accb.addmm_(Q, pan);
         } else if (nonzero * kSparseRatio < n * nk) {  // the few P_k mu_k added directly
           for (int64_t i = 0; i < n; ++i)
             for (int64_t k = 0; k < nk; ++k) {
@@ -342,7 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_p
     const at::Tensor& residual_var, const at::Tensor& log_weights, const at::Tensor& sigma,
     const at::Tensor& logp, const at::Tensor& row_term, const at::Tensor& grad_den,
     const at::Tensor& grad_weights, bool need_x, bool need_means, bool need_eigvals,
-    bool need_residual_var, bool need_log_weights) {
+    bool need_residual_var, bool need_log_weights, const std::optional<at::Tensor>& forward_panels,
+    const std::optional<at::Tensor>& backward_panels) {
   const char* op = "gsa_kernels::mixture_posterior_backward (cpu)";
   check_mixture(x, means, bases, eigvals, residual_var, log_weights, sigma, op);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
@@ -360,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_p
   const Needs need{need_x, need_means, need_eigvals, need_residual_var, need_log_weights};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixture_posterior_backward", [&] {
     backward_impl<scalar_t>(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term,
-                            grad_den, grad_weights, need, gx, gmu, glam, glp, glogw);
+                            grad_den, grad_weights, forward_panels, backward_panels, need, gx, gmu, glam,
+                            glp, glogw);
   });
   return {gx, gmu, glam, glp, glogw};
 }
