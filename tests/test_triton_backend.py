@@ -254,16 +254,18 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
                 KIND=2, HAS_SCALES=registers, HAS_BASIS=True, FULL_RANK=False, C_IN_REGISTERS=registers,
                 CF_IN_REGISTERS=registers, R_PAD=64 if registers else 16, PRECISION=precision), arch)
             assert k.metadata.shared <= smem_limit
-    types = dict(x_ptr=f32, means_ptr=f32, bases_ptr=f32, eigvals_ptr=f32, lp_ptr=f32, logw_ptr=f32, sigma_ptr=f32,
-                 logits_ptr=f32, state_ptr=f32, acc_ptr=f32, scratch_ptr=f32, B="i32", D="i32", R="i32", K="i32",
-                 K_PER_SPLIT="i32", S="i32")
-    for precision in ("split3", "ieee"):
+    types = dict(x_ptr=f32, means_ptr=f32, bases_ptr=f32, eigvals_ptr=f32, residual_var_ptr=f32, logw_ptr=f32,
+                 sigma_ptr=f32, logits_ptr=f64, state_ptr=f64, acc_ptr=f32, scratch_ptr=f32, B="i32", D="i32", R="i32",
+                 K="i32", K_PER_SPLIT="i32", S="i32")
+    for precision in ("split3", "ieee"):  # split3: the default 3xTF32 dots; ieee: the opt-out
         common = dict(NEED_DENOISED=True, NEED_WEIGHTS=True, PRECISION=precision, LOG_2PI=mixture.LOG_2PI, BLOCK_B=mixture.BLOCK_B)
         for registers in (True, False):
             k = _gpu_compile(mixture._mixture_lowrank_kernel, types, dict(
-                common, C_IN_REGISTERS=registers, R_PAD=32, FULL_RANK=False, EXACT_RESIDUAL_RATIO=256.0), arch)
+                common, C_IN_REGISTERS=registers, R_PAD=32, FULL_RANK=False,
+                EXACT_RESIDUAL_RATIO=mixture.EXACT_RESIDUAL_RATIO[torch.float32]), arch)
             assert k.metadata.shared <= smem_limit
-        k = _gpu_compile(mixture._mixture_isotropic_kernel, types, common, arch)
+        k = _gpu_compile(mixture._mixture_isotropic_kernel, types, dict(
+            common, REFINE=True, LOGIT_TOL=mixture.LOGIT_TOL[torch.float32], CUTOFF=mixture.CUTOFF), arch)
         assert k.metadata.shared <= smem_limit
-    types.update(denoised_ptr=f32, logp_ptr=f32)
+    types.update(weights_ptr=f32, denoised_ptr=f32, logp_ptr=f32)
     _gpu_compile(mixture._mixture_merge_kernel, types, dict(NEED_DENOISED=True, NEED_WEIGHTS=True, BLOCK_B=mixture.BLOCK_B, BLOCK_N=128), arch)

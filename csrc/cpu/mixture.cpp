@@ -1,4 +1,4 @@
-// CPU kernel of the mixture posterior (DESIGN.md section 1): component weights, log p and the
+// CPU kernel of the mixture posterior (docs/architecture.md): component weights, log p and the
 // posterior-mean denoiser of a K-component low-rank Gaussian mixture; r = 0 with
 // residual_var = 0 is the empirical ("delta") mixture of a training set.
 //
