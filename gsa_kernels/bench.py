@@ -270,8 +270,8 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
 def machine_peaks(device="cpu", dtype=torch.float32, repeats=5):
     """Measured float32 GEMM peak (FLOP/s, a large square matmul) and stream bandwidth (bytes/s,
     a large copy: read + write), best of `repeats`, with the current torch thread count.
-    On CPU the peak is the faster of torch.mm (MKL) and oneDNN (mkldnn::_linear_pointwise, which
-    the CPU kernels use): on AMD CPUs MKL takes its AVX2 path and oneDNN is ~2x faster."""
+    On CPU the peak is the faster of torch.mm (MKL) and oneDNN (mkldnn::_linear_pointwise), the
+    two engines the CPU kernels choose between: which one is faster depends on the CPU."""
     n = 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -309,7 +309,7 @@ def best_time(fn, repeats, device="cpu"):
 
 
 # Host description printed with the table: which CPU, and what the CPU kernels dispatch to there.
-VECTOR_FLAG = re.compile(r"^(sse4_2|avx|avx2|fma|f16c|avx512.*|avx_vnni|amx_.*|asimd.*|sve.*|sme.*)$")
+VECTOR_FLAG = re.compile(r"^(sse4_2|avx|avx2|fma|f16c|avx512.*|avx_vnni|amx_.*|asimd.*|sve.*|sme(?!p$).*)$")
 GEMM_SITE_SHORT = {"project": "proj", "expand": "exp", "mixture_forward": "fwd", "mixture_backward": "bwd"}
 
 

@@ -71,7 +71,7 @@ void scale_coeffs(int kind, const T* c, T* f, const T* lam, int64_t r, bool full
 
 // Denoising, float32/float64, r > 0. Its gains lie in [-1, 1], so c = U^T x - U^T mu (the
 // expansion) rounds to errors below the mean's term, and x feeds the first GEMM directly: no y.
-// Both GEMMs run over the whole batch (oneDNN threads them; one call each instead of one per
+// Both GEMMs run over the whole batch (the GEMM engine threads them; one call each, not one per
 // row block), and the second GEMM's result becomes the output, finished in place:
 //   out = a x + (1 - a) mu + U f c.
 template <typename T>
@@ -224,7 +224,8 @@ void trajectory_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tens
       at::Tensor yb = ybuf.narrow(0, 0, n), fb = fbuf.narrow(0, 0, n);
       T* y = yb.data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) rc[i] = row_coeffs<T>(kFlow, lp, sig[b0 + i], one, one, one);
-      with_isa([&] { form_y(xp + b0 * D, mu, y, n, D, rc.data()); });  // p, q do not depend on the target sigma
+      // p, q do not depend on the target sigma: y serves every t
+      with_isa([&] { form_y(xp + b0 * D, mu, y, n, D, rc.data()); });
       const at::Tensor cb = r > 0 ? gemm_nt(GemmSite::kProject, yb, basis_t) : at::Tensor();
       const T* c = r > 0 ? cb.data_ptr<T>() : nullptr;
       T* f = fb.data_ptr<T>();
