@@ -46,7 +46,7 @@ EOF
 )
 phase 3 "compiling the extension gsa_kernels._C (C++ CPU kernels + emulated CUDA kernels)"
 echo "CUDA kernels $cuda."
-echo "Estimate on 2 idle cores from scratch: about 4 min for the C++ kernels$([[ $cuda == on* ]] && echo ", plus about 8 min for the CUDA kernels (skip them with GSA_KERNELS_CUDA=0 bash scripts/install.sh)"); a rebuild of unchanged sources takes seconds."
+echo "Estimate from scratch: the C++ kernels take about 3 CPU-minutes (2 min on 2 idle cores, much longer on a busy machine)$([[ $cuda == on* ]] && echo "; the CUDA kernels add several minutes more (skip them with GSA_KERNELS_CUDA=0 bash scripts/install.sh)"); unchanged sources are not compiled again."
 echo "ninja prints one line per compiled file:"
 python setup.py -q build_ext --inplace
 
