@@ -16,6 +16,7 @@ anonymous memory is the two buffers (`block_bytes` in all) plus the [B, D] outpu
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +130,7 @@ class StreamedMixture:
             raise ValueError("StreamedMixture: file-backed points are streamed on the CPU only")
         m = StreamedMixture.__new__(StreamedMixture)
         m.__dict__.update(self.__dict__)
+        m._bufs = None  # each model its own block buffers
         if dtype is not None:
             m._dtype = dtype
             m.log_weights = self.log_weights.to(dtype)
@@ -138,6 +140,13 @@ class StreamedMixture:
         """Points per block: two blocks of the compute dtype fit block_bytes."""
         row = self.dim * torch.empty(0, dtype=dtype).element_size()
         return max(1, min(self.num_components, self.block_bytes // (2 * row)))
+
+    def _buffers(self, dtype):
+        """The two block buffers, kept across calls: the kernels' layout cache holds views of the
+        last blocks, so fresh buffers per call would keep the previous call's alive too."""
+        if getattr(self, "_bufs", None) is None or self._bufs[0].dtype != dtype:
+            self._bufs = [torch.empty(self.rows_per_block(dtype), self.dim, dtype=dtype) for _ in range(2)]
+        return self._bufs
 
     # ------------------------------------------------------------------ io
     def save(self, path):
@@ -183,29 +192,52 @@ class StreamedMixture:
         return torch.from_numpy(np.ascontiguousarray(self._points[k.numpy()])).to(self._dtype)
 
 
-def _blocks(points: np.ndarray, rows: int, dtype: torch.dtype):
+def _blocks(points: np.ndarray, rows: int, dtype: torch.dtype, bufs=None):
     """Yield (k0, block [nb, D] tensor) over the points, each block copied into one of two
-    reused buffers; the next block is read by a background thread while the caller computes.
-    A yielded block is valid until the next one is requested."""
+    buffers (`bufs`, [rows, D] each, else new ones); the next block is read by a background
+    thread while the caller computes. A yielded block is valid until the next one is requested."""
     N, D = points.shape
-    bufs = [torch.empty(rows, D, dtype=dtype) for _ in range(2)]
+    bufs = bufs or [torch.empty(rows, D, dtype=dtype) for _ in range(2)]
     views = [b.numpy() for b in bufs]
+    # rows stored contiguously in the compute dtype: read() the file straight into the buffer
+    # (the kernel's read-ahead serves a sequential read; page faults on the mapping, ~4x slower
+    # here, do not); otherwise convert from the mapping
+    direct = (isinstance(points, np.memmap) and getattr(points, "_mmap", None) is not None
+              and points.flags.c_contiguous and points.dtype == views[0].dtype)
+    if direct:  # where the rows start in the file (a view of a memmap keeps its parent's .offset)
+        mapped = np.frombuffer(points._mmap, np.uint8).ctypes.data
+        start = points.offset - points.offset % mmap.ALLOCATIONGRANULARITY + points.ctypes.data - mapped
+    f = open(points.filename, "rb", buffering=0) if direct else None
+    row_bytes = D * points.dtype.itemsize
 
     def read(j):
         k0 = j * rows
         nb = min(rows, N - k0)
-        np.copyto(views[j % 2][:nb], points[k0:k0 + nb], casting="unsafe")  # numpy: GIL released
+        if direct:
+            dst = memoryview(views[j % 2][:nb].reshape(-1).view(np.uint8))
+            done = 0
+            while done < nb * row_bytes:  # os.preadv releases the GIL
+                got = os.preadv(f.fileno(), [dst[done:]], start + k0 * row_bytes + done)
+                if got <= 0:
+                    raise OSError(f"short read from {points.filename}")
+                done += got
+        else:
+            np.copyto(views[j % 2][:nb], points[k0:k0 + nb], casting="unsafe")  # GIL released
         return k0, nb
 
     num = (N + rows - 1) // rows
-    with ThreadPoolExecutor(1, thread_name_prefix="gsa-read-ahead") as pool:
-        pending = pool.submit(read, 0)
-        for j in range(num):
-            k0, nb = pending.result()
-            if j + 1 < num:
-                pending = pool.submit(read, j + 1)  # into the other buffer
-            # a fresh view per block: kernel-side layout caches key on the tensor's identity
-            yield k0, bufs[j % 2][:nb]
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="gsa-read-ahead") as pool:
+            pending = pool.submit(read, 0)
+            for j in range(num):
+                k0, nb = pending.result()
+                if j + 1 < num:
+                    pending = pool.submit(read, j + 1)  # into the other buffer
+                # a fresh view per block: kernel-side layout caches key on the tensor's identity
+                yield k0, bufs[j % 2][:nb]
+    finally:
+        if f is not None:
+            f.close()
 
 
 def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights, backend):
@@ -221,7 +253,7 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     logp = torch.full((B,), -torch.inf, dtype=torch.float64)
     den = torch.zeros(B, D, dtype=cd) if need_denoised else None
     parts = []  # (k0, block weights, block logp) for return_weights
-    for k0, block in _blocks(m._points, m.rows_per_block(cd), cd):
+    for k0, block in _blocks(m._points, m.rows_per_block(cd), cd, m._buffers(cd)):
         nb = block.shape[0]
         den_b, logp_b, w_b = impl.mixture_posterior(
             x2, block, block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb),
