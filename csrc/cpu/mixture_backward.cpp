@@ -167,7 +167,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
         const at::Tensor Mk = means.narrow(0, k0, nk);
         const at::Tensor pan = r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk;
-        const at::Tensor F = gemm_nt(Xb, pan);
+        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, pan);
         const int64_t ldf = F.stride(0);
         int64_t nonzero_w = 0;
         // weights w = exp(l - logp), l as the forward computes it (c_k formed in place in F)
@@ -201,7 +201,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         // gD . mu_k and U_k^T gD: one GEMM, or (r = 0, few nonzero weights, as at small sigma)
         // dot products for the components that carry weight
         const bool sparse = r == 0 && nonzero_w * kSparseRatio < n * nk;
-        const at::Tensor Fg = has_gd && !sparse ? gemm_nt(Gb, pan) : at::Tensor();
+        const at::Tensor Fg = has_gd && !sparse ? gemm_nt(GemmSite::kMixtureForward, Gb, pan) : at::Tensor();
         const int64_t ldg = Fg.defined() ? Fg.stride(0) : 0;
         const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
         T* Pp = Q.data_ptr<T>();
@@ -270,7 +270,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         }
         if (!need.x || nonzero == 0) continue;
         if (r > 0) {
-          if (bwd.defined()) accb.add_(gemm_nt(Q, panel(bwd, k0, nk, W, D, true)));
+          if (bwd.defined()) accb.add_(gemm_nt(GemmSite::kMixtureBackward, Q, panel(bwd, k0, nk, W, D, true)));
           else accb.addmm_(Q, pan);
         } else if (nonzero * kSparseRatio < n * nk) {  // the few P_k mu_k added directly
           for (int64_t i = 0; i < n; ++i)
