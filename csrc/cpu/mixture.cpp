@@ -239,7 +239,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           const double gemm = kGemmErr * eps * std::sqrt(double(D));
           double e = sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0;
           if (r > 0) {
-            const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * (x_sq[i] + max_mu_sq + 2) / 2;
+            const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * y_norm;  // |U_j| = 1
             e += r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm;
           }
           err[i] = e / (2 * ((r > 0 ? min_var : min_lp) + s2v[i]));
