@@ -248,14 +248,14 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     cd = sigma.dtype
     out_dtype, x2 = x2.dtype, x2.to(cd)  # half-precision x: blocks' outputs in the compute dtype until the merge
     B, D = x2.shape
-    impl = _backends.resolve(backend, x2.device)
+    kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
     logw = m.log_weights.to(cd)
     logp = torch.full((B,), -torch.inf, dtype=torch.float64)
     den = torch.zeros(B, D, dtype=cd) if need_denoised else None
     parts = []  # (k0, block weights, block logp) for return_weights
     for k0, block in _blocks(m._points, m.rows_per_block(cd), cd, m._buffers(cd)):
         nb = block.shape[0]
-        den_b, logp_b, w_b = impl.mixture_posterior(
+        den_b, logp_b, w_b = kernel(
             x2, block, block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb),
             logw[k0:k0 + nb], sigma, need_denoised, need_weights)
         logp_b = logp_b.double()

@@ -17,7 +17,7 @@ ENGINES = ("onednn", "blas")
 # float32: GEMM sums over D = 96 terms in a different order; float64 runs blas either way;
 # float16: one half-precision rounding of the output apart at most
 AGREE = {"torch.float32": 1e-5, "torch.float64": 1e-13, "torch.float16": 1e-3}
-SITES = {"project", "expand", "mixture_forward", "mixture_backward"}
+SITES = {"project", "expand", "mixture_forward", "mixture_backward", "distances"}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
