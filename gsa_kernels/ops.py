@@ -190,7 +190,7 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
     op = "gaussian_trajectory"
     x2 = _flatten(x, g.dim, op)
     B = x2.shape[0]
-    sigmas = torch.as_tensor(sigmas, device=x2.device) if not isinstance(sigmas, torch.Tensor) else sigmas
+    sigmas = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float64, device=x2.device)
     if sigmas.dim() not in (1, 2) or sigmas.shape[0] == 0 or (sigmas.dim() == 2 and sigmas.shape[1] != B):
         raise ValueError(f"{op}: sigmas must be [T] or [T, B] with T >= 1, got shape {tuple(sigmas.shape)}")
     if sigmas.device != x2.device:
