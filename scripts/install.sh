@@ -25,7 +25,7 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "first and run this script again."
 fi
 pip_install "$torch_spec"
-torch_version=$(python -c "import torch; print(torch.__version__)")
+torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")  # a local label (+cu130, +cpu) matches no index entry
 # every later pip call keeps this torch (torchvision, a k-diffusion dependency, would replace it)
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
