@@ -65,14 +65,14 @@ def _posterior(backend, x, means, bases, eigvals, residual_var, log_weights, sig
     """The kernel-level op of `backend`: (denoised, logp, weights); the model in the compute dtype."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     args = [t.to(cd).contiguous() for t in (means, bases, eigvals, residual_var, log_weights, sigma)]
-    return _backends.resolve(backend, x.device).mixture_posterior(x.contiguous(), *args, True, True)
+    return _backends.resolve(backend, x.device, "mixture_posterior")(x.contiguous(), *args[:5], args[5], True, True)
 
 
 def _truth(x, means, bases, eigvals, residual_var, log_weights, sigma):
     """The float64 reference on the rounded inputs (model rounded to the compute dtype)."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     d = [t.to(cd).double() for t in (means, bases, eigvals, residual_var, log_weights)]
-    return reference.mixture_posterior(x.double(), sigma.to(cd).double(), *d)
+    return reference.mixture_posterior(x.double(), *d, sigma.to(cd).double(), True, True)
 
 
 def _check_weights(backend, case, dtype):
@@ -168,7 +168,7 @@ def test_nan_row_propagates(backend, dtype, r):
 def test_cuda_grid_beyond_65535():
     """T > 65535 steps (gridDim.z is at most 65535: launched in chunks), and many rows (on gridDim.x;
     the 2M rows that overflowed gridDim.y before are too slow to emulate here)."""
-    cuda = _backends.resolve("cuda", torch.device("cpu"))
+    trajectory = _backends.resolve("cuda", torch.device("cpu"), "gaussian_trajectory")
     gen = torch.Generator().manual_seed(4)
     for r in (0, 1):
         D = 2
@@ -178,8 +178,8 @@ def test_cuda_grid_beyond_65535():
         for B, T in ((1, 70000), (70000, 1)):
             x = torch.randn(B, D, generator=gen)
             sigmas = torch.rand(T, B, generator=gen) + 0.1
-            out = cuda.gaussian_trajectory(x, mean, basis, eigvals, 0.3, sigmas)
+            out = trajectory(x, mean, basis, eigvals, 0.3, sigmas)
             rows = [0, B - 1]
-            ref = reference.gaussian_trajectory(x[rows].double(), sigmas[:, rows].double(), mean.double(), basis.double(),
-                                                eigvals.double(), 0.3)
+            ref = reference.gaussian_trajectory(x[rows].double(), mean.double(), basis.double(), eigvals.double(), 0.3,
+                                                sigmas[:, rows].double())
             torch.testing.assert_close(out[:, rows].double(), ref, rtol=1e-5, atol=1e-5)
