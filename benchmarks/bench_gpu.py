@@ -118,16 +118,17 @@ def _setup(name, sigma_e, dtype):
         if w["op"] == "gaussian_denoise":
             sigma = torch.exp(torch.empty(B).uniform_(-6.2, 4.4, generator=gen)).to(dev)  # 0.002 .. 80
             fn = lambda backend: gk.gaussian_denoise(x, sigma, g, backend=backend)
-            eager = lambda: reference.gaussian_denoise(x, sigma, *args)
-            comp = compile_(reference.gaussian_denoise)
-            compiled = lambda: comp(x, sigma, *args)
+            kind = int(gk.ops.SpectralKind.DENOISE)
+            eager = lambda: reference.gaussian_map(x, *args, sigma, sigma, sigma, sigma, kind)
+            comp = compile_(reference.gaussian_map)
+            compiled = lambda: comp(x, *args, sigma, sigma, sigma, sigma, kind)
         else:
             sigmas = gk.schedules.karras(w["T"] - 1).to(dev)  # T points, 80 -> 0
             sig2 = sigmas[:, None].expand(-1, B).contiguous()
             fn = lambda backend: gk.gaussian_trajectory(x, sigmas, g, backend=backend)
-            eager = lambda: reference.gaussian_trajectory(x, sig2, *args)
+            eager = lambda: reference.gaussian_trajectory(x, *args, sig2)
             comp = compile_(reference.gaussian_trajectory)
-            compiled = lambda: comp(x, sig2, *args)
+            compiled = lambda: comp(x, *args, sig2)
     else:
         K = w["K"]
         if r == 0:
@@ -147,9 +148,9 @@ def _setup(name, sigma_e, dtype):
             x = (rnd(B, D) * 2).to(dtype)
             sigma = torch.exp(torch.empty(B).uniform_(-6.2, 4.4, generator=gen)).to(dev)
             margs = (m.means, m.bases, m.eigvals, m.residual_var, m.log_weights)
-            eager = lambda: reference.mixture_posterior(x, sigma, *margs)
+            eager = lambda: reference.mixture_posterior(x, *margs, sigma, True, False)
             comp = compile_(reference.mixture_posterior)
-            compiled = lambda: comp(x, sigma, *margs)
+            compiled = lambda: comp(x, *margs, sigma, True, False)
         fn = lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
     impls = {"triton": lambda: fn("triton"), "cuda": lambda: fn("cuda"), "eager": eager, "compiled": compiled,
              "_check": lambda: (fn, lambda: fn("reference"))}
