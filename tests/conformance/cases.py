@@ -321,8 +321,10 @@ def mixture_posterior_cases():
         for dtype in (torch.float32, torch.float64):
             cases.append(Case("tie", f"lowrank_D64_{_sigma_name(sigma)}_{_DT[dtype]}", 4, 64, 1, K=2, sigma=sigma,
                               dtype=dtype, extra={"build": "lowrank_tie"}))
+    # a float32-born basis is orthonormal only to ~6e-8, so float64 weights of a near tie are defined
+    # to ~1e-8, not 1e-9: the bound of this one case for every backend (triton measured 1.4e-9)
     cases.append(Case("tie", "lowrank_D64_s0.01_f64_float32basis", 4, 64, 1, K=2, sigma=0.01, dtype=torch.float64,
-                      extra={"build": "lowrank_tie", "float32_basis": True}))
+                      extra={"build": "lowrank_tie", "float32_basis": True, "weights_tv": 1e-8}))
     for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))

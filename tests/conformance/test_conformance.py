@@ -54,4 +54,5 @@ def test_mixture_posterior(backend, case):
     # the two paths the public ops take: denoised (mixture_denoise / score) and weights
     den, logp1, w_empty = run(*args, True, False)
     den_empty, logp2, weights = run(*args, False, True)
-    harness.check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, case.dtype, case.id)
+    harness.check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, case.dtype, case.id,
+                          weights_tv=case.extra.get("weights_tv"))
