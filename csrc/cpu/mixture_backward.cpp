@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "exact_sums.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
 
@@ -39,26 +40,9 @@ constexpr double kGemmErr = 4.0;
 constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: dots / axpys, no GEMM
 
 template <typename T>
-double sqdist_exact(const T* a, const T* b, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-    s += t * t;
-  }
-  return s;
-}
-
-template <typename T>
 double dot(const T* a, const T* b, int64_t D) {
   double s = 0;
   for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
-  return s;
-}
-
-template <typename T>
-double sum_squares(const T* v, int64_t D) {
-  double s = 0;
-  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(v[d]) * static_cast<double>(v[d]);
   return s;
 }
 
