@@ -10,15 +10,19 @@ variance 1e-3 (a slowly decaying spectrum: a hard case for the range finder). Pe
 the process's ru_maxrss (everything: torch, numpy, the interpreter) minus its value before the
 fit, and the rows of data are never all in memory at once.
 
-Measured 2026-11-30 on the 2-core dev machine shared with ~8 other jobs (load average 20-30, so
-wall times are mostly waiting; CPU times are the better figure):
+Measured 2026-11-30 on a quiet 2-core machine (Intel Xeon, Sapphire Rapids class, AVX-512;
+load average 0.5 before the run), `/usr/bin/time -v python benchmarks/randomized_fit_large.py`:
+- D = 65536, N = 20000, rank 128: 241 s (4.1 min) wall, 214 s user + 206 s system CPU, peak RSS
+  2.46 GiB (0.80 GiB before the fit: torch itself), i.e. 1.66 GiB for the fit + data batches,
+  within the 4 GB goal; never a D x D matrix (32 GiB in float64). The system time is the kernel
+  zeroing fresh pages (90 M minor faults): every [500, D] batch this script generates is a new
+  131 MB allocation that glibc maps and unmaps.
+Earlier, on the same machine type shared with ~8 other jobs (load average 20-30; wall times
+mostly waiting):
 - D = 4096, N = 20000, rank 128: randomized 371 s wall vs exact 1192 s wall; top-128 eigenvalues
   within 1.15e-3 relative of the exact fit's (max, at index 127; median 6.2e-5); residual_var
   6.8e-5 relative. Peak RSS 0.83 GiB.
-- D = 65536, N = 2000, rank 128: 932 s wall, 47 s user + 26 s system CPU (/usr/bin/time -v),
-  peak RSS 2.39 GiB (0.80 GiB before the fit: torch itself). D = 65536, N = 20000: stopped
-  after 69 min wall / 6.7 min CPU with the machine this loaded, peak RSS 2.65 GiB until then
-  (the peak is reached in the first pass; later passes hold the same buffers).
+- D = 65536, N = 2000, rank 128: 932 s wall, 47 s user + 26 s system CPU, peak RSS 2.39 GiB.
 """
 import argparse
 import resource

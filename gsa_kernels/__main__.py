@@ -69,11 +69,11 @@ def main(argv=None):
     if command == "info":
         argparse.ArgumentParser(prog="python -m gsa_kernels info", description=COMMANDS["info"][1]).parse_args(rest)
         return info()
-    if command != "bench":  # the demo commands' options are defined without torch: parse them first
-        from gsa_kernels.demo import cli
+    from gsa_kernels.demo import cli  # every command's options are defined without torch: parse them first
 
-        parser = {"demo": cli.demo_parser, "explain": cli.explain_parser, "train-demo-model": cli.train_parser}[command]
-        parser().parse_args(rest)
+    parser = {"demo": cli.demo_parser, "explain": cli.explain_parser, "train-demo-model": cli.train_parser,
+              "bench": cli.bench_parser}[command]
+    parser().parse_args(rest)
     return importlib.import_module(COMMANDS[command][0]).main(rest)
 
 

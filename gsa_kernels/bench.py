@@ -29,7 +29,6 @@ per-chunk function (reference._component_terms) and keeps its loop.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,8 +45,9 @@ import torch
 import gsa_kernels as gk
 from gsa_kernels import reference
 from gsa_kernels._contract import SpectralKind
+from gsa_kernels.demo import cli
 
-WORKLOADS = ("G1", "G2", "T1", "M1", "E1")
+WORKLOADS = cli.BENCH_WORKLOADS
 EMPIRICAL_SIGMAS = (0.01, 0.5, 3.0, 30.0)
 EMPIRICAL_NS = (4000, 20000, 100000)
 EMPIRICAL_DS = (3072, 784)
@@ -60,7 +60,7 @@ def empirical_name(sigma, N, D):
 # the sweep, D then N then sigma: consecutive workloads share their points (_empirical_points)
 EMPIRICAL_WORKLOADS = tuple(empirical_name(s, N, D) for D in EMPIRICAL_DS for N in EMPIRICAL_NS for s in EMPIRICAL_SIGMAS)
 GROUPS = {"E2": EMPIRICAL_WORKLOADS}
-IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
+IMPLS = cli.BENCH_IMPLS  # plus "roofline", computed not run
 
 
 @dataclass
@@ -461,13 +461,7 @@ def growth_exponents(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gsa_kernels bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
-                   help="comma-separated subset of " + ",".join(WORKLOADS) + ", E2 (the empirical sweep) or E2-... names")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
-    p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
-    p.add_argument("--plot", default=None, help="write time vs N and vs sigma of the E2 workloads to this image")
+    p = cli.bench_parser()
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
     if args.backend not in gk.available_backends():

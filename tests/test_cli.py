@@ -24,7 +24,7 @@ def _imported_modules(stderr):
     return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["demo"], ["explain"], ["train-demo-model"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["demo"], ["explain"], ["train-demo-model"], ["bench"]])
 def test_help_does_not_import_torch(command):
     """--help answers before torch is imported (torch alone takes seconds to import)."""
     res = _run("-X", "importtime", "-m", "gsa_kernels", *command, "--help")
@@ -40,7 +40,7 @@ def test_unknown_command_is_a_usage_error_naming_the_commands():
     assert res.returncode == 2 and "invalid choice: 'bogus'" in res.stderr and "train-demo-model" in res.stderr
 
 
-@pytest.mark.parametrize("parser", [cli.demo_parser, cli.explain_parser, cli.train_parser])
+@pytest.mark.parametrize("parser", [cli.demo_parser, cli.explain_parser, cli.train_parser, cli.bench_parser])
 def test_every_option_has_help_and_shows_its_default(parser):
     p = parser()
     assert isinstance(p.formatter_class, type) and issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)

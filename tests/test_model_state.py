@@ -188,6 +188,31 @@ def test_layouts_live_in_the_model_and_are_rebuilt_only_on_change():
     assert all(c.model._layouts[k][1] is not kept[k][1] for k in kept)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_content_hash_sees_every_bit_and_every_reordering(dtype):
+    """The layouts' staleness check: any flipped bit, swapped rows or shifted data changes the
+    hash; the same contents (another tensor, a non-contiguous view of equal values) do not."""
+    h = torch.ops.gsa_kernels.content_hash
+    t = torch.randn(37, 131, dtype=dtype, generator=torch.Generator().manual_seed(0))  # odd sizes: tails
+    base = h(t)
+    assert h(t.clone()) == base and h(t.t().contiguous().t()) == base
+    raw = t.view(torch.uint8).view(-1)
+    for byte in [0, 1, 63, 64, 65, raw.numel() // 2, raw.numel() - 1]:  # stripe edges and the tail
+        for bit in (0, 7):
+            u = raw.clone()
+            u[byte] ^= 1 << bit
+            assert h(u.view(dtype).view(t.shape)) != base, (byte, bit)
+    assert h(t[[1, 0, *range(2, 37)]]) != base  # two rows swapped
+    rows = torch.randn(8, 512 // t.element_size(), generator=torch.Generator().manual_seed(2)).to(dtype)
+    assert h(rows[[3, 1, 2, 0, 4, 5, 6, 7]]) != h(rows)  # whole 64-byte stripes swapped
+    assert h(torch.roll(t.view(-1), 8).view(t.shape)) != base  # everything moved by one stripe lane
+    assert h(t.view(131, 37)) != base  # same bytes, other shape
+    big = torch.randn(3 << 19, generator=torch.Generator().manual_seed(1)).to(dtype)  # several 1 MiB chunks
+    b = h(big)
+    big[-1] += 1
+    assert h(big) != b
+
+
 def test_pickled_model_leaves_its_layouts_behind():
     import pickle
 

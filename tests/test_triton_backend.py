@@ -196,6 +196,8 @@ def test_triton_op_traces_with_fake_cuda_tensors():
     launchers under FakeTensorMode on CUDA-device fake tensors, as torch.compile does: no GPU needed."""
     if INTERPRET:
         pytest.skip("checks the compiled-kernel registration: needs TRITON_INTERPRET unset")
+    if not torch.backends.cuda.is_built():
+        pytest.skip("cannot run here: this torch is a CPU-only build (no CUDA device type, even fake)")
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 

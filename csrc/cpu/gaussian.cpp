@@ -5,7 +5,7 @@
 //            c_j *= f_j(row)                 (spectral function, per row and eigenvalue)
 //   GEMM 2   z = c U^T                       ([rows, D], gemm_nt against U)
 //   pass 2   out = a y + b mu + z            (in place over y; out written once)
-// Denoising in float32/float64 takes a shorter route (denoise_expanded): no y, whole-batch GEMMs.
+// Denoising in float32/float64 takes a shorter route (denoise_expanded): whole-batch GEMMs.
 // Row blocks run in parallel (at::parallel_for); the GEMMs run single-threaded inside a block.
 // fp16/bf16 x is computed in float32 and converted on the way in and out.
 #include <torch/library.h>
@@ -70,7 +70,7 @@ void scale_coeffs(int kind, const T* c, T* f, const T* lam, int64_t r, bool full
 }
 
 // Denoising, float32/float64, r > 0. Its gains lie in [-1, 1], so c = U^T x - U^T mu (the
-// expansion) rounds to errors below the mean's term, and x feeds the first GEMM directly: no y.
+// expansion) rounds to errors below the mean's term, and x can feed the first GEMM directly.
 // Both GEMMs run over the whole batch (the GEMM engine threads them; one call each, not one per
 // row block), and the second GEMM's result becomes the output, finished in place:
 //   out = a x + (1 - a) mu + U f c.
@@ -80,17 +80,33 @@ at::Tensor denoise_expanded(const at::Tensor& x, const at::Tensor& mean, const a
                             const at::Tensor& sigma) {
   const int64_t B = x.size(0), D = x.size(1), r = basis.size(1);
   const bool full_rank = r == D;
-  const at::Tensor umu = at::mv(basis_t, mean);  // U^T mu: one more row's worth of GEMM 1
-  at::Tensor c = gemm_nt(GemmSite::kProject, x, basis_t);  // [B, r]
   const T *x_p = x.data_ptr<T>(), *mu = mean.data_ptr<T>(), *lam = eigvals.data_ptr<T>();
-  const T *sig = sigma.data_ptr<T>(), *um = umu.data_ptr<T>();
+  // U^T mu costs a read of U (D r values); centring x first costs a write and a read of y
+  // (2 B D): take the cheaper. With y, c is exact-centred and needs no U^T mu.
+  const bool centre_x = r > 2 * B;
+  at::Tensor y;
+  if (centre_x) {
+    y = at::empty_like(x);
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      with_isa([&] {
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t d = 0; d < D; ++d) yp[b * D + d] = x_p[b * D + d] - mu[d];
+      });
+    });
+  }
+  const at::Tensor umu = centre_x ? at::Tensor() : at::mv(basis_t, mean);  // one more row of GEMM 1
+  at::Tensor c = gemm_nt(GemmSite::kProject, centre_x ? y : x, basis_t);  // [B, r]
+  y.reset();
+  const T *sig = sigma.data_ptr<T>(), *um = centre_x ? nullptr : umu.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   std::vector<T> a(B);
   at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
     with_isa([&] {
       for (int64_t b = b0; b < b1; ++b) {
         T* cb = cp + b * r;
-        for (int64_t j = 0; j < r; ++j) cb[j] -= um[j];
+        if (um != nullptr)
+          for (int64_t j = 0; j < r; ++j) cb[j] -= um[j];
         a[b] = full_rank ? T(0) : row_coeffs<T>(kDenoise, lp, sig[b], T(0), T(1), T(1)).a;
         scale_coeffs_kind<kDenoise>(cb, cb, lam, r, full_rank, lp, sig[b], T(0), T(1), T(1));
       }

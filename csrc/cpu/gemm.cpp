@@ -4,7 +4,7 @@
 // accepts the operands runs on them (the first rows only: about kMeasureFlops of work, at least
 // kMeasureRows rows), once to warm up (oneDNN compiles its kernel on first use) and then
 // kTimedRuns times, interleaved; the fastest run wins and serves the class for the process.
-// The choice is plain data behind a mutex: nothing to redo after fork.
+// The choice is plain data behind a mutex, never held while measuring: nothing to redo after fork.
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
@@ -125,9 +125,17 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
                 floor_log2(w.size(0)), floor_log2(a.size(1))};
   Engine engine;
   {
-    std::lock_guard<std::mutex> lock(mutex);  // held while measuring: concurrent first calls wait
+    std::unique_lock<std::mutex> lock(mutex);
     auto it = choices.find(key);
-    if (it == choices.end()) it = choices.emplace(key, choose(a, w)).first;
+    if (it == choices.end()) {
+      // Measure without the lock: a fork() during the measurement then leaves no held mutex in
+      // the child, and other classes are not held up. Concurrent first calls of one class may
+      // both measure; the first to finish decides.
+      lock.unlock();
+      Choice measured = choose(a, w);
+      lock.lock();
+      it = choices.emplace(key, measured).first;  // no-op if another thread got there first
+    }
     ++it->second.calls;
     engine = it->second.engine;
   }

@@ -1,5 +1,5 @@
-"""Command-line options of `demo`, `explain` and `train-demo-model`, defined without importing
-torch so that `python -m gsa_kernels <command> --help` answers at once."""
+"""Command-line options of `demo`, `explain`, `train-demo-model` and `bench`, defined without
+importing torch so that `python -m gsa_kernels <command> --help` answers at once."""
 import argparse
 from pathlib import Path
 
@@ -83,4 +83,21 @@ def train_parser():
                    "shared machine)")
     p.add_argument("--only", choices=("both", "denoiser", "classifier"), default="both", help="which model to train")
     p.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where the safetensors files go")
+    return p
+
+
+BENCH_WORKLOADS = ("G1", "G2", "T1", "M1", "E1")  # gsa_kernels/bench.py defines them
+BENCH_IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
+
+
+def bench_parser():
+    p = _parser("bench", "CPU backend vs eager reference vs torch.compile vs this machine's roofline, one "
+                "table (medians; peaks measured next to each workload).")
+    p.add_argument("--workloads", default=",".join(BENCH_WORKLOADS),
+                   help="comma-separated subset of " + ",".join(BENCH_WORKLOADS)
+                   + ", E2 (the empirical sweep) or E2-... names")
+    p.add_argument("--impls", default=",".join(BENCH_IMPLS), help="comma-separated subset of " + ",".join(BENCH_IMPLS))
+    p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--plot", default=None, help="write time vs N and vs sigma of the E2 workloads to this image")
     return p
