@@ -357,7 +357,8 @@ def _mixture_merge_kernel(
         l += scale * tl.load(state_ptr + (S + s) * B + rows, mask=row_ok, other=1.0)  # (masked rows: no log 0)
         hsum += scale * tl.load(state_ptr + (2 * S + s) * B + rows, mask=row_ok, other=0.0)
     logp = m + tl.log(l)
-    tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=row_ok & (tile == 0))
+    if tile == 0:  # (a branch, not a mask: Triton 3.9 rejects a block mask and-ed with a scalar)
+        tl.store(logp_ptr + rows, logp.to(logp_ptr.dtype.element_ty), mask=row_ok)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if NEED_DENOISED:
         mask = row_ok[:, None] & (cols[None, :] < D)
