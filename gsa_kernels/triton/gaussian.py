@@ -33,7 +33,9 @@ from ._dot import dot
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
-LABEL_TILE = 64  # rows of one label per tile: a multiple of every BLOCK_B below
+# rows of one label per tile: a multiple of every BLOCK_B below (in the interpreter, its one BLOCK_B:
+# each program costs tens of ms there, and a padded tile is whole programs)
+LABEL_TILE = 16 if _config.INTERPRET else 64
 
 
 @triton.jit

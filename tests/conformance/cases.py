@@ -17,7 +17,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
   labels    (gaussian_map_labeled / gaussian_trajectory_labeled) K Gaussians, row b under
             component labels[b]: every label present, rows sorted by label, labels missing, all
-            rows one label; across the labelled row tiles (triton 64 rows, cuda 32); test_labels.py
+            rows one label; across the labelled row tiles (triton 16 rows interpreted / 64 on GPU,
+            cuda 32); test_labels.py
 
 Tile edges (read from the sources; keep in sync when they change):
   triton interpreter  gaussian BLOCK_B 16, BLOCK_D 32, BLOCK_R 16, c in registers for r <= 16;
@@ -401,8 +402,8 @@ def mixture_posterior_cases():
 
 LABELED_SHAPES = [  # (B, D, r, K, labels pattern); D 8..96, K 1..5
     (9, 8, 3, 3, "mixed"),
-    (65, 33, 17, 3, "mixed"),  # 65 rows of 3 labels: triton's 64-row and cuda's 32-row label tiles; register rank 16
-    (40, 96, 5, 5, "sorted"),  # contiguous groups (the cpu kernel's views instead of gathers)
+    (65, 33, 17, 3, "mixed"),  # 65 rows of 3 labels: label tiles of 16 (triton interpreter), 32 (cuda), 64 (triton GPU); register rank 16
+    (40, 48, 5, 5, "sorted"),  # contiguous groups (the cpu kernel's views instead of gathers)
     (20, 16, 4, 5, "missing"),  # empty groups
     (33, 24, 24, 4, "mixed"),  # full rank
     (17, 61, 0, 2, "mixed"),  # no basis: mean and residual only
@@ -430,7 +431,7 @@ def gaussian_map_labeled_cases():
 
 def gaussian_trajectory_labeled_cases():
     cases = []
-    for B, D, r, K, labels in LABELED_SHAPES[:7]:
+    for B, D, r, K, labels in [LABELED_SHAPES[i] for i in (0, 1, 2, 3, 6)]:
         cases.append(Case("labels", _shape_name(B, D, r, K=K, T=3) + f"_{labels}", B, D, r, K=K, T=3, extra={"labels": labels}))
     cases.append(Case("labels", _shape_name(9, 8, 3, K=3, T=4) + "_mixed_f64", 9, 8, 3, K=3, T=4, dtype=torch.float64,
                       extra={"labels": "mixed"}))

@@ -114,10 +114,10 @@ def test_bad_labels_are_clear_errors(backend, case):
                 harness.kernel(backend, MAP)(x, bad, *args[2:])
 
 
-@pytest.mark.parametrize("case", CASES[MAP][0][:12], ids=lambda c: c.id)
-def test_labeled_reference_is_the_single_gaussian_reference_per_row(case):
+@pytest.mark.parametrize("shape_case", CASES[MAP][0][:12], ids=lambda c: c.id)  # not `case`: no backend here
+def test_labeled_reference_is_the_single_gaussian_reference_per_row(shape_case):
     """Independent of the gathered form: each row through reference.gaussian_map on its own."""
-    args64 = harness.as_f64(harness.cast(CASES[MAP][1](case), torch.float64))
+    args64 = harness.as_f64(harness.cast(CASES[MAP][1](shape_case), torch.float64))
     x, labels, means, bases, eigvals, residual_var, *rows, kind = args64
     out = reference.gaussian_map_labeled(*args64)
     for b in range(x.shape[0]):
