@@ -205,6 +205,48 @@ def test_gradcheck_full_rank(arg, backend):
     assert gradcheck(f, (t,), fast_mode=True)
 
 
+# ----------------------------------------------------------------------------- labelled (class-conditional)
+
+LABELS = torch.tensor([2, 0, 2])  # component 1 unused: its gradients are 0
+LABELED_OPS = {
+    "denoise": lambda x, m, be: gk.gaussian_denoise(x, SIGMA, m, backend=be, labels=LABELS),
+    "score": lambda x, m, be: gk.gaussian_score(x, SIGMA, m, backend=be, labels=LABELS),
+    "flow": lambda x, m, be: gk.gaussian_flow(x, SIGMA, SIGMA * 0.3, m, scale_from=1.3, scale_to=0.7, backend=be,
+                                              labels=LABELS),
+    "flow_from_noise": lambda x, m, be: gk.gaussian_flow(x, math.inf, SIGMA, m, scale_to=0.8, backend=be, labels=LABELS),
+    "trajectory": lambda x, m, be: gk.gaussian_trajectory(x, torch.tensor([2.0, 0.7, 0.1, 0.0], dtype=F64), m, backend=be,
+                                                          labels=LABELS),
+}
+
+
+def _labeled_case(op, backend, r=2):
+    """(f, inputs) with f(x, means, eigvals, residual_var) the op's output: all four differentiated
+    at once (one gradcheck per op keeps the interpreted triton run short)."""
+    means, bases, eigvals, lp, _ = mixture_tensors(3, D, r)
+    x = torch.randn(B, D, dtype=F64, generator=torch.Generator().manual_seed(1)) * 1.5
+
+    def f(x, means, eigvals, residual_var):
+        m = gk.GaussianMixture(means.clone(), bases, eigvals.clone(), residual_var.clone())
+        return LABELED_OPS[op](x, m, backend)
+
+    return f, tuple(t.clone().requires_grad_() for t in (x, means, eigvals, lp))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", LABELED_OPS)
+def test_gradcheck_labeled(op, backend):
+    """x, means, eigvals and residual_var of the labelled ops (component 1 unused: zero gradients)."""
+    f, inputs = _labeled_case(op, backend)
+    assert gradcheck(f, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_labeled_full_rank(backend):
+    """r = D: no residual directions (the residual_var gradient is 0)."""
+    f, inputs = _labeled_case("score", backend, r=D)
+    assert gradcheck(f, inputs, fast_mode=True)
+
+
 # ----------------------------------------------------------------------------- float32
 
 
@@ -345,6 +387,12 @@ def test_inputs_without_gradient_raise(backend):
         gk.mixture_score(x, s, gk.GaussianMixture(means, bases, eig, lp, logw), backend=backend)
     with torch.no_grad():  # no graph is built: nothing to refuse
         gk.mixture_logp(x, s, m, backend=backend)
+    labels = torch.tensor([0, 2, 1])
+    with pytest.raises(RuntimeError, match="bases requires grad"):
+        gk.gaussian_denoise(x, 1.0, m, backend=backend, labels=labels)
+    with pytest.raises(RuntimeError, match="sigmas requires grad"):
+        gk.gaussian_trajectory(x, torch.stack([2 * s, s]), gk.GaussianMixture(means, bases, eig, lp), backend=backend,
+                               labels=labels)
 
 
 def test_kernel_level_op_names_the_input():
