@@ -1,7 +1,8 @@
 """Fitting a Gaussian without a D x D matrix, and the moment algebra shared with gk.distributed.
 
 `GaussianModel.fit(data, rank=r, method=...)`:
-- "exact": the float64 D x D scatter matrix and a full eigendecomposition (models.py), one pass.
+- "exact": the float64 D x D scatter matrix (summed in models.py) and a full eigendecomposition
+  (exact_from_scatter), one pass.
 - "randomized": a streamed randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4/5.5)
   with POWER_ITERS = 2 power iterations and a stabilised Nystrom finish (Tropp et al. 2017):
   3 passes over the data, each multiplying the covariance by a [D, l] block, l = 3 r
@@ -232,7 +233,8 @@ def local_pass(passes, Q=None, anchor=None):
 
 
 def select_rank(evals, n, rank, energy, D):
-    """The number of directions kept (as GaussianModel.fit's exact path chooses it)."""
+    """The number of directions kept by the fits: rank, else the fewest holding `energy`, else all
+    with nonzero variance (min(D, n - 1))."""
     if rank is not None and energy is not None:
         raise ValueError("give rank or energy, not both")
     if rank is not None:
@@ -248,8 +250,8 @@ def select_rank(evals, n, rank, energy, D):
 
 
 def exact_from_scatter(n, mean, scatter, rank, energy, dtype, device):
-    """The exact fit from the global centred scatter [D, D] (gk.distributed's exact path; the
-    same algebra as GaussianModel.fit's exact path)."""
+    """The exact fit from the centred scatter sum (x - mean)(x - mean)^T [D, D] of n rows: the
+    end of GaussianModel.fit's exact path and of gk.distributed's."""
     from .models import GaussianModel
 
     if n < 2:

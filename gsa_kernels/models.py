@@ -73,6 +73,15 @@ def _load_file(path, device, kind, keys):
         return {k: f.get_tensor(k) for k in keys}
 
 
+def _save_file(path, tensors, kind, **metadata):
+    """Save tensors as safetensors (portable, no pickle), tagged as `kind` for _load_file; string
+    metadata besides."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"gsa_kernels": kind, **metadata})
+
+
 def _getstate(model):
     """Pickle / deepcopy state: the model's tensors, not its derived layouts (_layouts.py)."""
     return {k: v for k, v in model.__dict__.items() if k != "_layouts"}
@@ -183,26 +192,7 @@ class GaussianModel(GaussianOperand):
         if n < 2:
             raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
         mean_c = s / n
-        cov = (ss - n * torch.outer(mean_c, mean_c)) / (n - 1)
-        cov = 0.5 * (cov + cov.T)
-        evals, evecs = torch.linalg.eigh(cov)
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # descending
-        D = evals.shape[0]
-        max_rank = min(D, n - 1)
-        if rank is not None:
-            if not 0 <= rank <= D:
-                raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
-            r = rank
-        elif energy is not None:
-            if not 0 < energy <= 1:
-                raise ValueError(f"energy must be in (0, 1], got {energy}")
-            frac = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)
-            r = min(int((frac < energy - 1e-12).sum().item()) + 1, D)
-        else:
-            r = max_rank
-        residual = evals[r:].mean().item() if r < D else 0.0
-        mean = (anchor + mean_c).to(dtype)
-        return cls(mean.to(device), evecs[:, :r].to(dtype).to(device), evals[:r].to(dtype).to(device), residual)
+        return fitting.exact_from_scatter(n, anchor + mean_c, ss - n * torch.outer(mean_c, mean_c), rank, energy, dtype, device)
 
     # ------------------------------------------------------------------ conversion / io
     def to(self, device=None, dtype=None) -> "GaussianModel":
@@ -221,10 +211,7 @@ class GaussianModel(GaussianOperand):
 
     def save(self, path):
         """Save as safetensors (portable, no pickle)."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"gsa_kernels": "GaussianModel"})
+        _save_file(path, self.state_dict(), "GaussianModel")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianModel":
@@ -417,10 +404,7 @@ class GaussianMixture(MixtureOperand):
                 "residual_var": self.residual_var, "log_weights": self.log_weights}
 
     def save(self, path):
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"gsa_kernels": "GaussianMixture"})
+        _save_file(path, self.state_dict(), "GaussianMixture")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
@@ -429,11 +413,9 @@ class GaussianMixture(MixtureOperand):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("gsa_kernels") == "StreamedMixture":  # refers to its points file
-            from safetensors.torch import load_file
-
             from .streamed import StreamedMixture
 
-            return StreamedMixture.from_saved(load_file(str(path), device=str(device)), meta).to(device)
+            return StreamedMixture.from_saved(_load_file(path, device, "StreamedMixture", ("log_weights",)), meta).to(device)
         d = _load_file(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
         return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
 

@@ -19,11 +19,7 @@ from typing import Sequence
 import torch
 
 from . import ops
-
-
-def compute_dtype(dtype):
-    """The ops' compute dtype rule: float64 stays float64, every other float type runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._contract import compute_dtype
 
 
 class MixturePartial:
@@ -74,10 +70,15 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
         ops._rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
         return _empty(B, m.dim, xc.dtype, xc.device, x.shape[1:], x.dtype)
     den, logp, _, _ = ops._mixture(xc, sigma, m, True, False, backend, op)
-    has_weight = logp > -math.inf  # rows where every component of the shard has weight 0
-    sum_exp = has_weight.to(logp.dtype)
-    weighted = torch.where(has_weight[:, None], den, torch.zeros_like(den))
-    return MixturePartial(logp, sum_exp, weighted, x.shape[1:], x.dtype)
+    return from_posterior(den, logp, x.shape[1:], x.dtype)
+
+
+def from_posterior(den, logp, shape, dtype) -> MixturePartial:
+    """The state of a (sub)mixture's posterior as a kernel returns it: M = logp, S = 1,
+    W = den; a row where every component has weight 0 (logp = -inf) gets the empty state."""
+    has_weight = logp > -math.inf
+    return MixturePartial(logp, has_weight.to(logp.dtype), torch.where(has_weight[:, None], den, torch.zeros_like(den)),
+                          shape, dtype)
 
 
 def _empty(B, D, dtype, device, shape, out_dtype):

@@ -2,16 +2,13 @@
 
 `GaussianMixture.from_points(p)` with p a `numpy.memmap` or the path of a `.npy` / `.safetensors`
 file returns a `StreamedMixture`: the points stay in the file (mapped, never read whole) and
-every op streams them in blocks. Each block is copied from the mapping into one of two reused
-block buffers (mapped pages are page cache, not anonymous memory; the buffers are), the next
-block is read by a background thread while the current one is computed, and each block's
-posterior (per row: log p over the block, block-normalised denoiser) is merged exactly into the
-running result:
-
-    logp = logaddexp(logp, logp_b),   den = den exp(logp_old - logp) + den_b exp(logp_b - logp)
-
+every op streams them in blocks. Each block is copied from the mapping into one of two block
+buffers (mapped pages are page cache, not anonymous memory; the buffers are), the next block is
+read by a background thread while the current one is computed, and each block's posterior is a
+partial state (gsa_kernels/partial.py) merged exactly into the running one by gk.merge_partials,
 so the results are those of the in-memory mixture (up to float rounding of the merge) and the
-anonymous memory is the two buffers (`block_bytes` in all) plus the [B, D] outputs, whatever N is.
+anonymous memory is the two buffers (`block_bytes` in all, per concurrent call) plus the [B, D]
+outputs, whatever N is.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _backends
+from . import _backends, partial
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # both block buffers together
 
@@ -114,6 +111,7 @@ class StreamedMixture:
         if torch.isnan(log_weights).any() or torch.isposinf(log_weights).any() or torch.isneginf(log_weights).all():
             raise ValueError("log_weights must be finite or -inf, with at least one finite")
         self.log_weights = torch.log_softmax(log_weights, 0).to(self._dtype)
+        self._spare = []  # block buffers of a finished call, for the next (_take_buffers)
 
     num_components = property(lambda self: self._points.shape[0])
     dim = property(lambda self: self._points.shape[1])
@@ -130,7 +128,7 @@ class StreamedMixture:
             raise ValueError("StreamedMixture: file-backed points are streamed on the CPU only")
         m = StreamedMixture.__new__(StreamedMixture)
         m.__dict__.update(self.__dict__)
-        m._bufs = None  # each model its own block buffers
+        m._spare = []  # each model its own block buffers
         if dtype is not None:
             m._dtype = dtype
             m.log_weights = self.log_weights.to(dtype)
@@ -141,30 +139,41 @@ class StreamedMixture:
         row = self.dim * torch.empty(0, dtype=dtype).element_size()
         return max(1, min(self.num_components, self.block_bytes // (2 * row)))
 
-    def _buffers(self, dtype):
-        """The two block buffers, kept across calls: the kernels' layout cache holds views of the
-        last blocks, so fresh buffers per call would keep the previous call's alive too."""
-        if getattr(self, "_bufs", None) is None or self._bufs[0].dtype != dtype:
-            self._bufs = [torch.empty(self.rows_per_block(dtype), self.dim, dtype=dtype) for _ in range(2)]
-        return self._bufs
+    def _take_buffers(self, dtype):
+        """Two block buffers for one call: the pair a finished call left, else new ones (kept:
+        touching fresh pages of block_bytes costs a large block's read). Concurrent calls on
+        this mixture (threads) each hold their own pair; list.pop hands a pair to one only."""
+        try:
+            bufs = self._spare.pop()
+        except IndexError:
+            bufs = None
+        if bufs is None or bufs[0].dtype != dtype:
+            bufs = [torch.empty(self.rows_per_block(dtype), self.dim, dtype=dtype) for _ in range(2)]
+        return bufs
+
+    def _return_buffers(self, bufs):
+        if not self._spare:  # one pair kept: the memory of a single call
+            self._spare.append(bufs)
 
     # ------------------------------------------------------------------ io
     def save(self, path):
-        """A small safetensors file (log weights) that refers to the points file: no copy."""
-        from safetensors.torch import save_file
+        """A small safetensors file (log weights, in the model's dtype) that refers to the points
+        file: no copy. GaussianMixture.load reads it back."""
+        from .models import _save_file
 
-        save_file({"log_weights": self.log_weights.contiguous()}, str(path),
-                  metadata={"gsa_kernels": "StreamedMixture", "source": json.dumps(self.source),
-                            "dtype": str(self._dtype).removeprefix("torch."), "block_bytes": str(self.block_bytes)})
+        _save_file(path, {"log_weights": self.log_weights}, "StreamedMixture",
+                   source=json.dumps(self.source), block_bytes=str(self.block_bytes))
 
     @classmethod
     def from_saved(cls, tensors: dict, metadata: dict) -> "StreamedMixture":
+        """The mixture of save()'s tensors and metadata (GaussianMixture.load)."""
         m = cls.__new__(cls)
         m.source = json.loads(metadata["source"])
         m._points = reopen(m.source)
         m.block_bytes = int(metadata["block_bytes"])
-        m._dtype = getattr(torch, metadata["dtype"])
-        m.log_weights = tensors["log_weights"].to(m._dtype)
+        m.log_weights = tensors["log_weights"]
+        m._dtype = m.log_weights.dtype
+        m._spare = []
         return m
 
     # ------------------------------------------------------------------ ops
@@ -192,12 +201,13 @@ class StreamedMixture:
         return torch.from_numpy(np.ascontiguousarray(self._points[k.numpy()])).to(self._dtype)
 
 
-def _blocks(points: np.ndarray, rows: int, dtype: torch.dtype, bufs=None):
-    """Yield (k0, block [nb, D] tensor) over the points, each block copied into one of two
-    buffers (`bufs`, [rows, D] each, else new ones); the next block is read by a background
-    thread while the caller computes. A yielded block is valid until the next one is requested."""
+def _blocks(points: np.ndarray, bufs):
+    """Yield (k0, block [nb, D] tensor) over the points, each block copied into one of the two
+    buffers `bufs` ([rows, D] each); the next block is read by a background thread while the
+    caller computes. A yielded block is valid until the next one is requested; once the
+    generator is closed, no read is in flight."""
     N, D = points.shape
-    bufs = bufs or [torch.empty(rows, D, dtype=dtype) for _ in range(2)]
+    rows = bufs[0].shape[0]
     views = [b.numpy() for b in bufs]
     # rows stored contiguously in the compute dtype: read() the file straight into the buffer
     # (the kernel's read-ahead serves a sequential read; page faults on the mapping, ~4x slower
@@ -233,7 +243,6 @@ def _blocks(points: np.ndarray, rows: int, dtype: torch.dtype, bufs=None):
                 k0, nb = pending.result()
                 if j + 1 < num:
                     pending = pool.submit(read, j + 1)  # into the other buffer
-                # a fresh view per block: kernel-side layout caches key on the tensor's identity
                 yield k0, bufs[j % 2][:nb]
     finally:
         if f is not None:
@@ -243,34 +252,34 @@ def _blocks(points: np.ndarray, rows: int, dtype: torch.dtype, bufs=None):
 def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights, backend):
     """The kernel-level mixture_posterior (see _backends) of a streamed mixture: x2 [B, D]
     contiguous, sigma [B] in the compute dtype. Each block goes to the chosen backend as an
-    r = 0 mixture with the block's (globally normalised) log weights; the blocks' results merge
-    exactly. TODO(lead): one merge with gk.merge_partials (gsa_kernels/partial.py) once merged."""
+    r = 0 mixture with the block's (globally normalised) log weights; its posterior is a partial
+    state, merged into the running one with gk.merge_partials."""
     cd = sigma.dtype
     out_dtype, x2 = x2.dtype, x2.to(cd)  # half-precision x: blocks' outputs in the compute dtype until the merge
     B, D = x2.shape
     kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
     logw = m.log_weights.to(cd)
-    logp = torch.full((B,), -torch.inf, dtype=torch.float64)
-    den = torch.zeros(B, D, dtype=cd) if need_denoised else None
-    parts = []  # (k0, block weights, block logp) for return_weights
-    for k0, block in _blocks(m._points, m.rows_per_block(cd), cd, m._buffers(cd)):
-        nb = block.shape[0]
-        den_b, logp_b, w_b = kernel(
-            x2, block, block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb),
-            logw[k0:k0 + nb], sigma, need_denoised, need_weights)
-        logp_b = logp_b.double()
-        new = torch.logaddexp(logp, logp_b)
-        if need_denoised:  # exp(-inf - -inf) = nan: no mass yet (or none in the block) -> 0
-            old_scale = torch.exp(logp - new).nan_to_num(0.0).to(cd)[:, None]
-            block_scale = torch.exp(logp_b - new).nan_to_num(0.0).to(cd)[:, None]
-            den.mul_(old_scale).add_(torch.where(block_scale > 0, den_b * block_scale, 0.0))
-        logp = new
-        if need_weights:
-            parts.append((w_b, logp_b))
-    weights = None
-    if need_weights:
-        weights = torch.cat([w_b * torch.exp(lb - logp).nan_to_num(0.0).to(cd)[:, None] for w_b, lb in parts], 1)
+    state, parts = None, []  # parts: (block weights, block logp) for return_weights
+    bufs = m._take_buffers(cd)
+    blocks = _blocks(m._points, bufs)
+    try:
+        for k0, block in blocks:
+            nb = block.shape[0]
+            den_b, logp_b, w_b = kernel(
+                x2, block, block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb),
+                logw[k0:k0 + nb], sigma, need_denoised, need_weights)
+            block_state = partial.from_posterior(den_b if need_denoised else x2.new_zeros(B, 0), logp_b, (D,), out_dtype)
+            state = block_state if state is None else partial.merge_partials([state, block_state])
+            if need_weights:
+                parts.append((w_b, logp_b))
+    finally:
+        blocks.close()  # the read-ahead thread is done with the buffers before another call takes them
+        m._return_buffers(bufs)
+    # a row without weight anywhere (NaN in x) gets NaN, as from the in-memory kernel: 0 / 0
+    den = (state.weighted / state.sum_exp[:, None]).to(out_dtype) if need_denoised else x2.new_empty((0,), dtype=out_dtype)
+    if need_weights:  # block k's weights times exp(logp_k - max) / sum_exp: exact float32 differences
+        weights = torch.cat([w_b * (torch.exp(lb - state.max_logit) / state.sum_exp).nan_to_num(0.0)[:, None]
+                             for w_b, lb in parts], 1)
     else:
         weights = x2.new_empty((0,), dtype=cd)
-    out = den.to(out_dtype) if need_denoised else x2.new_empty((0,), dtype=out_dtype)
-    return out, logp.to(cd), weights
+    return den, state.logp(), weights

@@ -7,45 +7,103 @@
 // accumulator acc). Per (row block, point block):
 //   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
 //   per row           fast logits; the row's max over the block (m moves there once per
-//                      block); where the logits may be off by more than kLogitTol (the smaller
+//                      block); where the logits may be off by more than kDeltaLogitTol (the smaller
 //                      of an error bound and a measured estimate), the points within reach of
 //                      the max get |x - mu_k|^2 from the differences in double
-//   p = exp(L - m)     written over F, one vectorized exp (ATen's kernel)
+//   p = exp(L - m)     written over F and summed in one vectorized pass per row (weights_row)
 //   acc = acc * rescale + P M
 //                      dense posterior (sigma large): one GEMM over the block; few nonzero p
 //                      (sigma small): the nonzero p_k mu_k rows are added directly. The choice
 //                      counts the block's weights above exp(-kNegligible) (kSparseRatio).
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "empirical.h"
 #include "exact_sums.h"
 #include "gsa/spectral.h"
+#include "mixture_blocks.h"
 
 namespace gsa::cpu {
 namespace {
 
 // Fast logits this exact need no refinement. Logit errors within +-e move the weights by a
-// total variation <= tanh(e) <= e: 2.5e-4 keeps a 4x margin on the 1e-3 asked for.
-constexpr double kLogitTol = 2.5e-4;
-constexpr double kCutoff = 30.0;      // exp(-30) ~ 1e-13: weight of a point never refined
-constexpr double kNegligible = 50.0;  // below the running max by more: weight dropped (< 2e-22)
-constexpr double kGemmErr = 4.0;      // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) |x| |mu|
+// total variation <= tanh(e) <= e: 2.5e-4 keeps a 4x margin on the 1e-3 asked for. (kCutoff,
+// kNegligible, kGemmErr, kSparseRatio: mixture_blocks.h.)
+constexpr double kDeltaLogitTol = 2.5e-4;
 // Rounding errors of the fast distances are measured on kProbes points per row; the estimate
 // is kSafety times the worst measured rate, relative to |x| |mu| (measured here with D = 784
 // and 3072, sigma 0.5 to 30: the estimate is 0.4 to 3x the largest error over 4000 points,
 // the low end at small sigma, where the bound decides anyway).
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
-// Sparse back-projection (axpy per nonzero p) while fewer than 1 in kSparseRatio of the block's
-// weights are nonzero: an axpy streams a [D] row of acc per point (~8 flop / cycle) where the
-// GEMM runs at ~60 (AVX-512, this machine); 16 measured fastest between 8 and 32.
-constexpr int64_t kSparseRatio = 16;
 constexpr int64_t kPointBlockBytes = 16 << 20;
+
+using Int64x8 = int64_t __attribute__((vector_size(64)));
+
+// exp(d) on 8 lanes, 0 where d <= -kNegligible (or NaN); for d <= 0 as the weights need, with a
+// relative error below 1e-8 (float T: degree 7) or 2e-16 (double T: degree 12). Cody-Waite
+// reduction d = n ln2 + r (|r| <= ln2 / 2; n from the shifter 1.5 2^52: round to nearest), the
+// Taylor polynomial of exp(r), and 2^n built in the exponent bits. Fixed IEEE operations in a
+// fixed order: the same bits on every ISA (isa.h).
+template <typename T>
+inline void exp_lanes(const Double8& d, Double8& p) {
+  constexpr int kDegree = std::is_same_v<T, float> ? 7 : 12;
+  constexpr double kShift = 0x1.8p52, kLog2e = 1.4426950408889634, kLn2Hi = 6.93147180369123816490e-01,
+                   kLn2Lo = 1.90821492927058770002e-10;
+  static constexpr std::array<double, kDegree + 1> coef = [] {  // 1 / j!
+    std::array<double, kDegree + 1> c{};
+    c[0] = 1;
+    for (int j = 1; j <= kDegree; ++j) c[j] = c[j - 1] / j;
+    return c;
+  }();
+  const Double8 zero = {};
+  const Double8 dc = d > -kNegligible ? d : zero - kNegligible;  // finite stand-in, masked below
+  const Double8 t = dc * kLog2e + kShift;
+  const Double8 n = t - kShift;
+  const Double8 r = (dc - n * kLn2Hi) - n * kLn2Lo;
+  p = zero + coef[kDegree];
+  for (int j = kDegree - 1; j >= 0; --j) p = p * r + coef[j];
+  Int64x8 bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  bits = (bits - static_cast<int64_t>(0x4338000000000000) + 1023) << 52;  // 2^n
+  Double8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  p = d > -kNegligible ? p * scale : zero;
+}
+
+// Row pass of the weights: P[k] = exp(L[k] - m) (0 below exp(-kNegligible)) for k < n, in T;
+// returns their sum (8 lanes, then pairwise) and adds the count of nonzero ones to kept.
+template <typename T>
+double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
+  const Double8 zero = {};
+  Double8 sum = zero;
+  Int64x8 count = {};
+  for (int64_t k = 0; k < n; k += 8) {
+    const int64_t lanes = std::min<int64_t>(8, n - k);
+    Double8 d = zero - INFINITY, p;  // lanes past n: weight 0
+    std::memcpy(&d, L + k, lanes * sizeof(double));
+    d -= m;
+    exp_lanes<T>(d, p);
+    sum += p;
+    count -= d > -kNegligible;
+    if constexpr (std::is_same_v<T, double>) {
+      std::memcpy(P + k, &p, lanes * sizeof(double));
+    } else {
+      using Float8 = float __attribute__((vector_size(32)));
+      const Float8 pf = __builtin_convertvector(p, Float8);
+      std::memcpy(P + k, &pf, lanes * sizeof(float));
+    }
+  }
+  for (int j = 0; j < 8; ++j) kept += count[j];
+  return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
+}
 
 template <typename X>
 void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
@@ -165,7 +223,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             // every point through the double refinement. So the first block measures the actual
             // error on the nearest point (aligned with x: its dot product errs the most) and
             // kProbes - 1 others, and the smaller of bound and estimate decides.
-            if (g0 == 0 && err[i] > kLogitTol) {
+            if (g0 == 0 && err[i] > kDeltaLogitTol) {
               const int64_t probes = std::min(gn, kProbes);
               const int64_t best_k = std::find(L, L + gn, best) - L;
               double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
@@ -180,7 +238,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             }
             // exact distances of the points that can matter; the block's max logit is among them
             double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
-            if (err[i] > kLogitTol) {
+            if (err[i] > kDeltaLogitTol) {
               const double keep = m_fast[i] - 2 * err[i] - kCutoff;
               block_max = -INFINITY;
               for (int64_t kk = 0; kk < gn; ++kk)
@@ -199,51 +257,35 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
               T* a = accb.data_ptr<T>() + i * D;
               for (int64_t d = 0; d < D; ++d) a[d] *= sc;
             }
+            // p = exp(L - m) over F's row, summed; the weights as asked; isotropic components
+            // (lp > 0): D_k = mu_k + h_perp (x - mu_k), so P_k = p_k (1 - h_perp) multiplies mu_k
             T* Pi = Pp + i * lds;
-            const double mi = m[i];
-            int64_t kept_row = 0;
-            for (int64_t kk = 0; kk < gn; ++kk) {
-              const double d = L[kk] - mi;
-              const bool kept = d > -kNegligible;
-              kept_row += kept;
-              if constexpr (std::is_same_v<T, float>) {
-                Pi[kk] = kept ? static_cast<float>(d) : -INFINITY;
-              } else {
-                Pi[kk] = kept ? std::exp(d) : 0.0;
-              }
-            }
-            nonzero_p += kept_row;
-          }
-        });
-        if constexpr (std::is_same_v<T, float>) F.exp_();  // vectorized; exp(-inf) = 0
-        with_isa([&] {
-          for (int64_t i = 0; i < n; ++i) {
-            T* Pi = Pp + i * lds;
-            double lsum = 0, hsum = 0;
-            for (int64_t k = 0; k < gn; ++k) lsum += Pi[k];
+            l[i] += weights_row(L, m[i], gn, Pi, nonzero_p);
             if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
-            if (!isotropic_delta) {  // isotropic components: D_k = mu_k + h_perp (x - mu_k)
+            if (!isotropic_delta) {
+              double hsum = 0;
               for (int64_t k = 0; k < gn; ++k) {
                 const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
                 hsum += Pi[k] * hp;
                 Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
               }
+              hx[i] += hsum;
             }
-            l[i] += lsum;
-            hx[i] += hsum;
           }
         });
         if (need_denoised && nonzero_p > 0) {
           if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
             T* a = accb.data_ptr<T>();
-            for (int64_t i = 0; i < n; ++i)
-              for (int64_t k = 0; k < gn; ++k) {
-                const T p = Pp[i * lds + k];
-                if (p == T(0)) continue;
-                const T* mk = mu + (g0 + k) * D;
-                T* ai = a + i * D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
-              }
+            with_isa([&] {
+              for (int64_t i = 0; i < n; ++i)
+                for (int64_t k = 0; k < gn; ++k) {
+                  const T p = Pp[i * lds + k];
+                  if (p == T(0)) continue;
+                  const T* mk = mu + (g0 + k) * D;
+                  T* ai = a + i * D;
+                  for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+                }
+            });
           } else {
             accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one GEMM
           }
@@ -252,25 +294,10 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
       }
 
+      const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
       with_isa([&] {
-        for (int64_t i = 0; i < n; ++i) {  // finalize the rows of this block
-          const int64_t b = b0 + i;
-          logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
-          if (need_denoised) {
-            const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
-            const T* a = accb.data_ptr<T>() + i * D;
-            const T* xi = xb + i * D;
-            X* o = den_p + b * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
-          }
-          if (need_weights) {
-            for (int64_t sb = 0; sb < num_sb; ++sb) {
-              const T f = static_cast<T>(std::exp(m_block[i * num_sb + sb] - m[i]) / l[i]);
-              T* w = w_p + b * K + sb * SB;
-              for (int64_t k = 0; k < std::min(SB, K - sb * SB); ++k) w[k] *= f;
-            }
-          }
-        }
+        finish_rows<X, T>(b0, n, D, K, SB, num_sb, m.data(), l.data(), hx.data(), x_sq.data(), m_block.data(), acc_p,
+                          xb, logp_p, den_p, w_p);
       });
     }
   });

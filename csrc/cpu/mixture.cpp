@@ -1,12 +1,12 @@
 // CPU kernel of the mixture posterior (docs/architecture.md): component weights, log p and the
-// posterior-mean denoiser of a K-component low-rank Gaussian mixture; r = 0 with
-// residual_var = 0 is the empirical ("delta") mixture of a training set.
+// posterior-mean denoiser of a K-component low-rank Gaussian mixture, r > 0 (isotropic components,
+// r = 0, and with them the empirical "delta" mixture of a training set: empirical.cpp).
 //
 // Parallel over row blocks; inside a row block the components stream in blocks with an online
 // softmax (running max m, sum l, and the unnormalised denoiser accumulator), so memory is
 // [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
 // returned). Per (row block, component block k0 .. k0 + nk - 1), with the block's components in
-// one cached panel (forward_panels, backward_panels):
+// one cached panel (forward_panels, backward_panels in mixture_blocks.h):
 //   F = X [M; Ut]^T    x . mu_k and U_k^T x for every component of the block   (one GEMM)
 //                      fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k,
 //                      projections c_k = U_k^T x - U_k^T mu_k
@@ -21,9 +21,7 @@
 //                      components have weight < exp(-kCutoff) relative to the max, both
 //                      exactly and as computed.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
-//                      G_k = p_k g c_k  (one GEMM; for r = 0 the means are used in place, and
-//                      with few nonzero p, as at small sigma, the few p_k mu_k rows are added
-//                      directly instead)
+//                      G_k = p_k g c_k  (one GEMM)
 #include <torch/library.h>
 
 #include <cmath>
@@ -33,23 +31,14 @@
 #include <vector>
 
 #include "common.h"
-#include "exact_sums.h"
 #include "empirical.h"
+#include "exact_sums.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
+#include "mixture_blocks.h"
 
 namespace gsa::cpu {
 namespace {
-
-constexpr double kLogitTol = 1e-4;  // fast logits this exact (bound) need no refinement
-constexpr double kLogitTol64 = 1e-10;  // (float64: its logits are accurate to 1e-9)
-constexpr double kCutoff = 30.0;    // exp(-30) ~ 1e-13: weight of a component never refined
-constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: axpy instead of GEMM
-constexpr double kNegligible = 50.0;  // exp(-50) ~ 2e-22: below the running max by more, a
-                                      // component's weight is dropped (K <= 1e6 moves l, the
-                                      // weight sum >= 1, by < 2e-16 relative: double rounding)
-constexpr double kGemmErr = 4.0;    // |fl(x.mu) - x.mu| <= kGemmErr eps sqrt(D) (|x|^2+|mu|^2)/2
-
 
 // Exact (double) terms of component_logpdf for a low-rank component: y = x - mu, c = U^T y
 // (returned in c, U: [D, r] row-major), and the residual |y - U c|^2 summed directly (0 when
@@ -71,62 +60,6 @@ double lowrank_terms_exact(const T* x, const T* mu, const T* U, const T* lam, do
     residual += e * e;
   }
   return residual;
-}
-
-// sum_j log(lam_j + s2), one log per 8 factors (each factor is in [s2, lam_max + s2]).
-template <typename T>
-double log_det_low(const T* lam, int64_t r, double s2) {
-  double total = 0;
-  for (int64_t j0 = 0; j0 < r; j0 += 8) {
-    double prod = 1;
-    for (int64_t j = j0; j < std::min(r, j0 + 8); ++j) prod *= static_cast<double>(lam[j]) + s2;
-    total += std::log(prod);
-  }
-  return total;
-}
-
-// The model's components in two GEMM-ready layouts, one [nk (r + 1)]-wide panel per component
-// block (components k0 .. k0 + nk - 1, panel at offset k0 (r + 1) D of a flat tensor):
-//   forward  [nk (r + 1), D] rows: mu_k0 .. mu_k0+nk-1, then U_k0^T .. U_k0+nk-1^T  (x W^T gives
-//            x . mu_k and U_k^T x in one GEMM)
-//   backward [D, nk (r + 1)]: the forward panel transposed (Q W^T with Q = [P | G] gives
-//            sum_k p_k mu_k + U_k g_k in one GEMM)
-// Both have contiguous rows, which is what the oneDNN GEMM wants; the model keeps them
-// (mixture_panels, gsa_kernels/_layouts.py) and passes them in, else they are built per call.
-inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
-  const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
-  return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
-}
-
-template <typename T>
-at::Tensor forward_panels(const at::Tensor& means, const at::Tensor& bases, int64_t KB) {
-  const int64_t K = means.size(0), D = means.size(1), r = bases.size(2), W = r + 1;
-  const at::Tensor Ut = transpose_last2<T>(bases);  // [K, r, D]
-  at::Tensor out = at::empty({K * W * D}, means.options());
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t nk = std::min(KB, K - k0);
-    at::Tensor p = panel(out, k0, nk, W, D, false);
-    at::cat_out(p, {means.narrow(0, k0, nk), Ut.narrow(0, k0, nk).reshape({nk * r, D})});
-  }
-  return out;
-}
-
-template <typename T>
-at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int64_t W, int64_t KB) {
-  at::Tensor out = at::empty_like(forward);
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t nk = std::min(KB, K - k0);
-    panel(out, k0, nk, W, D, true).copy_(transpose_last2<T>(panel(forward, k0, nk, W, D, false).unsqueeze(0)).squeeze(0));
-  }
-  return out;
-}
-
-// Components per block of the panels (balanced: the last block is not a sliver), each one GEMM
-// per direction against its panel.
-inline int64_t component_block(int64_t K, int64_t r) {
-  const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
-  const int64_t num_kb = (K + KB_max - 1) / KB_max;
-  return (K + num_kb - 1) / num_kb;
 }
 
 // (forward, backward) panels of means [K, D] and bases [K, D, r], r > 0, in their dtype.
@@ -177,7 +110,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     });
   });
   double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
-  bool equal_lp = true;  // with r = 0 (the delta mixture): the log-density's log is per row
+  bool equal_lp = true;  // then h_perp is one number per row
   for (int64_t k = 0; k < K; ++k) {
     max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
@@ -186,14 +119,13 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   // the smallest variance any logit term is divided by (less s^2): residual_var or an eigval
   double min_var = min_lp;
   for (int64_t e = 0; e < K * r; ++e) min_var = std::min(min_var, static_cast<double>(lam[e]));
-  const bool isotropic_equal = r == 0 && equal_lp;
   // Component blocks of KB (component_block), W = r + 1 panel rows per component; U_k^T mu_k
   // per call (one more row's worth of the forward GEMM).
   const int64_t KB = component_block(K, r);
   const int64_t num_kb = (K + KB - 1) / KB;
   const int64_t W = r + 1;
-  const at::Tensor Umu = r > 0 ? at::bmm(means.unsqueeze(1), bases).view({K, r}) : at::Tensor();
-  const T* umu = r > 0 ? Umu.data_ptr<T>() : nullptr;
+  const at::Tensor Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
+  const T* umu = Umu.data_ptr<T>();
   // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
   const bool sq_matters = r < D;
   const double eps = std::numeric_limits<T>::epsilon();
@@ -211,7 +143,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     at::Tensor Qbuf = at::empty({BB * KB * W}, opts);
     std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
     std::vector<T> rescale(BB);
-    std::vector<double> y_exact(r > 0 ? D : 0), c_exact(r);
+    std::vector<double> y_exact(D), c_exact(r);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
@@ -234,30 +166,27 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           l[i] = hx[i] = 0;
           x_sq[i] = sum_squares(xb + i * D, D);
           // error bound of the fast logits (x 2 (var + s^2)): the expanded |y|^2 (when it enters),
-          // and for r > 0 |c|^2 from coefficients c_j = U_j^T x - U_j^T mu each off by up to dc,
-          // plus c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
+          // |c|^2 from coefficients c_j = U_j^T x - U_j^T mu each off by up to dc, plus
+          // c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
           const double gemm = kGemmErr * eps * std::sqrt(double(D));
-          double e = sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0;
-          if (r > 0) {
-            const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * y_norm;  // |U_j| = 1
-            e += r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm;
-          }
-          err[i] = e / (2 * ((r > 0 ? min_var : min_lp) + s2v[i]));
+          const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * y_norm;  // |U_j| = 1
+          const double e = (sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0) +
+                           (r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm);
+          err[i] = e / (2 * (min_var + s2v[i]));
         }
       });
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
-        const at::Tensor Mk = means.narrow(0, k0, nk);
         // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
-        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, r > 0 ? panel(fwd, k0, nk, W, D, false) : Mk);
+        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, panel(fwd, k0, nk, W, D, false));
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0), ldc = lds;
-        T* Cp = r > 0 ? F.data_ptr<T>() + nk : nullptr;  // c_k of row i at Cp + i ldc + k r
+        T* Cp = F.data_ptr<T>() + nk;  // c_k of row i at Cp + i ldc + k r
         const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
         T* Pp = Q.data_ptr<T>();
-        T* Gp = r > 0 ? Pp + nk : nullptr;
+        T* Gp = Pp + nk;
         const int64_t ldp = nk * W, ldg = ldp;
         int64_t nonzero_p = 0;
 
@@ -265,32 +194,20 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           for (int64_t i = 0; i < n; ++i) {
             const double s2 = s2v[i];
             double* L = logit.data() + i * KB;
-            const double vp0 = static_cast<double>(lpv[0]) + s2;
-            const double iso_norm = isotropic_equal ? isotropic_log_norm<double>(vp0, D) : 0.0;
-            const double iso_scale = 0.5 / vp0;
             // fast logits
-            if (isotropic_equal) {
-              for (int64_t k = 0; k < nk; ++k) {
-                const double sq = x_sq[i] + mu_sq[k0 + k] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-                L[k] = logw[k0 + k] + iso_norm - iso_scale * std::max(sq, 0.0);
-              }
-            }
-            for (int64_t k = 0; k < nk && !isotropic_equal; ++k) {
+            for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
               const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Sp[i * lds + k]);
-              double cc = 0, cc_w = 0, ld = 0;
-              if (r > 0) {
-                T* c = Cp + i * ldc + k * r;
-                const T* lk = lam + kk * r;
-                for (int64_t j = 0; j < r; ++j) {
-                  c[j] -= umu[kk * r + j];
-                  const double cj = c[j];
-                  cc += cj * cj;
-                  cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
-                }
-                ld = log_det_low(lk, r, s2);
+              double cc = 0, cc_w = 0;
+              T* c = Cp + i * ldc + k * r;
+              const T* lk = lam + kk * r;
+              for (int64_t j = 0; j < r; ++j) {
+                c[j] -= umu[kk * r + j];
+                const double cj = c[j];
+                cc += cj * cj;
+                cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
               }
-              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, ld, lpv[kk], s2, D, r);
+              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lk, r, s2), lpv[kk], s2, D, r);
             }
             double block_fast_max = -std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
@@ -301,29 +218,21 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               for (int64_t k = 0; k < nk; ++k) {
                 if (L[k] < keep) continue;
                 const int64_t kk = k0 + k;
-                if (r > 0) {  // exact c (kept for the denoiser) and residual
-                  double cc_w;
-                  const double residual = lowrank_terms_exact(xb + i * D, mu + kk * D, basis + kk * D * r, lam + kk * r,
-                                                              s2, D, r, y_exact.data(), c_exact.data(), cc_w);
-                  T* c = Cp + i * ldc + k * r;
-                  for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
-                  L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
-                                                                      lpv[kk], s2, D, r);
-                  continue;
-                }
-                const double sq = sqdist_exact(xb + i * D, mu + kk * D, D);
-                if (isotropic_equal) {
-                  L[k] = logw[kk] + iso_norm - iso_scale * sq;
-                  continue;
-                }
-                L[k] = logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2, D, 0);
+                // exact c (kept for the denoiser) and residual
+                double cc_w;
+                const double residual = lowrank_terms_exact(xb + i * D, mu + kk * D, basis + kk * D * r, lam + kk * r,
+                                                            s2, D, r, y_exact.data(), c_exact.data(), cc_w);
+                T* c = Cp + i * ldc + k * r;
+                for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
+                L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
+                                                                    lpv[kk], s2, D, r);
               }
             }
             // online softmax update
             double m_new = m[i];
             for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
             const double scale = merge_scale(m[i], m_new);
-            const double hp0 = static_cast<double>(lpv[0]) / vp0;
+            const double hp0 = static_cast<double>(lpv[0]) / (static_cast<double>(lpv[0]) + s2);
             double lsum = 0, hsum = 0;
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
@@ -335,7 +244,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
               nonzero_p += Pp[i * ldp + k] != T(0);
               if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
-              if (r > 0 && need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
+              if (need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
                 const T* c = Cp + i * ldc + k * r;
                 T* g = Gp + i * ldg + k * r;
                 for (int64_t j = 0; j < r; ++j) {
@@ -353,7 +262,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         });
         if (!need_denoised) continue;
         // acc = acc * rescale (+ z)
-        const bool gemm_back = r > 0 && nonzero_p > 0;
+        const bool gemm_back = nonzero_p > 0;
         const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
         with_isa([&] {
           for (int64_t i = 0; i < n; ++i) {
@@ -367,46 +276,13 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             }
           }
         });
-        if (r == 0 && nonzero_p > 0) {
-          const at::Tensor P = Q.narrow(1, 0, nk);
-          if (nonzero_p * kSparseRatio < n * nk) {
-            // small sigma: the weights are (numerically) sparse; add the few p mu_k directly
-            T* a = accb.data_ptr<T>();
-            for (int64_t i = 0; i < n; ++i)
-              for (int64_t k = 0; k < nk; ++k) {
-                const T p = Pp[i * ldp + k];
-                if (p == T(0)) continue;
-                const T* mk = mu + (k0 + k) * D;
-                T* ai = a + i * D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
-              }
-          } else {
-            accb.addmm_(P, Mk);
-          }
-        }
       }
 
-      // finalize the rows of this block
-      constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t b = b0 + i;
-        if (std::isnan(x_sq[i])) m[i] = l[i] = kNaN;  // NaN in x: NaN out (the softmax skipped its NaN logits)
-        logp_p[b] = static_cast<T>(m[i] + std::log(l[i]));
-        if (need_denoised) {
-          const T inv_l = static_cast<T>(1.0 / l[i]), hxl = static_cast<T>(hx[i] / l[i]);
-          const T* a = accb.data_ptr<T>() + i * D;
-          const T* xi = xb + i * D;
-          X* o = den_p + b * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<X>(a[d] * inv_l + hxl * xi[d]);
-        }
-        if (need_weights) {
-          for (int64_t kb = 0; kb < num_kb; ++kb) {
-            const T f = static_cast<T>(std::exp(m_block[i * num_kb + kb] - m[i]) / l[i]);
-            T* w = w_p + b * K + kb * KB;
-            for (int64_t k = 0; k < std::min(KB, K - kb * KB); ++k) w[k] *= f;
-          }
-        }
-      }
+      const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
+      with_isa([&] {
+        finish_rows<X, T>(b0, n, D, K, KB, num_kb, m.data(), l.data(), hx.data(), x_sq.data(), m_block.data(), acc_p,
+                          xb, logp_p, den_p, w_p);
+      });
     }
   });
 }

@@ -1,6 +1,6 @@
 // CPU kernel of the mixture posterior's backward (formulas in gsa_kernels/_autograd.py): the
 // gradients w.r.t. x, means, eigvals, residual_var and log_weights in one streamed pass over the
-// components, with the forward's layout (mixture.cpp: component blocks of KB, one panel [M; Ut]
+// components, with the forward's layout (mixture_blocks.h: component blocks of KB, one panel [M; Ut]
 // per block; the forward's panels when the caller passes them, else built here) and its logits
 // (fast expansion plus the exact refinement near the top). The weights need no online max: the forward's logp is the exact
 // normaliser, w_k = exp(l_k - logp). Per (row block, component block):
@@ -28,42 +28,16 @@
 #include "exact_sums.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
+#include "mixture_blocks.h"
 
 namespace gsa::cpu {
 namespace {
-
-// The forward's constants (mixture.cpp; same values, so the same logits).
-constexpr double kLogitTol = 1e-4;
-constexpr double kCutoff = 30.0;
-constexpr double kNegligible = 50.0;
-constexpr double kGemmErr = 4.0;
-constexpr int64_t kSparseRatio = 16;  // fewer nonzero weights than 1/16: dots / axpys, no GEMM
 
 template <typename T>
 double dot(const T* a, const T* b, int64_t D) {
   double s = 0;
   for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
   return s;
-}
-
-// Forward-layout panels of component block k0 .. k0 + nk - 1 (see mixture.cpp: forward rows
-// mu_k.., U_k^T..; backward = its transpose, used when given), built the same way as the forward's.
-inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
-  const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
-  return backward ? block.view({D, nk * W}) : block.view({nk * W, D});
-}
-
-template <typename T>
-at::Tensor forward_panels(const at::Tensor& means, const at::Tensor& bases, int64_t KB) {
-  const int64_t K = means.size(0), D = means.size(1), r = bases.size(2), W = r + 1;
-  const at::Tensor Ut = transpose_last2<T>(bases);
-  at::Tensor out = at::empty({K * W * D}, means.options());
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t nk = std::min(KB, K - k0);
-    at::Tensor p = panel(out, k0, nk, W, D, false);
-    at::cat_out(p, {means.narrow(0, k0, nk), Ut.narrow(0, k0, nk).reshape({nk * r, D})});
-  }
-  return out;
 }
 
 struct Needs {
@@ -99,9 +73,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
     min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
   }
   // the forward's component blocks, so that its cached panels serve here too
-  const int64_t KB_max = std::min<int64_t>(K, r == 0 ? 256 : std::max<int64_t>(4, 1024 / r));
-  const int64_t num_kb = (K + KB_max - 1) / KB_max;
-  const int64_t KB = (K + num_kb - 1) / num_kb;
+  const int64_t KB = component_block(K, r);
+  const int64_t num_kb = (K + KB - 1) / KB;
   at::Tensor fwd, bwd, Umu;
   if (r > 0) {
     fwd = forward_given.has_value() ? *forward_given : forward_panels<T>(means, bases, KB);
@@ -162,16 +135,15 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
           for (int64_t k = 0; k < nk; ++k) {
             const int64_t kk = k0 + k;
             const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(Fi[k]);
-            double cc = 0, cc_w = 0, ld = 0, prod = 1;  // ld: one log per 8 factors
+            double cc = 0, cc_w = 0;
             T* c = Fi + nk + k * r;
             for (int64_t j = 0; j < r; ++j) {
               c[j] -= umu[kk * r + j];
-              const double cj = c[j], v = static_cast<double>(lam[kk * r + j]) + s2;
+              const double cj = c[j];
               cc += cj * cj;
-              cc_w += cj * cj / v;
-              prod *= v;
-              if (j % 8 == 7 || j == r - 1) ld += std::log(prod), prod = 1;
+              cc_w += cj * cj / (static_cast<double>(lam[kk * r + j]) + s2);
             }
+            const double ld = log_det_low(lam + kk * r, r, s2);
             L[k] = logw[kk] + component_logpdf<double>(std::max(sq, 0.0), cc_w, cc, ld, lpv[kk], s2, D, r);
             if (err[i] > kLogitTol && L[k] >= lse[b0 + i] - 2 * err[i] - kCutoff) {
               const double sqe = sqdist_exact(xb + i * D, mu + kk * D, D);
