@@ -28,6 +28,13 @@ PyObject* PyInit__C(void) {
 #define GSA_MIXTURE_ARGS                                                                     \
   "(Tensor x, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, "            \
   "Tensor log_weights, Tensor sigma, bool need_denoised, bool need_weights"
+// labelled variants: row b under component labels[b] of stacked Gaussians (a mixture's tensors)
+#define GSA_LABELED_MAP_ARGS                                                                 \
+  "(Tensor x, Tensor labels, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, " \
+  "Tensor sigma_from, Tensor sigma_to, Tensor scale_from, Tensor scale_to, int kind"
+#define GSA_LABELED_TRAJECTORY_ARGS                                                          \
+  "(Tensor x, Tensor labels, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, " \
+  "Tensor sigmas"
 #define GSA_TENSOR ") -> Tensor"
 #define GSA_TRIPLE ") -> (Tensor, Tensor, Tensor)"
 #define GSA_BASIS_ROWS ", Tensor? basis_rows=None) -> Tensor"
@@ -42,6 +49,10 @@ TORCH_LIBRARY(gsa_kernels, m) {
   // Posterior of a K-component low-rank mixture: (denoised [B, D] or [0] when not needed,
   // logp [B], weights [B, K] or [0] when not needed). logp and weights in compute dtype.
   m.def("mixture_posterior" GSA_MIXTURE_ARGS GSA_PANELS);
+  // gaussian_map / gaussian_trajectory with row b under component labels[b] (int64 [B] in
+  // [0, K)) of means [K, D], bases [K, D, r], eigvals [K, r], residual_var [K].
+  m.def("gaussian_map_labeled" GSA_LABELED_MAP_ARGS GSA_TENSOR);
+  m.def("gaussian_trajectory_labeled" GSA_LABELED_TRAJECTORY_ARGS GSA_TENSOR);
   // Layouts and their validity (gsa_kernels/_layouts.py; CPU): U^T [r, D] of a basis [D, r];
   // the (forward, backward) component panels of a mixture (csrc/cpu/mixture.cpp); a 64-bit hash
   // of a tensor's dtype, sizes and contents.
@@ -64,4 +75,6 @@ TORCH_LIBRARY(gsa_kernels, m) {
   m.def("cuda_emu_gaussian_map" GSA_GAUSSIAN_MAP_ARGS GSA_TENSOR);
   m.def("cuda_emu_gaussian_trajectory" GSA_TRAJECTORY_ARGS GSA_TENSOR);
   m.def("cuda_emu_mixture_posterior" GSA_MIXTURE_ARGS GSA_TRIPLE);
+  m.def("cuda_emu_gaussian_map_labeled" GSA_LABELED_MAP_ARGS GSA_TENSOR);
+  m.def("cuda_emu_gaussian_trajectory_labeled" GSA_LABELED_TRAJECTORY_ARGS GSA_TENSOR);
 }

@@ -34,6 +34,8 @@ import torch
 _GAUSSIAN_NO_GRAD = {2: "basis", 5: "sigma_from", 6: "sigma_to", 7: "scale_from", 8: "scale_to"}
 _TRAJECTORY_NO_GRAD = {2: "basis", 5: "sigmas"}
 _MIXTURE_NO_GRAD = {2: "bases", 6: "sigma"}
+_LABELED_NO_GRAD = {3: "bases", 6: "sigma_from", 7: "sigma_to", 8: "scale_from", 9: "scale_to"}
+_LABELED_TRAJECTORY_NO_GRAD = {3: "bases", 6: "sigmas"}
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2
 
 
@@ -151,6 +153,117 @@ def _trajectory_backward(ctx, grad):
     gx.addmm_(acc, basis.T)
     gmean = g.sum((0, 1)) - gx.sum(0) if need_mean else None
     return (gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, *[None] * len(ctx.layouts)
+
+
+# ----------------------------------------------------------------------------- labelled Gaussian maps
+# Row b is gaussian_map under component k = labels[b], so grad x is again the labelled op on the
+# output gradient with means = 0, and the model gradients are the single-Gaussian ones per row,
+# summed into each row's component (index_add over labels). Differentiable: x, means, eigvals
+# and residual_var (a [K] tensor here); the per-eigenvalue terms need U_k^T g and U_k^T y per row,
+# formed from the gathered bases in chunks of rows (only when eigvals or residual_var need grad).
+
+
+def _row_chunks(B, D, r):
+    step = max(1, (1 << 22) // max(1, D * max(r, 1)))
+    return [slice(b, min(B, b + step)) for b in range(0, B, step)]
+
+
+def _spectral_grads(labels, bases, eigvals, lp, y, g, deriv_of, need_lam, need_lp):
+    """(grad eigvals [K, r], grad residual_var [K]) of out = ... + U diag(gain(lam)) c + gain(lp) P y
+    summed over rows: per row, d/dlam_j = (U^T g)_j gain'(lam_j) (U^T y)_j and d/dlp = gain'(lp)
+    (g.y - (U^T g).(U^T y)) (no residual directions at full rank). y [B, D]; g [S, B, D] (S
+    output steps); deriv_of(v, rows) -> gain' [S, n, *] at variances v [n, *] of chunk rows."""
+    B, D = y.shape
+    r = bases.shape[2]
+    glam = torch.zeros_like(eigvals) if need_lam else None
+    glp = torch.zeros_like(lp) if need_lp else None
+    for ch in _row_chunks(B, D * g.shape[0], r):
+        k = labels[ch]
+        U = bases[k]  # [n, D, r]
+        cy = torch.einsum("nd,ndr->nr", y[ch], U)
+        cg = torch.einsum("snd,ndr->snr", g[:, ch], U)
+        if need_lam:
+            glam.index_add_(0, k, (cg * deriv_of(eigvals[k], ch) * cy).sum(0))
+        if need_lp and r < D:
+            perp = (g[:, ch] * y[ch]).sum(-1) - (cg * cy).sum(-1)  # [S, n]: g . P y
+            glp.index_add_(0, k, (deriv_of(lp[k, None], ch)[..., 0] * perp).sum(0))
+    return glam, glp
+
+
+def _labeled_map_setup(op_name):
+    def setup_context(ctx, inputs, output):
+        _check_inputs(op_name, inputs, _LABELED_NO_GRAD)
+        ctx.save_for_backward(*inputs[:10])
+        ctx.kind = inputs[10]
+
+    return setup_context
+
+
+def _labeled_map_backward(op):
+    def backward(ctx, grad):
+        x, labels, means, bases, eigvals, lp, sa, sb, ka, kb = ctx.saved_tensors
+        kind = ctx.kind
+        n = ctx.needs_input_grad
+        need_x, need_mean, need_lam, need_lp = n[0], n[2], n[4], n[5]
+        gx = gmean = glam = glp = None
+        cd = means.dtype
+        g = grad.to(cd).contiguous()
+        if need_x or need_mean:
+            gx = op(g, labels, torch.zeros_like(means), bases, eigvals, lp, sa, sb, ka, kb, kind)
+        if need_mean:  # per row as in _map_backward, summed into each row's component
+            if kind == KIND_FLOW:
+                cm, cv = kb, torch.where(torch.isinf(sa), torch.zeros_like(ka), ka)
+            else:
+                cm, cv = (torch.ones_like(sa) if kind == KIND_DENOISE else torch.zeros_like(sa)), torch.ones_like(sa)
+            gmean = torch.zeros_like(means).index_add_(0, labels, cm[:, None] * g - cv[:, None] * gx)
+        if need_lam or need_lp:
+            mu = means[labels]
+            y = x.to(cd)
+            if kind == KIND_FLOW:
+                y = torch.where(torch.isinf(sa)[:, None], y, y / ka[:, None] - mu)
+            else:
+                y = y - mu
+            deriv = lambda v, ch: _gain_derivative(kind, v, sa[ch, None], sb[ch, None], kb[ch, None])[None]
+            glam, glp = _spectral_grads(labels, bases, eigvals, lp, y, g[None], deriv, need_lam, need_lp)
+        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, glp, None, None, None, None, None
+
+    return backward
+
+
+def _labeled_trajectory_setup(op_name):
+    def setup_context(ctx, inputs, output):
+        _check_inputs(op_name, inputs, _LABELED_TRAJECTORY_NO_GRAD)
+        ctx.save_for_backward(*inputs[:7])
+
+    return setup_context
+
+
+def _labeled_trajectory_backward(map_op):
+    def backward(ctx, grad):
+        """out[t] = mu + A_t (x - mu) per row: grad x = sum_t A_t g_t, each A_t g_t the labelled
+        flow map of g_t from sigmas[0] to sigmas[t] with means = 0 (one launch per step)."""
+        x, labels, means, bases, eigvals, lp, sigmas = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        need_x, need_mean, need_lam, need_lp = n[0], n[2], n[4], n[5]
+        cd = means.dtype
+        g = grad.to(cd).contiguous()
+        gx = gmean = glam = glp = None
+        if need_x or need_mean:
+            zeros, ones = torch.zeros_like(means), torch.ones_like(sigmas[0])
+            gx = torch.zeros(g.shape[1:], dtype=cd, device=g.device)
+            for t in range(g.shape[0]):
+                gx += map_op(g[t], labels, zeros, bases, eigvals, lp, sigmas[0], sigmas[t], ones, ones, KIND_FLOW)
+        if need_mean:
+            gmean = torch.zeros_like(means).index_add_(0, labels, g.sum(0) - gx)
+        if need_lam or need_lp:
+            y = x.to(cd) - means[labels]
+            one = torch.ones_like(sigmas[0])
+            deriv = lambda v, ch: _gain_derivative(KIND_FLOW, v[None], sigmas[0, ch][None, :, None], sigmas[:, ch, None],
+                                                   one[ch][None, :, None])
+            glam, glp = _spectral_grads(labels, bases, eigvals, lp, y, g, deriv, need_lam, need_lp)
+        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, glp, None
+
+    return backward
 
 
 # ----------------------------------------------------------------------------- mixture posterior
@@ -298,7 +411,7 @@ def _mixture_backward(forward, fused):
 
 def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = False):
     """register_autograd for <namespace>::<prefix>{gaussian_map, gaussian_trajectory,
-    mixture_posterior}. fused_mixture_backward: CPU tensors take the kernel
+    mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled}. fused_mixture_backward: CPU tensors take the kernel
     gsa_kernels::mixture_posterior_backward (else the gradients are composed from the forward op
     and torch GEMMs, as for CUDA tensors)."""
     ops = getattr(torch.ops, namespace)
@@ -310,6 +423,9 @@ def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = Fa
         ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"),
                                                 _fused_mixture_backward if fused_mixture_backward else None),
          _mixture_setup),
+        ("gaussian_map_labeled", _labeled_map_backward(getattr(ops, prefix + "gaussian_map_labeled")), _labeled_map_setup),
+        ("gaussian_trajectory_labeled", _labeled_trajectory_backward(getattr(ops, prefix + "gaussian_map_labeled")),
+         _labeled_trajectory_setup),
     ):
         qualname = f"{namespace}::{prefix}{name}"
         torch.library.register_autograd(qualname, backward, setup_context=setup(qualname))

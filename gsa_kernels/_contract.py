@@ -1,6 +1,6 @@
 """The kernel contract: what every backend implements, in one place (docs/architecture.md, section 3).
 
-Three kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
+Five kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
 of them on one backend (_backends.py). Every backend takes the arguments in the order of
 ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference alike:
 
@@ -12,11 +12,19 @@ ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference
         -> out [T, B, D]: x at sigmas[0] carried by the closed-form flow to every sigmas[t].
     mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
         -> (denoised [B, D] or [0], logp [B], weights [B, K] or [0]).
+    gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from,
+                         scale_to, kind)
+    gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
+        -> as gaussian_map / gaussian_trajectory, row b under component labels[b] of a mixture's
+        stacked Gaussians (class-conditional models): labels int64 [B] in [0, K), the model
+        tensors as the mixture's (means [K, D], bases [K, D, r], eigvals [K, r], residual_var
+        [K]; no log weights). Row b's output is exactly gaussian_map's for that row under the
+        Gaussian (means[k], bases[k], eigvals[k], residual_var[k]), k = labels[b].
 
 Tensors: x [B, D] contiguous, float16 / bfloat16 / float32 / float64. Every other tensor
 (model tensors, per-row sigma_* / scale_* [B], sigmas [T, B]) is contiguous, on x's device, in
 the compute dtype of x (compute_dtype below); Gaussian residual_var is a Python float, mixture
-residual_var a [K] tensor. Outputs: out / denoised in x's dtype, logp and weights in the compute
+residual_var a [K] tensor (also in the labelled ops); labels int64 [B] on x's device. Outputs: out / denoised in x's dtype, logp and weights in the compute
 dtype. A kernel computes in the compute dtype whatever the storage dtype. NaN in x gives NaN in
 that row's outputs (never -inf, never another row).
 
@@ -28,8 +36,8 @@ argument index above stays valid); other backends take none, fakes ignore them.
 Room left on purpose (keep the names and orders above stable):
 - Autograd (gsa_kernels/_autograd.py) registers on these same op names: `kind` and the need_*
   flags stay plain int / bool arguments, never folded into the name.
-- A per-row `labels` [B] int64 variant of the Gaussian ops (class-conditional models stored as a
-  mixture) is a new op name with `labels` right after x; it does not change the ops above.
+- The per-row `labels` variants of the Gaussian ops are separate op names with `labels` right
+  after x, so the ops above are unchanged (and a labels-less call can never reach them).
 """
 from __future__ import annotations
 
@@ -53,11 +61,15 @@ ARGUMENTS = {
     "gaussian_trajectory": ("x", "mean", "basis", "eigvals", "residual_var", "sigmas"),
     "mixture_posterior": ("x", "means", "bases", "eigvals", "residual_var", "log_weights", "sigma", "need_denoised",
                           "need_weights"),
+    "gaussian_map_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigma_from", "sigma_to",
+                             "scale_from", "scale_to", "kind"),
+    "gaussian_trajectory_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigmas"),
 }
 OPS = tuple(ARGUMENTS)
 # optional trailing arguments of the compiled CPU ops (csrc/ops.cpp), default None
 LAYOUT_ARGUMENTS = {"gaussian_map": ("basis_rows",), "gaussian_trajectory": ("basis_rows",),
-                    "mixture_posterior": ("forward_panels", "backward_panels")}
+                    "mixture_posterior": ("forward_panels", "backward_panels"),
+                    "gaussian_map_labeled": (), "gaussian_trajectory_labeled": ()}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,8 +100,18 @@ def fake_mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, 
     return denoised, x.new_empty((B,), dtype=cd), weights
 
 
+def fake_gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from,
+                              scale_to, kind):
+    return torch.empty_like(x)
+
+
+def fake_gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
+    return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
+
+
 FAKES = {"gaussian_map": fake_gaussian_map, "gaussian_trajectory": fake_gaussian_trajectory,
-         "mixture_posterior": fake_mixture_posterior}
+         "mixture_posterior": fake_mixture_posterior, "gaussian_map_labeled": fake_gaussian_map_labeled,
+         "gaussian_trajectory_labeled": fake_gaussian_trajectory_labeled}
 
 
 def fake_basis_rows(basis):
@@ -127,3 +149,4 @@ class MixtureOperand:
     `residual_var` [K], `log_weights` [K] (normalised). GaussianMixture is one."""
 
     TENSORS = ("means", "bases", "eigvals", "residual_var", "log_weights")
+    LABELED_TENSORS = TENSORS[:4]  # what the labelled Gaussian ops read: no log weights

@@ -11,6 +11,15 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
     loaded = False
     error = f"{type(e).__name__}: {e}"
 
+if loaded:  # a stale build (older than the contract) would fail below: the backends say why instead
+    from . import _contract
+
+    missing = [op for op in _contract.OPS if not torch._C._dispatch_has_kernel(f"gsa_kernels::{op}")]
+    if missing:
+        loaded = False
+        error = (f"the compiled extension is older than the sources (no gsa_kernels::{missing[0]}): rebuild it "
+                 "(python setup.py build_ext --inplace, or bash scripts/install.sh)")
+
 if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
     from . import _contract
 

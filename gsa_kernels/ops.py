@@ -128,9 +128,39 @@ def _model_tensors(model, x, names, op):
 
 def _gaussian_args(g, x, op):
     """mean, basis, eigvals, residual_var: the model's part of the kernel arguments."""
+    if isinstance(g, MixtureOperand):
+        raise TypeError(f"{op}: expected a gsa_kernels.GaussianModel, got a {type(g).__name__}: to use one of its "
+                        "components per row (class-conditional), pass labels=y (int64 [B]); for the mixture "
+                        "itself use gk.mixture_denoise / mixture_score")
     if not isinstance(g, GaussianOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianModel, got {type(g).__name__}")
     return (*_model_tensors(g, x, GaussianOperand.TENSORS, op), float(g.residual_var))
+
+
+def _labeled_args(m, labels, x, op):
+    """labels, means, bases, eigvals, residual_var: the labelled ops' model arguments. labels must
+    be int64 [B] on x's device with values in [0, K), checked here (on CUDA tensors one host sync
+    of their min / max; under torch.compile not at all: the CPU kernels check them again)."""
+    if not isinstance(m, MixtureOperand):
+        raise TypeError(f"{op}: labels=... selects a component of a gsa_kernels.GaussianMixture per row, but the "
+                        f"model is a {type(m).__name__}; pass a GaussianMixture (one component per class)")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be an int64 tensor [B], got {type(labels).__name__}")
+    B, K = x.shape[0], m.num_components
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be an int64 tensor, got {labels.dtype}")
+    if labels.shape != (B,):
+        raise ValueError(f"{op}: labels must be [B] = [{B}], got shape {tuple(labels.shape)}")
+    if labels.device != x.device:
+        raise ValueError(f"{op}: labels is on {labels.device} but x is on {x.device}")
+    if K == 0:
+        raise ValueError(f"{op}: the mixture has no components")
+    if B > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(labels)
+        if lo < 0 or hi >= K:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: labels must lie in [0, K) = [0, {K}) (one component per class), got {int(bad)}")
+    return (labels.contiguous(), *_model_tensors(m, x, MixtureOperand.LABELED_TENSORS, op))
 
 
 def _mixture_args(m, x, op):
@@ -146,7 +176,7 @@ def _mixture_args(m, x, op):
 # ----------------------------------------------------------------------------- Gaussian ops
 
 
-def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backend, op):
+def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backend, op, labels=None):
     x2 = _flatten(x, g.dim, op)
     B = x2.shape[0]
     flow = kind == SpectralKind.FLOW
@@ -155,38 +185,56 @@ def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backen
     sigma_to = _rows(sigma_to, B, x2, "sigma_to", op, allow_zero=True) if flow else sigma_from
     scale_from = _rows(scale_from, B, x2, "scale_from", op) if flow else sigma_from
     scale_to = _rows(scale_to, B, x2, "scale_to", op) if flow else sigma_from
-    params = _gaussian_args(g, x2, op)
-    _autograd.check_no_grad(op, basis=params[1], **({"sigma_from": sigma_from, "sigma_to": sigma_to, "scale_from": scale_from,
-                                                     "scale_to": scale_to} if flow else {"sigma": sigma_from}))
+    if labels is None:
+        name, params = "gaussian_map", _gaussian_args(g, x2, op)
+        basis = params[1]
+    else:
+        name, params = "gaussian_map_labeled", _labeled_args(g, labels, x2, op)
+        basis = params[2]
+    _autograd.check_no_grad(op, **{"bases" if labels is not None else "basis": basis},
+                            **({"sigma_from": sigma_from, "sigma_to": sigma_to, "scale_from": scale_from,
+                                "scale_to": scale_to} if flow else {"sigma": sigma_from}))
     if B == 0:
         return torch.empty_like(x)
     be = _backends.resolve_backend(backend, x2.device)
-    kernel = be.kernel("gaussian_map", x2.device.type)
-    out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind), *_layouts.gaussian(be.name, g, params[1]))
+    kernel = be.kernel(name, x2.device.type)
+    layouts = _layouts.gaussian(be.name, g, basis) if labels is None else ()
+    out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind), *layouts)
     return out.reshape(x.shape)
 
 
-def gaussian_denoise(x, sigma: Sigma, g, backend: str = "auto"):
-    """Posterior mean E[x0 | x] under the Gaussian model g at noise sigma. x [B, *shape]."""
-    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.DENOISE, backend, "gaussian_denoise")
+# Every Gaussian op also takes labels=y (int64 [B]) with g a GaussianMixture (one component per
+# class): row b then uses component y[b]'s Gaussian (mean, basis, eigvals, residual_var; the log
+# weights are ignored) -- class-conditional models.
 
 
-def gaussian_score(x, sigma: Sigma, g, backend: str = "auto"):
-    """Score grad_x log p_sigma(x) = -(Sigma + sigma^2 I)^-1 (x - mean). x [B, *shape]."""
-    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.SCORE, backend, "gaussian_score")
+def gaussian_denoise(x, sigma: Sigma, g, backend: str = "auto", *, labels=None):
+    """Posterior mean E[x0 | x] under the Gaussian model g at noise sigma. x [B, *shape].
+    labels: int64 [B] with g a GaussianMixture: row b under component labels[b]."""
+    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.DENOISE, backend, "gaussian_denoise", labels)
 
 
-def gaussian_flow(x, sigma_from: Sigma, sigma_to: Sigma, g, scale_from: Sigma = 1.0, scale_to: Sigma = 1.0, backend: str = "auto"):
+def gaussian_score(x, sigma: Sigma, g, backend: str = "auto", *, labels=None):
+    """Score grad_x log p_sigma(x) = -(Sigma + sigma^2 I)^-1 (x - mean). x [B, *shape].
+    labels: int64 [B] with g a GaussianMixture: row b under component labels[b]."""
+    return _gaussian_map(x, g, sigma, sigma, 1.0, 1.0, SpectralKind.SCORE, backend, "gaussian_score", labels)
+
+
+def gaussian_flow(x, sigma_from: Sigma, sigma_to: Sigma, g, scale_from: Sigma = 1.0, scale_to: Sigma = 1.0, backend: str = "auto",
+                  *, labels=None):
     """Closed-form PF-ODE jump of x from sigma_from to sigma_to (per sample) under the Gaussian
     model g, for states x = scale * (x0 + sigma * eps). sigma_from = math.inf: x is unit noise eps.
-    sigma_to = 0 gives the ODE's end point."""
-    return _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, SpectralKind.FLOW, backend, "gaussian_flow")
+    sigma_to = 0 gives the ODE's end point. labels: int64 [B] with g a GaussianMixture: row b
+    under component labels[b]."""
+    return _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, SpectralKind.FLOW, backend, "gaussian_flow",
+                         labels)
 
 
-def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
+def gaussian_trajectory(x, sigmas, g, backend: str = "auto", *, labels=None):
     """x at sigmas[0] carried by the closed-form flow to every sigma: sigmas [T] (or [T, B]),
     returns [T, B, *shape]. sigmas[0] > 0 and finite (the state at infinite noise is not a
-    point: start with gaussian_flow(eps, math.inf, sigmas[0], g)); later sigmas >= 0."""
+    point: start with gaussian_flow(eps, math.inf, sigmas[0], g)); later sigmas >= 0.
+    labels: int64 [B] with g a GaussianMixture: row b under component labels[b]."""
     op = "gaussian_trajectory"
     x2 = _flatten(x, g.dim, op)
     B = x2.shape[0]
@@ -201,13 +249,18 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto"):
         _check_values(sigmas[1:], "sigmas[1:]", op, allow_zero=True, allow_inf=False, cd=cd)
     sigmas = sigmas.to(cd)
     sigmas = (sigmas[:, None] if sigmas.dim() == 1 else sigmas).expand(sigmas.shape[0], B).contiguous()
-    params = _gaussian_args(g, x2, op)
-    _autograd.check_no_grad(op, basis=params[1], sigmas=sigmas)
+    if labels is None:
+        name, params = "gaussian_trajectory", _gaussian_args(g, x2, op)
+        _autograd.check_no_grad(op, basis=params[1], sigmas=sigmas)
+    else:
+        name, params = "gaussian_trajectory_labeled", _labeled_args(g, labels, x2, op)
+        _autograd.check_no_grad(op, bases=params[2], sigmas=sigmas)
     if B == 0:
         return x.new_empty((sigmas.shape[0],) + tuple(x.shape))
     be = _backends.resolve_backend(backend, x2.device)
-    kernel = be.kernel("gaussian_trajectory", x2.device.type)
-    out = kernel(x2, *params, sigmas, *_layouts.gaussian(be.name, g, params[1]))
+    kernel = be.kernel(name, x2.device.type)
+    layouts = _layouts.gaussian(be.name, g, params[1]) if labels is None else ()
+    out = kernel(x2, *params, sigmas, *layouts)
     return out.reshape((sigmas.shape[0],) + tuple(x.shape))
 
 

@@ -5,6 +5,8 @@ Callable exactly like every backend, in kernel argument order (_contract.py):
     gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
     gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
     mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
+    gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
+    gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
 
 Every backend is tested against these functions, and they are tested against independent code
 (torch.distributions densities and autograd, numerical ODE integration) in tests/test_reference.py.
@@ -52,7 +54,7 @@ def _off_span(y, c, basis):
 def _denoise(y, s2, basis, eigvals, residual_var):
     """E[x0 | x] - mean for y = x - mean: U diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y."""
     c = y @ basis
-    out = (c * (eigvals / (eigvals + s2))) @ basis.T
+    out = (c * (eigvals / (eigvals + s2))) @ basis.mT
     perp = _off_span(y, c, basis)
     return out if perp is None else out + residual_var / (residual_var + s2) * perp
 
@@ -60,16 +62,17 @@ def _denoise(y, s2, basis, eigvals, residual_var):
 def _score(y, s2, basis, eigvals, residual_var):
     """-(Sigma + s^2 I)^-1 y: per eigen-direction -1/(lam + s^2), without forming (D - x)/s^2."""
     c = y @ basis
-    out = -(c / (eigvals + s2)) @ basis.T
+    out = -(c / (eigvals + s2)) @ basis.mT
     perp = _off_span(y, c, basis)
     return out if perp is None else out - perp / (residual_var + s2)
 
 
-def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var: float):
+def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var):
     """The PF-ODE dx/ds = (x - D(x, s)) / s from sigma_from to sigma_to, in closed form, for
     y = x - mean: per eigen-direction of variance v, the gain sqrt((v + sigma_to^2) / (v + sigma_from^2)).
     sigma_from = inf: y is unit noise and the gain is sqrt(v + sigma_to^2). y [B, D], sigma_from
-    [B, 1]; sigma_to [B, 1], or [T, B, 1] for T steps at once ([T, B, D] out)."""
+    [B, 1]; sigma_to [B, 1], or [T, B, 1] for T steps at once ([T, B, D] out). residual_var: a
+    float, or a tensor broadcasting like sigma_from (per-row models)."""
     from_noise = torch.isinf(sigma_from)
     from2 = torch.where(from_noise, torch.ones_like(sigma_from), sigma_from) ** 2
     to2 = sigma_to**2
@@ -78,28 +81,31 @@ def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var: float):
         return torch.where(from_noise, torch.sqrt(v + to2), torch.sqrt((v + to2) / (v + from2)))
 
     c = y @ basis
-    out = (c * gain(eigvals)) @ basis.T
+    out = (c * gain(eigvals)) @ basis.mT
     perp = _off_span(y, c, basis)
-    return out if perp is None else out + gain(torch.tensor(residual_var, dtype=y.dtype, device=y.device)) * perp
+    lp = residual_var if isinstance(residual_var, torch.Tensor) else torch.tensor(residual_var, dtype=y.dtype, device=y.device)
+    return out if perp is None else out + gain(lp) * perp
+
+
+def _spectral(xc, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    """The map of gaussian_map in the compute dtype, the per-row values shaped to broadcast against
+    xc (columns [B, 1] for one model; [n, 1, 1] against xc [n, 1, D] for per-row models)."""
+    if kind == SpectralKind.DENOISE:
+        return mean + _denoise(xc - mean, sigma_from**2, basis, eigvals, residual_var)
+    if kind == SpectralKind.SCORE:
+        return _score(xc - mean, sigma_from**2, basis, eigvals, residual_var)
+    from_noise = torch.isinf(sigma_from)
+    y = torch.where(from_noise, xc, xc / scale_from - mean)  # unit noise: no mean to remove
+    return scale_to * (mean + _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var))
 
 
 def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
     """The spectral map of `kind` (SpectralKind) for x [B, D] -> [B, D] in x's dtype, under
     N(mean, U diag(eigvals) U^T + residual_var P_perp), U = basis. Denoise and score read
     sigma_from only. Flow: states x = scale (x0 + sigma eps); sigma_from = inf: x is unit noise."""
-    kind = SpectralKind(kind)
     cd = compute_dtype(x.dtype)
-    xc, residual_var = x.to(cd), float(residual_var)
-    sigma_from = _col(sigma_from, cd)
-    if kind == SpectralKind.DENOISE:
-        out = mean + _denoise(xc - mean, sigma_from**2, basis, eigvals, residual_var)
-    elif kind == SpectralKind.SCORE:
-        out = _score(xc - mean, sigma_from**2, basis, eigvals, residual_var)
-    else:
-        from_noise = torch.isinf(sigma_from)
-        y = torch.where(from_noise, xc, xc / _col(scale_from, cd) - mean)  # unit noise: no mean to remove
-        out = _col(scale_to, cd) * (mean + _flow(y, sigma_from, _col(sigma_to, cd), basis, eigvals, residual_var))
-    return out.to(x.dtype)
+    rows = [_col(v, cd) for v in (sigma_from, sigma_to, scale_from, scale_to)]
+    return _spectral(x.to(cd), mean, basis, eigvals, float(residual_var), *rows, SpectralKind(kind)).to(x.dtype)
 
 
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
@@ -109,6 +115,50 @@ def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     sigmas = sigmas.to(cd)
     out = mean + _flow(x.to(cd) - mean, sigmas[0][:, None], sigmas[:, :, None], basis, eigvals, float(residual_var))
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- labelled Gaussian ops
+
+
+def _row_chunks(B, D, r):
+    step = max(1, (1 << 22) // max(1, D * max(r, 1)))  # gathered [n, D, r] bases of ~32 MB in float64
+    return [slice(b, min(B, b + step)) for b in range(0, B, step)]
+
+
+def _row_models(labels, means, bases, eigvals, residual_var):
+    """Each row's own Gaussian, gathered: means [n, 1, D], bases [n, D, r], eigvals [n, 1, r],
+    residual_var [n, 1, 1]: shaped for _spectral / _flow against x [n, 1, D]. index_select: a label
+    out of [0, K) is an IndexError (indexing would wrap -1 around)."""
+    pick = lambda t: t.index_select(0, labels)
+    return pick(means)[:, None], pick(bases), pick(eigvals)[:, None], pick(residual_var)[:, None, None]
+
+
+def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to,
+                         kind):
+    """gaussian_map with row b under component labels[b]: (means[k], bases[k], eigvals[k],
+    residual_var[k]), k = labels[b]. Every row's model is gathered (in chunks of rows), so each
+    row is computed on its own, with the same formulas as gaussian_map."""
+    cd = compute_dtype(x.dtype)
+    B, D = x.shape
+    xc = x.to(cd)
+    rows = [v.to(cd)[:, None, None] for v in (sigma_from, sigma_to, scale_from, scale_to)]
+    parts = [_spectral(xc[ch, None], *_row_models(labels[ch], means, bases, eigvals, residual_var),
+                       *[v[ch] for v in rows], SpectralKind(kind))[:, 0]
+             for ch in _row_chunks(B, D, bases.shape[2])]
+    return (torch.cat(parts) if parts else xc).to(x.dtype)
+
+
+def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
+    """gaussian_trajectory with row b under component labels[b]: [T, B, D] in x's dtype."""
+    cd = compute_dtype(x.dtype)
+    B, D = x.shape
+    xc, sigmas = x.to(cd), sigmas.to(cd)
+    parts = []
+    for ch in _row_chunks(B, D * sigmas.shape[0], bases.shape[2]):
+        mean, basis, lam, lp = _row_models(labels[ch], means, bases, eigvals, residual_var)
+        steps = _flow(xc[ch, None] - mean, sigmas[0, ch, None, None], sigmas[:, ch, None, None], basis, lam, lp)
+        parts.append((mean + steps)[:, :, 0])
+    return (torch.cat(parts, 1) if parts else xc.new_empty((sigmas.shape[0], 0, D))).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- mixture posterior

@@ -205,6 +205,51 @@ def test_gradcheck_full_rank(arg, backend):
     assert gradcheck(f, (t,), fast_mode=True)
 
 
+# ----------------------------------------------------------------------------- labelled (class-conditional)
+
+LABELS = torch.tensor([2, 0, 2])  # component 1 unused: its gradients are 0
+LABELED_OPS = {
+    "denoise": lambda x, m, be: gk.gaussian_denoise(x, SIGMA, m, backend=be, labels=LABELS),
+    "score": lambda x, m, be: gk.gaussian_score(x, SIGMA, m, backend=be, labels=LABELS),
+    "flow": lambda x, m, be: gk.gaussian_flow(x, SIGMA, SIGMA * 0.3, m, scale_from=1.3, scale_to=0.7, backend=be,
+                                              labels=LABELS),
+    "flow_from_noise": lambda x, m, be: gk.gaussian_flow(x, math.inf, SIGMA, m, scale_to=0.8, backend=be, labels=LABELS),
+    "trajectory": lambda x, m, be: gk.gaussian_trajectory(x, torch.tensor([2.0, 0.7, 0.1, 0.0], dtype=F64), m, backend=be,
+                                                          labels=LABELS),
+}
+LABELED_ARGS = ("x", "means", "eigvals", "residual_var")
+
+
+def _labeled_case(op, arg, backend, r=2, dtype=F64):
+    means, bases, eigvals, lp, _ = mixture_tensors(3, D, r)
+    x = torch.randn(B, D, dtype=F64, generator=torch.Generator().manual_seed(1)) * 1.5
+    values = {"x": x, "means": means, "eigvals": eigvals, "residual_var": lp}
+    values = {k: v.to(dtype) for k, v in values.items()}
+
+    def f(t):
+        v = dict(values, **{arg: t})
+        m = gk.GaussianMixture(v["means"].clone(), bases.to(dtype), v["eigvals"].clone(), v["residual_var"].clone())
+        return LABELED_OPS[op](v["x"], m, backend)
+
+    return f, values[arg].clone().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg", LABELED_ARGS)
+@pytest.mark.parametrize("op", LABELED_OPS)
+def test_gradcheck_labeled(op, arg, backend):
+    f, t = _labeled_case(op, arg, backend)
+    assert gradcheck(f, (t,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg", LABELED_ARGS)
+def test_gradcheck_labeled_full_rank(arg, backend):
+    """r = D: no residual directions (the residual_var gradient is 0)."""
+    f, t = _labeled_case("score", arg, backend, r=D)
+    assert gradcheck(f, (t,), fast_mode=True)
+
+
 # ----------------------------------------------------------------------------- float32
 
 
@@ -345,6 +390,12 @@ def test_inputs_without_gradient_raise(backend):
         gk.mixture_score(x, s, gk.GaussianMixture(means, bases, eig, lp, logw), backend=backend)
     with torch.no_grad():  # no graph is built: nothing to refuse
         gk.mixture_logp(x, s, m, backend=backend)
+    labels = torch.tensor([0, 2, 1])
+    with pytest.raises(RuntimeError, match="bases requires grad"):
+        gk.gaussian_denoise(x, 1.0, m, backend=backend, labels=labels)
+    with pytest.raises(RuntimeError, match="sigmas requires grad"):
+        gk.gaussian_trajectory(x, torch.stack([2 * s, s]), gk.GaussianMixture(means, bases, eig, lp), backend=backend,
+                               labels=labels)
 
 
 def test_kernel_level_op_names_the_input():

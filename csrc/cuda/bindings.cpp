@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: gsa_kernels::{gaussian_map, gaussian_trajectory,
-// mixture_posterior} for CUDA tensors, on the current stream (no host synchronisation).
+// mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled} for CUDA tensors, on the current stream (no host synchronisation).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -69,6 +69,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cuda(
                                          need_denoised, need_weights, "mixture_posterior");
 }
 
+at::Tensor gaussian_map_labeled_cuda(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                     const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
+                                     const at::Tensor& sigma_from, const at::Tensor& sigma_to,
+                                     const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
+  return gaussian_map_labeled<CudaLauncher>(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
+                                            scale_from, scale_to, kind, "gaussian_map_labeled");
+}
+
+at::Tensor gaussian_trajectory_labeled_cuda(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                            const at::Tensor& bases, const at::Tensor& eigvals,
+                                            const at::Tensor& residual_var, const at::Tensor& sigmas) {
+  return gaussian_trajectory_labeled<CudaLauncher>(x, labels, means, bases, eigvals, residual_var, sigmas,
+                                                   "gaussian_trajectory_labeled");
+}
+
 }  // namespace
 }  // namespace gsa::cuda
 
@@ -76,4 +91,6 @@ TORCH_LIBRARY_IMPL(gsa_kernels, CUDA, m) {
   m.impl("gaussian_map", &gsa::cuda::gaussian_map_cuda);
   m.impl("gaussian_trajectory", &gsa::cuda::gaussian_trajectory_cuda);
   m.impl("mixture_posterior", &gsa::cuda::mixture_posterior_cuda);
+  m.impl("gaussian_map_labeled", &gsa::cuda::gaussian_map_labeled_cuda);
+  m.impl("gaussian_trajectory_labeled", &gsa::cuda::gaussian_trajectory_labeled_cuda);
 }

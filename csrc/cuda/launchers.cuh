@@ -14,14 +14,15 @@
 
 namespace gsa::cuda {
 
-// project (when r > 0), then apply; p.coeffs holds p.splits x B x r values. Row tiles go on
-// gridDim.x; the T steps on gridDim.z, in launches of at most kMaxGridYZ steps.
+// project (when r > 0), then apply; p.coeffs holds p.splits x B x r values. Row tiles (of the
+// p.rows tile rows) go on gridDim.x; the T steps on gridDim.z, in launches of at most kMaxGridYZ
+// steps.
 template <typename In, typename Acc>
 cudaError_t launch_gaussian_map(const GaussianMapParams<In, Acc>& p, cudaStream_t stream) {
   const dim3 block(kTile, kTileRowsPerPass);
   if (p.r > 0) {
     auto project = gaussian_project_kernel<In, Acc>;
-    const dim3 grid(ceil_div(p.B, kTile), ceil_div(p.r, kTile), p.splits);
+    const dim3 grid(ceil_div(p.rows, kTile), ceil_div(p.r, kTile), p.splits);
     GSA_LAUNCH(project, grid, block, sizeof(ProjectShared<Acc>), stream, p);
   }
   auto apply = gaussian_apply_kernel<In, Acc>;
@@ -30,7 +31,7 @@ cudaError_t launch_gaussian_map(const GaussianMapParams<In, Acc>& p, cudaStream_
     steps.T = p.T - t0 < kMaxGridYZ ? p.T - t0 : kMaxGridYZ;
     steps.sigma_to += t0 * p.B;
     steps.out += t0 * p.B * p.D;
-    const dim3 grid(ceil_div(p.B, kTile), ceil_div(p.D, kTile), steps.T);
+    const dim3 grid(ceil_div(p.rows, kTile), ceil_div(p.D, kTile), steps.T);
     GSA_LAUNCH(apply, grid, block, sizeof(ApplyShared<Acc>), stream, steps);
   }
   return cudaGetLastError();

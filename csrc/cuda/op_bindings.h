@@ -42,13 +42,41 @@ void check_device(const at::Tensor& x, const char* op) {
                     " tensor, got one on ", x.device());
 }
 
-// out [T, B, D] = the spectral map of x for each of the T rows of sigma_to ([T, B]).
+// The rows of a labelled map grouped into row tiles of one label each (GaussianMapParams):
+// row_of [tiles * kTile] holds x's rows in label order (stable), each label's from a tile start
+// on, -1 in the gaps; tile_component [tiles] each tile's label, -1 for a tile without rows.
+// Torch ops on the labels' device, no host sync: tiles = ceil(B / kTile) + min(K, B) bounds the
+// count (gsa_kernels/triton/gaussian.py label_tiles is the same with its own tile).
+struct LabelTiles {
+  at::Tensor row_of, tile_component, residual_vars;
+};
+
+inline LabelTiles label_tiles(const at::Tensor& labels, const at::Tensor& residual_var, int64_t K) {
+  const int64_t B = labels.size(0);
+  const auto i64 = labels.options();
+  const at::Tensor counts = at::zeros({K}, i64).index_add_(0, labels, at::ones({B}, i64));
+  const at::Tensor tiles_of = at::floor_divide(counts + (kTile - 1), kTile);
+  const at::Tensor tile_end = tiles_of.cumsum(0);
+  const at::Tensor order = std::get<1>(labels.sort(/*stable=*/true, 0, false));
+  const at::Tensor sorted = labels.index_select(0, order);
+  const at::Tensor first_tile = tile_end - tiles_of, group_begin = counts.cumsum(0) - counts;
+  const at::Tensor pos = first_tile.index_select(0, sorted) * kTile + at::arange(B, i64) -
+                         group_begin.index_select(0, sorted);
+  const int64_t tiles = ceil_div(B, kTile) + (K < B ? K : B);
+  const at::Tensor row_of = at::full({tiles * kTile}, -1, i64).index_copy_(0, pos, order);
+  const at::Tensor comp = at::searchsorted(tile_end, at::arange(tiles, i64), /*out_int32=*/false, /*right=*/true);
+  return {row_of, at::where(comp < K, comp, at::full({}, -1, i64)), residual_var};
+}
+
+// out [T, B, D] = the spectral map of x for each of the T rows of sigma_to ([T, B]); with
+// `labelled`, row b under its label's component of the stacked mean / basis / eigvals.
 template <typename L>
 void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                   const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
                   const at::Tensor& sigma_to, const at::Tensor* scale_from,
-                  const at::Tensor* scale_to, int64_t kind, const at::Tensor& out) {
-  const int64_t B = x.size(0), D = x.size(1), r = basis.size(1), T = sigma_to.size(0);
+                  const at::Tensor* scale_to, int64_t kind, const at::Tensor& out,
+                  const LabelTiles* labelled = nullptr) {
+  const int64_t B = x.size(0), D = x.size(1), r = basis.size(-1), T = sigma_to.size(0);
   if (B == 0 || D == 0 || T == 0) return;
   TORCH_CHECK_VALUE(ceil_div(D, kTile) <= kMaxGridYZ, "the cuda spectral map takes D <= ", kMaxGridYZ * kTile,
                     ", got D = ", D);
@@ -62,6 +90,13 @@ void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
                                  ptr<const Acc>(sigma_to), scale_from ? ptr<const Acc>(*scale_from) : nullptr,
                                  scale_to ? ptr<const Acc>(*scale_to) : nullptr, int(kind), B, D, r, T,
                                  splits, ptr<Acc>(coeffs), ptr<In>(out)};
+    p.rows = B;
+    if (labelled != nullptr) {
+      p.row_of = ptr<const int64_t>(labelled->row_of);
+      p.tile_component = ptr<const int64_t>(labelled->tile_component);
+      p.residual_vars = ptr<const Acc>(labelled->residual_vars);
+      p.rows = labelled->row_of.size(0);
+    }
     L::gaussian_map(p);
   });
 }
@@ -101,6 +136,58 @@ at::Tensor gaussian_trajectory(const at::Tensor& x, const at::Tensor& mean, cons
   at::Tensor out = L::empty({T, B, x.size(1)}, x.options());
   // flow from sigmas[0] (may be +inf: x is unit noise) to every sigmas[t], scales 1
   run_spectral<L>(x, mean, basis, eigvals, residual_var, sigmas[0], sigmas, nullptr, nullptr, kFlow, out);
+  return out;
+}
+
+// Labels in [0, K): read on the CPU by check_labeled; on a GPU an asynchronous device-side
+// assert (no host sync; a bad label fails the stream). The public ops check them before.
+inline void check_label_range_on_device(const at::Tensor& labels, int64_t K) {
+  if (labels.device().is_cpu() || labels.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(labels);
+  at::_assert_async(at::logical_and(lo >= 0, hi < K), "gsa_kernels: labels must lie in [0, K)");
+}
+
+template <typename L>
+at::Tensor gaussian_map_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
+                                const at::Tensor& sigma_from, const at::Tensor& sigma_to,
+                                const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind,
+                                const char* op) {
+  check_labeled(x, labels, means, bases, eigvals, residual_var, op);
+  check_device<L>(x, op);
+  const int64_t B = x.size(0);
+  check_rows(x, sigma_from, "sigma_from", {B}, op);
+  check_rows(x, sigma_to, "sigma_to", {B}, op);
+  check_rows(x, scale_from, "scale_from", {B}, op);
+  check_rows(x, scale_to, "scale_to", {B}, op);
+  TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
+                    ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
+  typename L::Guard guard(x.device());
+  check_label_range_on_device(labels, means.size(0));
+  at::Tensor out = L::empty(x.sizes(), x.options());
+  if (B == 0) return out;
+  const LabelTiles tiles = label_tiles(labels, residual_var, means.size(0));
+  run_spectral<L>(x, means, bases, eigvals, 0.0, sigma_from, sigma_to.view({1, B}), &scale_from, &scale_to, kind, out,
+                  &tiles);
+  return out;
+}
+
+template <typename L>
+at::Tensor gaussian_trajectory_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                       const at::Tensor& bases, const at::Tensor& eigvals,
+                                       const at::Tensor& residual_var, const at::Tensor& sigmas, const char* op) {
+  check_labeled(x, labels, means, bases, eigvals, residual_var, op);
+  check_device<L>(x, op);
+  TORCH_CHECK_VALUE(sigmas.dim() == 2 && sigmas.size(0) >= 1, op, ": sigmas must be [T, B] with T >= 1, got ",
+                    sigmas.sizes());
+  const int64_t T = sigmas.size(0), B = x.size(0);
+  check_rows(x, sigmas, "sigmas", {T, B}, op);
+  typename L::Guard guard(x.device());
+  check_label_range_on_device(labels, means.size(0));
+  at::Tensor out = L::empty({T, B, x.size(1)}, x.options());
+  if (B == 0) return out;
+  const LabelTiles tiles = label_tiles(labels, residual_var, means.size(0));
+  run_spectral<L>(x, means, bases, eigvals, 0.0, sigmas[0], sigmas, nullptr, nullptr, kFlow, out, &tiles);
   return out;
 }
 

@@ -104,6 +104,13 @@ struct GaussianMapParams {
   int splits;             // projection_splits(...)
   Acc* coeffs;            // workspace [splits, B, r]: partial sums of c over the D slices
   In* out;                // [T, B, D]
+  // Labelled maps (row i under component labels[i] of stacked Gaussians: mean [K, D], basis
+  // [K, D, r], eigvals [K, r]): the rows are grouped by label into row tiles of kTile rows that
+  // hold one label each. nullptr / 0: one Gaussian, row tile rows are x's rows.
+  const int64_t* row_of = nullptr;          // [rows]: the row of x at each tile row, -1 for none
+  const int64_t* tile_component = nullptr;  // [rows / kTile]: each tile's component, -1 for none
+  const Acc* residual_vars = nullptr;       // [K]
+  int64_t rows = 0;                         // tile rows: B, or the labelled row map's length
 };
 
 // Posterior of a K-component mixture at per-row sigma.

@@ -63,6 +63,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_emu(
                                              need_denoised, need_weights, "cuda_emu_mixture_posterior");
 }
 
+at::Tensor gaussian_map_labeled_emu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                    const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
+                                    const at::Tensor& sigma_from, const at::Tensor& sigma_to,
+                                    const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
+  return gaussian_map_labeled<EmulatedLauncher>(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
+                                                scale_from, scale_to, kind, "cuda_emu_gaussian_map_labeled");
+}
+
+at::Tensor gaussian_trajectory_labeled_emu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                                           const at::Tensor& bases, const at::Tensor& eigvals,
+                                           const at::Tensor& residual_var, const at::Tensor& sigmas) {
+  return gaussian_trajectory_labeled<EmulatedLauncher>(x, labels, means, bases, eigvals, residual_var, sigmas,
+                                                       "cuda_emu_gaussian_trajectory_labeled");
+}
+
 }  // namespace
 }  // namespace gsa::cuda
 
@@ -70,4 +85,6 @@ TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
   m.impl("cuda_emu_gaussian_map", &gsa::cuda::gaussian_map_emu);
   m.impl("cuda_emu_gaussian_trajectory", &gsa::cuda::gaussian_trajectory_emu);
   m.impl("cuda_emu_mixture_posterior", &gsa::cuda::mixture_posterior_emu);
+  m.impl("cuda_emu_gaussian_map_labeled", &gsa::cuda::gaussian_map_labeled_emu);
+  m.impl("cuda_emu_gaussian_trajectory_labeled", &gsa::cuda::gaussian_trajectory_labeled_emu);
 }

@@ -1,6 +1,6 @@
 """Triton backend: kernels for every op of the kernel-level contract (gsa_kernels/_backends.py).
 
-    gaussian.py   fused spectral map (denoise / score / flow) and the trajectory
+    gaussian.py   fused spectral map (denoise / score / flow) and the trajectory, also labelled
     mixture.py    mixture posterior: flash-attention-style streaming over components
     _library.py   registration as torch ops gsa_kernels_triton::*
     _config.py    interpreter detection, dot precision, autotune configs
@@ -46,6 +46,18 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t]."""
     return _ops().gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
+
+
+def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to,
+                         kind):
+    """gaussian_map with row b under component labels[b] of the stacked Gaussians."""
+    return _ops().gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from,
+                                       scale_to, kind)
+
+
+def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
+    """gaussian_trajectory with row b under component labels[b]."""
+    return _ops().gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
 
 
 def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):

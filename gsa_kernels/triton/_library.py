@@ -1,5 +1,5 @@
 """The Triton kernels as torch ops gsa_kernels_triton::{gaussian_map, gaussian_trajectory,
-mixture_posterior} (own namespace: never clashes with the compiled extension's gsa_kernels::).
+mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled} (own namespace: never clashes with the compiled extension's gsa_kernels::).
 
 Registration is picked per case (checked here, see tests/test_triton_backend.py):
 - GPU: torch.library.triton_op, with every kernel launched through wrap_triton, so that
@@ -37,10 +37,24 @@ def _mixture_posterior(x: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
     return mixture.mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
 
 
+def _gaussian_map_labeled(x: Tensor, labels: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
+                          residual_var: Tensor, sigma_from: Tensor, sigma_to: Tensor, scale_from: Tensor,
+                          scale_to: Tensor, kind: int) -> Tensor:
+    return gaussian.gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
+                                         scale_from, scale_to, kind)
+
+
+def _gaussian_trajectory_labeled(x: Tensor, labels: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
+                                 residual_var: Tensor, sigmas: Tensor) -> Tensor:
+    return gaussian.gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
+
+
 _OPS = (
     ("gaussian_map", _gaussian_map),
     ("gaussian_trajectory", _gaussian_trajectory),
     ("mixture_posterior", _mixture_posterior),
+    ("gaussian_map_labeled", _gaussian_map_labeled),
+    ("gaussian_trajectory_labeled", _gaussian_trajectory_labeled),
 )
 
 for _name, _impl in _OPS:

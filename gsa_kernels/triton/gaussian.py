@@ -9,6 +9,11 @@ in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the who
 gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
 trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
 
+Labelled maps (row b under component labels[b] of stacked Gaussians): the rows are grouped by
+label into tiles of LABEL_TILE rows that hold one label each (label_tiles: a row map, padded with
+-1, and each tile's component), so a program's rows share one model and the kernel only offsets
+the model pointers to its tile's component; without labels, program rows are x's rows.
+
 A program owns BLOCK_B rows for all of D. When r <= MAX_REGISTER_RANK, c is formed in registers
 ([BLOCK_B, R_PAD]) in one pass over D; otherwise r-tile by r-tile. The spectral functions are
 applied once per (row, j, t), never inside a D loop: c * f stays in registers for the map (T = 1,
@@ -28,6 +33,7 @@ from ._dot import dot
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
+LABEL_TILE = 64  # rows of one label per tile: a multiple of every BLOCK_B below
 
 
 @triton.jit
@@ -132,24 +138,38 @@ def _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, ac
 
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "CF_IN_REGISTERS", "PRECISION"],
+    key=["D", "R", "T", "KIND", "C_IN_REGISTERS", "CF_IN_REGISTERS", "PRECISION", "LABELED"],
 )
 @triton.jit
 def _spectral_map_kernel(
     x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_hi, lp_lo,  # residual_var = lp_hi + lp_lo (float64-exact)
+    lp_ptr, row_of_ptr, tile_comp_ptr,  # LABELED: residual_var [K], row map [ROWS], tile components
     sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B] (ka, kb unread without HAS_SCALES)
     out_ptr, scratch_ptr,  # out [T, B, D]; scratch [T, B, R]: c * f_t (unless CF_IN_REGISTERS)
-    B, D, R, T,
+    B, D, R, T, ROWS,  # ROWS: program rows (B, or the labelled row map's length)
     KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr,
     C_IN_REGISTERS: tl.constexpr, CF_IN_REGISTERS: tl.constexpr, R_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, LABELED: tl.constexpr, LABEL_TILE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
+    program_rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     acc_dtype: tl.constexpr = mean_ptr.dtype.element_ty
-    lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
+    if LABELED:  # this tile's component; its rows through the row map (-1: none)
+        tl.static_assert(LABEL_TILE % BLOCK_B == 0)
+        source = tl.load(row_of_ptr + program_rows, mask=program_rows < ROWS, other=-1)
+        row_ok = source >= 0
+        rows = tl.where(row_ok, source, 0)
+        # a tile without rows (-1) reads component 0 and stores nothing
+        k = tl.maximum(tl.load(tile_comp_ptr + (tl.program_id(0) * BLOCK_B) // LABEL_TILE), 0).to(tl.int64)
+        mean_ptr += k * D
+        basis_ptr += k * D * R
+        eigvals_ptr += k * R
+        lp = tl.load(lp_ptr + k)
+    else:
+        rows = program_rows
+        row_ok = rows < B
+        lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
+    rows64 = rows.to(tl.int64)
     sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
     ka = tl.full((BLOCK_B,), 1.0, acc_dtype)
     if HAS_SCALES:
@@ -229,11 +249,31 @@ def _launch(kernel):
     return kernel if _config.INTERPRET else torch.library.wrap_triton(kernel)
 
 
-def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, kind: int):
+def label_tiles(labels, K: int, tile: int):
+    """(row_of [tiles * tile], component [tiles]) of labels [B] grouped into tiles of `tile` rows of
+    one label each: row_of holds the rows of x in label order (stable), each label's rows from a
+    tile start on, -1 in the gaps; component is each tile's label, -1 for tiles without rows.
+    Torch ops on labels' device, no host sync: tiles = ceil(B / tile) + min(K, B) bounds the count."""
+    B, dev = labels.shape[0], labels.device
+    counts = torch.zeros(K, dtype=torch.int64, device=dev).index_add_(0, labels, torch.ones_like(labels))
+    tiles_of = (counts + tile - 1) // tile
+    tile_end = torch.cumsum(tiles_of, 0)
+    order = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[order]
+    first_tile, group_begin = tile_end - tiles_of, torch.cumsum(counts, 0) - counts
+    pos = first_tile[sorted_labels] * tile + torch.arange(B, device=dev) - group_begin[sorted_labels]
+    tiles = -(-B // tile) + min(K, B)
+    row_of = torch.full((tiles * tile,), -1, dtype=torch.int64, device=dev).index_copy_(0, pos, order)
+    component = torch.searchsorted(tile_end, torch.arange(tiles, device=dev), right=True)
+    return row_of, torch.where(component < K, component, -1)
+
+
+def spectral_map(x, mean, basis, eigvals, residual_var, sa, ka, sb, kb, kind: int, labels=None):
     """out [T, B, D] (x's dtype) for x [B, D]; sa [B]; sb [T, B]; scales ka [B], kb [T, B] or
-    None for 1 (see module docstring). One kernel launch."""
+    None for 1 (see module docstring). One kernel launch (with labels: mean [K, D], basis
+    [K, D, r], eigvals [K, r], residual_var [K], row b under component labels[b])."""
     B, D = x.shape
-    R = basis.shape[1]
+    R = basis.shape[-1]
     T = sb.shape[0]
     out = torch.empty((T, B, D), dtype=x.dtype, device=x.device)
     if B == 0 or T == 0:
@@ -241,20 +281,28 @@ def spectral_map(x, mean, basis, eigvals, residual_var: float, sa, ka, sb, kb, k
     in_registers = R <= MAX_REGISTER_RANK
     cf_in_registers = in_registers and T == 1
     scratch = torch.empty((0 if cf_in_registers else T * B * R,), dtype=mean.dtype, device=x.device)
-    # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
-    lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
-    lp_lo = float(residual_var) - lp_hi
+    if labels is None:
+        # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
+        lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
+        lp_lo = float(residual_var) - lp_hi
+        lp, row_of, component, rows = mean, sa, sa, B  # the pointers are unread
+    else:
+        lp_hi = lp_lo = 0.0
+        lp = residual_var
+        row_of, component = label_tiles(labels, mean.shape[0], LABEL_TILE)
+        rows = row_of.shape[0]
     r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
 
     def grid(meta):
-        return (triton.cdiv(B, meta["BLOCK_B"]),)
+        return (triton.cdiv(rows, meta["BLOCK_B"]),)
 
     _launch(_spectral_map_kernel)[grid](
-        x, mean, basis, eigvals, lp_hi, lp_lo, sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
-        B, D, R, T,
+        x, mean, basis, eigvals, lp_hi, lp_lo, lp, row_of, component,
+        sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
+        B, D, R, T, rows,
         KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers,
         CF_IN_REGISTERS=cf_in_registers, R_PAD=r_pad,
-        PRECISION=_config.dot_precision(mean.dtype),
+        PRECISION=_config.dot_precision(mean.dtype), LABELED=labels is not None, LABEL_TILE=LABEL_TILE,
     )
     return out
 
@@ -267,3 +315,15 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
     return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW)
+
+
+def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
+    """gaussian_map with row b under component labels[b] (means [K, D], bases [K, D, r], eigvals
+    [K, r], residual_var [K])."""
+    return spectral_map(x, means, bases, eigvals, residual_var, sigma_from, scale_from, sigma_to[None], scale_to[None],
+                        kind, labels)[0]
+
+
+def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
+    """gaussian_trajectory with row b under component labels[b]."""
+    return spectral_map(x, means, bases, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW, labels)

@@ -15,6 +15,9 @@ truth is the reference in float64 on exactly those rounded values. Families:
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
+  labels    (gaussian_map_labeled / gaussian_trajectory_labeled) K Gaussians, row b under
+            component labels[b]: every label present, rows sorted by label, labels missing, all
+            rows one label; across the labelled row tiles (triton 64 rows, cuda 32); test_labels.py
 
 Tile edges (read from the sources; keep in sync when they change):
   triton interpreter  gaussian BLOCK_B 16, BLOCK_D 32, BLOCK_R 16, c in registers for r <= 16;
@@ -55,7 +58,7 @@ class Case:
     sigma: Optional[float] = None  # None: per-sample, log-uniform over the EDM range
     kind: SpectralKind = SpectralKind.DENOISE  # gaussian_map
     T: int = 1  # gaussian_trajectory
-    K: int = 1  # mixture_posterior
+    K: int = 1  # mixture_posterior; the labelled ops' components
     neg_inf_weights: int = 0  # mixtures: this many components get log weight -inf
     nan_rows: tuple = ()
     seed: int = 0
@@ -117,9 +120,17 @@ def gaussian_map_args(case):
     """(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind), float64."""
     gen = _gen(case)
     mean, basis, eigvals, residual_var = _gaussian_model(case, gen)
-    B = case.B
     sigma_from = _row_sigma(case, gen)
-    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, B, gen)
+    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, case.B, gen)
+    x, *rows = _map_rows(case, gen, sigma_from, x0)
+    return (x, mean, basis, eigvals, residual_var, *rows)
+
+
+def _map_rows(case, gen, sigma_from, x0):
+    """(sigma_from, sigma_to, scale_from, scale_to, kind) and x (with the case's NaNs) from data x0:
+    a noised x0 at sigma_from, or for flows a scaled state, rows going to 0, down, and backward,
+    row 2 from unit noise."""
+    B = case.B
     eps = torch.randn(B, case.D, dtype=F64, generator=gen)
     if case.kind == SpectralKind.FLOW:
         # to 0 (the ODE's end), to a smaller sigma, backward to a larger one; schedule scalings
@@ -134,24 +145,75 @@ def gaussian_map_args(case):
     else:
         sigma_to, scale_from, scale_to = sigma_from, sigma_from, sigma_from
         x = x0 + sigma_from[:, None] * eps
-    return (_add_nans(x, case), mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to,
-            int(case.kind))
+    return _add_nans(x, case), sigma_from, sigma_to, scale_from, scale_to, int(case.kind)
 
 
 def gaussian_trajectory_args(case):
     """(x, mean, basis, eigvals, residual_var, sigmas [T, B]), float64."""
     gen = _gen(case)
     mean, basis, eigvals, residual_var = _gaussian_model(case, gen)
+    sigmas = _trajectory_sigmas(case, gen)
+    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, case.B, gen)
+    x = x0 + sigmas[0][:, None] * torch.randn(case.B, case.D, dtype=F64, generator=gen)
+    return _add_nans(x, case), mean, basis, eigvals, residual_var, sigmas
+
+
+def _trajectory_sigmas(case, gen):
+    """sigmas [T, B]: a start per sample, later steps down to 0, some above the start (backward)."""
     B, T = case.B, case.T
     start = _log_uniform(B, 0.01, 80.0, gen) if case.sigma is None else torch.full((B,), case.sigma, dtype=F64)
-    # later steps: down to 0, some above the start (backward); per sample
     later = start * torch.rand(max(T - 1, 0), B, dtype=F64, generator=gen) * 1.3
     if T >= 3:
         later[-1] = 0.0
-    sigmas = torch.cat([start[None], later])
-    x0 = _gaussian_sample(mean, basis, eigvals, residual_var, B, gen)
-    x = x0 + start[:, None] * torch.randn(B, case.D, dtype=F64, generator=gen)
-    return _add_nans(x, case), mean, basis, eigvals, residual_var, sigmas
+    return torch.cat([start[None], later])
+
+
+# ----------------------------------------------------------------------------- labelled Gaussian ops
+
+
+def _labels(case, gen):
+    """labels [B] of the case's pattern (extra["labels"]): "mixed" (random, every label present),
+    "sorted" (rows grouped by label, in order), "missing" (labels 1 and 3 only), "one" (every row
+    label K - 1)."""
+    B, K = case.B, case.K
+    pattern = case.extra.get("labels", "mixed")
+    if pattern == "one":
+        return torch.full((B,), K - 1, dtype=torch.int64)
+    if pattern == "sorted":
+        return torch.arange(B) * K // B
+    if pattern == "missing":
+        return torch.tensor([1, 3])[torch.randint(0, 2, (B,), generator=gen)]
+    labels = torch.randint(0, K, (B,), generator=gen)
+    labels[torch.randperm(B, generator=gen)[:K]] = torch.arange(K)
+    return labels
+
+
+def _labeled_models(case, gen):
+    """K Gaussians stacked (means, bases, eigvals, residual_var [K]: distinct per component) and
+    the labels; each row's data x0 is a sample of its own component."""
+    parts = [_gaussian_model(case, gen) for _ in range(case.K)]
+    means, bases, eigvals = (torch.stack([p[i] for p in parts]) for i in range(3))
+    residual_var = torch.rand(case.K, dtype=F64, generator=gen) * 0.5 if case.r < case.D else torch.zeros(case.K, dtype=F64)
+    labels = _labels(case, gen)
+    x0 = torch.stack([_gaussian_sample(means[k], bases[k], eigvals[k], float(residual_var[k]), case.B, gen) for k in range(case.K)])
+    return labels, means, bases, eigvals, residual_var, x0[labels, torch.arange(case.B)]
+
+
+def gaussian_map_labeled_args(case):
+    """(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)."""
+    gen = _gen(case)
+    labels, means, bases, eigvals, residual_var, x0 = _labeled_models(case, gen)
+    x, *rows = _map_rows(case, gen, _row_sigma(case, gen), x0)
+    return (x, labels, means, bases, eigvals, residual_var, *rows)
+
+
+def gaussian_trajectory_labeled_args(case):
+    """(x, labels, means, bases, eigvals, residual_var, sigmas [T, B])."""
+    gen = _gen(case)
+    labels, means, bases, eigvals, residual_var, x0 = _labeled_models(case, gen)
+    sigmas = _trajectory_sigmas(case, gen)
+    x = x0 + sigmas[0][:, None] * torch.randn(case.B, case.D, dtype=F64, generator=gen)
+    return _add_nans(x, case), labels, means, bases, eigvals, residual_var, sigmas
 
 
 # ----------------------------------------------------------------------------- mixture posterior
@@ -337,8 +399,48 @@ def mixture_posterior_cases():
     return cases
 
 
+LABELED_SHAPES = [  # (B, D, r, K, labels pattern); D 8..96, K 1..5
+    (9, 8, 3, 3, "mixed"),
+    (65, 33, 17, 3, "mixed"),  # 65 rows of 3 labels: triton's 64-row and cuda's 32-row label tiles; register rank 16
+    (40, 96, 5, 5, "sorted"),  # contiguous groups (the cpu kernel's views instead of gathers)
+    (20, 16, 4, 5, "missing"),  # empty groups
+    (33, 24, 24, 4, "mixed"),  # full rank
+    (17, 61, 0, 2, "mixed"),  # no basis: mean and residual only
+    (12, 20, 3, 4, "one"),  # every row one label
+    (5, 12, 2, 1, "mixed"),  # K = 1
+]
+
+
+def gaussian_map_labeled_cases():
+    cases = []
+    for B, D, r, K, labels in LABELED_SHAPES:
+        for kind in SpectralKind:
+            cases.append(Case("labels", _shape_name(B, D, r, K=K) + f"_{labels}_{_KINDS[kind]}", B, D, r, K=K, kind=kind,
+                              extra={"labels": labels}))
+    for dtype in (torch.float64, torch.float16):
+        for kind in SpectralKind:
+            cases.append(Case("labels", _shape_name(17, 33, 5, K=3) + f"_mixed_{_KINDS[kind]}_{_DT[dtype]}", 17, 33, 5, K=3,
+                              kind=kind, dtype=dtype, extra={"labels": "mixed"}))
+    for sigma in (0.002, 80.0):
+        cases.append(Case("labels", _shape_name(9, 8, 3, K=3) + f"_mixed_score_{_sigma_name(sigma)}", 9, 8, 3, K=3,
+                          kind=SpectralKind.SCORE, sigma=sigma, extra={"labels": "mixed"}))
+    cases.append(Case("labels", _shape_name(9, 33, 4, K=3) + "_nan", 9, 33, 4, K=3, nan_rows=(1, 4), extra={"labels": "mixed"}))
+    return cases
+
+
+def gaussian_trajectory_labeled_cases():
+    cases = []
+    for B, D, r, K, labels in LABELED_SHAPES[:7]:
+        cases.append(Case("labels", _shape_name(B, D, r, K=K, T=3) + f"_{labels}", B, D, r, K=K, T=3, extra={"labels": labels}))
+    cases.append(Case("labels", _shape_name(9, 8, 3, K=3, T=4) + "_mixed_f64", 9, 8, 3, K=3, T=4, dtype=torch.float64,
+                      extra={"labels": "mixed"}))
+    return cases
+
+
 CASES = {
     "gaussian_map": (gaussian_map_cases(), gaussian_map_args),
     "gaussian_trajectory": (gaussian_trajectory_cases(), gaussian_trajectory_args),
     "mixture_posterior": (mixture_posterior_cases(), mixture_posterior_args),
+    "gaussian_map_labeled": (gaussian_map_labeled_cases(), gaussian_map_labeled_args),
+    "gaussian_trajectory_labeled": (gaussian_trajectory_labeled_cases(), gaussian_trajectory_labeled_args),
 }

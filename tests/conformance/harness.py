@@ -65,17 +65,18 @@ def kernel(backend, op):
 
 
 def cast(args, dtype):
-    """x (args[0]) to dtype, every other tensor to the compute dtype, all on the test device;
-    floats and flags unchanged."""
+    """x (args[0]) to dtype, every other floating tensor to the compute dtype, all on the test
+    device; integer tensors (labels), floats and flags unchanged."""
     cd, dev = compute_dtype(dtype), device_type()
     out = [args[0].to(dtype).to(dev)]
     for a in args[1:]:
-        out.append(a.to(cd).to(dev) if isinstance(a, torch.Tensor) else a)
+        out.append((a.to(cd) if a.is_floating_point() else a).to(dev) if isinstance(a, torch.Tensor) else a)
     return out
 
 
 def as_f64(args):
-    return [a.to("cpu", torch.float64) if isinstance(a, torch.Tensor) else a for a in args]
+    return [(a.to("cpu", torch.float64) if a.is_floating_point() else a.cpu()) if isinstance(a, torch.Tensor) else a
+            for a in args]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -119,6 +120,29 @@ def gaussian_scale(args64, kind):
         y = x - mean
         mu_term = (1.0 if kind == SpectralKind.DENOISE else 0.0) * mean.norm() * torch.ones(x.shape[0], dtype=torch.float64)
     return gain * torch.nan_to_num(y, nan=0.0).norm(dim=1) + mu_term
+
+
+def labeled_scale(args64, kind):
+    """gaussian_scale of each row under its own component, for gaussian_map_labeled args (float64)."""
+    x, labels, means, bases, eigvals, residual_var, *rows, _ = args64
+    scale = torch.zeros(x.shape[0], dtype=torch.float64)
+    for k in labels.unique().tolist():
+        sel = labels == k
+        scale[sel] = gaussian_scale((x[sel], means[k], bases[k], eigvals[k], float(residual_var[k]), *[v[sel] for v in rows],
+                                     kind), kind)
+    return scale
+
+
+def steps_as_rows(labels_args64):
+    """gaussian_map_labeled flow args whose rows are the T x B (t, b) pairs of trajectory args
+    (x, labels, means, bases, eigvals, residual_var, sigmas): step t is the flow from sigmas[0]
+    to sigmas[t], scales 1."""
+    x, labels, means, bases, eigvals, residual_var, sigmas = labels_args64
+    T, B = sigmas.shape
+    rows = lambda v: v.expand(T, *v.shape).reshape(T * B, *v.shape[1:])
+    one = torch.ones(T * B, dtype=torch.float64)
+    return (rows(x), rows(labels), means, bases, eigvals, residual_var, rows(sigmas[0]), sigmas.reshape(-1), one, one,
+            SpectralKind.FLOW)
 
 
 def check_rows(out, truth, scale, dtype, what):

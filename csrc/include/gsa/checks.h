@@ -77,4 +77,40 @@ inline void check_mixture(const at::Tensor& x, const at::Tensor& means, const at
   check_rows(x, sigma, "sigma", {x.size(0)}, op);
 }
 
+// The labelled Gaussian ops: x, labels int64 [B], and one Gaussian per component (means [K, D],
+// bases [K, D, r], eigvals [K, r], residual_var [K]). Label values are read only on the CPU (one
+// pass over B integers); a CUDA binding checks them on the device instead.
+inline void check_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                          const at::Tensor& bases, const at::Tensor& eigvals,
+                          const at::Tensor& residual_var, const char* op) {
+  check_x(x, op);
+  check_param(x, means, "means", 2, op);
+  check_param(x, bases, "bases", 3, op);
+  check_param(x, eigvals, "eigvals", 2, op);
+  check_param(x, residual_var, "residual_var", 1, op);
+  const int64_t B = x.size(0), K = means.size(0), D = x.size(1), r = bases.size(2);
+  TORCH_CHECK_VALUE(K > 0, op, ": the mixture has no components");
+  TORCH_CHECK_VALUE(means.size(1) == D, op, ": means must be [K, D] with D = ", D, ", got ",
+                    means.sizes());
+  TORCH_CHECK_VALUE(bases.size(0) == K && bases.size(1) == D, op, ": bases must be [K, D, r], got ",
+                    bases.sizes());
+  TORCH_CHECK_VALUE(eigvals.size(0) == K && eigvals.size(1) == r, op,
+                    ": eigvals must be [K, r], got ", eigvals.sizes());
+  TORCH_CHECK_VALUE(residual_var.size(0) == K, op, ": residual_var must be [K], got ",
+                    residual_var.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+                   labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, op, ": labels must be [B] = [", B,
+                    "], got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.device() == x.device(), op, ": labels is on ", labels.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_VALUE(labels.is_contiguous(), op, ": labels must be contiguous");
+  if (labels.device().is_cpu()) {
+    const int64_t* l = labels.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK_VALUE(l[b] >= 0 && l[b] < K, op, ": labels must lie in [0, K) = [0, ", K,
+                        "), got ", l[b], " at row ", b);
+  }
+}
+
 }  // namespace gsa
