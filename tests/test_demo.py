@@ -192,12 +192,12 @@ def test_committed_conditional_denoiser_uses_its_labels(heldout):
     with safe_open(str(ASSETS_DIR / CONDITIONAL_DENOISER_FILE), "pt") as f:
         meta = f.metadata()
     assert meta["command"].startswith("python -m gsa_kernels train-demo-model --conditional")
-    x, y = heldout
-    with torch.no_grad():
-        right = net.loss(x[:400], generator=torch.Generator().manual_seed(0), labels=y[:400]).item()
-        wrong = net.loss(x[:400], generator=torch.Generator().manual_seed(0), labels=(y[:400] + 1) % 10).item()
-    # the EDM loss with the digits' own labels beats the same noise with wrong labels
-    assert right < 0.9 * wrong, (right, wrong)
+    x, y = heldout[0][:400], heldout[1][:400]
+    noisy = x + 5.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # at sigma = 5 the class is not yet decided by the image: the label must help
+        right = (net(noisy, 5.0, y) - x).pow(2).mean().item()
+        wrong = (net(noisy, 5.0, (y + 1) % 10) - x).pow(2).mean().item()
+    assert right < 0.92 * wrong, (right, wrong)  # measured 0.85 (the label helps, but modestly: README)
     assert heldout_denoiser_loss(net) == pytest.approx(float(meta["heldout_loss_ema"]), rel=1e-4)
     with pytest.raises(ValueError, match="class-conditional"):
         net(x[:2], 1.0)
