@@ -94,6 +94,41 @@ def _batches(data: Data):
         yield from data
 
 
+def _labelled_batches(data, labels, num_classes):
+    """(x [n, D], y [n] int64) batches of fit_per_class: data with labels, or (x, y) pairs."""
+    import collections.abc
+
+    import numpy as np
+
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        if labels is None:
+            raise TypeError("fit_per_class: give labels [N] with data [N, ...] (or stream (x, y) batches)")
+        pairs = [(data, labels)]
+    else:
+        if labels is not None:
+            raise TypeError("fit_per_class: streamed data carries its labels, as (x, y) batches; labels must be None")
+        pairs = data() if callable(data) and not isinstance(data, collections.abc.Iterable) else data
+        if not isinstance(pairs, collections.abc.Iterable):
+            raise TypeError(f"fit_per_class: data must be a tensor, an iterable of (x, y) batches or a callable "
+                            f"returning one, got {type(data).__name__}")
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"fit_per_class: streamed batches must be (x, y) pairs, got {type(pair).__name__}")
+        x, y = (torch.as_tensor(t) for t in pair)
+        if x.dim() < 2:
+            raise ValueError(f"fit_per_class: data batches must be [N, ...] with N samples, got shape {tuple(x.shape)}")
+        if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+            raise TypeError(f"fit_per_class: labels must be integer class indices, got {y.dtype}")
+        if y.shape != x.shape[:1]:
+            raise ValueError(f"fit_per_class: labels must be [N] = [{x.shape[0]}] for data of shape {tuple(x.shape)}, "
+                             f"got shape {tuple(y.shape)}")
+        if y.numel() and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+            bound = "" if num_classes is None else f" < num_classes = {num_classes}"
+            raise ValueError(f"fit_per_class: labels must be class indices >= 0{bound}, got min {y.min().item()}, "
+                             f"max {y.max().item()}")
+        yield x.reshape(x.shape[0], math.prod(x.shape[1:])), y.long()
+
+
 class GaussianModel(GaussianOperand):
     """A Gaussian N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)) over D = mean.numel()
     features. mean [D], basis [D, r] with orthonormal columns, eigvals [r] >= 0,
@@ -372,6 +407,65 @@ class GaussianMixture(MixtureOperand):
         return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
                    torch.tensor(residual_vars, dtype=dt), torch.tensor(log_weights, dtype=dt))
 
+    @classmethod
+    def fit_per_class(cls, data, labels=None, rank: Optional[int] = None, energy: Optional[float] = None, *,
+                      num_classes: Optional[int] = None) -> "GaussianMixture":
+        """One Gaussian per class, for class-conditional teleportation (gk.sampling.teleport(...,
+        labels=y)): component k is the exact GaussianModel.fit(rows of class k, rank, energy),
+        log_weights the log class frequencies.
+
+        data [N, ...] with labels [N] (integer classes 0..K-1); or, streamed in one pass, an
+        iterable of (x [n, ...], y [n]) batches -- a list of pairs, a DataLoader over a labelled
+        dataset, a generator, or a callable returning one -- with labels=None. Per-class moments
+        are accumulated in float64 (K matrices D x D: at most fitting.EXACT_FIT_BUDGET_BYTES in
+        all, else a ValueError). K = num_classes, or the largest label + 1; component k is class
+        k. Every class 0..K-1 needs at least 2 rows: an absent or single-row class has no
+        covariance to fit, so that is a ValueError naming the classes (relabel to 0..K'-1 to
+        leave a class out). The components share one rank r (bases [K, D, r]): with energy or
+        rank=None each class chooses its own (as GaussianModel.fit), r is the largest, and a
+        class that chose fewer gets further directions of its residual space at eigenvalue
+        residual_var, which leaves its covariance unchanged. The model has the data's dtype
+        (float32 for integer data)."""
+        from . import fitting
+
+        if rank is not None and energy is not None:
+            raise ValueError("give rank or energy, not both")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        moments, n_total, D = {}, 0, None
+        for x, y in _labelled_batches(data, labels, num_classes):
+            if D is None:
+                D, device = x.shape[1], x.device
+                dtype = x.dtype if x.is_floating_point() else torch.float32
+            elif x.shape[1] != D:
+                raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {D}")
+            y = y.to(x.device)
+            for k in torch.unique(y).tolist():
+                if k not in moments and (len(moments) + 1) * 8 * D * D > fitting.EXACT_FIT_BUDGET_BYTES:
+                    raise ValueError(f"fit_per_class: {len(moments) + 1} classes of D = {D} need {len(moments) + 1} "
+                                     f"float64 D x D matrices, over the {fitting.EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB "
+                                     "budget: fit each class with GaussianModel.fit(..., rank=r, method='randomized')")
+                moments.setdefault(k, fitting.Moments()).add(x[y == k])
+            n_total += x.shape[0]
+        if D is None:
+            raise ValueError("fit_per_class: the data has no rows")
+        K = num_classes if num_classes is not None else max(moments) + 1
+        short = [k for k in range(K) if k not in moments or moments[k].n < 2]
+        if short:
+            raise ValueError(f"fit_per_class: every class 0..{K - 1} needs at least 2 rows; classes {short} have "
+                             f"{[moments[k].n if k in moments else 0 for k in short]}")
+        fits = []
+        for k in range(K):
+            n, mean, _, scatter = fitting.centred(moments[k], D, device, None, fitting._identity)
+            fits.append(fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device))
+        r = max(g.rank for g in fits)
+        bases = [g.basis if g.rank == r else _complete_basis(g.basis, r) for g in fits]
+        eigvals = [torch.cat([g.eigvals, g.eigvals.new_full((r - g.rank,), g.residual_var)]) for g in fits]
+        counts = torch.tensor([moments[k].n for k in range(K)], dtype=torch.float64)
+        return cls(torch.stack([g.mean for g in fits]), torch.stack(bases), torch.stack(eigvals),
+                   torch.tensor([g.residual_var for g in fits], dtype=dtype, device=device),
+                   (counts / n_total).log().to(dtype=dtype, device=device))
+
     def shard(self, index: int, count: int) -> "GaussianMixture":
         """The index-th of `count` near-equal contiguous slices of the components (the first
         K % count slices hold one more), copied, with log_weights unchanged (not renormalised),
@@ -429,7 +523,12 @@ class GaussianMixture(MixtureOperand):
     def logp(self, x, sigma, backend="auto"):
         return ops.mixture_logp(x, sigma, self, backend=backend)
 
-    def __call__(self, x, sigma):
+    def __call__(self, x, sigma, labels=None):
+        """Denoiser interface f(x, sigma) -> x0 for samplers. With labels [B] int64 (one
+        component per class, e.g. fit_per_class): row b gets component labels[b]'s Gaussian
+        denoiser (gk.gaussian_denoise(x, sigma, self, labels=labels)), the class-conditional one."""
+        if labels is not None:
+            return ops.gaussian_denoise(x, sigma, self, labels=labels)
         return self.denoise(x, sigma)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None):

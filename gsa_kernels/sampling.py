@@ -17,6 +17,7 @@ schedule ends at 0 (no correction on the last step), else 2N. `sample()` reports
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -151,13 +152,23 @@ SAMPLERS = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
 # ----------------------------------------------------------------------------- teleportation
 
 
-def teleport(x: torch.Tensor, sigma_from, sigma_to, g: GaussianModel, scale_from=1.0, scale_to=1.0,
-             backend: str = "auto") -> torch.Tensor:
+def teleport(x: torch.Tensor, sigma_from, sigma_to, g, scale_from=1.0, scale_to=1.0, backend: str = "auto", *,
+             labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Jump x from sigma_from to sigma_to along the closed-form PF-ODE of the Gaussian g
     (gk.gaussian_flow): states x = scale * (x0 + sigma * eps) as in schedules.py.
-    sigma_from = math.inf means x is unit noise eps. Floats or [B] tensors; x [B, *shape]."""
+    sigma_from = math.inf means x is unit noise eps. Floats or [B] tensors; x [B, *shape].
+    Class-conditional: g a GaussianMixture with one component per class (e.g.
+    GaussianMixture.fit_per_class) and labels [B] int64: row b jumps along component
+    labels[b]'s flow (the weights play no part)."""
+    if labels is not None:
+        if not isinstance(g, GaussianMixture):
+            raise TypeError(f"teleport with labels needs a GaussianMixture with one component per class (e.g. "
+                            f"GaussianMixture.fit_per_class), got {type(g).__name__}")
+        return ops.gaussian_flow(x, sigma_from, sigma_to, g, labels=labels, scale_from=scale_from, scale_to=scale_to,
+                                 backend=backend)
     if isinstance(g, GaussianMixture):
-        raise TypeError("teleport needs a GaussianModel; for a mixture use gaussian_approximation(mixture)")
+        raise TypeError("teleport needs a GaussianModel; for a mixture use gaussian_approximation(mixture), or pass "
+                        "labels= to use one component per class")
     return ops.gaussian_flow(x, sigma_from, sigma_to, g, scale_from, scale_to, backend=backend)
 
 
@@ -188,14 +199,24 @@ def gaussian_approximation(m: GaussianMixture) -> GaussianModel:
     return GaussianModel(mean.to(m.dtype), evecs.to(m.dtype), evals.to(m.dtype), iso)
 
 
-def _teleport_gaussian(denoiser, gaussian):
-    if gaussian is not None:
-        return gaussian_approximation(gaussian) if isinstance(gaussian, GaussianMixture) else gaussian
-    if isinstance(denoiser, GaussianModel):
-        return denoiser
-    if isinstance(denoiser, GaussianMixture):
-        return gaussian_approximation(denoiser)
-    raise ValueError("teleporting a general denoiser needs gaussian= (e.g. GaussianModel.fit(training_data))")
+def _teleport_gaussian(denoiser, gaussian, labels=None):
+    """The model a teleport jumps with: `gaussian`, else the denoiser if it is a model. A
+    GaussianMixture is replaced by its moment-matched Gaussian, except with labels: then it is
+    taken as one component per class (and a GaussianModel serves every class)."""
+    g = gaussian if gaussian is not None else denoiser
+    if isinstance(g, GaussianMixture):
+        return g if labels is not None else gaussian_approximation(g)
+    if isinstance(g, GaussianModel):
+        return g
+    raise ValueError("teleporting a general denoiser needs gaussian= (e.g. GaussianModel.fit(training_data), or "
+                     "with labels GaussianMixture.fit_per_class(training_data, training_labels))")
+
+
+def _teleport_model(x, sigma_from, sigma_to, denoiser, gaussian, labels=None, scale_from=1.0, scale_to=1.0):
+    """teleport() with the model _teleport_gaussian picks (sample() and the adapters)."""
+    g = _teleport_gaussian(denoiser, gaussian, labels)
+    return teleport(x, sigma_from, sigma_to, g, scale_from, scale_to,
+                    labels=labels if isinstance(g, GaussianMixture) else None)
 
 
 @dataclass
@@ -210,7 +231,8 @@ class SampleResult:
 
 
 def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *, teleport_to: Optional[float] = None,
-           skip_fraction: Optional[float] = None, gaussian=None, callback=None) -> SampleResult:
+           skip_fraction: Optional[float] = None, gaussian=None, labels: Optional[torch.Tensor] = None,
+           callback=None) -> SampleResult:
     """Sample with `method` ("euler", "heun", "dpmpp_2m") from x at sigmas[0] down the schedule,
     optionally replacing the first steps with one analytical teleport:
 
@@ -221,6 +243,10 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
     The teleport uses `gaussian` (a GaussianModel, or a GaussianMixture whose moment-matched
     Gaussian is used); by default the denoiser itself if it is a GaussianModel or a mixture
     (pass gaussian= precomputed when calling repeatedly: the moment match is an eigh of size D).
+    Class-conditional: labels [B] int64 go to the denoiser as `denoiser(x, sigma, labels=labels)`;
+    a GaussianMixture `gaussian` is then one component per class (GaussianMixture.fit_per_class:
+    row b jumps with component labels[b], not with the moment-matched Gaussian), while a
+    GaussianModel serves every class alike.
     Returns a SampleResult with the samples and the NFE count (the teleport costs none)."""
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {tuple(SAMPLERS)}, got {method!r}")
@@ -236,8 +262,8 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
         run = schedules.truncate(full, teleport_to)
     if float(run[0]) < float(full[0]):
         jump = (float(full[0]), float(run[0]))
-        x = teleport(x, jump[0], jump[1], _teleport_gaussian(denoiser, gaussian))
-    counted = CountingDenoiser(denoiser)
+        x = _teleport_model(x, jump[0], jump[1], denoiser, gaussian, labels)
+    counted = CountingDenoiser(denoiser if labels is None else functools.partial(denoiser, labels=labels))
     out = SAMPLERS[method](counted, x, run, callback=callback)
     return SampleResult(out, counted.nfe, run, jump)
 
@@ -249,29 +275,47 @@ class HybridDenoiser:
     """Answers with the analytic denoiser (a GaussianModel or GaussianMixture) for samples whose
     sigma is above `sigma_threshold` and with the network at or below it. Callable as
     `(x, sigma, **extra_args)` with sigma a float or [B] tensor, so it is also a k-diffusion
-    model (extra_args, e.g. class labels, go to the network only). A batch with sigmas on both
-    sides runs the network on the whole batch, then overwrites the high-noise rows.
-    `network_calls` / `analytic_calls` count evaluations."""
+    model (extra_args, e.g. class labels, go to the network). Class-conditional: with
+    `labels_key` (the extra_args name of the network's class labels, e.g. "labels",
+    "class_labels", "class_cond") and a GaussianMixture of one component per class as
+    `analytic`, row b's analytic answer is component extra_args[labels_key][b]'s Gaussian
+    denoiser. A batch with sigmas on both sides runs the network on the whole batch, then
+    overwrites the high-noise rows. `network_calls` / `analytic_calls` count evaluations."""
 
-    def __init__(self, network: Denoiser, analytic, sigma_threshold: float):
+    def __init__(self, network: Denoiser, analytic, sigma_threshold: float, *, labels_key: Optional[str] = None):
         if not isinstance(analytic, (GaussianModel, GaussianMixture)):
             raise TypeError(f"analytic must be a GaussianModel or GaussianMixture, got {type(analytic).__name__}")
         if not sigma_threshold >= 0:
             raise ValueError(f"sigma_threshold must be >= 0, got {sigma_threshold}")
+        if labels_key is not None and not isinstance(analytic, GaussianMixture):
+            raise TypeError("labels_key needs analytic = a GaussianMixture with one component per class "
+                            "(GaussianMixture.fit_per_class)")
         self.network, self.analytic, self.sigma_threshold = network, analytic, float(sigma_threshold)
+        self.labels_key = labels_key
         self.network_calls = self.analytic_calls = 0
 
+    def _analytic(self, x, sigma, labels):
+        if labels is None:
+            return self.analytic(x, sigma)
+        return ops.gaussian_denoise(x, sigma, self.analytic, labels=labels)
+
     def __call__(self, x, sigma, **extra_args):
+        labels = None
+        if self.labels_key is not None:
+            if extra_args.get(self.labels_key) is None:
+                raise ValueError(f"HybridDenoiser(labels_key={self.labels_key!r}) needs the class labels as "
+                                 f"{self.labels_key}= [B]")
+            labels = extra_args[self.labels_key]
         s = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma), device=x.device)
         high = (s.to(x.device).reshape(-1) > self.sigma_threshold).expand(x.shape[0])
         if bool(high.all()):
             self.analytic_calls += 1
-            return self.analytic(x, sigma)
+            return self._analytic(x, sigma, labels)
         out = self.network(x, sigma, **extra_args)
         self.network_calls += 1
         if bool(high.any()):
             rows = s.expand(x.shape[0])[high] if s.dim() else s
             out = out.clone()
-            out[high] = self.analytic(x[high], rows).to(out.dtype)
+            out[high] = self._analytic(x[high], rows, None if labels is None else labels[high]).to(out.dtype)
             self.analytic_calls += 1
         return out

@@ -176,3 +176,65 @@ def test_explain_quick_end_to_end(tmp_path):
     # at sigma = 0.002 the network is ~ the identity, and so are the Gaussian and the mixture
     assert float(rows[0]["ev_gaussian"]) > 0.99 and float(rows[0]["ev_mixture"]) > 0.99
     _assert_png(tmp_path / "explained_variance.png")
+
+
+# ----------------------------------------------------------------------------- class-conditional demo
+
+
+def test_committed_conditional_denoiser_uses_its_labels(heldout):
+    from safetensors import safe_open
+
+    from gsa_kernels.demo.data import ASSETS_DIR
+    from gsa_kernels.demo.net import CONDITIONAL_DENOISER_FILE
+    from gsa_kernels.demo.train import heldout_denoiser_loss
+
+    net = load_denoiser(conditional=True)
+    with safe_open(str(ASSETS_DIR / CONDITIONAL_DENOISER_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta["command"].startswith("python -m gsa_kernels train-demo-model --conditional")
+    x, y = heldout[0][:400], heldout[1][:400]
+    noisy = x + 5.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # at sigma = 5 the class is not yet decided by the image: the label must help
+        right = (net(noisy, 5.0, y) - x).pow(2).mean().item()
+        wrong = (net(noisy, 5.0, (y + 1) % 10) - x).pow(2).mean().item()
+    assert right < 0.92 * wrong, (right, wrong)  # measured 0.85 (the label helps, but modestly: README)
+    assert heldout_denoiser_loss(net) == pytest.approx(float(meta["heldout_loss_ema"]), rel=1e-4)
+    with pytest.raises(ValueError, match="class-conditional"):
+        net(x[:2], 1.0)
+
+
+def test_train_conditional_starts_from_the_unconditional_network(tmp_path):
+    from safetensors import safe_open
+
+    from gsa_kernels.demo import train
+
+    # one step at learning rate 0: the saved network is the one training starts from
+    assert train.main(["--conditional", "--steps", "1", "--lr", "0", "--out-dir", str(tmp_path)]) == 0
+    out = tmp_path / "mnist_edm_denoiser_conditional.safetensors"
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["initialised_from"] == "mnist_edm_denoiser.safetensors" and meta["steps"] == "1"
+    net, base = load_denoiser(out, conditional=True), load_denoiser()
+    x = torch.randn(4, 784)
+    with torch.no_grad():  # a zero class embedding: untrained, it is the unconditional network
+        torch.testing.assert_close(net(x, 2.0, torch.tensor([0, 3, 5, 9])), base(x, 2.0), rtol=0, atol=0)
+
+
+def test_demo_conditional_quick_end_to_end(tmp_path, capsys):
+    assert demo.main(["--conditional", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    rows = _read_csv(tmp_path / "conditional_table.csv")
+    # heun:4:0.25 -> 4 Heun steps = 7 NFE; one step skipped leaves 3 (5 NFE) for both teleports and fewer steps
+    assert {r["name"]: int(r["nfe"]) for r in rows} == {
+        "heun4_full": 7, "heun4_teleport1": 5, "heun4_teleport_global1": 5, "heun4_fewer1": 5,
+        "training_data": 0, "class_gaussian_samples": 0, "global_gaussian_samples": 0}
+    start = {r["name"]: float(r["sigma_start"]) for r in rows}
+    assert start["heun4_teleport1"] == start["heun4_teleport_global1"] < start["heun4_fewer1"] == 80
+    for r in rows:
+        fds = [float(r["fd"]), float(r["fd_class_mean"])] + [float(r[f"fd_class_{c}"]) for c in range(10)]
+        assert all(math.isfinite(v) and v >= -1e-6 for v in fds)
+        assert 0 <= float(r["accuracy"]) <= 1
+        _assert_png(tmp_path / f"conditional_samples_{r['name']}.png")
+    acc = {r["name"]: float(r["accuracy"]) for r in rows}
+    assert acc["training_data"] > 0.9  # the floor: the classifier on real digits with their labels
+    out = capsys.readouterr().out
+    assert "LOWER IS BETTER" in out and "HIGHER IS BETTER" in out and "teleport global" in out

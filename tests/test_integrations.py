@@ -202,3 +202,95 @@ def test_diffusers_errors(gauss):
         gd.teleport_latents(e, gauss, torch.randn(2, 16), skip_fraction=0.2, begin_index=2)
     with pytest.raises(ValueError):
         gd.teleport_latents(e, gauss, torch.randn(2, 16), begin_index=10)
+
+
+# ----------------------------------------------------------------------------- class labels
+
+
+@pytest.fixture(scope="module")
+def per_class(gauss):
+    """Three classes: the fixture Gaussian shifted by 0, 3, -3 along one axis, its spectrum scaled."""
+    shift = torch.zeros(3, 16, dtype=F64)
+    shift[1, 0], shift[2, 0] = 3.0, -3.0
+    return gk.GaussianMixture(gauss.mean + shift, gauss.basis.expand(3, -1, -1).clone(),
+                              gauss.eigvals * torch.tensor([[1.0], [0.5], [2.0]], dtype=F64), 0.01)
+
+
+def class_model(m, k):
+    return gk.GaussianModel(m.means[k], m.bases[k], m.eigvals[k], float(m.residual_var[k]))
+
+
+LABELS = torch.tensor([0, 2, 1, 1, 2, 0])
+
+
+def per_row(m, labels, fn):
+    """fn(class k's GaussianModel, its rows) assembled row by row."""
+    out = None
+    for k in labels.unique().tolist():
+        rows = (labels == k).nonzero()[:, 0]
+        v = fn(class_model(m, k), rows)
+        out = v.new_empty((labels.shape[0],) + v.shape[1:]) if out is None else out
+        out[rows] = v
+    return out
+
+
+def test_k_diffusion_sample_with_class_labels(per_class):
+    sigmas = K.sampling.get_sigmas_karras(12, 0.002, 80.0).double()
+    x = 80.0 * torch.randn(6, 16, dtype=F64)
+    seen = []
+
+    def model(x, sigma, class_cond):  # k-diffusion's name for class labels
+        seen.append(class_cond)
+        return gk.gaussian_denoise(x, sigma, per_class, labels=class_cond)
+
+    out = gkd.sample(model, x, sigmas, per_class, K.sampling.sample_heun, skip_fraction=0.3, labels=LABELS)
+    assert seen and all(s is LABELS for s in seen)
+    want = per_row(per_class, LABELS, lambda g, rows: gkd.sample(g, x[rows], sigmas, g, K.sampling.sample_heun,
+                                                                 skip_fraction=0.3))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    # another name, or the labels left to extra_args; twice is an error
+    alt = gkd.sample(lambda x, s, y: model(x, s, y), x, sigmas, per_class, K.sampling.sample_heun, skip_fraction=0.3,
+                     labels=LABELS, labels_key="y")
+    torch.testing.assert_close(alt, out, rtol=0, atol=0)
+    own = gkd.sample(model, x, sigmas, per_class, K.sampling.sample_heun, skip_fraction=0.3, labels=LABELS,
+                     labels_key=None, extra_args={"class_cond": LABELS})
+    torch.testing.assert_close(own, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="given twice"):
+        gkd.sample(model, x, sigmas, per_class, skip_fraction=0.3, labels=LABELS, extra_args={"class_cond": LABELS})
+
+
+def test_hybrid_denoiser_with_class_labels_in_k_diffusion(per_class):
+    def network(x, sigma, class_cond):
+        return gk.gaussian_denoise(x, sigma, per_class, labels=class_cond)
+
+    hybrid = sampling.HybridDenoiser(network, per_class, sigma_threshold=2.0, labels_key="class_cond")
+    sigmas = K.sampling.get_sigmas_karras(10, 0.002, 80.0).double()
+    x = 80.0 * torch.randn(6, 16, dtype=F64)
+    out = K.sampling.sample_heun(hybrid, x, sigmas, extra_args={"class_cond": LABELS}, disable=True)
+    want = per_row(per_class, LABELS, lambda g, rows: K.sampling.sample_heun(g, x[rows], sigmas, disable=True))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert hybrid.network_calls > 0 and hybrid.analytic_calls > 0
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_v", "flow_euler"])
+def test_diffusers_with_class_labels(per_class, name):
+    noise = torch.randn(6, 16, dtype=F64)
+
+    def run(gaussian, noise, labels):
+        sched = SCHEDULERS[name]()
+        sched.set_timesteps(12)
+        tele = gd.teleport_latents(sched, gaussian, noise, skip_fraction=0.3, labels=labels)
+        model = gd.DenoiserAsDiffusersModel(gaussian, sched)
+        latents = tele.latents
+        for t in tele.timesteps:  # as a pipeline calls a class-conditional UNet
+            inp = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+            eps = model(inp, t, class_labels=labels) if labels is not None else model(inp, t)
+            latents = sched.step(eps, t, latents).prev_sample
+        return tele.latents, latents
+
+    start, out = run(per_class, noise, LABELS)
+    want_start = per_row(per_class, LABELS, lambda g, rows: run(g, noise[rows], None)[0])
+    want = per_row(per_class, LABELS, lambda g, rows: run(g, noise[rows], None)[1])
+    torch.testing.assert_close(start, want_start, rtol=1e-10, atol=1e-10)
+    # diffusers' step upcasts the sample to float32: rows may round differently in the last bit
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,9 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # committed weights
 # with the closed-form jump should pay most (SAMPLER:STEPS:SKIP-FRACTIONS).
 DEFAULT_RUNS = ["heun:18:0.2,0.4", "heun:8:0.25", "dpmpp_2m:10:0.2"]
 QUICK_RUNS = ["heun:6:0.34", "dpmpp_2m:5:0.2"]
+# --conditional: the standard Heun run, teleporting 10-40 % of it
+CONDITIONAL_RUNS = ["heun:18:0.1,0.2,0.3,0.4"]
+QUICK_CONDITIONAL_RUNS = ["heun:4:0.25"]
 SAMPLERS = ("heun", "dpmpp_2m")
 
 
@@ -38,10 +41,10 @@ def demo_parser():
                 "held-out digits (lower is better). Writes a table, sample grids and a figure.")
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="output directory")
     p.add_argument("--num-samples", type=int, default=500, help="samples per setting")
-    p.add_argument("--runs", type=run_spec, nargs="+", default=[run_spec(r) for r in DEFAULT_RUNS],
-                   metavar="SAMPLER:STEPS:FRACTIONS",
+    p.add_argument("--runs", type=run_spec, nargs="+", default=None, metavar="SAMPLER:STEPS:FRACTIONS",
                    help=f"sampler ({' or '.join(SAMPLERS)}), its steps on the full schedule, and the fractions of those "
-                        f"steps to skip; default: {' '.join(DEFAULT_RUNS)}")
+                        f"steps to skip; None: {' '.join(DEFAULT_RUNS)}, or {' '.join(CONDITIONAL_RUNS)} with "
+                        "--conditional")
     p.add_argument("--mixture-components", type=int, default=10, help="components of the fitted Gaussian mixture "
                    "(a reference row: samples of the mixture alone)")
     p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
@@ -49,8 +52,12 @@ def demo_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every setting)")
     p.add_argument("--batch-size", type=int, default=500, help="network batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--conditional", action="store_true",
+                   help="class-conditional demo: the committed conditional network, teleported along each sample's "
+                        "class Gaussian vs the global Gaussian; per-class Frechet distances and classifier accuracy")
     p.add_argument("--quick", action="store_true",
-                   help=f"CI setting: 48 samples, runs {' '.join(QUICK_RUNS)}")
+                   help=f"CI setting: 48 samples, runs {' '.join(QUICK_RUNS)} (--conditional: 40 samples, "
+                        f"{' '.join(QUICK_CONDITIONAL_RUNS)})")
     return p
 
 
@@ -73,15 +80,19 @@ def explain_parser():
 def train_parser():
     p = _parser("train-demo-model", "Train the MNIST demo's denoiser and classifier (fixed seeds) into "
                 "gsa_kernels/assets/.")
-    p.add_argument("--steps", type=int, default=5000, help="denoiser optimisation steps")
+    p.add_argument("--steps", type=int, default=None, help="denoiser optimisation steps (None: 5000, or 2000 with "
+                   "--conditional)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (denoiser and classifier)")
-    p.add_argument("--lr", type=float, default=2e-3, help="denoiser peak learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=None, help="denoiser peak learning rate, cosine decay (None: 2e-3, "
+                   "or 1e-3 with --conditional)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved denoiser weights")
     p.add_argument("--classifier-epochs", type=int, default=15, help="classifier training epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = deterministic and fastest on a "
                    "shared machine)")
     p.add_argument("--only", choices=("both", "denoiser", "classifier"), default="both", help="which model to train")
+    p.add_argument("--conditional", action="store_true", help="train the class-conditional denoiser of `demo "
+                   "--conditional` instead, starting from the committed unconditional one (the classifier is reused)")
     p.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where the safetensors files go")
     return p
 

@@ -26,7 +26,7 @@ import torch
 import gsa_kernels as gk
 
 from .classifier import load_classifier
-from .cli import QUICK_RUNS, demo_parser, run_spec
+from .cli import CONDITIONAL_RUNS, DEFAULT_RUNS, QUICK_CONDITIONAL_RUNS, QUICK_RUNS, demo_parser, run_spec
 from .data import mnist_split
 from .metrics import classifier_features, frechet_distance
 from .net import load_denoiser
@@ -40,9 +40,14 @@ def parse_args(argv):
     p = demo_parser()
     args = p.parse_args(argv)
     if args.quick:
-        args.num_samples, args.runs, args.batch_size = 48, [run_spec(r) for r in QUICK_RUNS], 48
+        args.num_samples, args.batch_size = (40, 40) if args.conditional else (48, 48)
+        args.runs = [run_spec(r) for r in (QUICK_CONDITIONAL_RUNS if args.conditional else QUICK_RUNS)]
+    elif args.runs is None:
+        args.runs = [run_spec(r) for r in (CONDITIONAL_RUNS if args.conditional else DEFAULT_RUNS)]
     if args.num_samples < 2:
         p.error("--num-samples must be >= 2")
+    if args.conditional and args.num_samples < 20:
+        p.error("--num-samples must be >= 20 with --conditional (2 per class for the per-class Frechet distances)")
     return args
 
 
@@ -272,6 +277,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.conditional:
+        from . import conditional
+
+        return conditional.main(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     train, _ = mnist_split("train")
     heldout, _ = mnist_split("heldout")

@@ -15,6 +15,10 @@ Usage (after `scheduler.set_timesteps(...)`, instead of `latents = noise * init_
     for t in start.timesteps:          # scheduler.timesteps[begin_index:], set_begin_index done
         eps = unet(scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(eps, t, latents).prev_sample
+
+Class-conditional (a UNet taking class_labels=y): m = GaussianMixture.fit_per_class(data, labels)
+and `teleport_latents(scheduler, m, noise, skip_fraction=0.3, labels=y)`: each row jumps with its
+class's Gaussian; then `unet(..., t, class_labels=y)` as usual.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from .. import ops, schedules
-from ..sampling import _teleport_gaussian
+from .. import schedules
+from ..sampling import _teleport_model
 
 __all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel"]
 
@@ -85,11 +89,13 @@ class TeleportedLatents:
 
 
 def teleport_latents(scheduler, gaussian, noise: torch.Tensor, *, skip_fraction: Optional[float] = None,
-                     begin_index: Optional[int] = None) -> TeleportedLatents:
+                     begin_index: Optional[int] = None, labels: Optional[torch.Tensor] = None) -> TeleportedLatents:
     """Jump unit noise [B, *shape] along the closed-form PF-ODE of `gaussian` (a GaussianModel,
     or a GaussianMixture: its moment-matched Gaussian) to the noise level of
     scheduler.timesteps[begin_index] (or begin_index = schedules.skip_index(steps, skip_fraction)),
-    scaled for this scheduler, and set the scheduler's begin index. Call after set_timesteps."""
+    scaled for this scheduler, and set the scheduler's begin index. Call after set_timesteps.
+    labels [B] int64 (class-conditional): a GaussianMixture `gaussian` is one component per class
+    (GaussianMixture.fit_per_class) and row b jumps with component labels[b]."""
     _check_ready(scheduler)
     n = len(scheduler.timesteps)
     if (skip_fraction is None) == (begin_index is None):
@@ -102,7 +108,7 @@ def teleport_latents(scheduler, gaussian, noise: torch.Tensor, *, skip_fraction:
     if math.isinf(sigma):  # the flow schedule's t = 1: the state is the noise itself
         latents = noise.clone()
     else:
-        latents = ops.gaussian_flow(noise, math.inf, sigma, _teleport_gaussian(None, gaussian), 1.0, scale)
+        latents = _teleport_model(noise, math.inf, sigma, None, gaussian, labels, 1.0, scale)
     scheduler.set_begin_index(begin_index)
     return TeleportedLatents(latents, scheduler.timesteps[begin_index:], begin_index, sigma)
 
@@ -113,7 +119,8 @@ class DenoiserAsDiffusersModel:
     scheduler: it maps the (scaled) model input and timestep to (x, sigma), and answers in the
     scheduler's prediction_type ("epsilon", "v_prediction", "sample", "flow_prediction";
     flow-matching schedulers: velocity eps - x0). timestep: a scalar or [B] from
-    scheduler.timesteps. `calls` counts evaluations."""
+    scheduler.timesteps. Class-conditional as diffusers' UNets are: `class_labels=y` reaches the
+    denoiser as `denoiser(x, sigma, labels=y)`. `calls` counts evaluations."""
 
     def __init__(self, denoiser, scheduler):
         self.denoiser, self.scheduler = denoiser, scheduler
@@ -126,8 +133,10 @@ class DenoiserAsDiffusersModel:
         index = (ts[None, :] - t[:, None]).abs().argmin(1)
         return self.scheduler.sigmas.double().cpu()[index]
 
-    def __call__(self, model_input: torch.Tensor, timestep, **kwargs):
+    def __call__(self, model_input: torch.Tensor, timestep, class_labels=None, **kwargs):
         self.calls += 1
+        if class_labels is not None:
+            kwargs["labels"] = class_labels
         B = model_input.shape[0]
         s = self._sigmas(timestep, B)
         if self.kind == "flow":
