@@ -234,6 +234,7 @@ def per_row(m, labels, fn):
     return out
 
 
+@needs_k_diffusion
 def test_k_diffusion_sample_with_class_labels(per_class):
     sigmas = K.sampling.get_sigmas_karras(12, 0.002, 80.0).double()
     x = 80.0 * torch.randn(6, 16, dtype=F64)
@@ -259,6 +260,7 @@ def test_k_diffusion_sample_with_class_labels(per_class):
         gkd.sample(model, x, sigmas, per_class, skip_fraction=0.3, labels=LABELS, extra_args={"class_cond": LABELS})
 
 
+@needs_k_diffusion
 def test_hybrid_denoiser_with_class_labels_in_k_diffusion(per_class):
     def network(x, sigma, class_cond):
         return gk.gaussian_denoise(x, sigma, per_class, labels=class_cond)
