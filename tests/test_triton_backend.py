@@ -267,7 +267,8 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
                 EXACT_RESIDUAL_RATIO=mixture.EXACT_RESIDUAL_RATIO[torch.float32]), arch)
             assert k.metadata.shared <= smem_limit
         k = _gpu_compile(mixture._mixture_isotropic_kernel, types, dict(
-            common, REFINE=True, LOGIT_TOL=mixture.LOGIT_TOL[torch.float32], CUTOFF=mixture.CUTOFF), arch)
+            common, EXPAND=True, LOGIT_TOL=mixture.LOGIT_TOL[torch.float32], CUTOFF=mixture.CUTOFF,
+            DOT_SPLIT_ERR=mixture.DOT_SPLIT_ERR[precision], DOT_ROUNDINGS_PER_D=mixture.DOT_ROUNDINGS_PER_D[precision]), arch)
         assert k.metadata.shared <= smem_limit
     types.update(weights_ptr=f32, denoised_ptr=f32, logp_ptr=f32)
     _gpu_compile(mixture._mixture_merge_kernel, types, dict(NEED_DENOISED=True, NEED_WEIGHTS=True, BLOCK_B=mixture.BLOCK_B, BLOCK_N=128), arch)

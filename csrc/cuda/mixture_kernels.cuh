@@ -15,23 +15,43 @@
 // Accumulation of the denoiser in Acc (float, or double for float64). No torch headers.
 #pragma once
 #include "kernel_common.cuh"
+#include "tensor_core.cuh"
 
 namespace gsa::cuda {
 
 template <typename Acc>
 struct DeltaShared {
-  Acc x[kMixtureRows][kTile];             // [row][d]: the rows' x tile
+  Acc x[kMixtureRows][kTile + 4];         // [row][d]: the rows' x tile
   Acc mu[kMixtureChunk][kTile + 1];       // [component][d], padded: lane k reads row k
-  Acc weight[kMixtureRows][kMixtureChunk];  // [row][component]: p_k (1 - h_k) of the chunk
-};
+  Acc weight[kMixtureRows][kMixtureChunk + 4];  // [row][component]: p_k (1 - h_k) of the chunk
+  Acc rescale[kMixtureRows];              // per row: exp(m_old - m_new) of the chunk
+  int busy[kMixtureRows];                 // per row: the chunk weighs or moves the max
+  union {  // (used in turn, between barriers)
+    Acc points[kMixtureChunk][kProjTile + 8];  // back-projection: [component][d] means tile
+    struct {
+      float xmu[4][kMixtureRows][kMixtureChunk + 1];  // per quarter of the d tiles: partial x . mu
+      double mu_sq[kWarps][kMixtureChunk];            // per warp: partial |mu|^2
+    } dots;
+  } tiles;
+};  // (paddings: the mma fragments' reads fall in different banks)
+static_assert(sizeof(DeltaShared<double>) <= kSharedMemoryLimit);
 
 // r = 0: component k is N(mu_k, residual_var_k I); its denoiser is (1 - h_k) mu_k + h_k x with
 // h_k = residual_var_k / (residual_var_k + s^2). grid (ceil(B / 8), splits); block (32, 8): warp w
 // owns row i0 + w and lane k component k0 + k of each 32-component chunk of the block's slice.
-// Per chunk: the 8 x 32 squared distances from shared-memory tiles of x and the means (32 d at a
-// time, each tile summed in Acc and the tiles in double), the exact double distance of the
-// components that can still compete when Acc is float, the warp-wide online softmax update,
-// then accum[row, d] += sum_k p_k (1 - h_k) mu_k[d] (lane = d) from the means tile again.
+// Per chunk, from shared-memory tiles of x and the means (32 d at a time):
+// - the 8 x 32 squared distances. float: |x|^2 + |mu|^2 - 2 x.mu, the norms in double and x.mu
+//   as tensor-core tiles (tensor_core.cuh: 3xTF32 mma on sm_80+; C^T = M X^T, warp w the 16
+//   components at 16 (w % 2) and the 8 d at 8 (w / 2) of every tile, the 4 partials summed in
+//   shared memory), then the exact double distance of the components that can still compete
+//   (fast logit + its error bound within kCutoff of the running max; csrc/cpu/empirical.cpp).
+//   double: from the differences (each tile summed in double).
+// - the warp-wide online softmax update;
+// - the back-projection accum[rows, d] = rescale accum + W M as one dense tile product: W the
+//   [8 rows, 32 components] weights p_k (1 - h_k), M the [32, 128 d] means tile, warp w the 16 d
+//   at 16 w (mma tiles C^T = M^T W^T, 16 d x 8 rows). A chunk that weighs nothing (every p below
+//   Acc's range) and leaves every row's max where it was skips it: with a one-hot posterior that
+//   is nearly every chunk.
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParams<In, Acc> p) {
   GSA_SHARED_STRUCT(DeltaShared<Acc>, sm);
@@ -41,9 +61,16 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
   const double s2 = row_ok ? double(p.sigma[i]) * double(p.sigma[i]) : 1.0;
   const int64_t split = blockIdx.y, per_split = components_per_split(p.K, p.splits);
   const int64_t k_begin = split * per_split, k_end = k_begin + per_split < p.K ? k_begin + per_split : p.K;
-  // relative error bound of the tiled distance: each difference, square and tile sum rounds in Acc
-  constexpr double kSqErr = (kTile + 4) * machine_eps<Acc>();
-  constexpr bool kRefine = sizeof(Acc) < sizeof(double);
+  constexpr bool kExpand = sizeof(Acc) < sizeof(double);
+  // float: |x|^2 in double, and the relative error bound of x . mu against |x| |mu|: the split's
+  // 3 x 2^-22 per product, and a truncating float rounding (2^-23) per mma and tile (3 per d tile,
+  // the 8 products and the accumulator of an mma, the 4 partials)
+  double x_sq = 0;
+  if (kExpand && row_ok)
+    for (int64_t d = lane; d < p.D; d += 32) x_sq += double(to_real(p.x[i * p.D + d])) * double(to_real(p.x[i * p.D + d]));
+  x_sq = warp_sum(x_sq);
+  const double x_norm = sqrt(x_sq);
+  const double dot_err = 3 * 0x1p-22 + double(3 * ceil_div(p.D, kTile) + 16) * 0x1p-23;
 
   double m = neg_infinity<double>();  // per row, the same in every lane
   double m_fast = neg_infinity<double>(), err_at_max = 0;  // largest fast logit, its error bound
@@ -51,27 +78,53 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kMixtureChunk) {
     const int64_t k = k0 + lane;
     const bool comp_ok = k < k_end;
-    double sq = 0;
+    Acc dots[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};  // x . mu: C^T fragment (component, row)
+    double sq = 0, mu_sq = 0;
     for (int64_t d0 = 0; d0 < p.D; d0 += kTile) {
       const int64_t d = d0 + lane;
       sm.x[w][lane] = row_ok && d < p.D ? to_real(p.x[i * p.D + d]) : Acc(0);
       for (int c = w; c < kMixtureChunk; c += kWarps)
         sm.mu[c][lane] = k0 + c < k_end && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
       __syncthreads();
-      Acc tile_sq = Acc(0);
-      for (int dd = 0; dd < kTile; ++dd) {
-        const Acc diff = sm.x[w][dd] - sm.mu[lane][dd];
-        tile_sq += diff * diff;
+      if constexpr (kExpand) {
+        const int c16 = 16 * (w & 1), d8 = 8 * (w >> 1);
+        mma_16x8x8(dots, lane, [&](int c, int dd) { return sm.mu[c16 + c][d8 + dd]; },
+                   [&](int dd, int row) { return sm.x[row][d8 + dd]; });
+        Acc part = Acc(0);  // 4 squares in float (double work would cost as much as the mma)
+        for (int dd = w; dd < kTile; dd += kWarps) part += sm.mu[lane][dd] * sm.mu[lane][dd];
+        mu_sq += part;
+      } else {
+        Acc tile_sq = Acc(0);
+        for (int dd = 0; dd < kTile; ++dd) {
+          const Acc diff = sm.x[w][dd] - sm.mu[lane][dd];
+          tile_sq += diff * diff;
+        }
+        sq += tile_sq;
       }
-      sq += tile_sq;
       __syncthreads();
+    }
+    double err = 0;  // of the logit
+    if constexpr (kExpand) {  // the partials of the 4 quarters (warp pairs) and 8 warps
+      const int g = lane >> 2, t = lane & 3;
+      for (int q = 0; q < 4; ++q)
+        sm.tiles.dots.xmu[w >> 1][2 * t + (q & 1)][16 * (w & 1) + g + 8 * (q >> 1)] = float(dots[q]);
+      sm.tiles.dots.mu_sq[w][lane] = mu_sq;
+      __syncthreads();
+      float xmu = 0;
+      for (int quarter = 0; quarter < 4; ++quarter) xmu += sm.tiles.dots.xmu[quarter][w][lane];
+      mu_sq = 0;
+      for (int v = 0; v < kWarps; ++v) mu_sq += sm.tiles.dots.mu_sq[v][lane];
+      sq = x_sq + mu_sq - 2 * double(xmu);
+      sq = sq < 0 ? 0 : sq;  // (NaN rows stay NaN)
+      // half the error of sq: 2 x.mu, and |mu|^2's float partials (4 terms: 4 x 2^-24 relative)
+      err = comp_ok ? dot_err * x_norm * sqrt(mu_sq) + 0x1p-23 * mu_sq : 0.0;
     }
     const double residual_var = comp_ok ? double(p.residual_var[k]) : 0.0;
     const double vp = residual_var + s2;
     double logit = comp_ok ? double(p.log_weights[k]) + component_logpdf<double>(sq, 0, 0, 0, residual_var, s2, p.D, 0)
                            : neg_infinity<double>();
-    if (kRefine) {  // exact distances for the components that can still compete
-      const double err = comp_ok ? kSqErr * sq / (2 * vp) : 0.0;
+    if constexpr (kExpand) {  // exact distances for the components that can still compete
+      err /= vp;
       const double chunk_max = warp_max(logit);
       const double chunk_err = warp_max(logit == chunk_max ? err : 0.0);
       if (chunk_max > m_fast) {
@@ -92,25 +145,42 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
     const double m_new = chunk_max > m ? chunk_max : m;
     const Acc rescale = Acc(merge_scale(m, m_new));
     const Acc pk = logit == neg_infinity<double>() ? Acc(0) : Acc(exp(logit - m_new));
-    l = l * rescale + warp_sum(pk);
+    const Acc chunk_sum = warp_sum(pk);
+    l = l * rescale + chunk_sum;
     m = m_new;
     if (!p.accum) continue;  // uniform over the block: no barrier skipped by some threads only
 
     const Acc h = Acc(residual_var / vp);
     h_sum = h_sum * rescale + warp_sum(pk * h);
     sm.weight[w][lane] = pk * (Acc(1) - h);
-    for (int64_t d0 = 0; d0 < p.D; d0 += kTile) {
-      const int64_t d = d0 + lane;
+    if (lane == 0) {
+      sm.rescale[w] = rescale;
+      sm.busy[w] = row_ok && (chunk_sum != Acc(0) || rescale != Acc(1));  // (the first chunk: rescale 0)
+    }
+    __syncthreads();  // publishes weight, rescale, busy
+    bool busy = false;
+    for (int v = 0; v < kMixtureRows; ++v) busy = busy || sm.busy[v];
+    if (!busy) continue;  // uniform; the next writes of these arrays follow the next chunk's barriers
+    const int64_t row0 = int64_t(blockIdx.x) * kMixtureRows;
+    for (int64_t d0 = 0; d0 < p.D; d0 += kProjTile) {
       for (int c = w; c < kMixtureChunk; c += kWarps)
-        sm.mu[c][lane] = k0 + c < k_end && d < p.D ? p.means[(k0 + c) * p.D + d] : Acc(0);
-      __syncthreads();  // (the first pass also publishes sm.weight)
-      if (row_ok && d < p.D) {
-        Acc v = Acc(0);
-        for (int c = 0; c < kMixtureChunk; ++c) v += sm.weight[w][c] * sm.mu[c][lane];
-        Acc& a = p.accum[(split * p.B + i) * p.D + d];  // only this thread ever touches it
-        a = k0 == k_begin ? v : a * rescale + v;
-      }
+        for (int dd = lane; dd < kProjTile; dd += 32)
+          sm.tiles.points[c][dd] = k0 + c < k_end && d0 + dd < p.D ? p.means[(k0 + c) * p.D + d0 + dd] : Acc(0);
       __syncthreads();
+      // v[q]: row 2 (lane % 4) + q % 2, d = d0 + 16 w + lane / 4 + 8 (q / 2) (mma's C fragment)
+      Acc v[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+      for (int c0 = 0; c0 < kMixtureChunk; c0 += 8)
+        mma_16x8x8(v, lane, [&](int dm, int k) { return sm.tiles.points[c0 + k][16 * w + dm]; },
+                   [&](int k, int row) { return sm.weight[row][c0 + k]; });
+      for (int q = 0; q < 4; ++q) {
+        const int row = 2 * (lane & 3) + (q & 1);
+        const int64_t d = d0 + 16 * w + (lane >> 2) + 8 * (q >> 1);
+        if (row0 + row < p.B && d < p.D) {
+          Acc& a = p.accum[(split * p.B + row0 + row) * p.D + d];  // only this thread writes it here
+          a = k0 == k_begin ? v[q] : a * sm.rescale[row] + v[q];
+        }
+      }
+      __syncthreads();  // the next tile overwrites points; orders accum before the final pass below
     }
   }
   if (!row_ok) return;  // no barrier below

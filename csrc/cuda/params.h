@@ -32,6 +32,8 @@ constexpr int64_t kMinTilesPerSplit = 4;
 constexpr int kWarps = 8;
 constexpr int kMixtureRows = kWarps;
 constexpr int kMixtureChunk = 32;
+// The r = 0 kernel's back-projection covers 16 d per warp (one mma tile) at a time.
+constexpr int kProjTile = 16 * kWarps;
 constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory without opt-in
 // The mixture kernels split the components over blocks when the row blocks alone cannot fill
 // the GPU; each split covers at least this many components.

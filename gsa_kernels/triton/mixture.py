@@ -20,12 +20,15 @@ Two kernels stream the components:
   D tiles, kept in registers when r <= MAX_REGISTER_RANK, else in a [S, 2, B, r] scratch. The
   residual |P_perp y|^2 of the logit is |y|^2 - |c|^2 where that is accurate, else (small
   residual_var + sigma^2) e = y - U_k c summed directly in float64: one more tl.dot pass over D.
-- r = 0 (the empirical / delta mixture, and isotropic components): BLOCK_K components at a time;
-  the weighted sum of means is one tl.dot of the [BLOCK_B, BLOCK_K] weights with the means tile.
-  |x - mu_k|^2 sums BLOCK_DS-wide tiles in the compute dtype and the tiles in float64; for
-  float32, a tile of components that can still compete (fast logit within kCutoff plus the error
-  bounds of the running max) whose bound exceeds LOGIT_TOL gets its distances recomputed exactly
-  in float64 (the CPU backend's refinement, csrc/cpu/mixture.cpp).
+- r = 0 (the empirical / delta mixture, and isotropic components): BLOCK_K components at a time.
+  float32: the distance GEMM on tensor cores, |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x.mu_k with
+  x.mu_k one split3 tl.dot over D and the norms in float64; a tile of components that can still
+  compete (fast logit within CUTOFF plus the error bounds of the running max) whose bound exceeds
+  LOGIT_TOL gets its distances recomputed (the CPU backend's refinement, csrc/cpu/empirical.cpp):
+  the same expansion with a float64 dot where its error bound allows, else float64 differences. float64: distances from float64 differences. The weighted
+  sum of means is one tl.dot of the [BLOCK_B, BLOCK_K] weights with the means tile (dense
+  posteriors); a tile whose weights are all below float range and that leaves the max where it
+  was skips it (one-hot posteriors).
 """
 from __future__ import annotations
 
@@ -231,13 +234,20 @@ def _mixture_lowrank_kernel(
     tl.store(state + 2 * S * B, hsum, mask=row_ok)
 
 
-_ISOTROPIC_GPU_CONFIGS = [  # (meta, num_warps, num_stages): BLOCK_DS is the depth of the
-    # [BLOCK_B, BLOCK_K, BLOCK_DS] difference tile of |x - mu|^2; BLOCK_D the width of the acc update
+_ISOTROPIC_GPU_CONFIGS = [  # (meta, num_warps, num_stages): BLOCK_K points per step; BLOCK_D the depth of
+    # the x . mu dots and the width of the acc update; BLOCK_DS the depth of the exact float64
+    # [BLOCK_B, BLOCK_K, BLOCK_DS] difference tile (refinement; the float64 kernel's distances)
     ({"BLOCK_K": 32, "BLOCK_D": 64, "BLOCK_DS": 8}, 4, 2),
     ({"BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_DS": 8}, 8, 2),
     ({"BLOCK_K": 64, "BLOCK_D": 32, "BLOCK_DS": 8}, 8, 2),
     ({"BLOCK_K": 128, "BLOCK_D": 32, "BLOCK_DS": 4}, 8, 2),
 ]
+# Error model of a float32 dot per PRECISION (EXPAND): the split's relative error per product
+# (a_lo b_lo and the rounding of the lo parts, 3 x 2^-22 for 3xTF32; 2 x 2^-11 for one TF32
+# product) and how many float32 roundings (truncating, 2^-23 each) the accumulator takes per
+# element of D: a tensor-core dot rounds once per k = 8 products and 3xTF32 runs three dots.
+DOT_SPLIT_ERR = {"split3": 3 * 2.0**-22, "tf32x3": 3 * 2.0**-22, "tf32": 2 * 2.0**-11, "ieee": 0.0}
+DOT_ROUNDINGS_PER_D = {"split3": 3 / 8, "tf32x3": 3 / 8, "tf32": 1 / 8, "ieee": 1.0}
 
 
 @triton.autotune(
@@ -250,25 +260,35 @@ def _mixture_isotropic_kernel(
     logits_ptr, state_ptr, acc_ptr,  # logits [B, K] and state [3, S, B] float64; acc [S, B, D]
     B, D, K, K_PER_SPLIT, S,
     NEED_DENOISED: tl.constexpr, NEED_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
-    LOG_2PI: tl.constexpr, REFINE: tl.constexpr, LOGIT_TOL: tl.constexpr, CUTOFF: tl.constexpr,
+    LOG_2PI: tl.constexpr, EXPAND: tl.constexpr, LOGIT_TOL: tl.constexpr, CUTOFF: tl.constexpr,
+    DOT_SPLIT_ERR: tl.constexpr, DOT_ROUNDINGS_PER_D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
 ):
     """r = 0: component k is N(mu_k, (residual_var_k + s^2) I); residual_var_k = 0 is the
-    empirical delta mixture. REFINE (float32): exact float64 distances where they can matter."""
+    empirical delta mixture. EXPAND (float32): distances |x|^2 + |mu|^2 - 2 x.mu with the dots on
+    tensor cores, and exact float64 distances for the points that can still compete."""
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     sigma = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0)
-    s2 = sigma * sigma
-    cdt = s2.dtype
+    cdt = sigma.dtype
     s2_64 = sigma.to(tl.float64) * sigma.to(tl.float64)
-    k_lo = split.to(tl.int64) * K_PER_SPLIT  # int64 loop index: k * D * R may pass 2^31
+    k_lo = split.to(tl.int64) * K_PER_SPLIT  # int64 loop index: k * D may pass 2^31
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     acc_rows = (split * B + rows64)[:, None] * D
     log_2pi = tl.full((BLOCK_B, BLOCK_K), LOG_2PI, tl.float64)
-    # relative error bound of the tiled distance (difference, square and tile sum round in cdt)
-    sq_err = (BLOCK_DS + 4) * 1.1920928955078125e-07
+    # |x|^2 in float64 (exact from float32 elements to ~1e-16), and the relative error bound of
+    # the float32 dots x . mu against |x| |mu| (DOT_SPLIT_ERR, DOT_ROUNDINGS_PER_D)
+    x_sq = tl.zeros((BLOCK_B,), tl.float64)
+    if EXPAND:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+            x64 = x.to(tl.float64)
+            x_sq += tl.sum(x64 * x64, axis=1)
+    x_norm = tl.sqrt(x_sq)
+    dot_err = DOT_SPLIT_ERR + (DOT_ROUNDINGS_PER_D * D + BLOCK_D + 2) * 1.1920928955078125e-07
 
     m = tl.full((BLOCK_B,), float("-inf"), tl.float64)
     l = tl.zeros((BLOCK_B,), tl.float64)
@@ -278,22 +298,27 @@ def _mixture_isotropic_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
-        # |x - mu_k|^2 for the [BLOCK_B, BLOCK_K] tile, summed from the differences
-        sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
-        for d0 in range(0, D, BLOCK_DS):
-            d = d0 + tl.arange(0, BLOCK_DS)
-            d_ok = d < D
-            x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            diff = x.to(cdt)[:, None, :] - mu[None, :, :]
-            sq += tl.sum(diff * diff, axis=2).to(tl.float64)
         residual_var = tl.load(residual_var_ptr + k, mask=k_ok, other=0.0).to(tl.float64)
         vp = residual_var[None, :] + s2_64[:, None]
         logw = tl.load(logw_ptr + k, mask=k_ok, other=float("-inf")).to(tl.float64)
         log_norm = logw[None, :] - 0.5 * (D * tl.log(vp) + D * log_2pi)
-        logit = tl.where(k_ok[None, :], log_norm - 0.5 * sq / vp, float("-inf"))
-        if REFINE:  # exact distances for the components that can still compete
-            err = sq_err * sq / (2 * vp)
+        if EXPAND:  # x . mu_k of the [BLOCK_B, BLOCK_K] tile as one tensor-core dot over D
+            xmu = tl.zeros((BLOCK_B, BLOCK_K), cdt)
+            mu_sq = tl.zeros((BLOCK_K,), tl.float64)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                xmu = dot(x.to(cdt), tl.trans(mu), xmu, PRECISION)
+                mu64 = mu.to(tl.float64)
+                mu_sq += tl.sum(mu64 * mu64, axis=1)
+            sq = x_sq[:, None] + mu_sq[None, :] - 2.0 * xmu.to(tl.float64)
+            sq = tl.where(sq < 0, 0.0, sq)  # (NaN rows stay NaN)
+            logit = tl.where(k_ok[None, :], log_norm - 0.5 * sq / vp, float("-inf"))
+            # logit error bound (the dot's only: |x|^2 and |mu|^2 are float64 sums), then exact
+            # distances for the components that can still compete (csrc/cpu/empirical.cpp)
+            err = dot_err * x_norm[:, None] * tl.sqrt(mu_sq)[None, :] / vp
             tile_max = tl.max(logit, axis=1)
             tile_err = tl.max(tl.where(logit == tile_max[:, None], err, 0.0), axis=1)
             better = tile_max > m_fast
@@ -302,15 +327,40 @@ def _mixture_isotropic_kernel(
             need = (err > LOGIT_TOL) & (logit + err >= (m_fast - err_at_max - CUTOFF)[:, None])
             need = need & row_ok[:, None] & k_ok[None, :]
             if tl.max(need.to(tl.int32)) > 0:
-                sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
-                for d0 in range(0, D, BLOCK_DS):
-                    d = d0 + tl.arange(0, BLOCK_DS)
-                    d_ok = d < D
-                    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                    diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
-                    sq += tl.sum(diff * diff, axis=2)
+                # the same expansion with a float64 dot (DMMA) where its bound allows (its rounding
+                # and that of the float64 norms: (D + BLOCK_D + 2) 2^-53 (|x| + |mu|)^2), else differences
+                norms = x_norm[:, None] + tl.sqrt(mu_sq)[None, :]
+                err64 = (D + BLOCK_D + 2) * 1.1102230246251565e-16 * norms * norms / (2 * vp)
+                if tl.max(tl.where(need, err64, 0.0)) <= LOGIT_TOL:
+                    xmu64 = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
+                    for d0 in range(0, D, BLOCK_D):
+                        d = d0 + tl.arange(0, BLOCK_D)
+                        d_ok = d < D
+                        x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                        mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                        xmu64 = tl.dot(x.to(tl.float64), tl.trans(mu.to(tl.float64)), xmu64, input_precision="ieee")
+                    sq = x_sq[:, None] + mu_sq[None, :] - 2.0 * xmu64
+                    sq = tl.where(sq < 0, 0.0, sq)
+                else:
+                    sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
+                    for d0 in range(0, D, BLOCK_DS):
+                        d = d0 + tl.arange(0, BLOCK_DS)
+                        d_ok = d < D
+                        x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                        mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                        diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
+                        sq += tl.sum(diff * diff, axis=2)
                 logit = tl.where(need, log_norm - 0.5 * sq / vp, logit)
+        else:  # float64: |x - mu_k|^2 from the differences, exact to ~1e-16 relative
+            sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
+            for d0 in range(0, D, BLOCK_DS):
+                d = d0 + tl.arange(0, BLOCK_DS)
+                d_ok = d < D
+                x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
+                sq += tl.sum(diff * diff, axis=2)
+            logit = tl.where(k_ok[None, :], log_norm - 0.5 * sq / vp, float("-inf"))
         if NEED_WEIGHTS:
             tl.store(logits_ptr + rows64[:, None] * K + k[None, :], logit, mask=row_ok[:, None] & k_ok[None, :])
         m_new = tl.maximum(m, tl.max(logit, axis=1))
@@ -319,14 +369,18 @@ def _mixture_isotropic_kernel(
         h = residual_var[None, :] / vp
         l = l * alpha + tl.sum(p, axis=1)
         hsum = hsum * alpha + tl.sum(p * h, axis=1)
-        if NEED_DENOISED:  # acc = alpha acc + (p (1 - h)) @ means[k tile]
+        if NEED_DENOISED:  # acc = alpha acc + (p (1 - h)) @ means[k tile]: one dense tile product
             pm = (p * (1.0 - h)).to(cdt)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = d < D
-                mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                contrib = dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), PRECISION)
-                _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha.to(cdt))
+            # one-hot posteriors: most tiles neither weigh (every p below float's range) nor move
+            # the max (alpha = 1), so they skip the update; the first tile always runs (alpha = 0)
+            busy = row_ok & ((tl.max(pm, axis=1) > 0) | (alpha != 1.0))
+            if tl.max(busy.to(tl.int32)) > 0:
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = d < D
+                    mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                    contrib = dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), PRECISION)
+                    _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha.to(cdt))
         m = m_new
     state = state_ptr + split * B + rows
     tl.store(state, m, mask=row_ok)
@@ -413,7 +467,9 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     if isotropic:
         _launch(_mixture_isotropic_kernel)[grid](
             x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S,
-            REFINE=cd == torch.float32, LOGIT_TOL=LOGIT_TOL[cd], CUTOFF=CUTOFF, **common)
+            EXPAND=cd == torch.float32, LOGIT_TOL=LOGIT_TOL[cd], CUTOFF=CUTOFF,
+            DOT_SPLIT_ERR=DOT_SPLIT_ERR[common["PRECISION"]], DOT_ROUNDINGS_PER_D=DOT_ROUNDINGS_PER_D[common["PRECISION"]],
+            **common)
     else:
         in_registers = R <= MAX_REGISTER_RANK
         scratch = torch.empty((0 if in_registers else S * 2 * B * R,), dtype=cd, device=dev)

@@ -12,6 +12,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
   flow      (gaussian_map) the flow kind: sigma_from = inf rows, scales, sigma_to = 0 and backward
   tie       near ties: nearly equal 1-d subspaces (low-rank) and midpoints of two training points
             (delta mixture); weights within total variation 1e-3 of the truth
+  dense     empirical mixtures whose posterior weights spread (few-hot at sigma 5, dense at 10)
+            over components in several tiles and splits: the dense back-projection
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
@@ -22,12 +24,14 @@ truth is the reference in float64 on exactly those rounded values. Families:
 
 Tile edges (read from the sources; keep in sync when they change):
   triton interpreter  gaussian BLOCK_B 16, BLOCK_D 32, BLOCK_R 16, c in registers for r <= 16;
-                      mixture BLOCK_B 16, BLOCK_D 32, BLOCK_R 16 (registers r <= 16), BLOCK_K 16,
-                      BLOCK_DS 16, merge BLOCK_N 64; split-K over 4 programs
+                      mixture BLOCK_B 16, BLOCK_D 32 (also the depth of the r = 0 x.mu dots),
+                      BLOCK_R 16 (registers r <= 16), BLOCK_K 16, BLOCK_DS 16, merge BLOCK_N 64;
+                      split-K over 4 programs
                       (gsa_kernels/triton/{gaussian,mixture,_config}.py)
   cuda                kTile 32 (rows, D, r), 8 rows per pass; projection split over D when
                       ceil(D/32)/4 >= 2 (D >= 257 on the emulation's 4 multiprocessors); mixture
-                      8 rows per r = 0 block, 32-component chunks, split K >= 256 (r = 0)
+                      8 rows per r = 0 block, 32-component chunks, 128-d back-projection tiles,
+                      split K >= 256 (r = 0)
                       (csrc/cuda/params.h, csrc/emu/cuda_emu.cpp)
   cpu                 row blocks of clamp(1.5 MiB / (D * 4 bytes), 16, 256) rows (257 rows cross
                       one); mixture component blocks of 256 (r = 0) or max(4, 1024 / r) (r > 0),
@@ -391,6 +395,11 @@ def mixture_posterior_cases():
     for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
+    # D = 140: one 128-d back-projection tile of the cuda kernel and a short one; K = 70: several
+    # component tiles (triton 16, cuda 32) and splits
+    for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
+        cases.append(Case("dense", _shape_name(9, 140, 0, K=70) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 9, 140, 0, K=70,
+                          residual_var=0.0, sigma=sigma, dtype=dtype))
     for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
         cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
                           neg_inf_weights=K // 3))
