@@ -178,13 +178,16 @@ def _empirical_sweep(name, device, dtype, seed):
     def flushed(fn):
         # The eager softmax leaves denormal weights (e^-88 .. e^-104) that slow its matmul ~50x
         # on this CPU (measured at sigma = 3); the baseline is timed with denormals flushed to
-        # zero: the stronger baseline. (Flushing is per thread: the calling thread's.)
+        # zero, in the calling thread and every intra-op thread: the stronger baseline.
+        flush = getattr(getattr(torch.ops, "gsa_kernels", None), "_set_flush_denormal_all_threads", None)
+        set_flush = flush if flush is not None else torch.set_flush_denormal
+
         def run():
-            torch.set_flush_denormal(True)
+            set_flush(True)
             try:
                 return fn()
             finally:
-                torch.set_flush_denormal(False)
+                set_flush(False)
         return run
 
     return Workload(

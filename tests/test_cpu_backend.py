@@ -187,3 +187,16 @@ def test_cached_mean_projection_follows_in_place_edits():
     after = gk.gaussian_denoise(x, 0.3, g, backend="cpu")
     assert not torch.allclose(before, after, atol=1e-2)
     torch.testing.assert_close(after, gk.gaussian_denoise(x, 0.3, g, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+def test_flush_denormal_reaches_every_intra_op_thread():
+    """The benchmarks' eager baselines get denormals flushed in the whole intra-op pool
+    (torch.set_flush_denormal reaches the calling thread only)."""
+    flush = torch.ops.gsa_kernels._set_flush_denormal_all_threads
+    x = torch.full((1 << 22,), 1e-39)  # a float32 denormal, enough elements for every thread
+    try:
+        assert flush(True)
+        assert torch.count_nonzero(x * 1.0) == 0
+    finally:
+        flush(False)
+    assert torch.equal(x * 1.0, x)

@@ -4,6 +4,10 @@
 
 #include <torch/library.h>
 
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <sstream>
 
@@ -72,9 +76,21 @@ std::string cpu_dispatch_info() {
   return out.str();
 }
 
+// torch.set_flush_denormal acts on the calling thread only; the benchmarks' eager baselines run
+// their matmuls on the intra-op pool too. One chunk per pool thread sets each one's flag.
+bool set_flush_denormal_all_threads(bool on) {
+  const int64_t threads = at::get_num_threads();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    if (!at::globalContext().setFlushDenormal(on)) ok = false;
+  });
+  return at::globalContext().setFlushDenormal(on) && ok;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gsa_kernels, m) {
+  m.def("_set_flush_denormal_all_threads(bool on) -> bool", &set_flush_denormal_all_threads);
   // JSON: {"isa": variant in use, "isa_supported": [...], "gemm": [one entry per shape class
   // met so far: site, dtype, threaded, shape, engine, how chosen, timings, calls]}
   m.def("_cpu_dispatch_info() -> str", &cpu_dispatch_info);
