@@ -249,13 +249,16 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
     f32, f64 = "*fp32", "*fp64"
     # split3: the default 3xTF32 tensor-core dots (gsa_kernels/triton/_dot.py); ieee: the opt-out
     for x_t, c_t, precision in ((f32, f32, "split3"), (f32, f32, "ieee"), ("*bf16", f32, "tf32x3"), (f64, f64, "ieee")):
-        types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, lp_hi="fp32", lp_lo="fp32", sa_ptr=c_t,
-                     ka_ptr=c_t, sb_ptr=c_t, kb_ptr=c_t, out_ptr=x_t, scratch_ptr=c_t, B="i32", D="i32", R="i32", T="i32")
+        types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, lp_hi="fp32", lp_lo="fp32", lp_ptr=c_t,
+                     row_of_ptr="*i64", tile_comp_ptr="*i64", sa_ptr=c_t, ka_ptr=c_t, sb_ptr=c_t, kb_ptr=c_t,
+                     out_ptr=x_t, scratch_ptr=c_t, B="i32", D="i32", R="i32", T="i32", ROWS="i32")
         for registers in (True, False):  # map with r in registers; trajectory through the scratch
-            k = _gpu_compile(gaussian._spectral_map_kernel, types, dict(
-                KIND=2, HAS_SCALES=registers, HAS_BASIS=True, FULL_RANK=False, C_IN_REGISTERS=registers,
-                CF_IN_REGISTERS=registers, R_PAD=64 if registers else 16, PRECISION=precision), arch)
-            assert k.metadata.shared <= smem_limit
+            for labeled in (False, True):  # one Gaussian; per-tile components (class labels)
+                k = _gpu_compile(gaussian._spectral_map_kernel, types, dict(
+                    KIND=2, HAS_SCALES=registers, HAS_BASIS=True, FULL_RANK=False, C_IN_REGISTERS=registers,
+                    CF_IN_REGISTERS=registers, R_PAD=64 if registers else 16, PRECISION=precision,
+                    LABELED=labeled, LABEL_TILE=64), arch)
+                assert k.metadata.shared <= smem_limit
     types = dict(x_ptr=f32, means_ptr=f32, bases_ptr=f32, eigvals_ptr=f32, residual_var_ptr=f32, logw_ptr=f32,
                  sigma_ptr=f32, logits_ptr=f64, state_ptr=f64, acc_ptr=f32, scratch_ptr=f32, B="i32", D="i32", R="i32",
                  K="i32", K_PER_SPLIT="i32", S="i32")
