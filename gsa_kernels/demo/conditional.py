@@ -29,30 +29,11 @@ import gsa_kernels as gk
 
 from .classifier import load_classifier
 from .data import mnist_split
-from .demo import RHO, SAMPLER_NAMES, SIGMA_MAX, SIGMA_MIN, save_grid
+from .demo import RHO, SAMPLER_NAMES, SIGMA_MAX, SIGMA_MIN, TimedDenoiser, save_grid
 from .metrics import classifier_features, frechet_distance
 from .net import NUM_CLASSES, load_denoiser
 
 VARIANTS = ("full", "teleport", "teleport global", "fewer steps")
-
-
-class LabelledDenoiser:
-    """The conditional network in batches of batch_size as `denoiser(x, sigma, labels=y)`;
-    counts evaluations of the whole set (NFE) and their time."""
-
-    def __init__(self, net, batch_size, bar):
-        self.net, self.batch_size, self.bar, self.nfe, self.seconds = net, batch_size, bar, 0, 0.0
-
-    @torch.no_grad()
-    def __call__(self, x, sigma, labels):
-        t0 = time.perf_counter()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        out = torch.cat([self.net(x[i:i + self.batch_size], sigma[i:i + self.batch_size], labels[i:i + self.batch_size])
-                         for i in range(0, x.shape[0], self.batch_size)])
-        self.seconds += time.perf_counter() - t0
-        self.nfe += 1
-        self.bar.update(1)
-        return out
 
 
 def plan_settings(runs, baselines=True):
@@ -81,7 +62,7 @@ def run_settings(args, net, per_class, global_gaussian, noise, labels):
                 for _, _, sampler, v, k, _, s in settings)
     rows = []
     with tqdm(total=total, desc="sampling (network evaluations of all samples)", unit="NFE") as bar:
-        den = LabelledDenoiser(net, args.batch_size, bar)
+        den = TimedDenoiser(net, args.batch_size, bar)
         for name, run, sampler, variant, k, steps, sigmas in settings:
             start = den.nfe
             gaussian = {"teleport": per_class, "teleport global": global_gaussian}.get(variant)

@@ -53,17 +53,20 @@ def parse_args(argv):
 
 class TimedDenoiser:
     """The network in batches of batch_size; counts evaluations of the whole set (NFE), times
-    them, and ticks a tqdm bar once per NFE."""
+    them, and ticks a tqdm bar once per NFE. labels (the conditional network's class per row) are
+    passed on batch by batch when given."""
 
     def __init__(self, net, batch_size, bar):
         self.net, self.batch_size, self.bar, self.nfe, self.seconds = net, batch_size, bar, 0, 0.0
 
     @torch.no_grad()
-    def __call__(self, x, sigma):
+    def __call__(self, x, sigma, labels=None):
         t0 = time.perf_counter()
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        out = torch.cat([self.net(x[i:i + self.batch_size], sigma[i:i + self.batch_size])
-                         for i in range(0, x.shape[0], self.batch_size)])
+        batches = range(0, x.shape[0], self.batch_size)
+        cut = lambda t, i: t[i:i + self.batch_size]
+        out = torch.cat([self.net(cut(x, i), cut(sigma, i)) if labels is None
+                         else self.net(cut(x, i), cut(sigma, i), cut(labels, i)) for i in batches])
         self.seconds += time.perf_counter() - t0
         self.nfe += 1
         self.bar.update(1)
