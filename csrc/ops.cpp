@@ -59,6 +59,8 @@ TORCH_LIBRARY(gsa_kernels, m) {
   m.def("basis_rows(Tensor basis) -> Tensor");
   m.def("mixture_panels(Tensor means, Tensor bases) -> (Tensor, Tensor)");
   m.def("content_hash(Tensor t) -> int");
+  // Whether keeping basis_rows pays for batches of B rows on this host (measured; layouts.cpp).
+  m.def("basis_rows_pay(int B, Tensor basis) -> bool");
   // Gradients of mixture_posterior (gsa_kernels/_autograd.py; CPU: cpu/mixture_backward.cpp).
   // x and grad tensors in the compute dtype; logp: the forward's; row_term [B] = gL - sum_k w_k
   // gW_k - gD . den; grad_den [B, D] / grad_weights [B, K] or [0] when absent. Returns

@@ -7,10 +7,27 @@ of the tensors it was built from. Every call hashes those tensors again (one rea
 fraction 1 / (2 B) or less of the op's own reads) and rebuilds on a mismatch, so a change
 made through any route -- in-place ops, `.data`, numpy or dlpack views, the storage, a new
 attribute -- is seen by the next call. Under torch.compile the kernels build their own per call.
+
+U^T (basis_rows) is kept only where it pays: without it the kernels read U as it is (at::mm, any
+GEMM engine that takes strided operands), with it an engine that needs U^T's rows (oneDNN) may
+run, but U is hashed on every call. With a full-rank basis and a small batch the hash costs more
+than the faster engine saves on some hosts: csrc/cpu/layouts.cpp measures the three costs on first
+use and decides per batch size. GSA_KERNELS_LAYOUTS=always|never overrides (default auto).
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+_POLICIES = ("auto", "always", "never")
+
+
+def _policy():
+    policy = os.environ.get("GSA_KERNELS_LAYOUTS", "auto") or "auto"
+    if policy not in _POLICIES:
+        raise ValueError(f"GSA_KERNELS_LAYOUTS must be one of {', '.join(_POLICIES)}; got {policy!r}")
+    return policy
 
 
 def _kept(model, name, sources, build):
@@ -29,14 +46,17 @@ def _kept(model, name, sources, build):
 
 
 def _wanted(backend_name, rank):
-    return backend_name == "cpu" and rank > 0 and not torch.compiler.is_compiling()
+    return (backend_name == "cpu" and rank > 0 and not torch.compiler.is_compiling()
+            and _policy() != "never")
 
 
-def gaussian(backend_name, model, basis):
+def gaussian(backend_name, model, basis, rows):
     """The trailing layout arguments of gaussian_map / gaussian_trajectory for a backend:
-    (basis_rows,) for the cpu backend, () otherwise. basis: the model's basis as prepared for
-    the call (compute dtype, contiguous)."""
+    (basis_rows,) for the cpu backend where keeping it pays for `rows` rows, () otherwise.
+    basis: the model's basis as prepared for the call (compute dtype, contiguous)."""
     if not _wanted(backend_name, basis.shape[1]):
+        return ()
+    if _policy() == "auto" and not torch.ops.gsa_kernels.basis_rows_pay(rows, basis):
         return ()
     return (_kept(model, "basis_rows", (basis,), torch.ops.gsa_kernels.basis_rows),)
 

@@ -348,15 +348,17 @@ def cpu_dispatch():
 
 def gemm_engines_used(before, after):
     """The GEMM engine of each shape class called between two cpu_dispatch() snapshots, e.g.
-    "proj=onednn exp=blas" ("-" if none)."""
+    "proj=onednn exp=blas" ("-" if none); "blas(U)": against the model's U read as it is (no
+    layout kept: csrc/cpu/layouts.cpp found that keeping one does not pay here)."""
     def key(e):
-        return (e["site"], e["dtype"], e["threaded"], e["n"], e["k"])
+        return (e["site"], e["dtype"], e["threaded"], e.get("w_contiguous", True), e["n"], e["k"])
 
     old = {key(e): e["calls"] for e in (before or {}).get("gemm", [])}
     used = {}
     for e in (after or {}).get("gemm", []):
         if e["calls"] > old.get(key(e), 0):
-            used.setdefault(GEMM_SITE_SHORT.get(e["site"], e["site"]), set()).add(e["engine"])
+            engine = e["engine"] if e.get("w_contiguous", True) else f"{e['engine']}(U)"
+            used.setdefault(GEMM_SITE_SHORT.get(e["site"], e["site"]), set()).add(engine)
     return " ".join(f"{site}={'/'.join(sorted(engines))}" for site, engines in used.items()) or "-"
 
 

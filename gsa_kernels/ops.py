@@ -198,7 +198,7 @@ def _gaussian_map(x, g, sigma_from, sigma_to, scale_from, scale_to, kind, backen
         return torch.empty_like(x)
     be = _backends.resolve_backend(backend, x2.device)
     kernel = be.kernel(name, x2.device.type)
-    layouts = _layouts.gaussian(be.name, g, basis) if labels is None else ()
+    layouts = _layouts.gaussian(be.name, g, basis, B) if labels is None else ()
     out = kernel(x2, *params, sigma_from, sigma_to, scale_from, scale_to, int(kind), *layouts)
     return out.reshape(x.shape)
 
@@ -259,7 +259,7 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto", *, labels=None):
         return x.new_empty((sigmas.shape[0],) + tuple(x.shape))
     be = _backends.resolve_backend(backend, x2.device)
     kernel = be.kernel(name, x2.device.type)
-    layouts = _layouts.gaussian(be.name, g, params[1]) if labels is None else ()
+    layouts = _layouts.gaussian(be.name, g, params[1], B) if labels is None else ()
     out = kernel(x2, *params, sigmas, *layouts)
     return out.reshape((sigmas.shape[0],) + tuple(x.shape))
 

@@ -8,6 +8,7 @@ saves {"outputs": {case: tensor}, "info": gsa_kernels::_cpu_dispatch_info() as a
 {"error": "TypeName: message"} when an op raises."""
 import json
 import math
+import os
 import sys
 
 import torch
@@ -34,6 +35,9 @@ def inputs(dtype):
     return dict(x=x, sigma=sigma, sigmas=sigmas, g=g, full=full, m=m, empirical=empirical, near=near)
 
 
+GAUSSIAN_CASES = ("denoise", "denoise_full", "score", "flow", "trajectory")
+
+
 def run_cases(dtype):
     """{case name: output} of the cpu backend."""
     t = inputs(dtype)
@@ -55,8 +59,14 @@ def run_cases(dtype):
 def main(path, threads):
     torch.set_num_threads(threads)
     try:
-        outputs = {f"{dtype}/{k}": v for dtype in (torch.float32, torch.float64, torch.float16)
-                   for k, v in run_cases(dtype).items()}
+        # every layout kept: each GEMM class meets every engine that takes its operands; then the
+        # Gaussian cases again with none kept (the project GEMM reads U as it is: blas only)
+        dtypes = (torch.float32, torch.float64, torch.float16)
+        os.environ["GSA_KERNELS_LAYOUTS"] = "always"
+        outputs = {f"{dtype}/{k}": v for dtype in dtypes for k, v in run_cases(dtype).items()}
+        os.environ["GSA_KERNELS_LAYOUTS"] = "never"
+        outputs.update({f"{dtype}/direct_{k}": v for dtype in dtypes for k, v in run_cases(dtype).items()
+                        if k in GAUSSIAN_CASES})
         result = {"outputs": outputs, "info": json.loads(torch.ops.gsa_kernels._cpu_dispatch_info())}
     except Exception as e:  # the test checks the message
         result = {"error": f"{type(e).__name__}: {e}"}

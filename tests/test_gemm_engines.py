@@ -26,16 +26,17 @@ def test_forced_engine_serves_every_float32_class(engine):
     gemms = info["gemm"]
     assert {e["site"] for e in gemms} == SITES
     assert {e["threaded"] for e in gemms if e["site"] == "project"} == {True, False}
+    assert {e["w_contiguous"] for e in gemms if e["site"] == "project"} == {True, False}
     for e in gemms:
         assert e["how"] == "forced", e
-        # oneDNN has no float64 GEMM: float64 stays with blas
-        assert e["engine"] == (engine if e["dtype"] == "float32" else "blas"), e
+        # oneDNN has no float64 GEMM and needs w's rows contiguous: those stay with blas
+        assert e["engine"] == (engine if e["dtype"] == "float32" and e["w_contiguous"] else "blas"), e
         assert e["calls"] > 0
 
 
 def test_engines_agree():
     a, b = (probe(gemm=e)["outputs"] for e in ENGINES)
-    assert a.keys() == b.keys() and len(a) == 27
+    assert a.keys() == b.keys() and len(a) == 27 + 15
     for name in a:
         err = rel_err(a[name], b[name])
         assert err <= AGREE[name.split("/")[0]], f"{name}: onednn vs blas differ by {err:.3g}"
@@ -44,7 +45,7 @@ def test_engines_agree():
 def test_measured_choice_is_the_fastest():
     info = probe()["info"]
     for e in info["gemm"]:
-        if e["dtype"] == "float64":
+        if e["dtype"] == "float64" or not e["w_contiguous"]:
             assert e["how"] == "only" and e["engine"] == "blas", e
             continue
         assert e["how"] == "measured", e
@@ -79,6 +80,7 @@ def test_results_meet_the_reference():
         "denoise": gk.gaussian_denoise(t["x"].double(), t["sigma"].double(), t["g"].to(dtype=torch.float64), **ref),
         "mixture": gk.mixture_denoise(t["x"].double(), t["sigma"].double(), t["m"].to(dtype=torch.float64), **ref),
     }
+    expect["direct_denoise"] = expect["denoise"]  # no layout kept: U read as it is
     for engine in ENGINES:
         out = probe(gemm=engine)["outputs"]
         for name, want in expect.items():

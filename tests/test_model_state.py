@@ -16,6 +16,13 @@ from tests.conftest import requires_backend
 
 pytestmark = requires_backend("cpu")
 
+
+@pytest.fixture(autouse=True)
+def _keep_every_layout(monkeypatch):
+    """By default U^T is kept only where it pays on this host (_layouts.py); here always, so that
+    every mutation route meets a kept layout that could go stale."""
+    monkeypatch.setenv("GSA_KERNELS_LAYOUTS", "always")
+
 D, R, K = 37, 5, 6
 
 
@@ -173,6 +180,28 @@ def test_mutation_route_is_seen(name):
     changed, err = check_route(name)
     assert changed != (name in SAME_MODEL), "the mutation did not change the model as intended"
     assert err < 1e-9, f"cpu backend disagrees with the reference after {name!r}: rel err {err:.3g}"
+
+
+def test_layout_policy(monkeypatch):
+    """GSA_KERNELS_LAYOUTS: never keeps no layout, auto keeps U^T exactly when the host's
+    measured costs say it pays for the batch (csrc/cpu/layouts.cpp), a bad value is an error;
+    the results are the same whichever way."""
+    x = torch.randn(3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for policy in ("always", "never", "auto"):
+        monkeypatch.setenv("GSA_KERNELS_LAYOUTS", policy)
+        c = Ctx("gaussian")
+        outs[policy] = gk.gaussian_denoise(x, 0.5, c.model, backend="cpu")
+        kept = any(k[0] == "basis_rows" for k in c.model.__dict__.get("_layouts", {}))
+        pays = torch.ops.gsa_kernels.basis_rows_pay(3, c.model.basis)
+        assert kept == {"always": True, "never": False, "auto": pays}[policy], policy
+    assert torch.equal(outs["always"], outs["never"]) or _rel(outs["always"], outs["never"]) < 1e-14
+    assert torch.equal(outs["auto"], outs["always"]) or torch.equal(outs["auto"], outs["never"])
+    # an empty batch never pays for a hash of U
+    assert torch.ops.gsa_kernels.basis_rows_pay(0, c.model.basis) is False
+    monkeypatch.setenv("GSA_KERNELS_LAYOUTS", "sometimes")
+    with pytest.raises(ValueError, match="GSA_KERNELS_LAYOUTS must be one of auto, always, never"):
+        gk.gaussian_denoise(x, 0.5, Ctx("gaussian").model, backend="cpu")
 
 
 def test_layouts_live_in_the_model_and_are_rebuilt_only_on_change():

@@ -1,7 +1,8 @@
 // CPU kernels of the Gaussian spectral map and the closed-form trajectory (DESIGN.md section 1,
 // math in include/gsa/spectral.h). Per block of rows, fused:
 //   pass 1   y = p x - q mu                  (reads x once; y stays in cache)
-//   GEMM 1   c = y U                         ([rows, r], gemm_nt against U^T)
+//   GEMM 1   c = y U                         ([rows, r], gemm_nt against U^T: the model's
+//                                             basis_rows layout when it keeps one, else a view)
 //            c_j *= f_j(row)                 (spectral function, per row and eigenvalue)
 //   GEMM 2   z = c U^T                       ([rows, D], gemm_nt against U)
 //   pass 2   out = a y + b mu + z            (in place over y; out written once)
@@ -195,7 +196,7 @@ at::Tensor gaussian_map_cpu(const at::Tensor& x, const at::Tensor& mean, const a
                     ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor");
   const at::Tensor basis_t = layout_or(given_basis_rows, basis, {basis.size(1), basis.size(0)},
-                                       "basis_rows", op, [&] { return basis_rows(basis); });
+                                       "basis_rows", op, [&] { return basis.t(); });
   if (kind == kDenoise && basis.size(1) > 0 && x.numel() > 0) {  // no y pass: see denoise_expanded
     if (x.scalar_type() == at::kFloat)
       return denoise_expanded<float>(x, mean, basis, basis_t, eigvals, static_cast<float>(residual_var), sigma_from);
@@ -283,7 +284,7 @@ at::Tensor gaussian_trajectory_cpu(const at::Tensor& x, const at::Tensor& mean,
   at::Tensor out = empty_output({sigmas.size(0), x.size(0), x.size(1)}, x.options());
   if (out.numel() == 0) return out;
   const at::Tensor basis_t = layout_or(given_basis_rows, basis, {basis.size(1), basis.size(0)},
-                                       "basis_rows", op, [&] { return basis_rows(basis); });
+                                       "basis_rows", op, [&] { return basis.t(); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_trajectory",
                                   [&] {
                                     trajectory_impl<scalar_t>(x, mean, basis, basis_t, eigvals,

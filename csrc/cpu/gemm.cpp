@@ -1,6 +1,7 @@
 // Engine choice for the kernels' GEMMs (gemm.h). A shape class is the call site, the dtype,
 // whether the call runs threaded (outside at::parallel_for) or single-threaded inside a parallel
-// row block, and n, k rounded down to powers of two. On a class's first call, each engine that
+// row block, whether w's rows are contiguous (a GEMM-ready layout, or a model tensor read as it is)
+// and n, k rounded down to powers of two. On a class's first call, each engine that
 // accepts the operands runs on them (the first rows only: about kMeasureFlops of work, at least
 // kMeasureRows rows), once to warm up (oneDNN compiles its kernel on first use) and then
 // kTimedRuns times, interleaved; the fastest run wins and serves the class for the process.
@@ -21,6 +22,7 @@
 #include <optional>
 #include <sstream>
 #include <tuple>
+#include <vector>
 
 namespace gsa::cpu {
 namespace {
@@ -83,32 +85,41 @@ double seconds(Engine engine, const at::Tensor& a, const at::Tensor& w) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-Choice choose(const at::Tensor& a, const at::Tensor& w) {
+// The engines that may serve a @ w^T here: the forced one (blas where oneDNN cannot take the
+// operands), else every engine that accepts them.
+std::vector<Engine> candidates(const at::Tensor& a, const at::Tensor& w) {
+  const bool onednn = onednn_accepts(a, w);
+  if (const auto forced = forced_engine())
+    return {*forced == Engine::kOneDnn && !onednn ? Engine::kBlas : *forced};
+  if (!onednn) return {Engine::kBlas};
+  return {Engine::kOneDnn, Engine::kBlas};
+}
+
+// Times each candidate engine on the first rows of a; with one candidate, `how` says why.
+// time_single: time a lone candidate too (the cost models of layouts.cpp need its time).
+Choice choose(const at::Tensor& a, const at::Tensor& w, bool time_single) {
   Choice c;
   c.m = a.size(0), c.n = w.size(0), c.k = a.size(1);
-  const bool onednn = onednn_accepts(a, w);
-  if (const auto forced = forced_engine()) {
-    c.engine = *forced == Engine::kOneDnn && !onednn ? Engine::kBlas : *forced;
-    c.how = "forced";
-    return c;
-  }
-  if (!onednn) return c;
+  const std::vector<Engine> engines = candidates(a, w);
+  c.engine = engines[0];
+  c.how = forced_engine() ? "forced" : engines.size() == 1 ? "only" : "measured";
+  if (engines.size() == 1 && !time_single) return c;
   c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
   const at::Tensor rows = a.narrow(0, 0, c.m);
   double best[kNumEngines];
   std::fill_n(best, kNumEngines, std::numeric_limits<double>::infinity());
   for (int run = 0; run <= kTimedRuns; ++run)
-    for (int e = 0; e < kNumEngines; ++e) {
-      const double t = seconds(static_cast<Engine>(e), rows, w);
-      if (run > 0) best[e] = std::min(best[e], t);
+    for (Engine e : engines) {
+      const double t = seconds(e, rows, w);
+      if (run > 0) best[static_cast<int>(e)] = std::min(best[static_cast<int>(e)], t);
     }
   c.engine = static_cast<Engine>(std::min_element(best, best + kNumEngines) - best);
-  c.how = "measured";
-  for (int e = 0; e < kNumEngines; ++e) c.ms[e] = best[e] * 1e3;
+  for (Engine e : engines) c.ms[static_cast<int>(e)] = best[static_cast<int>(e)] * 1e3;
   return c;
 }
 
-using Key = std::tuple<int, int, bool, int, int>;  // site, dtype, threaded, log2 n, log2 k
+// site, dtype, threaded, w's rows contiguous (a layout, or U read as is), log2 n, log2 k
+using Key = std::tuple<int, int, bool, bool, int, int>;
 
 std::mutex mutex;
 std::map<Key, Choice> choices;
@@ -121,7 +132,7 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
   if (a.numel() == 0 || w.numel() == 0) return at::mm(a, w.t());  // no work to time
   forced_engine();  // a bad GSA_KERNELS_GEMM raises here, outside the lock
   const Key key{static_cast<int>(site), static_cast<int>(a.scalar_type()),
-                !at::in_parallel_region() && at::get_num_threads() > 1,
+                !at::in_parallel_region() && at::get_num_threads() > 1, w.is_contiguous(),
                 floor_log2(w.size(0)), floor_log2(a.size(1))};
   Engine engine;
   {
@@ -132,7 +143,7 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
       // the child, and other classes are not held up. Concurrent first calls of one class may
       // both measure; the first to finish decides.
       lock.unlock();
-      Choice measured = choose(a, w);
+      Choice measured = choose(a, w, false);
       lock.lock();
       it = choices.emplace(key, measured).first;  // no-op if another thread got there first
     }
@@ -143,16 +154,24 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
   return run(engine, a, w);
 }
 
+double gemm_best_ms(const at::Tensor& a, const at::Tensor& w) {
+  const Choice c = choose(a, w, true);
+  return *std::min_element(c.ms, c.ms + kNumEngines, [](double u, double v) {
+    return std::isnan(v) || (!std::isnan(u) && u < v);
+  });
+}
+
 std::string gemm_choices_json() {
   std::lock_guard<std::mutex> lock(mutex);
   std::ostringstream out;
   out << "[";
   const char* sep = "";
   for (const auto& [key, c] : choices) {
-    const auto& [site, dtype, threaded, log_n, log_k] = key;
+    const auto& [site, dtype, threaded, w_contiguous, log_n, log_k] = key;
     out << sep << "{\"site\": \"" << kSiteNames[site] << "\", \"dtype\": \""
         << (dtype == static_cast<int>(at::kDouble) ? "float64" : "float32") << "\", \"threaded\": "
-        << (threaded ? "true" : "false") << ", \"m\": " << c.m << ", \"n\": " << c.n
+        << (threaded ? "true" : "false") << ", \"w_contiguous\": "
+        << (w_contiguous ? "true" : "false") << ", \"m\": " << c.m << ", \"n\": " << c.n
         << ", \"k\": " << c.k << ", \"engine\": \"" << kEngineNames[static_cast<int>(c.engine)]
         << "\", \"how\": \"" << c.how << "\", \"ms\": {";
     const char* sep2 = "";

@@ -5,11 +5,21 @@
 // are seen, which version counters and data pointers cannot promise.
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 #include "isa.h"
 
 namespace gsa::cpu {
@@ -75,6 +85,65 @@ int64_t content_hash(const at::Tensor& t) {
   return static_cast<int64_t>(avalanche(out));
 }
 
+// Whether keeping basis_rows (U^T) pays for the project GEMM c = x U of B rows. Without it the
+// kernels multiply by U as it is (at::mm, no copy); with it the GEMM may run on an engine that
+// needs contiguous rows of U^T (oneDNN), but the model hashes U on every call to keep it valid
+// (one read of U at memory speed: with a full-rank basis and a small batch, a tenth of the GEMM).
+// So: keep it when B (ms per row with the layout) + (ms of the hash) < B (ms per row without).
+// The three costs are measured on first use per (dtype, threads, D and r rounded to powers of
+// two) and kept for the process, as the GEMM engines are (gemm.cpp): no host is assumed.
+struct LayoutCosts {
+  double rows_ms_per_row, direct_ms_per_row, hash_ms_per_byte;
+};
+
+LayoutCosts measure_layout_costs(const at::Tensor& basis) {
+  const int64_t D = basis.size(0), r = basis.size(1);
+  // enough rows to time the arithmetic rather than the read of U (cf. gemm.cpp's measurement)
+  const int64_t m = std::clamp<int64_t>(static_cast<int64_t>(2e8 / (2.0 * D * r)), 64, 1024);
+  const at::Tensor x = at::randn({m, D}, basis.options());
+  const at::Tensor rows = basis_rows(basis);
+  LayoutCosts c;
+  c.rows_ms_per_row = gemm_best_ms(x, rows) / m;
+  c.direct_ms_per_row = gemm_best_ms(x, basis.t()) / m;
+  double hash_s = INFINITY;
+  for (int run = 0; run < 3; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    content_hash(basis);
+    hash_s = std::min(hash_s, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  c.hash_ms_per_byte = hash_s * 1e3 / static_cast<double>(basis.numel() * basis.element_size());
+  return c;
+}
+
+using LayoutKey = std::tuple<int, bool, int, int>;  // dtype, threaded, log2 D, log2 r
+std::mutex layout_costs_mutex;
+std::map<LayoutKey, LayoutCosts> layout_costs;
+
+int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
+
+bool basis_rows_pay(int64_t B, const at::Tensor& basis) {
+  TORCH_CHECK_VALUE(basis.dim() == 2 && basis.device().is_cpu() && basis.is_contiguous() &&
+                        (basis.scalar_type() == at::kFloat || basis.scalar_type() == at::kDouble),
+                    "gsa_kernels::basis_rows_pay: basis must be a contiguous float32/float64 CPU "
+                    "[D, r] tensor, got ", basis.scalar_type(), " ", basis.sizes());
+  TORCH_CHECK_VALUE(B >= 0, "gsa_kernels::basis_rows_pay: B must be >= 0, got ", B);
+  if (B == 0 || basis.numel() == 0) return false;
+  const LayoutKey key{static_cast<int>(basis.scalar_type()), at::get_num_threads() > 1,
+                      floor_log2(basis.size(0)), floor_log2(basis.size(1))};
+  std::optional<LayoutCosts> costs;
+  {
+    std::lock_guard<std::mutex> lock(layout_costs_mutex);
+    if (auto it = layout_costs.find(key); it != layout_costs.end()) costs = it->second;
+  }
+  if (!costs) {  // measured without the lock (as gemm.cpp): the first to finish decides
+    const LayoutCosts measured = measure_layout_costs(basis);
+    std::lock_guard<std::mutex> lock(layout_costs_mutex);
+    costs = layout_costs.emplace(key, measured).first->second;
+  }
+  const double nbytes = static_cast<double>(basis.numel() * basis.element_size());
+  return B * costs->rows_ms_per_row + nbytes * costs->hash_ms_per_byte < B * costs->direct_ms_per_row;
+}
+
 at::Tensor basis_rows_op(const at::Tensor& basis) {
   TORCH_CHECK_VALUE(basis.dim() == 2 && basis.device().is_cpu() && basis.is_contiguous(),
                     "gsa_kernels::basis_rows: basis must be a contiguous CPU [D, r] tensor, got ",
@@ -90,6 +159,7 @@ at::Tensor basis_rows_op(const at::Tensor& basis) {
 TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
   m.impl("content_hash", &content_hash);
   m.impl("basis_rows", &basis_rows_op);
+  m.impl("basis_rows_pay", &basis_rows_pay);
 }
 
 }  // namespace gsa::cpu
