@@ -201,7 +201,7 @@ def save_plot(rows, path):
         full_nfe = {r["run"]: r["nfe"] for r in sampled if r["variant"] == "full"}
         nfe = {(r["run"], r["skipped_steps"]): r["nfe"] for r in sampled if r["variant"] == "teleport"}
         ax.set_xticks(range(len(groups)), [f"{run}\nskip {k}: NFE {full_nfe[run]} -> {nfe[run, k]}" for run, k in groups],
-                      fontsize=8)
+                      fontsize=7, rotation=35, ha="right", rotation_mode="anchor")  # long labels: no overlap
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("FD change vs the full schedule, % (lower is better)")
         ax.set_title(f"FD in {label}: change vs the full run\n(below 0 = better than the full run)", fontsize=10)
