@@ -271,8 +271,6 @@ def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversampl
     data: anything Passes accepts, or a Passes. gk.distributed supplies reduce(t) -> t summed
     over ranks and agreed = (D, dtype, device) of the whole group; the defaults serve one
     process. The test matrix comes from `seed`, so every rank draws the same one."""
-    from .models import GaussianModel
-
     passes = data if isinstance(data, Passes) else Passes(data)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"the randomized fit needs rank = an int >= 0, got {rank!r}")
@@ -299,10 +297,65 @@ def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversampl
             raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
         if rank and it < power_iters:
             Q = torch.linalg.qr(Y).Q
+    return _sketched_model(n, mean, trace, Q, Y, rank, dtype)
+
+
+def _sketched_model(n, mean, trace, Q, Y, rank, dtype):
+    """The end of the randomized fit: the top `rank` eigenpairs from the sketch Y = S Q of the
+    scatter S of n rows (trace: S's exact trace), the rest as isotropic residual_var."""
+    from .models import GaussianModel
+
+    D = mean.shape[0]
     evals, U = nystrom(Q, Y) if rank else (Y.new_zeros(0), Y.new_zeros(D, 0))
     evals, U = evals[:rank] / (n - 1), U[:, :rank]
     residual = max(trace / (n - 1) - evals.sum().item(), 0.0) / (D - rank) if rank < D else 0.0
     return GaussianModel(mean.to(dtype), U.to(dtype), evals.to(dtype), residual)
+
+
+def fit_randomized_per_class(pairs: Callable, rank: int, *, power_iters: int = POWER_ITERS,
+                             oversample: Optional[int] = None, seed: int = 0):
+    """The randomized fit of every class at once (GaussianMixture.fit_per_class): each pass
+    over the data updates every class's sketch, so the data is read power_iters + 1 times in
+    all, whatever the number of classes K. pairs(): a fresh iterable of (x [n, D], y [n] int64)
+    per pass. Class k's test matrix comes from seed + k; memory O(K D l), never D x D.
+    Returns {class: (GaussianModel, rows)}."""
+    Q, anchors, rows = {}, {}, None
+    D = width = dtype = device = None
+    for it in range(power_iters + 1 if rank else 1):
+        moments = {}
+        for x, y in pairs():
+            if D is None:
+                D, device = x.shape[1], x.device
+                dtype = x.dtype if x.is_floating_point() else torch.float32
+                if rank > D:
+                    raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
+                width = sketch_width(rank, D, oversample) if rank else 0
+            for k in torch.unique(y).tolist():
+                if k not in moments:
+                    if k not in Q:
+                        if it > 0:
+                            raise ValueError(f"the data changed between passes: class {k} appeared in pass {it + 1}")
+                        gen = torch.Generator().manual_seed(seed + k)
+                        Q[k] = torch.linalg.qr(torch.randn(D, width, dtype=torch.float64, generator=gen).to(device)).Q
+                    moments[k] = Moments(Q[k], anchors.get(k))
+                moments[k].add(x[y == k])
+        counts = {k: mom.n for k, mom in moments.items()}
+        if rows is not None and counts != rows:
+            raise ValueError("the data changed between passes: the rows per class differ; every pass must yield the same data")
+        rows, out = counts, {}
+        for k, mom in sorted(moments.items()):
+            if mom.n < 2:
+                out[k] = (None, mom.n)  # the caller names the classes without a covariance
+                continue
+            n, mean, trace, Y = centred(mom, D, device, Q[k], _identity)
+            anchors[k] = mom.anchor
+            if rank and it < power_iters:
+                Q[k] = torch.linalg.qr(Y).Q
+            else:
+                out[k] = (_sketched_model(n, mean, trace, Q[k], Y, rank, dtype), n)
+    if D is None:
+        raise ValueError("fit_per_class: the data has no rows")
+    return out
 
 
 def nystrom(Q, Y):

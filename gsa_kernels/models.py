@@ -409,7 +409,7 @@ class GaussianMixture(MixtureOperand):
 
     @classmethod
     def fit_per_class(cls, data, labels=None, rank: Optional[int] = None, energy: Optional[float] = None, *,
-                      num_classes: Optional[int] = None) -> "GaussianMixture":
+                      num_classes: Optional[int] = None, method: str = "auto") -> "GaussianMixture":
         """One Gaussian per class, for class-conditional teleportation (gk.sampling.teleport(...,
         labels=y)): component k is the exact GaussianModel.fit(rows of class k, rank, energy),
         log_weights the log class frequencies.
@@ -425,14 +425,34 @@ class GaussianMixture(MixtureOperand):
         rank=None each class chooses its own (as GaussianModel.fit), r is the largest, and a
         class that chose fewer gets further directions of its residual space at eigenvalue
         residual_var, which leaves its covariance unchanged. The model has the data's dtype
-        (float32 for integer data)."""
+        (float32 for integer data).
+
+        method: "exact" (one pass, K float64 D x D matrices within fitting.EXACT_FIT_BUDGET_BYTES),
+        "randomized" (needs rank; every class sketched at once, power_iters + 1 = 3 passes over
+        re-iterable data, memory O(K D rank), no D x D; fitting.fit_randomized_per_class) or
+        "auto": exact until the classes met need more than the budget, then, given rank and
+        re-iterable data, the randomized fit from the start (the first pass is not reused)."""
+        import collections.abc
+
         from . import fitting
 
         if rank is not None and energy is not None:
             raise ValueError("give rank or energy, not both")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-        moments, n_total, D = {}, 0, None
+        if method not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+        reiterable = not isinstance(data, collections.abc.Iterator)
+        if method == "randomized":
+            if energy is not None or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise ValueError(f"fit_per_class(method='randomized') needs rank = an int >= 0 (not energy), got {rank!r}")
+            if not reiterable:
+                raise ValueError("fit_per_class(method='randomized') reads the data 3 times, but data is a one-shot iterator "
+                                 "(e.g. a generator object): pass a tensor, a list of batches, a DataLoader or a callable "
+                                 "returning a fresh iterator")
+            return cls._from_class_fits(fitting.fit_randomized_per_class(
+                lambda: _labelled_batches(data, labels, num_classes), rank), num_classes)
+        moments, D = {}, None
         for x, y in _labelled_batches(data, labels, num_classes):
             if D is None:
                 D, device = x.shape[1], x.device
@@ -442,29 +462,41 @@ class GaussianMixture(MixtureOperand):
             y = y.to(x.device)
             for k in torch.unique(y).tolist():
                 if k not in moments and (len(moments) + 1) * 8 * D * D > fitting.EXACT_FIT_BUDGET_BYTES:
+                    if method == "auto" and rank is not None and energy is None and reiterable:
+                        return cls.fit_per_class(data, labels, rank, num_classes=num_classes, method="randomized")
                     raise ValueError(f"fit_per_class: {len(moments) + 1} classes of D = {D} need {len(moments) + 1} "
                                      f"float64 D x D matrices, over the {fitting.EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB "
-                                     "budget: fit each class with GaussianModel.fit(..., rank=r, method='randomized')")
+                                     "budget: give rank=r (and re-iterable data) for method='randomized'")
                 moments.setdefault(k, fitting.Moments()).add(x[y == k])
-            n_total += x.shape[0]
         if D is None:
             raise ValueError("fit_per_class: the data has no rows")
-        K = num_classes if num_classes is not None else max(moments) + 1
-        short = [k for k in range(K) if k not in moments or moments[k].n < 2]
+        fits = {}
+        for k, mom in moments.items():
+            if mom.n < 2:
+                fits[k] = (None, mom.n)
+                continue
+            n, mean, _, scatter = fitting.centred(mom, D, device, None, fitting._identity)
+            fits[k] = (fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device), n)
+        return cls._from_class_fits(fits, num_classes)
+
+    @classmethod
+    def _from_class_fits(cls, class_fits, num_classes):
+        """The mixture of fit_per_class from {class: (GaussianModel or None, rows)}: every class
+        0..K-1 present with 2 rows or more, one shared rank, log weights the class frequencies."""
+        K = num_classes if num_classes is not None else max(class_fits) + 1
+        short = [k for k in range(K) if k not in class_fits or class_fits[k][1] < 2]
         if short:
             raise ValueError(f"fit_per_class: every class 0..{K - 1} needs at least 2 rows; classes {short} have "
-                             f"{[moments[k].n if k in moments else 0 for k in short]}")
-        fits = []
-        for k in range(K):
-            n, mean, _, scatter = fitting.centred(moments[k], D, device, None, fitting._identity)
-            fits.append(fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device))
+                             f"{[class_fits[k][1] if k in class_fits else 0 for k in short]}")
+        fits = [class_fits[k][0] for k in range(K)]
+        counts = torch.tensor([class_fits[k][1] for k in range(K)], dtype=torch.float64)
+        dtype, device = fits[0].mean.dtype, fits[0].mean.device
         r = max(g.rank for g in fits)
         bases = [g.basis if g.rank == r else _complete_basis(g.basis, r) for g in fits]
         eigvals = [torch.cat([g.eigvals, g.eigvals.new_full((r - g.rank,), g.residual_var)]) for g in fits]
-        counts = torch.tensor([moments[k].n for k in range(K)], dtype=torch.float64)
         return cls(torch.stack([g.mean for g in fits]), torch.stack(bases), torch.stack(eigvals),
                    torch.tensor([g.residual_var for g in fits], dtype=dtype, device=device),
-                   (counts / n_total).log().to(dtype=dtype, device=device))
+                   (counts / counts.sum()).log().to(dtype=dtype, device=device))
 
     def shard(self, index: int, count: int) -> "GaussianMixture":
         """The index-th of `count` near-equal contiguous slices of the components (the first

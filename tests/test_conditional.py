@@ -122,6 +122,60 @@ def test_fit_per_class_errors():
         fit(torch.full_like(x, math.nan), y)
 
 
+def test_fit_per_class_randomized_is_the_randomized_fit_of_each_class():
+    """method='randomized' sketches every class in the same passes: class k is exactly
+    fitting.fit_randomized of its rows with test matrix seed k; streamed data gives the same
+    model; on data of rank <= 3 per class plus small noise it matches the exact fit."""
+    from gsa_kernels import fitting
+
+    x, y = labelled_data(counts=(50, 40, 70), D=20)
+    m = gk.GaussianMixture.fit_per_class(x, y, rank=3, method="randomized")
+    assert (m.num_components, m.rank) == (3, 3)
+    for k in range(3):
+        assert_same_gaussian(component(m, k), fitting.fit_randomized(x[y == k], 3, seed=k), tol=1e-11)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, x.shape[0], 16)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=23)
+    for data in (batches, lambda: iter(batches), loader):
+        streamed = gk.GaussianMixture.fit_per_class(data, rank=3, method="randomized")
+        torch.testing.assert_close(streamed.log_weights, m.log_weights, rtol=0, atol=1e-14)
+        for k in range(3):
+            assert_same_gaussian(component(streamed, k), component(m, k), tol=1e-9)
+    g = torch.Generator().manual_seed(4)  # rank-3 classes + 1e-3 noise: the sketch captures them
+    low = torch.cat([5.0 * k + torch.randn(n, 3, dtype=F64, generator=g) @ torch.randn(3, 20, dtype=F64, generator=g)
+                     for k, n in enumerate((50, 40, 70))]) + 1e-3 * torch.randn(160, 20, dtype=F64, generator=g)
+    ylow = torch.repeat_interleave(torch.arange(3), torch.tensor([50, 40, 70]))
+    fast, exact = (gk.GaussianMixture.fit_per_class(low, ylow, rank=3, method=how) for how in ("randomized", "exact"))
+    for k in range(3):
+        assert_same_gaussian(component(fast, k), component(exact, k), tol=1e-8)
+
+
+def test_fit_per_class_auto_turns_randomized_over_the_budget(monkeypatch):
+    from gsa_kernels import fitting
+
+    x, y = labelled_data(D=20)
+    monkeypatch.setattr(fitting, "EXACT_FIT_BUDGET_BYTES", 2 * 8 * 20 * 20)  # two classes' D x D, not three
+    auto = gk.GaussianMixture.fit_per_class(x, y, rank=3)
+    randomized = gk.GaussianMixture.fit_per_class(x, y, rank=3, method="randomized")
+    for k in range(3):
+        assert_same_gaussian(component(auto, k), component(randomized, k), tol=1e-12)
+    with pytest.raises(ValueError, match="over the .* budget: give rank=r"):  # energy: no randomized fit
+        gk.GaussianMixture.fit_per_class(x, y, energy=0.9)
+    with pytest.raises(ValueError, match="over the .* budget"):
+        gk.GaussianMixture.fit_per_class(x, y, rank=3, method="exact")
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, x.shape[0], 16)]
+    with pytest.raises(ValueError, match="over the .* budget"):  # a one-shot stream cannot be read again
+        gk.GaussianMixture.fit_per_class((b for b in batches), rank=3)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        gk.GaussianMixture.fit_per_class((b for b in batches), rank=3, method="randomized")
+    with pytest.raises(ValueError, match="needs rank"):
+        gk.GaussianMixture.fit_per_class(x, y, energy=0.9, method="randomized")
+    with pytest.raises(ValueError, match="method must be"):
+        gk.GaussianMixture.fit_per_class(x, y, rank=3, method="fast")
+    calls = iter(range(10))
+    with pytest.raises(ValueError, match="changed between passes"):  # a pass that drops rows
+        gk.GaussianMixture.fit_per_class(lambda: iter(batches[: len(batches) - next(calls)]), rank=3, method="randomized")
+
+
 # ----------------------------------------------------------------------------- sampling with labels
 
 
