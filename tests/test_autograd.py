@@ -129,28 +129,26 @@ def _mixture_case(op, arg, backend, r=2, dtype=F64):
 # ----------------------------------------------------------------------------- gradcheck
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arg", GAUSSIAN_ARGS)
-@pytest.mark.parametrize("op", GAUSSIAN_OPS)
-def test_gradcheck_gaussian(op, arg, backend):
-    f, t = _gaussian_case(op, arg, backend)
-    assert gradcheck(f, (t,), fast_mode=True)
+# (family, op, arg, r): the op's output as a function of one argument, model of rank r
+CASES = [("gaussian", op, arg, 3) for op in GAUSSIAN_OPS for arg in GAUSSIAN_ARGS]
+CASES += [("mixture", op, arg, 2) for op in MIXTURE_OPS for arg in MIXTURE_ARGS]
+GRADCHECK_CASES = CASES + [
+    # r = D: the kernels' full-basis form of the spectral map
+    *[("gaussian", "score", arg, D) for arg in GAUSSIAN_ARGS],
+    # r = 0: the empirical-mixture path of the kernels (here with residual variances)
+    *[("mixture", op, arg, 0) for op in ("denoise", "logp") for arg in ("x", "means", "residual_var", "log_weights")],
+]
+
+
+def _case(family, op, arg, r, backend, dtype=F64):
+    make = _gaussian_case if family == "gaussian" else _mixture_case
+    return make(op, arg, backend, r=r, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arg", MIXTURE_ARGS)
-@pytest.mark.parametrize("op", MIXTURE_OPS)
-def test_gradcheck_mixture(op, arg, backend):
-    f, t = _mixture_case(op, arg, backend)
-    assert gradcheck(f, (t,), fast_mode=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arg", ["x", "means", "residual_var", "log_weights"])
-@pytest.mark.parametrize("op", ["denoise", "logp"])
-def test_gradcheck_isotropic_mixture(op, arg, backend):
-    """r = 0: the empirical-mixture path of the kernels (here with residual variances)."""
-    f, t = _mixture_case(op, arg, backend, r=0)
+@pytest.mark.parametrize("family,op,arg,r", GRADCHECK_CASES)
+def test_gradcheck(family, op, arg, r, backend):
+    f, t = _case(family, op, arg, r, backend)
     assert gradcheck(f, (t,), fast_mode=True)
 
 
@@ -195,14 +193,6 @@ def test_gradcheck_delta_mixture(op, arg, backend):
         return gk.mixture_denoise(v["x"], sigma, m, backend=backend)
 
     assert gradcheck(f, (values[arg].clone().requires_grad_(),), fast_mode=True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arg", ["x", "mean", "eigvals"])
-def test_gradcheck_full_rank(arg, backend):
-    """r = D: the kernels' full-basis form of the spectral map."""
-    f, t = _gaussian_case("score", arg, backend, r=D)
-    assert gradcheck(f, (t,), fast_mode=True)
 
 
 # ----------------------------------------------------------------------------- labelled (class-conditional)
@@ -265,21 +255,12 @@ F32_TOL = 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,arg", [(op, a) for op in GAUSSIAN_OPS for a in GAUSSIAN_ARGS])
-def test_float32_gaussian(op, arg, backend):
-    f64, t64 = _gaussian_case(op, arg, backend)
-    f32, t32 = _gaussian_case(op, arg, backend, dtype=torch.float32)
+@pytest.mark.parametrize("family,op,arg,r", CASES)
+def test_float32(family, op, arg, r, backend):
+    f64, t64 = _case(family, op, arg, r, backend)
+    f32, t32 = _case(family, op, arg, r, backend, dtype=torch.float32)
     want, got = _grad(f64, t64), _grad(f32, t32)
     assert got.dtype == torch.float32
-    assert (got.double() - want).abs().max() <= F32_TOL * want.abs().max()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,arg", [(op, a) for op in MIXTURE_OPS for a in MIXTURE_ARGS])
-def test_float32_mixture(op, arg, backend):
-    f64, t64 = _mixture_case(op, arg, backend)
-    f32, t32 = _mixture_case(op, arg, backend, dtype=torch.float32)
-    want, got = _grad(f64, t64), _grad(f32, t32)
     assert (got.double() - want).abs().max() <= F32_TOL * want.abs().max()
 
 

@@ -119,6 +119,20 @@ def mixtures(draw, D):
     return m, draw(st.sampled_from([torch.float32, torch.float64]))
 
 
+def _draw_case(data, max_D, models, what, sigma_lo):
+    """D, B, the model (in its drawn dtype) and the same model in float64 (as the kernel sees it,
+    after its dtype cast), x and x in float64 [B, D], sigma (as passed) and in float64 [B]."""
+    D = data.draw(st.integers(1, max_D), "D")
+    B = data.draw(st.integers(0, 7), "B")
+    model64, model_dtype = data.draw(models(D), what)
+    x = data.draw(samples(D, B), "x")
+    sig, sig64 = sigma_values(data.draw, B, lo=sigma_lo)
+    if x.dtype == torch.float64:  # a float32-born basis is orthonormal to ~1e-8 only: float64 answers differ by that
+        model_dtype = torch.float64
+    model = model64.to(dtype=model_dtype)
+    return D, B, model, model.to(dtype=torch.float64), x, x.double().reshape(B, D), sig, sig64
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -154,16 +168,7 @@ def _expect_clear_error_or(fn):
 @FUZZ
 @given(data=st.data())
 def test_gaussian_ops_fuzz(backend, op, data, monkeypatch):
-    D = data.draw(st.integers(1, 40), "D")
-    B = data.draw(st.integers(0, 7), "B")
-    g64, model_dtype = data.draw(gaussians(D), "gaussian")
-    x = data.draw(samples(D, B), "x")
-    sig, sig64 = sigma_values(data.draw, B)
-    if x.dtype == torch.float64:  # a float32-born basis is orthonormal to ~1e-8 only: float64 answers differ by that
-        model_dtype = torch.float64
-    g = g64.to(dtype=model_dtype)
-    g_true = g.to(dtype=torch.float64)  # the model as the kernel sees it (after its dtype cast)
-    x64 = x.double().reshape(B, D)
+    D, B, g, g_true, x, x64, sig, sig64 = _draw_case(data, 40, gaussians, "gaussian", sigma_lo=1e-4)
     mu = g_true.mean.abs().max().item()
     if op in ("denoise", "score"):
         f = gk.gaussian_denoise if op == "denoise" else gk.gaussian_score
@@ -200,16 +205,7 @@ def test_gaussian_ops_fuzz(backend, op, data, monkeypatch):
 @FUZZ
 @given(data=st.data())
 def test_mixture_ops_fuzz(backend, op, data, monkeypatch):
-    D = data.draw(st.integers(1, 24), "D")
-    B = data.draw(st.integers(0, 7), "B")
-    m64, model_dtype = data.draw(mixtures(D), "mixture")
-    x = data.draw(samples(D, B), "x")
-    sig, sig64 = sigma_values(data.draw, B, lo=1e-3, hi=1e4)
-    if x.dtype == torch.float64:  # as for the Gaussians: float64 queries meet float64 models
-        model_dtype = torch.float64
-    m = m64.to(dtype=model_dtype)
-    m_true = m.to(dtype=torch.float64)
-    x64 = x.double().reshape(B, D)
+    D, B, m, m_true, x, x64, sig, sig64 = _draw_case(data, 24, mixtures, "mixture", sigma_lo=1e-3)
     f = {"denoise": gk.mixture_denoise, "score": gk.mixture_score, "logp": gk.mixture_logp}[op]
     out = _expect_clear_error_or(lambda: _run(backend, lambda b: f(x, sig, m, backend=b), monkeypatch))
     if out is None:

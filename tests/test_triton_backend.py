@@ -249,8 +249,9 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
     f32, f64 = "*fp32", "*fp64"
     # split3: the default 3xTF32 tensor-core dots (gsa_kernels/triton/_dot.py); ieee: the opt-out
     for x_t, c_t, precision in ((f32, f32, "split3"), (f32, f32, "ieee"), ("*bf16", f32, "tf32x3"), (f64, f64, "ieee")):
-        types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, lp_hi="fp32", lp_lo="fp32", lp_ptr=c_t,
-                     row_of_ptr="*i64", tile_comp_ptr="*i64", sa_ptr=c_t, ka_ptr=c_t, sb_ptr=c_t, kb_ptr=c_t,
+        types = dict(x_ptr=x_t, mean_ptr=c_t, basis_ptr=c_t, eigvals_ptr=c_t, residual_var_hi="fp32",
+                     residual_var_lo="fp32", residual_vars_ptr=c_t, row_of_ptr="*i64", tile_comp_ptr="*i64",
+                     sigma_from_ptr=c_t, scale_from_ptr=c_t, sigma_to_ptr=c_t, scale_to_ptr=c_t,
                      out_ptr=x_t, scratch_ptr=c_t, B="i32", D="i32", R="i32", T="i32", ROWS="i32")
         for registers in (True, False):  # map with r in registers; trajectory through the scratch
             for labeled in (False, True):  # one Gaussian; per-tile components (class labels)

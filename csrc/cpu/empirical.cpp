@@ -111,7 +111,6 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
                     bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
-  const X* xp = x.data_ptr<X>();
   const T* mu = means.data_ptr<T>();
   const T* lpv = residual_var.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
@@ -120,28 +119,14 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // |mu_k|^2 per call: one pass over the points, 1 / B of the distance GEMM's reads (a cache
-  // keyed by tensor identity went stale through .data / numpy writes; the model owns no r = 0 layout)
-  std::vector<double> mu_sq_v(K);
-  double* mu_sq = mu_sq_v.data();
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-    with_isa([&] {
-      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
-    });
-  });
-  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
-  bool equal_lp = true;  // then the log-density's normalisation is one log per row
-  for (int64_t k = 0; k < K; ++k) {
-    max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
-    min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
-    equal_lp = equal_lp && lpv[k] == lpv[0];
-  }
+  // |mu_k|^2 per call (a cache keyed by tensor identity went stale through .data / numpy writes;
+  // the model owns no r = 0 layout); equal_lp: the log-density's normalisation is one log per row
+  const auto [mu_sq_v, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
+  const double* mu_sq = mu_sq_v.data();
   const double max_mu = std::sqrt(max_mu_sq);
   const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // tall row blocks: each block streams every point once through the GEMMs
-  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  const int64_t BB = tall_row_block(B);  // each block streams every point once through the GEMMs
   // blocks of SB points: one distance GEMM each, its [BB, SB] result kept for the two passes
   // below and then overwritten by the weights (kPointBlockBytes per thread, in L2 / L3);
   // balanced: the last block is not a sliver
@@ -163,13 +148,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
-      at::Tensor Xb;
-      if constexpr (std::is_same_v<X, T>) {
-        Xb = x.narrow(0, b0, n);
-      } else {
-        Xb = xbuf.narrow(0, 0, n);
-        for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
-      }
+      const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
       const T* xb = Xb.data_ptr<T>();
       with_isa([&] {
         for (int64_t i = 0; i < n; ++i) {

@@ -91,7 +91,6 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
                   at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);
-  const X* xp = x.data_ptr<X>();
   const T* mu = means.data_ptr<T>();
   const T* basis = bases.data_ptr<T>();
   const T* lam = eigvals.data_ptr<T>();
@@ -102,20 +101,8 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // Per-component constants, per call: one pass over the means (1 / B of the GEMMs' reads).
-  std::vector<double> mu_sq(K);
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-    with_isa([&] {
-      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
-    });
-  });
-  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
-  bool equal_lp = true;  // then h_perp is one number per row
-  for (int64_t k = 0; k < K; ++k) {
-    max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
-    min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
-    equal_lp = equal_lp && lpv[k] == lpv[0];
-  }
+  // equal_lp: h_perp is one number per row
+  const auto [mu_sq, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
   // the smallest variance any logit term is divided by (less s^2): residual_var or an eigval
   double min_var = min_lp;
   for (int64_t e = 0; e < K * r; ++e) min_var = std::min(min_var, static_cast<double>(lam[e]));
@@ -131,9 +118,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const double eps = std::numeric_limits<T>::epsilon();
   const double logit_tol = std::is_same_v<T, double> ? kLogitTol64 : kLogitTol;
 
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // tall row blocks: each block streams every component panel (twice) from memory
-  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  const int64_t BB = tall_row_block(B);  // each block streams every component panel twice
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
@@ -148,15 +133,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
-      at::Tensor Xb;
-      if constexpr (std::is_same_v<X, T>) {
-        Xb = x.narrow(0, b0, n);
-      } else {
-        Xb = xbuf.narrow(0, 0, n);
-        with_isa([&] {
-          for (int64_t i = 0; i < n; ++i) convert_row(Xb.data_ptr<T>() + i * D, xp + (b0 + i) * D, D);
-        });
-      }
+      const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
       const T* xb = Xb.data_ptr<T>();
       with_isa([&] {
         for (int64_t i = 0; i < n; ++i) {

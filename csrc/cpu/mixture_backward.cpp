@@ -65,13 +65,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const T* gdp = has_gd ? grad_den.data_ptr<T>() : nullptr;
   const T* gwp = has_gw ? grad_weights.data_ptr<T>() : nullptr;
 
-  std::vector<double> mu_sq(K);
-  for (int64_t k = 0; k < K; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
-  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
-  for (int64_t k = 0; k < K; ++k) {
-    max_mu_sq = std::max(max_mu_sq, mu_sq[k]);
-    min_lp = std::min(min_lp, static_cast<double>(lpv[k]));
-  }
+  const auto [mu_sq, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
   // the forward's component blocks, so that its cached panels serve here too
   const int64_t KB = component_block(K, r);
   const int64_t num_kb = (K + KB - 1) / KB;
@@ -85,8 +79,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const bool sq_matters = r < D;
   const double eps = std::numeric_limits<T>::epsilon();
 
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t BB = std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  const int64_t BB = tall_row_block(B);
   const int64_t num_rb = (B + BB - 1) / BB;
   // per-row-block sums per component: log_weights, residual_var, sum_b P | eigvals, sum_b G
   const int64_t S = 3 + 2 * r;

@@ -7,8 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
+#include "exact_sums.h"
 
 namespace gsa::cpu {
 
@@ -58,6 +61,57 @@ at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int6
     panel(out, k0, nk, W, D, true).copy_(transpose_last2<T>(panel(forward, k0, nk, W, D, false).unsqueeze(0)).squeeze(0));
   }
   return out;
+}
+
+// Per-component constants of the fast logits' error bounds, per call: |mu_k|^2 (one pass over
+// the means, 1 / B of the GEMMs' reads), their max, the smallest residual_var, and whether every
+// residual_var is equal.
+struct ComponentNorms {
+  std::vector<double> mu_sq;
+  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
+  bool equal_lp = true;
+};
+
+template <typename T>
+ComponentNorms component_norms(const T* mu, const T* lpv, int64_t K, int64_t D) {
+  ComponentNorms c;
+  c.mu_sq.resize(K);
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    with_isa([&] {
+      for (int64_t k = k0; k < k1; ++k) c.mu_sq[k] = sum_squares(mu + k * D, D);
+    });
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    c.max_mu_sq = std::max(c.max_mu_sq, c.mu_sq[k]);
+    c.min_lp = std::min(c.min_lp, static_cast<double>(lpv[k]));
+    c.equal_lp = c.equal_lp && lpv[k] == lpv[0];
+  }
+  return c;
+}
+
+// Rows per block of B: tall (up to 256), since each block streams every component through the
+// GEMMs, and one block per thread while B is small.
+inline int64_t tall_row_block(int64_t B) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+}
+
+// Rows b0 .. b0 + n - 1 of x [B, D] in the compute dtype T: a view of x, or for float16 /
+// bfloat16 x a converted copy in buf ([>= n, D]).
+template <typename X, typename T>
+at::Tensor rows_in_compute_dtype(const at::Tensor& x, const at::Tensor& buf, int64_t b0, int64_t n) {
+  if constexpr (std::is_same_v<X, T>) {
+    return x.narrow(0, b0, n);
+  } else {
+    const int64_t D = x.size(1);
+    const at::Tensor rows = buf.narrow(0, 0, n);
+    const X* xp = x.data_ptr<X>() + b0 * D;
+    T* out = rows.data_ptr<T>();
+    with_isa([&] {
+      for (int64_t i = 0; i < n; ++i) convert_row(out + i * D, xp + i * D, D);
+    });
+    return rows;
+  }
 }
 
 // Components per block of the panels (balanced: the last block is not a sliver), each one GEMM

@@ -16,6 +16,7 @@ namespace {
 
 struct CudaLauncher {
   static constexpr c10::DeviceType device_type = c10::DeviceType::CUDA;
+  static constexpr const char* op_prefix = "";
   using Guard = c10::cuda::CUDAGuard;
 
   static int multiprocessors(const at::Tensor& x) {
@@ -45,52 +46,15 @@ struct CudaLauncher {
   }
 };
 
-at::Tensor gaussian_map_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                             const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
-                             const at::Tensor& sigma_to, const at::Tensor& scale_from,
-                             const at::Tensor& scale_to, int64_t kind,
-                             const std::optional<at::Tensor>& /*basis_rows: CPU only*/) {
-  return gaussian_map<CudaLauncher>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from,
-                                    scale_to, kind, "gaussian_map");
-}
-
-at::Tensor gaussian_trajectory_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                                    const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas,
-                                    const std::optional<at::Tensor>& /*basis_rows: CPU only*/) {
-  return gaussian_trajectory<CudaLauncher>(x, mean, basis, eigvals, residual_var, sigmas, "gaussian_trajectory");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_cuda(
-    const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases, const at::Tensor& eigvals,
-    const at::Tensor& residual_var, const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
-    bool need_weights, const std::optional<at::Tensor>& /*forward_panels: CPU only*/,
-    const std::optional<at::Tensor>& /*backward_panels: CPU only*/) {
-  return mixture_posterior<CudaLauncher>(x, means, bases, eigvals, residual_var, log_weights, sigma,
-                                         need_denoised, need_weights, "mixture_posterior");
-}
-
-at::Tensor gaussian_map_labeled_cuda(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
-                                     const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
-                                     const at::Tensor& sigma_from, const at::Tensor& sigma_to,
-                                     const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
-  return gaussian_map_labeled<CudaLauncher>(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
-                                            scale_from, scale_to, kind, "gaussian_map_labeled");
-}
-
-at::Tensor gaussian_trajectory_labeled_cuda(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
-                                            const at::Tensor& bases, const at::Tensor& eigvals,
-                                            const at::Tensor& residual_var, const at::Tensor& sigmas) {
-  return gaussian_trajectory_labeled<CudaLauncher>(x, labels, means, bases, eigvals, residual_var, sigmas,
-                                                   "gaussian_trajectory_labeled");
-}
-
 }  // namespace
 }  // namespace gsa::cuda
 
 TORCH_LIBRARY_IMPL(gsa_kernels, CUDA, m) {
-  m.impl("gaussian_map", &gsa::cuda::gaussian_map_cuda);
-  m.impl("gaussian_trajectory", &gsa::cuda::gaussian_trajectory_cuda);
-  m.impl("mixture_posterior", &gsa::cuda::mixture_posterior_cuda);
-  m.impl("gaussian_map_labeled", &gsa::cuda::gaussian_map_labeled_cuda);
-  m.impl("gaussian_trajectory_labeled", &gsa::cuda::gaussian_trajectory_labeled_cuda);
+  using namespace gsa::cuda;
+  using Layout = std::optional<at::Tensor>;  // the CPU kernels' basis_rows / panels: accepted, unused
+  m.impl("gaussian_map", &gaussian_map<CudaLauncher, Layout>);
+  m.impl("gaussian_trajectory", &gaussian_trajectory<CudaLauncher, Layout>);
+  m.impl("mixture_posterior", &mixture_posterior<CudaLauncher, Layout, Layout>);
+  m.impl("gaussian_map_labeled", &gaussian_map_labeled<CudaLauncher>);
+  m.impl("gaussian_trajectory_labeled", &gaussian_trajectory_labeled<CudaLauncher>);
 }

@@ -1,8 +1,10 @@
 // The torch side of the CUDA kernels, shared by the CUDA binding (bindings.cpp) and the SIMT
-// emulation binding (csrc/emu/cuda_emu.cpp): validate (gsa::check_*, before touching memory),
-// allocate outputs and workspaces, fill the params structs, and hand them to a Launcher:
+// emulation binding (csrc/emu/cuda_emu.cpp), which register the op functions below (gaussian_map<L>,
+// ...) for their launcher L as L::op_prefix + the op's name. Each op validates (gsa::check_*, before
+// touching memory), allocates outputs and workspaces, fills the params structs, and hands them to L:
 //   struct Launcher {
 //     static constexpr c10::DeviceType device_type;   // of every tensor argument
+//     static constexpr const char* op_prefix;          // of the registered op names
 //     using Guard = ...;                               // RAII "current device = x's device"
 //     static int multiprocessors(const at::Tensor& x); // sizes the D / component splits
 //     static at::Tensor empty(at::IntArrayRef, const at::TensorOptions&);  // outputs, workspaces
@@ -12,6 +14,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 #include "gsa/checks.h"
@@ -40,6 +43,25 @@ template <typename L>
 void check_device(const at::Tensor& x, const char* op) {
   TORCH_CHECK_VALUE(x.device().type() == L::device_type, op, ": x must be a ", L::device_type,
                     " tensor, got one on ", x.device());
+}
+
+// The per-row arguments of a map: sigma_from, sigma_to, scale_from, scale_to [B], and kind.
+inline void check_map_rows(const at::Tensor& x, const at::Tensor& sigma_from, const at::Tensor& sigma_to,
+                           const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind, const char* op) {
+  const int64_t B = x.size(0);
+  check_rows(x, sigma_from, "sigma_from", {B}, op);
+  check_rows(x, sigma_to, "sigma_to", {B}, op);
+  check_rows(x, scale_from, "scale_from", {B}, op);
+  check_rows(x, scale_to, "scale_to", {B}, op);
+  TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
+                    ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
+}
+
+// The noise levels of a trajectory: sigmas [T, B], T >= 1.
+inline void check_sigmas(const at::Tensor& x, const at::Tensor& sigmas, const char* op) {
+  TORCH_CHECK_VALUE(sigmas.dim() == 2 && sigmas.size(0) >= 1, op, ": sigmas must be [T, B] with T >= 1, got ",
+                    sigmas.sizes());
+  check_rows(x, sigmas, "sigmas", {sigmas.size(0), x.size(0)}, op);
 }
 
 // The rows of a labelled map grouped into row tiles of one label each (GaussianMapParams):
@@ -101,20 +123,19 @@ void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
   });
 }
 
-template <typename L>
+// Layouts...: the trailing CPU-only layout arguments of the CUDA schemas (basis_rows,
+// forward_panels, backward_panels, csrc/ops.cpp), unused here; the cuda_emu_ schemas have none.
+template <typename L, typename... Layouts>
 at::Tensor gaussian_map(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                         const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
                         const at::Tensor& sigma_to, const at::Tensor& scale_from,
-                        const at::Tensor& scale_to, int64_t kind, const char* op) {
+                        const at::Tensor& scale_to, int64_t kind, const Layouts&...) {
+  static const std::string name = std::string(L::op_prefix) + "gaussian_map";  // in error messages
+  const char* op = name.c_str();
   check_gaussian(x, mean, basis, eigvals, residual_var, op);
   check_device<L>(x, op);
+  check_map_rows(x, sigma_from, sigma_to, scale_from, scale_to, kind, op);
   const int64_t B = x.size(0);
-  check_rows(x, sigma_from, "sigma_from", {B}, op);
-  check_rows(x, sigma_to, "sigma_to", {B}, op);
-  check_rows(x, scale_from, "scale_from", {B}, op);
-  check_rows(x, scale_to, "scale_to", {B}, op);
-  TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
-                    ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   typename L::Guard guard(x.device());
   at::Tensor out = L::empty(x.sizes(), x.options());
   run_spectral<L>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to.view({1, B}), &scale_from,
@@ -122,16 +143,16 @@ at::Tensor gaussian_map(const at::Tensor& x, const at::Tensor& mean, const at::T
   return out;
 }
 
-template <typename L>
+template <typename L, typename... Layouts>
 at::Tensor gaussian_trajectory(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
                                const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas,
-                               const char* op) {
+                               const Layouts&...) {
+  static const std::string name = std::string(L::op_prefix) + "gaussian_trajectory";  // in error messages
+  const char* op = name.c_str();
   check_gaussian(x, mean, basis, eigvals, residual_var, op);
   check_device<L>(x, op);
-  TORCH_CHECK_VALUE(sigmas.dim() == 2 && sigmas.size(0) >= 1, op, ": sigmas must be [T, B] with T >= 1, got ",
-                    sigmas.sizes());
+  check_sigmas(x, sigmas, op);
   const int64_t T = sigmas.size(0), B = x.size(0);
-  check_rows(x, sigmas, "sigmas", {T, B}, op);
   typename L::Guard guard(x.device());
   at::Tensor out = L::empty({T, B, x.size(1)}, x.options());
   // flow from sigmas[0] (may be +inf: x is unit noise) to every sigmas[t], scales 1
@@ -151,17 +172,13 @@ template <typename L>
 at::Tensor gaussian_map_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
                                 const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
                                 const at::Tensor& sigma_from, const at::Tensor& sigma_to,
-                                const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind,
-                                const char* op) {
+                                const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
+  static const std::string name = std::string(L::op_prefix) + "gaussian_map_labeled";  // in error messages
+  const char* op = name.c_str();
   check_labeled(x, labels, means, bases, eigvals, residual_var, op);
   check_device<L>(x, op);
+  check_map_rows(x, sigma_from, sigma_to, scale_from, scale_to, kind, op);
   const int64_t B = x.size(0);
-  check_rows(x, sigma_from, "sigma_from", {B}, op);
-  check_rows(x, sigma_to, "sigma_to", {B}, op);
-  check_rows(x, scale_from, "scale_from", {B}, op);
-  check_rows(x, scale_to, "scale_to", {B}, op);
-  TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore || kind == kFlow, op,
-                    ": kind must be 0 (denoise), 1 (score) or 2 (flow), got ", kind);
   typename L::Guard guard(x.device());
   check_label_range_on_device(labels, means.size(0));
   at::Tensor out = L::empty(x.sizes(), x.options());
@@ -175,13 +192,13 @@ at::Tensor gaussian_map_labeled(const at::Tensor& x, const at::Tensor& labels, c
 template <typename L>
 at::Tensor gaussian_trajectory_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
                                        const at::Tensor& bases, const at::Tensor& eigvals,
-                                       const at::Tensor& residual_var, const at::Tensor& sigmas, const char* op) {
+                                       const at::Tensor& residual_var, const at::Tensor& sigmas) {
+  static const std::string name = std::string(L::op_prefix) + "gaussian_trajectory_labeled";  // in error messages
+  const char* op = name.c_str();
   check_labeled(x, labels, means, bases, eigvals, residual_var, op);
   check_device<L>(x, op);
-  TORCH_CHECK_VALUE(sigmas.dim() == 2 && sigmas.size(0) >= 1, op, ": sigmas must be [T, B] with T >= 1, got ",
-                    sigmas.sizes());
+  check_sigmas(x, sigmas, op);
   const int64_t T = sigmas.size(0), B = x.size(0);
-  check_rows(x, sigmas, "sigmas", {T, B}, op);
   typename L::Guard guard(x.device());
   check_label_range_on_device(labels, means.size(0));
   at::Tensor out = L::empty({T, B, x.size(1)}, x.options());
@@ -191,11 +208,13 @@ at::Tensor gaussian_trajectory_labeled(const at::Tensor& x, const at::Tensor& la
   return out;
 }
 
-template <typename L>
+template <typename L, typename... Layouts>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
     const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases, const at::Tensor& eigvals,
     const at::Tensor& residual_var, const at::Tensor& log_weights, const at::Tensor& sigma,
-    bool need_denoised, bool need_weights, const char* op) {
+    bool need_denoised, bool need_weights, const Layouts&...) {
+  static const std::string name = std::string(L::op_prefix) + "mixture_posterior";  // in error messages
+  const char* op = name.c_str();
   check_mixture(x, means, bases, eigvals, residual_var, log_weights, sigma, op);
   check_device<L>(x, op);
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2);

@@ -16,6 +16,7 @@ namespace {
 
 struct EmulatedLauncher {
   static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
+  static constexpr const char* op_prefix = "cuda_emu_";
   struct Guard {
     explicit Guard(at::Device) {}
   };
@@ -41,50 +42,14 @@ struct EmulatedLauncher {
   }
 };
 
-at::Tensor gaussian_map_emu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                            const at::Tensor& eigvals, double residual_var, const at::Tensor& sigma_from,
-                            const at::Tensor& sigma_to, const at::Tensor& scale_from, const at::Tensor& scale_to,
-                            int64_t kind) {
-  return gaussian_map<EmulatedLauncher>(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from,
-                                        scale_to, kind, "cuda_emu_gaussian_map");
-}
-
-at::Tensor gaussian_trajectory_emu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& basis,
-                                   const at::Tensor& eigvals, double residual_var, const at::Tensor& sigmas) {
-  return gaussian_trajectory<EmulatedLauncher>(x, mean, basis, eigvals, residual_var, sigmas,
-                                               "cuda_emu_gaussian_trajectory");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior_emu(
-    const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases, const at::Tensor& eigvals,
-    const at::Tensor& residual_var, const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
-    bool need_weights) {
-  return mixture_posterior<EmulatedLauncher>(x, means, bases, eigvals, residual_var, log_weights, sigma,
-                                             need_denoised, need_weights, "cuda_emu_mixture_posterior");
-}
-
-at::Tensor gaussian_map_labeled_emu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
-                                    const at::Tensor& bases, const at::Tensor& eigvals, const at::Tensor& residual_var,
-                                    const at::Tensor& sigma_from, const at::Tensor& sigma_to,
-                                    const at::Tensor& scale_from, const at::Tensor& scale_to, int64_t kind) {
-  return gaussian_map_labeled<EmulatedLauncher>(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
-                                                scale_from, scale_to, kind, "cuda_emu_gaussian_map_labeled");
-}
-
-at::Tensor gaussian_trajectory_labeled_emu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
-                                           const at::Tensor& bases, const at::Tensor& eigvals,
-                                           const at::Tensor& residual_var, const at::Tensor& sigmas) {
-  return gaussian_trajectory_labeled<EmulatedLauncher>(x, labels, means, bases, eigvals, residual_var, sigmas,
-                                                       "cuda_emu_gaussian_trajectory_labeled");
-}
-
 }  // namespace
 }  // namespace gsa::cuda
 
 TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
-  m.impl("cuda_emu_gaussian_map", &gsa::cuda::gaussian_map_emu);
-  m.impl("cuda_emu_gaussian_trajectory", &gsa::cuda::gaussian_trajectory_emu);
-  m.impl("cuda_emu_mixture_posterior", &gsa::cuda::mixture_posterior_emu);
-  m.impl("cuda_emu_gaussian_map_labeled", &gsa::cuda::gaussian_map_labeled_emu);
-  m.impl("cuda_emu_gaussian_trajectory_labeled", &gsa::cuda::gaussian_trajectory_labeled_emu);
+  using namespace gsa::cuda;
+  m.impl("cuda_emu_gaussian_map", &gaussian_map<EmulatedLauncher>);
+  m.impl("cuda_emu_gaussian_trajectory", &gaussian_trajectory<EmulatedLauncher>);
+  m.impl("cuda_emu_mixture_posterior", &mixture_posterior<EmulatedLauncher>);
+  m.impl("cuda_emu_gaussian_map_labeled", &gaussian_map_labeled<EmulatedLauncher>);
+  m.impl("cuda_emu_gaussian_trajectory_labeled", &gaussian_trajectory_labeled<EmulatedLauncher>);
 }

@@ -8,6 +8,8 @@ The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t hol
 in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
 gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
 trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
+The per-row values keep spectral.h's names: residual_var (the variance off span(U)), sigma_from
+and scale_from (x's noise level and scale), sigma_to and scale_to (those of output t).
 
 Labelled maps (row b under component labels[b] of stacked Gaussians): the rows are grouped by
 label into tiles of LABEL_TILE rows that hold one label each (label_tiles: a row map, padded with
@@ -39,70 +41,72 @@ LABEL_TILE = 16 if _config.INTERPRET else 64
 
 
 @triton.jit
-def _input_coeffs(KIND: tl.constexpr, sa, ka):
+def _input_coeffs(KIND: tl.constexpr, sigma_from, scale_from):
     """(p, q) of y = p x - q mu (row_coeffs in spectral.h)."""
-    one = tl.full(sa.shape, 1.0, sa.dtype)
+    one = tl.full(sigma_from.shape, 1.0, sigma_from.dtype)
     if KIND == 2:
-        from_noise = sa == float("inf")
-        return tl.where(from_noise, one, one / ka), tl.where(from_noise, 0.0 * one, one)
+        from_noise = sigma_from == float("inf")
+        return tl.where(from_noise, one, one / scale_from), tl.where(from_noise, 0.0 * one, one)
     else:
         return one, one
 
 
 @triton.jit
-def _output_coeffs(KIND: tl.constexpr, lp, sa, sb, kb):
+def _output_coeffs(KIND: tl.constexpr, residual_var, sigma_from, sigma_to, scale_to):
     """(a, b) of out = a y + b mu + ... (row_coeffs in spectral.h)."""
-    one = tl.full(sa.shape, 1.0, sa.dtype)
+    one = tl.full(sigma_from.shape, 1.0, sigma_from.dtype)
     if KIND == 0:
-        s2 = sa * sa
-        return lp / (lp + s2), one
+        s2 = sigma_from * sigma_from
+        return residual_var / (residual_var + s2), one
     elif KIND == 1:
-        s2 = sa * sa
-        return -one / (lp + s2), 0.0 * one
+        s2 = sigma_from * sigma_from
+        return -one / (residual_var + s2), 0.0 * one
     else:
-        sb2 = sb * sb
-        from_noise = sa == float("inf")
-        gain = tl.where(from_noise, tl.sqrt(lp + sb2), tl.sqrt((lp + sb2) / (lp + sa * sa)))
-        return kb * gain, kb
+        to2 = sigma_to * sigma_to
+        from2 = sigma_from * sigma_from
+        from_noise = sigma_from == float("inf")
+        gain = tl.where(from_noise, tl.sqrt(residual_var + to2), tl.sqrt((residual_var + to2) / (residual_var + from2)))
+        return scale_to * gain, scale_to
 
 
 @triton.jit
-def _spectral_f(KIND: tl.constexpr, lam, lp, sa, sb, kb):
+def _spectral_f(KIND: tl.constexpr, lam, residual_var, sigma_from, sigma_to, scale_to):
     """f(lam; row) (spectral_f in spectral.h). lam [1, R], row values [B, 1]."""
     if KIND == 0:
-        s2 = sa * sa
-        return lam / (lam + s2) - lp / (lp + s2)
+        s2 = sigma_from * sigma_from
+        return lam / (lam + s2) - residual_var / (residual_var + s2)
     elif KIND == 1:
-        s2 = sa * sa
-        return (lam - lp) / ((lam + s2) * (lp + s2))
+        s2 = sigma_from * sigma_from
+        return (lam - residual_var) / ((lam + s2) * (residual_var + s2))
     else:
-        sb2 = sb * sb
-        sa2 = sa * sa
-        from_noise = sa == float("inf")
-        from_x = tl.sqrt((lam + sb2) / (lam + sa2)) - tl.sqrt((lp + sb2) / (lp + sa2))
-        return kb * tl.where(from_noise, tl.sqrt(lam + sb2) - tl.sqrt(lp + sb2), from_x)
+        to2 = sigma_to * sigma_to
+        from2 = sigma_from * sigma_from
+        from_noise = sigma_from == float("inf")
+        from_x = tl.sqrt((lam + to2) / (lam + from2)) - tl.sqrt((residual_var + to2) / (residual_var + from2))
+        return scale_to * tl.where(from_noise, tl.sqrt(lam + to2) - tl.sqrt(residual_var + to2), from_x)
 
 
 @triton.jit
-def _span_gain(KIND: tl.constexpr, lam, sa, sb, kb):
+def _span_gain(KIND: tl.constexpr, lam, sigma_from, sigma_to, scale_to):
     """The whole gain on span(U), f + a (= a evaluated at lam). Used when r = D: there
     P_perp = 0, and dropping a y avoids cancelling two terms of size 1/sigma^2 (score)."""
     if KIND == 0:
-        return lam / (lam + sa * sa)
+        return lam / (lam + sigma_from * sigma_from)
     elif KIND == 1:
-        return -1.0 / (lam + sa * sa)
+        return -1.0 / (lam + sigma_from * sigma_from)
     else:
-        sb2 = sb * sb
-        from_noise = sa == float("inf")
-        return kb * tl.where(from_noise, tl.sqrt(lam + sb2), tl.sqrt((lam + sb2) / (lam + sa * sa)))
+        to2 = sigma_to * sigma_to
+        from2 = sigma_from * sigma_from
+        from_noise = sigma_from == float("inf")
+        return scale_to * tl.where(from_noise, tl.sqrt(lam + to2), tl.sqrt((lam + to2) / (lam + from2)))
 
 
 @triton.jit
-def _gain(KIND: tl.constexpr, FULL_RANK: tl.constexpr, lam, lp, sa, sb, kb):
+def _gain(KIND: tl.constexpr, FULL_RANK: tl.constexpr, lam, residual_var, sigma_from, sigma_to, scale_to):
     if FULL_RANK:
-        return _span_gain(KIND, lam, sa, sb, kb)
+        return _span_gain(KIND, lam, sigma_from, sigma_to, scale_to)
     else:
-        return _spectral_f(KIND, lam, lp, sa, sb, kb)
+        return _spectral_f(KIND, lam, residual_var, sigma_from, sigma_to, scale_to)
 
 
 @triton.jit
@@ -129,13 +133,13 @@ _INTERPRETER_CONFIG = {"BLOCK_B": 16, "BLOCK_D": 32, "BLOCK_R": 16}
 
 
 @triton.jit
-def _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, acc_dtype: tl.constexpr):
+def _row_params(sigma_to_ptr, scale_to_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, acc_dtype: tl.constexpr):
     """sigma_to, scale_to of output t for the rows ([B] each)."""
-    sb = tl.load(sb_ptr + t * B + rows, mask=row_ok, other=1.0)
-    kb = tl.full(sb.shape, 1.0, acc_dtype)
+    sigma_to = tl.load(sigma_to_ptr + t * B + rows, mask=row_ok, other=1.0)
+    scale_to = tl.full(sigma_to.shape, 1.0, acc_dtype)
     if HAS_SCALES:
-        kb = tl.load(kb_ptr + t * B + rows, mask=row_ok, other=1.0)
-    return sb, kb
+        scale_to = tl.load(scale_to_ptr + t * B + rows, mask=row_ok, other=1.0)
+    return sigma_to, scale_to
 
 
 @triton.autotune(
@@ -144,9 +148,12 @@ def _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES: tl.constexpr, ac
 )
 @triton.jit
 def _spectral_map_kernel(
-    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, lp_hi, lp_lo,  # residual_var = lp_hi + lp_lo (float64-exact)
-    lp_ptr, row_of_ptr, tile_comp_ptr,  # LABELED: residual_var [K], row map [ROWS], tile components
-    sa_ptr, ka_ptr, sb_ptr, kb_ptr,  # sa, ka: [B]; sb, kb: [T, B] (ka, kb unread without HAS_SCALES)
+    # residual_var = residual_var_hi + residual_var_lo: a float64 value in two float32 scalars
+    x_ptr, mean_ptr, basis_ptr, eigvals_ptr, residual_var_hi, residual_var_lo,
+    # LABELED: residual_var per component [K], row map [ROWS], tile components
+    residual_vars_ptr, row_of_ptr, tile_comp_ptr,
+    # sigma_from, scale_from [B]; sigma_to, scale_to [T, B] (the scales unread without HAS_SCALES)
+    sigma_from_ptr, scale_from_ptr, sigma_to_ptr, scale_to_ptr,
     out_ptr, scratch_ptr,  # out [T, B, D]; scratch [T, B, R]: c * f_t (unless CF_IN_REGISTERS)
     B, D, R, T, ROWS,  # ROWS: program rows (B, or the labelled row map's length)
     KIND: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BASIS: tl.constexpr, FULL_RANK: tl.constexpr,
@@ -166,17 +173,17 @@ def _spectral_map_kernel(
         mean_ptr += k * D
         basis_ptr += k * D * R
         eigvals_ptr += k * R
-        lp = tl.load(lp_ptr + k)
+        residual_var = tl.load(residual_vars_ptr + k)
     else:
         rows = program_rows
         row_ok = rows < B
-        lp = tl.cast(lp_hi, acc_dtype) + tl.cast(lp_lo, acc_dtype)
+        residual_var = tl.cast(residual_var_hi, acc_dtype) + tl.cast(residual_var_lo, acc_dtype)
     rows64 = rows.to(tl.int64)
-    sa = tl.load(sa_ptr + rows, mask=row_ok, other=1.0)
-    ka = tl.full((BLOCK_B,), 1.0, acc_dtype)
+    sigma_from = tl.load(sigma_from_ptr + rows, mask=row_ok, other=1.0)
+    scale_from = tl.full((BLOCK_B,), 1.0, acc_dtype)
     if HAS_SCALES:
-        ka = tl.load(ka_ptr + rows, mask=row_ok, other=1.0)
-    p, q = _input_coeffs(KIND, sa, ka)
+        scale_from = tl.load(scale_from_ptr + rows, mask=row_ok, other=1.0)
+    p, q = _input_coeffs(KIND, sigma_from, scale_from)
 
     # ---- stage 1: c = y U, then c * f_t once per (row, j, t): the spectral functions (sqrt,
     # divisions) stay out of the D loops. c * f_t stays in registers for the map (T = 1, small r),
@@ -193,12 +200,15 @@ def _spectral_map_kernel(
                 c = dot(y, u, c, PRECISION)
             lam = tl.load(eigvals_ptr + r_reg, mask=r_reg < R, other=0.0)
             if CF_IN_REGISTERS:
-                sb, kb = _row_params(sb_ptr, kb_ptr, 0, B, rows, row_ok, HAS_SCALES, acc_dtype)
-                cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                sigma_to, scale_to = _row_params(sigma_to_ptr, scale_to_ptr, 0, B, rows, row_ok, HAS_SCALES, acc_dtype)
+                cf = c * _gain(KIND, FULL_RANK, lam[None, :], residual_var,
+                               sigma_from[:, None], sigma_to[:, None], scale_to[:, None])
             else:
                 for t in range(0, T):
-                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
-                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    sigma_to, scale_to = _row_params(sigma_to_ptr, scale_to_ptr, t,
+                                                     B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], residual_var,
+                                   sigma_from[:, None], sigma_to[:, None], scale_to[:, None])
                     tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r_reg[None, :], cf, mask=row_ok[:, None] & (r_reg[None, :] < R))
         else:
             for r0 in range(0, R, BLOCK_R):
@@ -213,8 +223,10 @@ def _spectral_map_kernel(
                     c = dot(y, u, c, PRECISION)
                 lam = tl.load(eigvals_ptr + r, mask=r_ok, other=0.0)
                 for t in range(0, T):
-                    sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
-                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], lp, sa[:, None], sb[:, None], kb[:, None])
+                    sigma_to, scale_to = _row_params(sigma_to_ptr, scale_to_ptr, t,
+                                                     B, rows, row_ok, HAS_SCALES, acc_dtype)
+                    cf = c * _gain(KIND, FULL_RANK, lam[None, :], residual_var,
+                                   sigma_from[:, None], sigma_to[:, None], scale_to[:, None])
                     tl.store(scratch_ptr + (t * B + rows64)[:, None] * R + r[None, :], cf, mask=row_ok[:, None] & r_ok[None, :])
         if not CF_IN_REGISTERS:
             tl.debug_barrier()  # stage 2 reads what other threads of this program wrote
@@ -225,8 +237,8 @@ def _spectral_map_kernel(
         d_ok = d < D
         y, mu = _load_y(x_ptr, mean_ptr, rows64, row_ok, d, d_ok, p, q, D)
         for t in range(0, T):
-            sb, kb = _row_params(sb_ptr, kb_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
-            a, b = _output_coeffs(KIND, lp, sa, sb, kb)
+            sigma_to, scale_to = _row_params(sigma_to_ptr, scale_to_ptr, t, B, rows, row_ok, HAS_SCALES, acc_dtype)
+            a, b = _output_coeffs(KIND, residual_var, sigma_from, sigma_to, scale_to)
             if FULL_RANK:
                 a = 0.0 * a
             acc = a[:, None] * y + b[:, None] * mu[None, :]
@@ -270,13 +282,14 @@ def label_tiles(labels, K: int, tile: int):
     return row_of, torch.where(component < K, component, -1)
 
 
-def spectral_map(x, mean, basis, eigvals, residual_var, sa, ka, sb, kb, kind: int, labels=None):
-    """out [T, B, D] (x's dtype) for x [B, D]; sa [B]; sb [T, B]; scales ka [B], kb [T, B] or
-    None for 1 (see module docstring). One kernel launch (with labels: mean [K, D], basis
-    [K, D, r], eigvals [K, r], residual_var [K], row b under component labels[b])."""
+def spectral_map(x, mean, basis, eigvals, residual_var, sigma_from, scale_from, sigma_to, scale_to, kind: int,
+                 labels=None):
+    """out [T, B, D] (x's dtype) for x [B, D]; sigma_from [B]; sigma_to [T, B]; scale_from [B] and
+    scale_to [T, B], or None for 1 (see module docstring). One kernel launch (with labels: mean
+    [K, D], basis [K, D, r], eigvals [K, r], residual_var [K], row b under component labels[b])."""
     B, D = x.shape
     R = basis.shape[-1]
-    T = sb.shape[0]
+    T = sigma_to.shape[0]
     out = torch.empty((T, B, D), dtype=x.dtype, device=x.device)
     if B == 0 or T == 0:
         return out
@@ -285,12 +298,12 @@ def spectral_map(x, mean, basis, eigvals, residual_var, sa, ka, sb, kb, kind: in
     scratch = torch.empty((0 if cf_in_registers else T * B * R,), dtype=mean.dtype, device=x.device)
     if labels is None:
         # float scalars reach the kernel as float32: hi + lo keeps residual_var float64-exact
-        lp_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
-        lp_lo = float(residual_var) - lp_hi
-        lp, row_of, component, rows = mean, sa, sa, B  # the pointers are unread
+        residual_var_hi = struct.unpack("f", struct.pack("f", float(residual_var)))[0]
+        residual_var_lo = float(residual_var) - residual_var_hi
+        residual_vars, row_of, component, rows = mean, sigma_from, sigma_from, B  # pointers, unread
     else:
-        lp_hi = lp_lo = 0.0
-        lp = residual_var
+        residual_var_hi = residual_var_lo = 0.0
+        residual_vars = residual_var
         row_of, component = label_tiles(labels, mean.shape[0], LABEL_TILE)
         rows = row_of.shape[0]
     r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
@@ -299,10 +312,11 @@ def spectral_map(x, mean, basis, eigvals, residual_var, sa, ka, sb, kb, kind: in
         return (triton.cdiv(rows, meta["BLOCK_B"]),)
 
     _launch(_spectral_map_kernel)[grid](
-        x, mean, basis, eigvals, lp_hi, lp_lo, lp, row_of, component,
-        sa, sa if ka is None else ka, sb, sb if kb is None else kb, out, scratch,
+        x, mean, basis, eigvals, residual_var_hi, residual_var_lo, residual_vars, row_of, component,
+        sigma_from, sigma_from if scale_from is None else scale_from,
+        sigma_to, sigma_to if scale_to is None else scale_to, out, scratch,
         B, D, R, T, rows,
-        KIND=kind, HAS_SCALES=ka is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers,
+        KIND=kind, HAS_SCALES=scale_from is not None, HAS_BASIS=R > 0, FULL_RANK=R == D, C_IN_REGISTERS=in_registers,
         CF_IN_REGISTERS=cf_in_registers, R_PAD=r_pad,
         PRECISION=_config.dot_precision(mean.dtype), LABELED=labels is not None, LABEL_TILE=LABEL_TILE,
     )

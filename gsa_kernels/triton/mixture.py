@@ -72,6 +72,23 @@ def _update_acc(acc_ptr, offs, mask, contrib, m_old, alpha):
     tl.store(acc_ptr + offs, old * alpha[:, None] + contrib, mask=mask)
 
 
+@triton.jit
+def _y_tile(x_ptr, mean_k, rows64, row_ok, d, d_ok, D):
+    """y = x - mu_k on columns d of the rows [BLOCK_B, len(d)] in the compute dtype, 0 past D."""
+    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
+    return tl.where(d_ok[None, :], x.to(mu.dtype) - mu[None, :], 0.0)
+
+
+@triton.jit
+def _store_state(state_ptr, split, B, S, rows, row_ok, m, l, hsum):
+    """The split's (m, l, hsum) of its rows into state [3, S, B] (_mixture_merge_kernel merges them)."""
+    state = state_ptr + split * B + rows
+    tl.store(state, m, mask=row_ok)
+    tl.store(state + S * B, l, mask=row_ok)
+    tl.store(state + 2 * S * B, hsum, mask=row_ok)
+
+
 _LOWRANK_GPU_CONFIGS = [  # (meta, num_warps, num_stages); BLOCK_B is fixed (module constant)
     ({"BLOCK_D": 32, "BLOCK_R": 32}, 4, 2),
     ({"BLOCK_D": 32, "BLOCK_R": 32}, 8, 2),
@@ -123,9 +140,7 @@ def _mixture_lowrank_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
-            y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
+            y = _y_tile(x_ptr, mean_k, rows64, row_ok, d, d_ok, D)
             sq += tl.sum(y * y, axis=1)
             if C_IN_REGISTERS:
                 u = tl.load(basis_k + d[:, None] * R + r_reg[None, :], mask=d_ok[:, None] & (r_reg[None, :] < R), other=0.0)
@@ -149,9 +164,7 @@ def _mixture_lowrank_kernel(
                 for d0 in range(0, D, BLOCK_D):
                     d = d0 + tl.arange(0, BLOCK_D)
                     d_ok = d < D
-                    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    mu = tl.load(mean_k + d, mask=d_ok, other=0.0)
-                    y = tl.where(d_ok[None, :], x.to(cdt) - mu[None, :], 0.0)
+                    y = _y_tile(x_ptr, mean_k, rows64, row_ok, d, d_ok, D)
                     u = tl.load(basis_k + d[:, None] * R + r[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                     c_tile = dot(y, u, c_tile, PRECISION)
                 lam = tl.load(eigvals_ptr + k * R + r, mask=r_ok, other=0.0)
@@ -228,10 +241,28 @@ def _mixture_lowrank_kernel(
                 _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], pk[:, None] * contrib, m, alpha)
             tl.debug_barrier()  # the next component rewrites the scratch and acc tiles
         m = m_new
-    state = state_ptr + split * B + rows
-    tl.store(state, m, mask=row_ok)
-    tl.store(state + S * B, l, mask=row_ok)
-    tl.store(state + 2 * S * B, hsum, mask=row_ok)
+    _store_state(state_ptr, split, B, S, rows, row_ok, m, l, hsum)
+
+
+@triton.jit
+def _x_and_means_tiles(x_ptr, means_ptr, rows64, row_ok, k, k_ok, d, D):
+    """Columns d of the rows' x [BLOCK_B, len(d)] and of the means mu_k [BLOCK_K, len(d)], 0 past D."""
+    d_ok = d < D
+    x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    return x, mu
+
+
+@triton.jit
+def _sq_distances(x_ptr, means_ptr, rows64, row_ok, k, k_ok, D,
+                  BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DS: tl.constexpr):
+    """|x - mu_k|^2 [BLOCK_B, BLOCK_K] in float64 from the differences, exact to ~1e-16 relative."""
+    sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
+    for d0 in range(0, D, BLOCK_DS):
+        x, mu = _x_and_means_tiles(x_ptr, means_ptr, rows64, row_ok, k, k_ok, d0 + tl.arange(0, BLOCK_DS), D)
+        diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
+        sq += tl.sum(diff * diff, axis=2)
+    return sq
 
 
 _ISOTROPIC_GPU_CONFIGS = [  # (meta, num_warps, num_stages): BLOCK_K points per step; BLOCK_D the depth of
@@ -306,10 +337,7 @@ def _mixture_isotropic_kernel(
             xmu = tl.zeros((BLOCK_B, BLOCK_K), cdt)
             mu_sq = tl.zeros((BLOCK_K,), tl.float64)
             for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = d < D
-                x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                x, mu = _x_and_means_tiles(x_ptr, means_ptr, rows64, row_ok, k, k_ok, d0 + tl.arange(0, BLOCK_D), D)
                 xmu = dot(x.to(cdt), tl.trans(mu), xmu, PRECISION)
                 mu64 = mu.to(tl.float64)
                 mu_sq += tl.sum(mu64 * mu64, axis=1)
@@ -334,32 +362,15 @@ def _mixture_isotropic_kernel(
                 if tl.max(tl.where(need, err64, 0.0)) <= LOGIT_TOL:
                     xmu64 = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
                     for d0 in range(0, D, BLOCK_D):
-                        d = d0 + tl.arange(0, BLOCK_D)
-                        d_ok = d < D
-                        x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                        x, mu = _x_and_means_tiles(x_ptr, means_ptr, rows64, row_ok, k, k_ok, d0 + tl.arange(0, BLOCK_D), D)
                         xmu64 = tl.dot(x.to(tl.float64), tl.trans(mu.to(tl.float64)), xmu64, input_precision="ieee")
                     sq = x_sq[:, None] + mu_sq[None, :] - 2.0 * xmu64
                     sq = tl.where(sq < 0, 0.0, sq)
                 else:
-                    sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
-                    for d0 in range(0, D, BLOCK_DS):
-                        d = d0 + tl.arange(0, BLOCK_DS)
-                        d_ok = d < D
-                        x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                        diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
-                        sq += tl.sum(diff * diff, axis=2)
+                    sq = _sq_distances(x_ptr, means_ptr, rows64, row_ok, k, k_ok, D, BLOCK_B, BLOCK_K, BLOCK_DS)
                 logit = tl.where(need, log_norm - 0.5 * sq / vp, logit)
-        else:  # float64: |x - mu_k|^2 from the differences, exact to ~1e-16 relative
-            sq = tl.zeros((BLOCK_B, BLOCK_K), tl.float64)
-            for d0 in range(0, D, BLOCK_DS):
-                d = d0 + tl.arange(0, BLOCK_DS)
-                d_ok = d < D
-                x = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                mu = tl.load(means_ptr + k[:, None] * D + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                diff = x.to(tl.float64)[:, None, :] - mu.to(tl.float64)[None, :, :]
-                sq += tl.sum(diff * diff, axis=2)
+        else:  # float64: distances from the differences
+            sq = _sq_distances(x_ptr, means_ptr, rows64, row_ok, k, k_ok, D, BLOCK_B, BLOCK_K, BLOCK_DS)
             logit = tl.where(k_ok[None, :], log_norm - 0.5 * sq / vp, float("-inf"))
         if NEED_WEIGHTS:
             tl.store(logits_ptr + rows64[:, None] * K + k[None, :], logit, mask=row_ok[:, None] & k_ok[None, :])
@@ -382,10 +393,7 @@ def _mixture_isotropic_kernel(
                     contrib = dot(pm, mu, tl.zeros((BLOCK_B, BLOCK_D), cdt), PRECISION)
                     _update_acc(acc_ptr, acc_rows + d[None, :], row_ok[:, None] & d_ok[None, :], contrib, m, alpha.to(cdt))
         m = m_new
-    state = state_ptr + split * B + rows
-    tl.store(state, m, mask=row_ok)
-    tl.store(state + S * B, l, mask=row_ok)
-    tl.store(state + 2 * S * B, hsum, mask=row_ok)
+    _store_state(state_ptr, split, B, S, rows, row_ok, m, l, hsum)
 
 
 @triton.jit

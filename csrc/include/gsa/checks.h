@@ -55,40 +55,16 @@ inline void check_rows(const at::Tensor& x, const at::Tensor& v, const char* nam
   TORCH_CHECK_VALUE(v.sizes() == shape, op, ": ", name, " must be ", shape, ", got ", v.sizes());
 }
 
-inline void check_mixture(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
-                          const at::Tensor& eigvals, const at::Tensor& residual_var,
-                          const at::Tensor& log_weights, const at::Tensor& sigma, const char* op) {
+// K stacked low-rank Gaussians (a mixture's components, or the labelled ops' per-label ones):
+// means [K, D], bases [K, D, r], eigvals [K, r], residual_var [K], K > 0.
+inline void check_components(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
+                             const at::Tensor& eigvals, const at::Tensor& residual_var, const char* op) {
   check_x(x, op);
   check_param(x, means, "means", 2, op);
   check_param(x, bases, "bases", 3, op);
   check_param(x, eigvals, "eigvals", 2, op);
   check_param(x, residual_var, "residual_var", 1, op);
-  check_param(x, log_weights, "log_weights", 1, op);
   const int64_t K = means.size(0), D = x.size(1), r = bases.size(2);
-  TORCH_CHECK_VALUE(K > 0, op, ": the mixture has no components");
-  TORCH_CHECK_VALUE(means.size(1) == D, op, ": means must be [K, D] with D = ", D, ", got ",
-                    means.sizes());
-  TORCH_CHECK_VALUE(bases.size(0) == K && bases.size(1) == D, op, ": bases must be [K, D, r], got ",
-                    bases.sizes());
-  TORCH_CHECK_VALUE(eigvals.size(0) == K && eigvals.size(1) == r, op,
-                    ": eigvals must be [K, r], got ", eigvals.sizes());
-  TORCH_CHECK_VALUE(residual_var.size(0) == K && log_weights.size(0) == K, op,
-                    ": residual_var and log_weights must be [K]");
-  check_rows(x, sigma, "sigma", {x.size(0)}, op);
-}
-
-// The labelled Gaussian ops: x, labels int64 [B], and one Gaussian per component (means [K, D],
-// bases [K, D, r], eigvals [K, r], residual_var [K]). Label values are read only on the CPU (one
-// pass over B integers); a CUDA binding checks them on the device instead.
-inline void check_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
-                          const at::Tensor& bases, const at::Tensor& eigvals,
-                          const at::Tensor& residual_var, const char* op) {
-  check_x(x, op);
-  check_param(x, means, "means", 2, op);
-  check_param(x, bases, "bases", 3, op);
-  check_param(x, eigvals, "eigvals", 2, op);
-  check_param(x, residual_var, "residual_var", 1, op);
-  const int64_t B = x.size(0), K = means.size(0), D = x.size(1), r = bases.size(2);
   TORCH_CHECK_VALUE(K > 0, op, ": the mixture has no components");
   TORCH_CHECK_VALUE(means.size(1) == D, op, ": means must be [K, D] with D = ", D, ", got ",
                     means.sizes());
@@ -98,6 +74,26 @@ inline void check_labeled(const at::Tensor& x, const at::Tensor& labels, const a
                     ": eigvals must be [K, r], got ", eigvals.sizes());
   TORCH_CHECK_VALUE(residual_var.size(0) == K, op, ": residual_var must be [K], got ",
                     residual_var.sizes());
+}
+
+inline void check_mixture(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
+                          const at::Tensor& eigvals, const at::Tensor& residual_var,
+                          const at::Tensor& log_weights, const at::Tensor& sigma, const char* op) {
+  check_components(x, means, bases, eigvals, residual_var, op);
+  check_param(x, log_weights, "log_weights", 1, op);
+  TORCH_CHECK_VALUE(log_weights.size(0) == means.size(0), op, ": log_weights must be [K], got ",
+                    log_weights.sizes());
+  check_rows(x, sigma, "sigma", {x.size(0)}, op);
+}
+
+// The labelled Gaussian ops: x, labels int64 [B], and one Gaussian per label (check_components).
+// Label values are read only on the CPU (one pass over B integers); a CUDA binding checks them on
+// the device instead.
+inline void check_labeled(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& means,
+                          const at::Tensor& bases, const at::Tensor& eigvals,
+                          const at::Tensor& residual_var, const char* op) {
+  check_components(x, means, bases, eigvals, residual_var, op);
+  const int64_t B = x.size(0), K = means.size(0);
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
                    labels.scalar_type());
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, op, ": labels must be [B] = [", B,
