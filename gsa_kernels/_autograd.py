@@ -60,24 +60,24 @@ def _check_inputs(op, inputs, no_grad):
 # ----------------------------------------------------------------------------- Gaussian maps
 
 
-def _gain_derivative(kind, lam, sa, sb, kb):
+def _gain_derivative(kind, lam, sigma_from, sigma_to, scale_to):
     """d f_j / d lam_j of the per-eigenvalue gain f (spectral.h eigen_gain), rows [B, 1] x [r]."""
     if kind == KIND_DENOISE:
-        return sa * sa / (lam + sa * sa) ** 2
+        return sigma_from * sigma_from / (lam + sigma_from * sigma_from) ** 2
     if kind == KIND_SCORE:
-        return 1.0 / (lam + sa * sa) ** 2
-    vb = lam + sb * sb
-    finite = torch.where(torch.isinf(sa), torch.ones_like(sa), sa)
+        return 1.0 / (lam + sigma_from * sigma_from) ** 2
+    vb = lam + sigma_to * sigma_to
+    finite = torch.where(torch.isinf(sigma_from), torch.ones_like(sigma_from), sigma_from)
     va = lam + finite * finite
     from_finite = 0.5 * (va - vb) / (va * torch.sqrt(va * vb))
-    return kb * torch.where(torch.isinf(sa), 0.5 / torch.sqrt(vb), from_finite)
+    return scale_to * torch.where(torch.isinf(sigma_from), 0.5 / torch.sqrt(vb), from_finite)
 
 
 def _map_setup(op_name):
     def setup_context(ctx, inputs, output):
         _check_inputs(op_name, inputs, _GAUSSIAN_NO_GRAD)
-        x, mean, basis, eigvals, residual_var, sa, sb, ka, kb, kind = inputs[:10]
-        ctx.save_for_backward(x, mean, basis, eigvals, sa, sb, ka, kb)
+        x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind = inputs[:10]
+        ctx.save_for_backward(x, mean, basis, eigvals, sigma_from, sigma_to, scale_from, scale_to)
         ctx.residual_var, ctx.kind, ctx.layouts = residual_var, kind, inputs[10:]
 
     return setup_context
@@ -85,29 +85,31 @@ def _map_setup(op_name):
 
 def _map_backward(op):
     def backward(ctx, grad):
-        x, mean, basis, eigvals, sa, sb, ka, kb = ctx.saved_tensors
+        x, mean, basis, eigvals, sigma_from, sigma_to, scale_from, scale_to = ctx.saved_tensors
         kind = ctx.kind
         need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         gx = gmean = glam = None
         cd = mean.dtype
         g = grad.to(cd).contiguous()
         if need_x or need_mean:
-            gx = op(g, torch.zeros_like(mean), basis, eigvals, ctx.residual_var, sa, sb, ka, kb, kind, *ctx.layouts)
+            gx = op(g, torch.zeros_like(mean), basis, eigvals, ctx.residual_var, sigma_from, sigma_to, scale_from,
+                    scale_to, kind, *ctx.layouts)
         if need_mean:
             # d out / d mean = cm I - cv (linear part): denoise (1, 1), score (0, 1),
-            # flow kb (I - A) with A = (ka/kb) x-Jacobian, from noise kb I
+            # flow scale_to (I - A) with A = (scale_from/scale_to) x-Jacobian, from noise scale_to I
             if kind == KIND_FLOW:
-                cm, cv = kb, torch.where(torch.isinf(sa), torch.zeros_like(ka), ka)
+                cm, cv = scale_to, torch.where(torch.isinf(sigma_from), torch.zeros_like(scale_from), scale_from)
             else:
-                cm, cv = (torch.ones_like(sa) if kind == KIND_DENOISE else torch.zeros_like(sa)), torch.ones_like(sa)
+                cm = torch.ones_like(sigma_from) if kind == KIND_DENOISE else torch.zeros_like(sigma_from)
+                cv = torch.ones_like(sigma_from)
             gmean = (cm[:, None] * g - cv[:, None] * gx).sum(0)
         if need_lam:
             y = x.to(cd)
             if kind == KIND_FLOW:
-                y = torch.where(torch.isinf(sa)[:, None], y, y / ka[:, None] - mean)
+                y = torch.where(torch.isinf(sigma_from)[:, None], y, y / scale_from[:, None] - mean)
             else:
                 y = y - mean
-            deriv = _gain_derivative(kind, eigvals, sa[:, None], sb[:, None], kb[:, None])  # [B, r]
+            deriv = _gain_derivative(kind, eigvals, sigma_from[:, None], sigma_to[:, None], scale_to[:, None])  # [B, r]
             glam = ((g @ basis) * deriv * (y @ basis)).sum(0)
         return ((gx.to(x.dtype) if need_x else None), gmean, None, glam, None, None, None, None, None, None,
                 *[None] * len(ctx.layouts))
@@ -126,7 +128,7 @@ def _trajectory_setup(op_name):
 
 
 def _trajectory_backward(ctx, grad):
-    """out[t] = mean + A_t (x - mean), A_t = h_t P + U diag(psi_t) U^T, sa = sigmas[0] (finite).
+    """out[t] = mean + A_t (x - mean), A_t = h_t P + U diag(psi_t) U^T, sigma_from = sigmas[0] (finite).
     grad x = sum_t A_t g_t = sum_t h_t g_t + U sum_t diag(psi_t - h_t) U^T g_t: per t, one
     projection of g_t (read once more from cache for h_t g_t), then one back-projection:
     (T + 1) B D r multiply-adds like the forward, and one pass over the [T, B, D] gradient."""
@@ -201,7 +203,7 @@ def _labeled_map_setup(op_name):
 
 def _labeled_map_backward(op):
     def backward(ctx, grad):
-        x, labels, means, bases, eigvals, lp, sa, sb, ka, kb = ctx.saved_tensors
+        x, labels, means, bases, eigvals, lp, sigma_from, sigma_to, scale_from, scale_to = ctx.saved_tensors
         kind = ctx.kind
         n = ctx.needs_input_grad
         need_x, need_mean, need_lam, need_lp = n[0], n[2], n[4], n[5]
@@ -209,21 +211,23 @@ def _labeled_map_backward(op):
         cd = means.dtype
         g = grad.to(cd).contiguous()
         if need_x or need_mean:
-            gx = op(g, labels, torch.zeros_like(means), bases, eigvals, lp, sa, sb, ka, kb, kind)
+            gx = op(g, labels, torch.zeros_like(means), bases, eigvals, lp, sigma_from, sigma_to, scale_from, scale_to, kind)
         if need_mean:  # per row as in _map_backward, summed into each row's component
             if kind == KIND_FLOW:
-                cm, cv = kb, torch.where(torch.isinf(sa), torch.zeros_like(ka), ka)
+                cm, cv = scale_to, torch.where(torch.isinf(sigma_from), torch.zeros_like(scale_from), scale_from)
             else:
-                cm, cv = (torch.ones_like(sa) if kind == KIND_DENOISE else torch.zeros_like(sa)), torch.ones_like(sa)
+                cm = torch.ones_like(sigma_from) if kind == KIND_DENOISE else torch.zeros_like(sigma_from)
+                cv = torch.ones_like(sigma_from)
             gmean = torch.zeros_like(means).index_add_(0, labels, cm[:, None] * g - cv[:, None] * gx)
         if need_lam or need_lp:
             mu = means[labels]
             y = x.to(cd)
             if kind == KIND_FLOW:
-                y = torch.where(torch.isinf(sa)[:, None], y, y / ka[:, None] - mu)
+                y = torch.where(torch.isinf(sigma_from)[:, None], y, y / scale_from[:, None] - mu)
             else:
                 y = y - mu
-            deriv = lambda v, ch: _gain_derivative(kind, v, sa[ch, None], sb[ch, None], kb[ch, None])[None]
+            deriv = lambda v, ch: _gain_derivative(kind, v, sigma_from[ch, None], sigma_to[ch, None],
+                                                   scale_to[ch, None])[None]
             glam, glp = _spectral_grads(labels, bases, eigvals, lp, y, g[None], deriv, need_lam, need_lp)
         return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, glp, None, None, None, None, None
 
