@@ -236,3 +236,37 @@ def _find_cuobjdump():
     for base in (spec.submodule_search_locations or []) if spec else []:
         candidates += [os.path.join(base, sub, "bin", "cuobjdump") for sub in ("cu13", "cu12", "cuda_cuobjdump")]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _find_nvcc():
+    """nvcc from the CUDA toolkit or PATH; None if absent."""
+    candidates = [os.path.join(home, "bin", "nvcc") for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if home]
+    candidates.append(shutil.which("nvcc"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_spectral_map_kernels_run_on_tensor_cores(arch, tmp_path):
+    """The PTX of csrc/cuda/gaussian_launch.cu (nvcc only, no CUDA-enabled build needed): every
+    float-compute instantiation of the project / apply kernels (float16, bfloat16, float32 x)
+    holds the 3xTF32 mma.sync of tensor_core.cuh, 3 per 8-wide k step of a 32-wide tile; the
+    float64 ones none (exact scalar FMA work)."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (CUDA toolkit) to compile the kernels")
+    ptx = tmp_path / "gaussian.ptx"
+    build = subprocess.run(
+        [nvcc, "-ptx", f"-arch={arch}", "-O3", "-std=c++20", "-DGSA_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr",
+         "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+         os.path.join(ROOT, "csrc", "cuda", "gaussian_launch.cu"), "-o", str(ptx)],
+        capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    mma = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+    counts = {}  # mangled kernel name -> mma.sync count
+    for entry in ptx.read_text().split(".entry ")[1:]:
+        counts[entry.split("(", 1)[0].strip()] = entry.count(mma)
+    for kernel in ("gaussian_project_kernel", "gaussian_apply_kernel"):
+        for inputs in ("INS_3f16Ef", "INS_4bf16Ef", "Iff", "Idd"):
+            name = next((n for n in counts if kernel + inputs + "EE" in n), None)
+            assert name is not None, (kernel, inputs, sorted(counts))
+            assert counts[name] == (0 if inputs == "Idd" else 3 * 4), (name, counts[name])

@@ -5,27 +5,36 @@
 // The projection is shared by all T steps of a trajectory (y does not depend on the target
 // sigma). A full-rank basis (r == D) has no residual directions: apply then uses
 // out = b mu + U diag(eigen_gain(lam_j)) c, which keeps small-sigma scores and flows accurate.
-// Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile, four
-// rows per thread; the reduction dimension streams through shared memory 32 at a time.
+// Blocks are (kTile, kTileRowsPerPass) = (32, 8) threads and own a 32 x 32 output tile; the
+// reduction dimension streams through shared memory 32 at a time. The tile products are warp
+// tiles of mma_16x8x8 (tensor_core.cuh: 3xTF32 tensor cores on sm_80+ for float, scalar
+// elsewhere and for double): warp w owns the 16 rows at 16 (w % 2) and the 8 columns at 8 (w / 2).
 // Accumulation in Acc (float, or double for float64 inputs). No torch headers.
 // Labelled maps (p.tile_component): each row tile holds rows of one label (through p.row_of);
 // a block offsets the model pointers to its tile's component and reads its rows through the map.
 #pragma once
 #include "kernel_common.cuh"
+#include "tensor_core.cuh"
 
 namespace gsa::cuda {
 
+// (paddings: the 32 lanes' fragment reads of a warp tile fall in 32 different banks)
 template <typename Acc>
 struct ProjectShared {
-  Acc y[kTile][kTile];  // [row][d]
-  Acc u[kTile][kTile];  // [d][j]
+  Acc y[kTile][kTile + 4];  // [row][d]
+  Acc u[kTile][kTile + 8];  // [d][j]
 };
 
 template <typename Acc>
 struct ApplyShared {
-  Acc g[kTile][kTile];      // [row][j]: f_j c_j
-  Acc u[kTile][kTile + 1];  // [d][j], padded: read down a column (u[tx][k]) without bank conflicts
+  Acc g[kTile][kTile + 4];  // [row][j]: f_j c_j
+  Acc u[kTile][kTile + 4];  // [d][j]
 };
+
+// The C fragment of warp w's tile: element q of a lane is (row 16 (w % 2) + lane / 4 + 8 (q / 2),
+// column 8 (w / 2) + 2 (lane % 4) + q % 2) of the block's 32 x 32 tile.
+GSA_DEVICE int frag_row(int w, int lane, int q) { return 16 * (w & 1) + (lane >> 2) + 8 * (q >> 1); }
+GSA_DEVICE int frag_col(int w, int lane, int q) { return 8 * (w >> 1) + 2 * (lane & 3) + (q & 1); }
 
 template <typename Acc>
 struct RowParams {
@@ -65,8 +74,8 @@ GSA_DEVICE RowCoeffs<Acc> coeffs_of_row(const GaussianMapParams<In, Acc>& p, int
   return row_coeffs<Acc>(p.kind, p.residual_var, rp.sigma_from, rp.sigma_to, rp.scale_from, rp.scale_to);
 }
 
-// grid (ceil(B / 32), ceil(r / 32), splits); block (32, 8). Thread (tx, ty) accumulates
-// coeffs[i0 + ty + 8m, j0 + tx] for m < 4 over its block's slice of D.
+// grid (ceil(B / 32), ceil(r / 32), splits); block (32, 8). Thread (tx, ty) loads tile rows
+// ty + 8m and accumulates its C fragment of coeffs[i0.., j0..] over its block's slice of D.
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
     gaussian_project_kernel(GaussianMapParams<In, Acc> p) {
@@ -78,14 +87,13 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
   const int64_t d_begin = int64_t(blockIdx.z) * tiles_per_split * kTile;
   const int64_t d_end = d_begin + tiles_per_split * kTile < p.D ? d_begin + tiles_per_split * kTile : p.D;
 
-  Acc scale_x[kRowsPerThread], scale_mu[kRowsPerThread], acc[kRowsPerThread];
-  int64_t src[kRowsPerThread];  // the rows of x, -1 for none
+  Acc scale_x[kRowsPerThread], scale_mu[kRowsPerThread], acc[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+  int64_t src[kRowsPerThread];  // the rows of x this thread loads, -1 for none
   for (int m = 0; m < kRowsPerThread; ++m) {
     const int64_t i = src[m] = source_row(p, i0 + ty + kTileRowsPerPass * m);
     const RowCoeffs<Acc> rc = i >= 0 ? coeffs_of_row(p, 0, i) : RowCoeffs<Acc>{};
     scale_x[m] = rc.p;
     scale_mu[m] = rc.q;
-    acc[m] = Acc(0);
   }
   for (int64_t d0 = d_begin; d0 < d_end; d0 += kTile) {
     // coalesced along d (x, mu) and along j (U); zeros outside the matrices
@@ -98,20 +106,20 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
       sm.u[row][tx] = du < d_end && j < p.r ? p.basis[du * p.r + j] : Acc(0);
     }
     __syncthreads();
-    for (int k = 0; k < kTile; ++k) {
-      const Acc u = sm.u[k][tx];
-      for (int m = 0; m < kRowsPerThread; ++m) acc[m] += sm.y[ty + kTileRowsPerPass * m][k] * u;
-    }
+    for (int k0 = 0; k0 < kTile; k0 += 8)
+      mma_16x8x8(acc, tx, [&](int m, int k) { return sm.y[16 * (ty & 1) + m][k0 + k]; },
+                 [&](int k, int n) { return sm.u[k0 + k][8 * (ty >> 1) + n]; });
     __syncthreads();  // the next tile overwrites sm
   }
-  for (int m = 0; m < kRowsPerThread; ++m) {
-    const int64_t i = src[m], j = j0 + tx;
-    if (i >= 0 && j < p.r) p.coeffs[(int64_t(blockIdx.z) * p.B + i) * p.r + j] = acc[m];
+  // the fragment's rows are other tile rows than the loaded ones: map them to x's rows again
+  for (int q = 0; q < 4; ++q) {
+    const int64_t i = source_row(p, i0 + frag_row(ty, tx, q)), j = j0 + frag_col(ty, tx, q);
+    if (i >= 0 && j < p.r) p.coeffs[(int64_t(blockIdx.z) * p.B + i) * p.r + j] = acc[q];
   }
 }
 
-// grid (ceil(B / 32), ceil(D / 32), T); block (32, 8). Thread (tx, ty) writes
-// out[t, i0 + ty + 8m, d0 + tx] for m < 4.
+// grid (ceil(B / 32), ceil(D / 32), T); block (32, 8). Thread (tx, ty) loads tile rows ty + 8m
+// and writes its C fragment of out[t, i0.., d0..].
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
     gaussian_apply_kernel(GaussianMapParams<In, Acc> p) {
@@ -120,10 +128,10 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t i0 = int64_t(blockIdx.x) * kTile, d0 = int64_t(blockIdx.y) * kTile, t = blockIdx.z;
   const bool full_rank = p.r == p.D;
-  int64_t src[kRowsPerThread];  // the rows of x, -1 for none
+  int64_t src[kRowsPerThread];  // the rows of x this thread loads, -1 for none
   for (int m = 0; m < kRowsPerThread; ++m) src[m] = source_row(p, i0 + ty + kTileRowsPerPass * m);
 
-  Acc acc[kRowsPerThread] = {};
+  Acc acc[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
   for (int64_t j0 = 0; j0 < p.r; j0 += kTile) {
     const int64_t j = j0 + tx;
     for (int m = 0; m < kRowsPerThread; ++m) {
@@ -143,21 +151,19 @@ __global__ void __launch_bounds__(kTile * kTileRowsPerPass)
       sm.u[row][tx] = d < p.D && j < p.r ? p.basis[d * p.r + j] : Acc(0);
     }
     __syncthreads();
-    for (int k = 0; k < kTile; ++k) {
-      const Acc u = sm.u[tx][k];
-      for (int m = 0; m < kRowsPerThread; ++m) acc[m] += sm.g[ty + kTileRowsPerPass * m][k] * u;
-    }
+    for (int k0 = 0; k0 < kTile; k0 += 8)
+      mma_16x8x8(acc, tx, [&](int m, int k) { return sm.g[16 * (ty & 1) + m][k0 + k]; },
+                 [&](int k, int n) { return sm.u[8 * (ty >> 1) + n][k0 + k]; });
     __syncthreads();  // the next tile overwrites sm
   }
-  const int64_t d = d0 + tx;
-  if (d >= p.D) return;  // no barrier below
-  const Acc mu = p.mean[d];
-  for (int m = 0; m < kRowsPerThread; ++m) {
-    const int64_t i = src[m];
-    if (i < 0) continue;
+  // the fragment's rows are other tile rows than the loaded ones: map them to x's rows again
+  for (int q = 0; q < 4; ++q) {
+    const int64_t i = source_row(p, i0 + frag_row(ty, tx, q)), d = d0 + frag_col(ty, tx, q);
+    if (i < 0 || d >= p.D) continue;  // (no barrier below)
     const RowCoeffs<Acc> rc = coeffs_of_row(p, t, i);
+    const Acc mu = p.mean[d];
     const Acc y = rc.p * to_real(p.x[i * p.D + d]) - rc.q * mu;
-    store(p.out + (t * p.B + i) * p.D + d, (full_rank ? Acc(0) : rc.a * y) + rc.b * mu + acc[m]);
+    store(p.out + (t * p.B + i) * p.D + d, (full_rank ? Acc(0) : rc.a * y) + rc.b * mu + acc[q]);
   }
 }
 
