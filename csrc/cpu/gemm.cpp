@@ -154,11 +154,11 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
   return run(engine, a, w);
 }
 
-double gemm_best_ms(const at::Tensor& a, const at::Tensor& w) {
+double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w) {
   const Choice c = choose(a, w, true);
   return *std::min_element(c.ms, c.ms + kNumEngines, [](double u, double v) {
     return std::isnan(v) || (!std::isnan(u) && u < v);
-  });
+  }) / static_cast<double>(c.m);
 }
 
 std::string gemm_choices_json() {

@@ -23,9 +23,10 @@ enum class GemmSite : int {
 // contiguous (oneDNN is only fast then; the other engines accept any strides).
 at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w);
 
-// The best time (ms) of a @ w^T over the engines gemm_nt could use for it, measured now on the
-// first rows of a (as a first call measures): for cost models that weigh a GEMM against other work.
-double gemm_best_ms(const at::Tensor& a, const at::Tensor& w);
+// The best time per row of a (ms) of a @ w^T over the engines gemm_nt could use for it, measured
+// now on the first rows of a (as a first call measures): for cost models that weigh a GEMM
+// against other work.
+double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w);
 
 // The engine chosen for each shape class met so far, with the timings behind it, as JSON.
 std::string gemm_choices_json();

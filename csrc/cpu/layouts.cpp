@@ -98,13 +98,13 @@ struct LayoutCosts {
 
 LayoutCosts measure_layout_costs(const at::Tensor& basis) {
   const int64_t D = basis.size(0), r = basis.size(1);
-  // enough rows to time the arithmetic rather than the read of U (cf. gemm.cpp's measurement)
-  const int64_t m = std::clamp<int64_t>(static_cast<int64_t>(2e8 / (2.0 * D * r)), 64, 1024);
+  // rows to time on (~1e8 flops, as gemm.cpp's measurement takes): not the user's batch
+  const int64_t m = std::clamp<int64_t>(static_cast<int64_t>(1e8 / (2.0 * D * r)), 64, 1024);
   const at::Tensor x = at::randn({m, D}, basis.options());
   const at::Tensor rows = basis_rows(basis);
   LayoutCosts c;
-  c.rows_ms_per_row = gemm_best_ms(x, rows) / m;
-  c.direct_ms_per_row = gemm_best_ms(x, basis.t()) / m;
+  c.rows_ms_per_row = gemm_best_ms_per_row(x, rows);
+  c.direct_ms_per_row = gemm_best_ms_per_row(x, basis.t());
   double hash_s = INFINITY;
   for (int run = 0; run < 3; ++run) {
     const auto t0 = std::chrono::steady_clock::now();
