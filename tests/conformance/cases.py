@@ -373,7 +373,7 @@ def mixture_posterior_cases():
         (5, 65, 24, 16, None),  # cpu component block max(4, 1024 / r) = 64
         (2, 300, 8, 2, 0.1),  # several hundred low-rank components, split-K
         (257, 3, 4, 1, None),  # cpu row blocks (ceil(B / threads)), many row blocks everywhere
-        (9, 5, 140, 40, None),  # cuda r > 0: two 32-coefficient chunks; a 128-d back-projection tile and a short one
+        (9, 2, 129, 33, None),  # cuda r > 0: two 32-coefficient chunks; a 128-d back-projection tile and a short one
     ]:
         cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=residual_var))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
