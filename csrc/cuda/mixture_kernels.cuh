@@ -44,7 +44,9 @@ static_assert(sizeof(DeltaShared<double>) <= kSharedMemoryLimit);
 //   as tensor-core tiles (tensor_core.cuh: 3xTF32 mma on sm_80+; C^T = M X^T, warp w the 16
 //   components at 16 (w % 2) and the 8 d at 8 (w / 2) of every tile, the 4 partials summed in
 //   shared memory), then the exact double distance of the components that can still compete
-//   (fast logit + its error bound within kCutoff of the running max; csrc/cpu/empirical.cpp).
+//   (fast logit + its error bound within kCutoff of the running max; csrc/cpu/empirical.cpp),
+//   each summed by the whole warp (a record max of one-hot rows refines its component: D / 32
+//   coalesced steps, not D steps of one lane that stall the block).
 //   double: from the differences (each tile summed in double).
 // - the warp-wide online softmax update;
 // - the back-projection accum[rows, d] = rescale accum + W M as one dense tile product: W the
@@ -131,14 +133,19 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
         m_fast = chunk_max;
         err_at_max = chunk_err;
       }
-      if (row_ok && err > logit_tol<Acc>() && logit + err >= m_fast - err_at_max - kCutoff) {
-        double exact = 0;
-        for (int64_t d = 0; d < p.D; ++d) {
-          const double diff = double(to_real(p.x[i * p.D + d])) - double(p.means[k * p.D + d]);
-          exact += diff * diff;
+      const int refine = row_ok && err > logit_tol<Acc>() && logit + err >= m_fast - err_at_max - kCutoff;
+      if (warp_max(refine))  // the whole warp sums each refined distance (lanes over d, coalesced)
+        for (int src = 0; src < 32; ++src) {
+          if (!__shfl_sync(0xffffffffu, refine, src)) continue;  // (uniform over the warp)
+          const Acc* mu_src = p.means + (k0 + src) * p.D;
+          double exact = 0;
+          for (int64_t d = lane; d < p.D; d += 32) {
+            const double diff = double(to_real(p.x[i * p.D + d])) - double(mu_src[d]);
+            exact += diff * diff;
+          }
+          exact = warp_sum(exact);
+          if (lane == src) logit = double(p.log_weights[k]) + component_logpdf<double>(exact, 0, 0, 0, residual_var, s2, p.D, 0);
         }
-        logit = double(p.log_weights[k]) + component_logpdf<double>(exact, 0, 0, 0, residual_var, s2, p.D, 0);
-      }
     }
     if (p.logits && row_ok && comp_ok) p.logits[i * p.K + k] = logit;
     const double chunk_max = warp_max(logit);
