@@ -205,6 +205,7 @@ struct LowRankShared {
   Acc part[4][kMixtureRows][kTile + 1];  // per quarter of the d tiles: partial c [row][j]
   Acc rescale[kMixtureRows];             // per row: exp(m_old - m_new) of the component
   Acc mean_weight[kMixtureRows];         // per row: p_k (1 - h_k), the weight of mu_k
+  Acc x_weight[kMixtureRows];            // per row: p_k h_k, the weight of x
   int busy[kMixtureRows];                // per row: the component weighs or moves the max
 };  // followed at kLowRankTileBytes by the rows' coefficients [row][j] in double
 static_assert(sizeof(LowRankShared<double>) <= kLowRankTileBytes);
@@ -223,10 +224,11 @@ static_assert(sizeof(LowRankShared<double>) <= kLowRankTileBytes);
 //   (within kCutoff plus the bounds of the running max) and whose bound exceeds logit_tol gets
 //   c recomputed by warp w in double and the residual |y - U_k c|^2 summed directly.
 // - the warp's online softmax update; then the back-projection accum[rows, d] = rescale accum +
-//   p (1 - h) mu_k + G U_k^T, G [8 rows, r] = p g c, as mma tiles (C^T = U G^T, warp w the 16 d
+//   p ((1 - h) mu_k + h x) + G U_k^T, G [8 rows, r] = p g c, as mma tiles (C^T = U G^T, warp w the 16 d
 //   at 16 w of every 128 d, 16 d x 8 rows; U and mu from global memory). A component that weighs
-//   nothing in every row and leaves each max where it was skips it. The h x terms are summed
-//   per row (h_sum) and added once at the end.
+//   nothing in every row and leaves each max where it was skips it. Each term is summed as
+//   ((1 - h) mu + h x) + U g c, the order of the float sums of D_k that keeps the score's
+//   cancellation D_k - x at float32 accuracy (test_autograd's float32 mixture gradients).
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixtureParams<In, Acc> p) {
   GSA_SHARED_STRUCT(LowRankShared<Acc>, sm);
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixturePar
                                 : double(D + 16) * machine_eps<double>();
 
   double m = neg_infinity<double>();  // per row, the same in every lane
-  Acc l = Acc(0), h_sum = Acc(0);
+  Acc l = Acc(0);
   for (int64_t k = k_begin; k < k_end; ++k) {
     const Acc* mu = p.means + k * D;
     const Acc* U = p.bases + k * D * r;
@@ -326,14 +328,14 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixturePar
     if (!p.accum) continue;  // uniform over the block: no barrier skipped by some threads only
 
     const double h = residual_var / vp;
-    h_sum = h_sum * rescale + pk * Acc(h);
     for (int64_t j = lane; j < r; j += 32) c_row[j] *= double(pk) * (double(lam[j]) / (double(lam[j]) + s2) - h);
     if (lane == 0) {
       sm.rescale[w] = rescale;
       sm.mean_weight[w] = pk * Acc(1 - h);
+      sm.x_weight[w] = pk * Acc(h);
       sm.busy[w] = row_ok && (pk != Acc(0) || rescale != Acc(1));  // (the first component: rescale 0)
     }
-    __syncthreads();  // publishes p g c, rescale, mean_weight, busy
+    __syncthreads();  // publishes p g c, rescale, mean_weight, x_weight, busy
     bool busy = false;
     for (int v = 0; v < kMixtureRows; ++v) busy = busy || sm.busy[v];
     if (!busy) continue;  // uniform; the next writes of these arrays follow the next component's barriers
@@ -352,21 +354,17 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixturePar
         const int64_t d = d0 + g + 8 * (q >> 1);
         if (row0 + row < p.B && d < D) {
           Acc& a = p.accum[(split * p.B + row0 + row) * D + d];  // only this thread writes it
-          const Acc term = v[q] + sm.mean_weight[row] * mu[d];
+          const Acc term = sm.mean_weight[row] * mu[d] + sm.x_weight[row] * to_real(p.x[(row0 + row) * D + d]) + v[q];
           a = k == k_begin ? term : a * sm.rescale[row] + term;
         }
       }
     }
     // the next component's barriers order these reads of coeff and the arrays before their writes
   }
-  if (p.accum) __syncthreads();  // (uniform) orders the back-projection's accum before the pass below
-  if (!row_ok) return;  // no barrier below
-  if (lane == 0) {
+  if (row_ok && lane == 0) {
     p.part_max[split * p.B + i] = m;
     p.part_sum[split * p.B + i] = l;
   }
-  if (p.accum && k_begin < k_end)  // (the merge skips empty slices: their max is -inf)
-    for (int64_t d = lane; d < D; d += 32) p.accum[(split * p.B + i) * D + d] += h_sum * to_real(x[d]);
 }
 
 // grid (B); block (256). Row i: the slices' states merge into M = max_s m_s,
