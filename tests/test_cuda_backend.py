@@ -270,3 +270,27 @@ def test_spectral_map_kernels_run_on_tensor_cores(arch, tmp_path):
             name = next((n for n in counts if kernel + inputs + "EE" in n), None)
             assert name is not None, (kernel, inputs, sorted(counts))
             assert counts[name] == (0 if inputs == "Idd" else 3 * 4), (name, counts[name])
+
+
+def test_mixture_kernels_run_on_tensor_cores(tmp_path):
+    """The sm_80 device code of the mixture kernels (nvcc to PTX, no GPU needed): every float32 /
+    float16 / bfloat16 instantiation of the r = 0 and r > 0 kernels holds the 3xTF32 mma.sync
+    tiles of tensor_core.cuh (the emulation runs their scalar twin, so only this sees a fallback
+    to scalar code), the float64 ones none (exact FMA products)."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc (CUDA toolkit) here")
+    ptx = tmp_path / "mixture.ptx"
+    build = subprocess.run(
+        [nvcc, "-std=c++17", "-arch=sm_80", "--ptx", "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
+         os.path.join(ROOT, "csrc", "cuda", "mixture_launch.cu"), "-o", str(ptx)],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    mma = {}  # entry name -> number of tf32 mma.sync instructions
+    for entry in ptx.read_text().split(".entry ")[1:]:
+        mma[entry.split("(", 1)[0]] = entry.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+    for kernel in ("mixture_delta_kernel", "mixture_lowrank_kernel"):
+        for tag, split in (("INS_3f16EfE", True), ("INS_4bf16EfE", True), ("IffE", True), ("IddE", False)):
+            name = next((n for n in mma if kernel in n and tag in n), None)
+            assert name is not None, f"{kernel} ({tag}) not in the PTX: {sorted(mma)}"
+            assert (mma[name] > 0) == split, f"{name}: {mma[name]} tf32 mma.sync"

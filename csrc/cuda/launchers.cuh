@@ -46,7 +46,7 @@ cudaError_t launch_mixture_posterior(const MixtureParams<In, Acc>& p, cudaStream
     GSA_LAUNCH(delta, dim3(ceil_div(p.B, kMixtureRows), p.splits), block, sizeof(DeltaShared<Acc>), stream, p);
   } else {
     auto lowrank = mixture_lowrank_kernel<In, Acc>;
-    GSA_LAUNCH(lowrank, dim3(p.B, p.splits), block, mixture_lowrank_smem_bytes(p.r), stream, p);
+    GSA_LAUNCH(lowrank, dim3(ceil_div(p.B, kMixtureRows), p.splits), block, mixture_lowrank_smem_bytes(p.r), stream, p);
   }
   auto merge = mixture_merge_kernel<In, Acc>;
   GSA_LAUNCH(merge, dim3(p.B), dim3(32 * kWarps), 0, stream, p);

@@ -44,7 +44,9 @@ static_assert(sizeof(DeltaShared<double>) <= kSharedMemoryLimit);
 //   as tensor-core tiles (tensor_core.cuh: 3xTF32 mma on sm_80+; C^T = M X^T, warp w the 16
 //   components at 16 (w % 2) and the 8 d at 8 (w / 2) of every tile, the 4 partials summed in
 //   shared memory), then the exact double distance of the components that can still compete
-//   (fast logit + its error bound within kCutoff of the running max; csrc/cpu/empirical.cpp).
+//   (fast logit + its error bound within kCutoff of the running max; csrc/cpu/empirical.cpp),
+//   each summed by the whole warp (a record max of one-hot rows refines its component: D / 32
+//   coalesced steps, not D steps of one lane that stall the block).
 //   double: from the differences (each tile summed in double).
 // - the warp-wide online softmax update;
 // - the back-projection accum[rows, d] = rescale accum + W M as one dense tile product: W the
@@ -131,14 +133,19 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
         m_fast = chunk_max;
         err_at_max = chunk_err;
       }
-      if (row_ok && err > logit_tol<Acc>() && logit + err >= m_fast - err_at_max - kCutoff) {
-        double exact = 0;
-        for (int64_t d = 0; d < p.D; ++d) {
-          const double diff = double(to_real(p.x[i * p.D + d])) - double(p.means[k * p.D + d]);
-          exact += diff * diff;
+      const int refine = row_ok && err > logit_tol<Acc>() && logit + err >= m_fast - err_at_max - kCutoff;
+      if (warp_max(refine))  // the whole warp sums each refined distance (lanes over d, coalesced)
+        for (int src = 0; src < 32; ++src) {
+          if (!__shfl_sync(0xffffffffu, refine, src)) continue;  // (uniform over the warp)
+          const Acc* mu_src = p.means + (k0 + src) * p.D;
+          double exact = 0;
+          for (int64_t d = lane; d < p.D; d += 32) {
+            const double diff = double(to_real(p.x[i * p.D + d])) - double(mu_src[d]);
+            exact += diff * diff;
+          }
+          exact = warp_sum(exact);
+          if (lane == src) logit = double(p.log_weights[k]) + component_logpdf<double>(exact, 0, 0, 0, residual_var, s2, p.D, 0);
         }
-        logit = double(p.log_weights[k]) + component_logpdf<double>(exact, 0, 0, 0, residual_var, s2, p.D, 0);
-      }
     }
     if (p.logits && row_ok && comp_ok) p.logits[i * p.K + k] = logit;
     const double chunk_max = warp_max(logit);
@@ -192,105 +199,169 @@ __global__ void __launch_bounds__(32 * kWarps) mixture_delta_kernel(MixtureParam
     for (int64_t d = lane; d < p.D; d += 32) p.accum[(split * p.B + i) * p.D + d] += h_sum * to_real(p.x[i * p.D + d]);
 }
 
+template <typename Acc>
 struct LowRankShared {
-  double partial[kWarps][32];  // per-warp partial sums of a 32-wide slice of c
-  double scratch[kWarps * 4];  // block_sum
-};  // followed in shared memory by c [r] (mixture_lowrank_smem_bytes)
-static_assert(sizeof(LowRankShared) + 7 * sizeof(double) == mixture_lowrank_smem_bytes(7));
+  Acc y[kMixtureRows][kTile + 4];        // [row][d]: y = x - mu_k, one d tile
+  Acc part[4][kMixtureRows][kTile + 1];  // per quarter of the d tiles: partial c [row][j]
+  Acc rescale[kMixtureRows];             // per row: exp(m_old - m_new) of the component
+  Acc mean_weight[kMixtureRows];         // per row: p_k (1 - h_k), the weight of mu_k
+  Acc x_weight[kMixtureRows];            // per row: p_k h_k, the weight of x
+  int busy[kMixtureRows];                // per row: the component weighs or moves the max
+};  // followed at kLowRankTileBytes by the rows' coefficients [row][j] in double
+static_assert(sizeof(LowRankShared<double>) <= kLowRankTileBytes);
 
 // r > 0: component k has D_k = (1 - h) mu_k + h x + U_k diag(g_j) c, c = U_k^T (x - mu_k),
-// g_j = lam_j / (lam_j + s^2) - h. grid (B, splits); block (32, 8): one row per block, the
-// components of the block's slice one after another. Warps stride over d and lanes over j, so
-// every warp reads whole rows of U_k (coalesced); c (double) is reduced over warps in shared
-// memory, the logit terms with block_sum, and each reconstructed d with a warp sum. The residual
-// |P_perp y|^2 is |y|^2 - |c|^2 unless that expansion's error bound (its rounding, and
-// c^T (U^T U - I) c of a rounded basis) matters for a component that can still compete: then
-// |y - U_k c|^2 is summed directly, one more pass over U_k.
+// g_j = lam_j / (lam_j + s^2) - h. grid (ceil(B / 8), splits); block (32, 8): warp w owns row
+// i0 + w; the components of the block's slice one after another. Per component:
+// - the projection C = Y U_k of the 8 rows (Y = x - mu_k rounded to Acc) as tensor-core tiles
+//   (tensor_core.cuh: 3xTF32 mma on sm_80+, exact double products for float64), 32
+//   coefficients at a time: C^T = U^T Y^T, warp w the 16 j at 16 (w % 2) and the 8 d at
+//   8 (w / 2) of every 32-d tile of Y (Y in shared memory, U read from global memory), the 4
+//   partials summed in shared memory; |y|^2 in double on the way.
+// - per row (warp w, lanes over j) the terms of component_logpdf and the fast logit's error
+//   bound: each c_j off by at most dot_err |y| (|U_j| = 1), and the expansion |y|^2 - |c|^2 (its
+//   rounding, and c^T (U^T U - I) c of a rounded basis). A component that can still compete
+//   (within kCutoff plus the bounds of the running max) and whose bound exceeds logit_tol gets
+//   c recomputed by warp w in double and the residual |y - U_k c|^2 summed directly.
+// - the warp's online softmax update; then the back-projection accum[rows, d] = rescale accum +
+//   p ((1 - h) mu_k + h x) + G U_k^T, G [8 rows, r] = p g c, as mma tiles (C^T = U G^T, warp w the 16 d
+//   at 16 w of every 128 d, 16 d x 8 rows; U and mu from global memory). A component that weighs
+//   nothing in every row and leaves each max where it was skips it. Each term is summed as
+//   ((1 - h) mu + h x) + U g c, the order of the float sums of D_k that keeps the score's
+//   cancellation D_k - x at float32 accuracy (test_autograd's float32 mixture gradients).
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(32 * kWarps) mixture_lowrank_kernel(MixtureParams<In, Acc> p) {
-  GSA_SHARED_STRUCT(LowRankShared, sm);
-  double* coeff = reinterpret_cast<double*>(&sm + 1);  // c = U_k^T (x - mu_k), then g * c
-  const int lane = threadIdx.x, w = threadIdx.y, tid = w * 32 + lane;
-  const int64_t i = blockIdx.x, D = p.D, r = p.r;
-  const In* x = p.x + i * D;
-  const double s2 = double(p.sigma[i]) * double(p.sigma[i]);
+  GSA_SHARED_STRUCT(LowRankShared<Acc>, sm);
+  const int lane = threadIdx.x, w = threadIdx.y, g = lane >> 2, t = lane & 3;
+  const int64_t D = p.D, r = p.r;
+  double* coeff = reinterpret_cast<double*>(reinterpret_cast<unsigned char*>(&sm) + kLowRankTileBytes);
+  double* c_row = coeff + w * r;  // this warp's row: c, then p g c
+  const int64_t row0 = int64_t(blockIdx.x) * kMixtureRows, i = row0 + w;
+  const bool row_ok = i < p.B;
+  const In* x = p.x + (row_ok ? i : 0) * D;
+  const double s2 = row_ok ? double(p.sigma[i]) * double(p.sigma[i]) : 1.0;
   const int64_t split = blockIdx.y, per_split = components_per_split(p.K, p.splits);
   const int64_t k_begin = split * per_split, k_end = k_begin + per_split < p.K ? k_begin + per_split : p.K;
+  // relative error bound of c_j against |U_j| |y|. float: the split's 3 x 2^-22 per product, y's
+  // rounding 2^-24, and a truncating float rounding (2^-23) per mma and tile (3 per d tile, the 4
+  // partials, slack); double: a rounding per product and sum
+  constexpr bool kSplit = sizeof(Acc) < sizeof(double);
+  const double dot_err = kSplit ? 3 * 0x1p-22 + 0x1p-24 + double(3 * ceil_div(D, kTile) + 16) * 0x1p-23
+                                : double(D + 16) * machine_eps<double>();
 
-  double m = neg_infinity<double>();  // the same in every thread
+  double m = neg_infinity<double>();  // per row, the same in every lane
   Acc l = Acc(0);
   for (int64_t k = k_begin; k < k_end; ++k) {
     const Acc* mu = p.means + k * D;
     const Acc* U = p.bases + k * D * r;
     const Acc* lam = p.eigvals + k * r;
     const double residual_var = p.residual_var[k], vp = residual_var + s2;
-    // c = U^T (x - mu), 32 coefficients at a time
-    for (int64_t j0 = 0; j0 < r; j0 += 32) {
-      const int64_t j = j0 + lane;
-      double cj = 0;
-      if (j < r)
-        for (int64_t d = w; d < D; d += kWarps) cj += double(U[d * r + j]) * (double(to_real(x[d])) - double(mu[d]));
-      sm.partial[w][lane] = cj;
-      __syncthreads();
-      if (w == 0 && j < r) {
-        double sum = 0;
-        for (int v = 0; v < kWarps; ++v) sum += sm.partial[v][lane];
-        coeff[j] = sum;
+    double sq = 0;  // |y|^2
+    for (int64_t j0 = 0; j0 < r; j0 += kTile) {
+      const int jm = 16 * (w & 1), dq = 8 * (w >> 1);  // this warp's 16 j and 8 d of each tile
+      Acc dots[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};  // C^T fragment (j, row)
+      for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+        const int64_t d = d0 + lane;
+        Acc y = Acc(0);
+        if (row_ok && d < D) {
+          y = to_real(x[d]) - mu[d];
+          const double y64 = double(to_real(x[d])) - double(mu[d]);
+          sq += j0 == 0 ? y64 * y64 : 0.0;
+        }
+        sm.y[w][lane] = y;
+        __syncthreads();
+        mma_16x8x8(dots, lane,
+                   [&](int jj, int dd) {
+                     const int64_t j = j0 + jm + jj, dk = d0 + dq + dd;
+                     return j < r && dk < D ? U[dk * r + j] : Acc(0);
+                   },
+                   [&](int dd, int row) { return sm.y[row][dq + dd]; });
+        __syncthreads();  // the next tile overwrites y
       }
+      for (int q = 0; q < 4; ++q) sm.part[w >> 1][2 * t + (q & 1)][jm + g + 8 * (q >> 1)] = dots[q];
       __syncthreads();
+      Acc cj = Acc(0);
+      for (int quarter = 0; quarter < 4; ++quarter) cj += sm.part[quarter][w][lane];
+      if (j0 + lane < r) c_row[j0 + lane] = double(cj);  // (lane j % 32 writes and reads c_j)
     }
-    // sum over d of (x - mu)^2, and over j of c^2 / (lam + s^2), c^2, log(lam + s^2)
-    double terms[4] = {0, 0, 0, 0};
-    for (int64_t d = tid; d < D; d += 32 * kWarps) {
-      const double y = double(to_real(x[d])) - double(mu[d]);
-      terms[0] += y * y;
+    sq = warp_sum(sq);
+    // sum over j of c^2 / (lam + s^2), c^2, log(lam + s^2), and the bounds of the first two
+    const double dc = dot_err * sqrt(sq);
+    double terms[5] = {0, 0, 0, 0, 0};
+    for (int64_t j = lane; j < r; j += 32) {
+      const double v = double(lam[j]) + s2, c = c_row[j], e = (2 * (c < 0 ? -c : c) + dc) * dc;
+      terms[0] += c * c / v;
+      terms[1] += c * c;
+      terms[2] += log(v);
+      terms[3] += e / v;
+      terms[4] += e;
     }
-    for (int64_t j = tid; j < r; j += 32 * kWarps) {
-      const double v = double(lam[j]) + s2, c = coeff[j];
-      terms[1] += c * c / v;
-      terms[2] += c * c;
-      terms[3] += log(v);
-    }
-    block_sum(terms, sm.scratch);
+    for (double& term : terms) term = warp_sum(term);
     const double log_weight = p.log_weights[k];
-    double logit = log_weight + component_logpdf<double>(terms[0], terms[1], terms[2], terms[3], residual_var, s2, D, r);
-    const double err = (4 * machine_eps<double>() * terms[0] + 2 * r * machine_eps<Acc>() * terms[2]) / (2 * vp);
-    if (r < D && err > logit_tol<Acc>() && logit + err >= m - logit_tol<Acc>() - kCutoff) {  // uniform over the block
-      double residual[1] = {0};
-      for (int64_t d = w; d < D; d += kWarps) {
-        double v = 0;
-        for (int64_t j = lane; j < r; j += 32) v += double(U[d * r + j]) * coeff[j];
-        v = warp_sum(v);
-        const double e = double(to_real(x[d])) - double(mu[d]) - v;
-        if (lane == 0) residual[0] += e * e;
+    double logit = row_ok ? log_weight + component_logpdf<double>(sq, terms[0], terms[1], terms[2], residual_var, s2, D, r)
+                          : neg_infinity<double>();
+    const double residual_err = r < D ? terms[4] + 4 * machine_eps<double>() * sq + 2 * r * machine_eps<Acc>() * terms[1] : 0.0;
+    const double err = (terms[3] + residual_err / vp) / 2;
+    if (row_ok && err > logit_tol<Acc>() && logit + err >= m - logit_tol<Acc>() - kCutoff) {  // uniform over the warp
+      for (int64_t j = lane; j < r; j += 32) {  // c in double
+        double c = 0;
+        for (int64_t d = 0; d < D; ++d) c += double(U[d * r + j]) * (double(to_real(x[d])) - double(mu[d]));
+        c_row[j] = c;
       }
-      block_sum(residual, sm.scratch);
-      logit = log_weight + component_logpdf_residual<double>(residual[0], terms[1], terms[3], residual_var, s2, D, r);
+      __syncwarp();  // the residual reads every lane's c
+      double exact[2] = {0, 0};  // sum over j of c^2 / (lam + s^2); |y - U c|^2 (0 at full rank)
+      for (int64_t j = lane; j < r; j += 32) exact[0] += c_row[j] * c_row[j] / (double(lam[j]) + s2);
+      for (int64_t d = lane; d < D && r < D; d += 32) {
+        double e = double(to_real(x[d])) - double(mu[d]);
+        for (int64_t j = 0; j < r; ++j) e -= double(U[d * r + j]) * c_row[j];
+        exact[1] += e * e;
+      }
+      for (double& term : exact) term = warp_sum(term);  // (also orders the reads of c before its update below)
+      logit = log_weight + component_logpdf_residual<double>(exact[1], exact[0], terms[2], residual_var, s2, D, r);
     }
-    if (p.logits && tid == 0) p.logits[i * p.K + k] = logit;
+    if (p.logits && row_ok && lane == 0) p.logits[i * p.K + k] = logit;
     const double m_new = logit > m ? logit : m;
     const Acc rescale = Acc(merge_scale(m, m_new));
     const Acc pk = logit == neg_infinity<double>() ? Acc(0) : Acc(exp(logit - m_new));
     l = l * rescale + pk;
     m = m_new;
-    if (!p.accum) continue;  // uniform over the block
+    if (!p.accum) continue;  // uniform over the block: no barrier skipped by some threads only
 
     const double h = residual_var / vp;
-    for (int64_t j = tid; j < r; j += 32 * kWarps) coeff[j] *= double(lam[j]) / (double(lam[j]) + s2) - h;  // c -> g c
-    __syncthreads();
-    for (int64_t d = w; d < D; d += kWarps) {
-      Acc v = Acc(0);
-      for (int64_t j = lane; j < r; j += 32) v += U[d * r + j] * Acc(coeff[j]);
-      v = warp_sum(v);
-      if (lane == 0) {
-        const Acc dk = Acc(1 - h) * mu[d] + Acc(h) * to_real(x[d]) + v;
-        Acc& a = p.accum[(split * p.B + i) * D + d];  // only lane 0 of warp d % kWarps touches it
-        a = k == k_begin ? pk * dk : a * rescale + pk * dk;
+    for (int64_t j = lane; j < r; j += 32) c_row[j] *= double(pk) * (double(lam[j]) / (double(lam[j]) + s2) - h);
+    if (lane == 0) {
+      sm.rescale[w] = rescale;
+      sm.mean_weight[w] = pk * Acc(1 - h);
+      sm.x_weight[w] = pk * Acc(h);
+      sm.busy[w] = row_ok && (pk != Acc(0) || rescale != Acc(1));  // (the first component: rescale 0)
+    }
+    __syncthreads();  // publishes p g c, rescale, mean_weight, x_weight, busy
+    bool busy = false;
+    for (int v = 0; v < kMixtureRows; ++v) busy = busy || sm.busy[v];
+    if (!busy) continue;  // uniform; the next writes of these arrays follow the next component's barriers
+    for (int64_t d0 = 16 * w; d0 < D; d0 += kProjTile) {  // this warp's 16 d of every 128
+      // v[q]: d = d0 + lane / 4 + 8 (q / 2), row 2 (lane % 4) + q % 2 (mma's C fragment)
+      Acc v[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+      for (int64_t j0 = 0; j0 < r; j0 += 8)
+        mma_16x8x8(v, lane,
+                   [&](int dm, int jj) {
+                     const int64_t d = d0 + dm, j = j0 + jj;
+                     return d < D && j < r ? U[d * r + j] : Acc(0);
+                   },
+                   [&](int jj, int row) { return j0 + jj < r ? Acc(coeff[row * r + j0 + jj]) : Acc(0); });
+      for (int q = 0; q < 4; ++q) {
+        const int row = 2 * t + (q & 1);
+        const int64_t d = d0 + g + 8 * (q >> 1);
+        if (row0 + row < p.B && d < D) {
+          Acc& a = p.accum[(split * p.B + row0 + row) * D + d];  // only this thread writes it
+          const Acc term = sm.mean_weight[row] * mu[d] + sm.x_weight[row] * to_real(p.x[(row0 + row) * D + d]) + v[q];
+          a = k == k_begin ? term : a * sm.rescale[row] + term;
+        }
       }
     }
-    // the next component's first barrier orders these reads of coeff before its writes
+    // the next component's barriers order these reads of coeff and the arrays before their writes
   }
-  if (tid == 0) {
+  if (row_ok && lane == 0) {
     p.part_max[split * p.B + i] = m;
     p.part_sum[split * p.B + i] = l;
   }

@@ -27,12 +27,12 @@ constexpr int kRowsPerThread = kTile / kTileRowsPerPass;
 // the GPU; each split covers at least this many D tiles.
 constexpr int64_t kMinTilesPerSplit = 4;
 
-// Mixture kernels: blocks of kWarps warps (32 x kWarps threads). The r = 0 kernel gives each
-// warp one row of x (kWarps rows per block) and each lane one component of a 32-component chunk.
+// Mixture kernels: blocks of kWarps warps (32 x kWarps threads), one row of x per warp (kWarps
+// rows per block). The r = 0 kernel gives each lane one component of a 32-component chunk.
 constexpr int kWarps = 8;
 constexpr int kMixtureRows = kWarps;
 constexpr int kMixtureChunk = 32;
-// The r = 0 kernel's back-projection covers 16 d per warp (one mma tile) at a time.
+// The mixture kernels' back-projections cover 16 d per warp (one mma tile) at a time.
 constexpr int kProjTile = 16 * kWarps;
 constexpr int64_t kSharedMemoryLimit = 48 * 1024;  // dynamic shared memory without opt-in
 // The mixture kernels split the components over blocks when the row blocks alone cannot fill
@@ -71,7 +71,7 @@ inline int projection_splits(int64_t B, int64_t D, int64_t r, int multiprocessor
 // multiprocessor); their partial softmax states are merged by mixture_merge_kernel.
 inline int mixture_splits(int64_t B, int64_t K, int64_t r, int multiprocessors) {
   if (B <= 0) return 1;
-  const int64_t row_blocks = r == 0 ? ceil_div(B, kMixtureRows) : B;
+  const int64_t row_blocks = ceil_div(B, kMixtureRows);
   const int64_t wanted = ceil_div(2 * int64_t(multiprocessors), row_blocks);
   const int64_t most = K / (r == 0 ? kMinComponentsPerSplitDelta : kMinComponentsPerSplitLowRank);
   const int64_t splits = wanted < most ? wanted : most;
@@ -80,10 +80,11 @@ inline int mixture_splits(int64_t B, int64_t K, int64_t r, int multiprocessors) 
 
 GSA_HD int64_t components_per_split(int64_t K, int splits) { return ceil_div(K, splits); }
 
-// Shared memory of the low-rank mixture kernel: per-warp partial sums and block_sum scratch
-// (LowRankShared in mixture_kernels.cuh), then the [r] coefficients; all double.
+// Shared memory of the low-rank mixture kernel: its tiles (LowRankShared in mixture_kernels.cuh,
+// at most kLowRankTileBytes), then the rows' coefficients [kMixtureRows, r] in double.
+constexpr int64_t kLowRankTileBytes = 12 * 1024;
 constexpr int64_t mixture_lowrank_smem_bytes(int64_t r) {
-  return int64_t(sizeof(double)) * (kWarps * 32 + kWarps * 4 + r);
+  return kLowRankTileBytes + int64_t(sizeof(double)) * kMixtureRows * r;
 }
 
 // Gaussian spectral map over T steps (T = 1 for gaussian_map; T = #sigmas for a trajectory):

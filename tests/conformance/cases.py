@@ -30,8 +30,8 @@ Tile edges (read from the sources; keep in sync when they change):
                       (gsa_kernels/triton/{gaussian,mixture,_config}.py)
   cuda                kTile 32 (rows, D, r), 8 rows per pass; projection split over D when
                       ceil(D/32)/4 >= 2 (D >= 257 on the emulation's 4 multiprocessors); mixture
-                      8 rows per r = 0 block, 32-component chunks, 128-d back-projection tiles,
-                      split K >= 256 (r = 0)
+                      8 rows per block, 32-component chunks (r = 0), 32-coefficient chunks of
+                      the projection (r > 0), 128-d back-projection tiles, split K >= 256 (r = 0)
                       (csrc/cuda/params.h, csrc/emu/cuda_emu.cpp)
   cpu                 row blocks of clamp(1.5 MiB / (D * 4 bytes), 16, 256) rows (257 rows cross
                       one); mixture component blocks of 256 (r = 0) or max(4, 1024 / r) (r > 0),
@@ -373,6 +373,7 @@ def mixture_posterior_cases():
         (5, 65, 24, 16, None),  # cpu component block max(4, 1024 / r) = 64
         (2, 300, 8, 2, 0.1),  # several hundred low-rank components, split-K
         (257, 3, 4, 1, None),  # cpu row blocks (ceil(B / threads)), many row blocks everywhere
+        (9, 2, 129, 33, None),  # cuda r > 0: two 32-coefficient chunks; a 128-d back-projection tile and a short one
     ]:
         cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=residual_var))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
