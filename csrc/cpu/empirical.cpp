@@ -2,9 +2,8 @@
 // empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
-// Row blocks in turn, each GEMM threaded over the block's rows and the row passes parallel over
-// rows; inside a row block the points stream in blocks (a [rows, block] float tile of 16 MiB)
-// with an online softmax (running max m, sum l, unnormalised denoiser
+// Parallel over row blocks; inside a row block the points stream in blocks (a [rows, block]
+// float tile of 16 MiB) with an online softmax (running max m, sum l, unnormalised denoiser
 // accumulator acc). Per (row block, point block):
 //   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
 //   per row           fast logits; the row's max over the block (m moves there once per
@@ -19,7 +18,6 @@
 #include <torch/library.h>
 
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -46,8 +44,6 @@ constexpr double kDeltaLogitTol = 2.5e-4;
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
-constexpr int64_t kRowBlock = 512;           // rows per block: each block streams every point twice
-constexpr int64_t kRowGrainWork = 1 << 16;  // row passes: ~this many elements per task at least
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
 
@@ -130,35 +126,32 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   const double max_mu = std::sqrt(max_mu_sq);
   const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
-  // Row blocks of up to kRowBlock rows, one after another; within a block every GEMM runs threaded
-  // over all its rows (one threaded GEMM beat one per thread on half the rows by ~12 % on a 2-core
-  // AVX-512 host, and the threads share one packing of the points), the row passes in parallel.
-  const int64_t BB = std::min(B, kRowBlock);
+  const int64_t BB = tall_row_block(B);  // each block streams every point once through the GEMMs
   // blocks of SB points: one distance GEMM each, its [BB, SB] result kept for the two passes
-  // below and then overwritten by the weights (kPointBlockBytes, in L2 / L3); balanced: the last
-  // block is not a sliver
+  // below and then overwritten by the weights (kPointBlockBytes per thread, in L2 / L3);
+  // balanced: the last block is not a sliver
   const int64_t num_sb = std::max<int64_t>(1, (K * BB * int64_t(sizeof(T)) + kPointBlockBytes - 1) / kPointBlockBytes);
   const int64_t SB = (K + num_sb - 1) / num_sb;
-  const int64_t row_grain = std::max<int64_t>(1, kRowGrainWork / std::max<int64_t>(SB, D));
 
-  auto opts = options_for<T>();
-  at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
-  at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
-  std::vector<double> m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB), iso_norm(BB);
-  std::vector<double> m_block(need_weights ? BB * num_sb : 0);  // m after each point block
-  // logit of point kk for row i from its squared distance
-  const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
-    return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
-                    : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
-  };
+  at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
+    auto opts = options_for<T>();
+    at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({BB, D}, opts);
+    at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
+    std::vector<double> m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB), iso_norm(BB);
+    std::vector<double> Lrow(SB);  // one row's logits over a point block
+    std::vector<double> m_block(need_weights ? BB * num_sb : 0);  // m after each point block
+    // logit of point kk for row i from its squared distance
+    const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
+      return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
+                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
+    };
 
-  for (int64_t b0 = 0; b0 < B; b0 += BB) {
-    const int64_t n = std::min(BB, B - b0);
-    const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
-    const T* xb = Xb.data_ptr<T>();
-    at::parallel_for(0, n, row_grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t b0 = begin; b0 < end; b0 += BB) {
+      const int64_t n = std::min(BB, end - b0);
+      const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
+      const T* xb = Xb.data_ptr<T>();
       with_isa([&] {
-        for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t i = 0; i < n; ++i) {
           const double s = sig[b0 + i];
           s2v[i] = s * s;
           iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
@@ -170,21 +163,17 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
         }
       });
-    });
-    at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
+      at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
-    for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
-      const int64_t gn = std::min(SB, K - g0);
-      const at::Tensor F = gemm_nt(GemmSite::kDistances, Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
-      const T* Sp = F.data_ptr<T>();
-      const int64_t lds = F.stride(0);
-      T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
-      std::atomic<int64_t> nonzero_p{0};
-      at::parallel_for(0, n, row_grain, [&](int64_t i0, int64_t i1) {
-        std::vector<double> Lrow(gn);  // one row's logits over the point block
-        int64_t kept = 0;
+      for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
+        const int64_t gn = std::min(SB, K - g0);
+        const at::Tensor F = gemm_nt(GemmSite::kDistances, Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
+        const T* Sp = F.data_ptr<T>();
+        const int64_t lds = F.stride(0);
+        T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
+        int64_t nonzero_p = 0;
         with_isa([&] {
-          for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t i = 0; i < n; ++i) {
             // fast logits of the row (one vectorizable loop when every lp is equal)
             double* L = Lrow.data();
             const T* Fi = Sp + i * lds;
@@ -250,7 +239,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             // p = exp(L - m) over F's row, summed; the weights as asked; isotropic components
             // (lp > 0): D_k = mu_k + h_perp (x - mu_k), so P_k = p_k (1 - h_perp) multiplies mu_k
             T* Pi = Pp + i * lds;
-            l[i] += weights_row(L, m[i], gn, Pi, kept);
+            l[i] += weights_row(L, m[i], gn, Pi, nonzero_p);
             if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
             if (!isotropic_delta) {
               double hsum = 0;
@@ -263,14 +252,11 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             }
           }
         });
-        nonzero_p += kept;
-      });
-      if (need_denoised && nonzero_p > 0) {
-        if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
-          T* a = accb.data_ptr<T>();
-          at::parallel_for(0, n, row_grain, [&](int64_t i0, int64_t i1) {
+        if (need_denoised && nonzero_p > 0) {
+          if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
+            T* a = accb.data_ptr<T>();
             with_isa([&] {
-              for (int64_t i = i0; i < i1; ++i)
+              for (int64_t i = 0; i < n; ++i)
                 for (int64_t k = 0; k < gn; ++k) {
                   const T p = Pp[i * lds + k];
                   if (p == T(0)) continue;
@@ -279,24 +265,21 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
                   for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
                 }
             });
-          });
-        } else {
-          accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one threaded GEMM
+          } else {
+            accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one GEMM
+          }
         }
+        if (need_weights)
+          for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
       }
-      if (need_weights)
-        for (int64_t i = 0; i < n; ++i) m_block[i * num_sb + g0 / SB] = m[i];
-    }
 
-    const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
-    at::parallel_for(0, n, row_grain, [&](int64_t i0, int64_t i1) {
+      const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
       with_isa([&] {
-        finish_rows<X, T>(b0 + i0, i1 - i0, D, K, SB, num_sb, m.data() + i0, l.data() + i0, hx.data() + i0,
-                          x_sq.data() + i0, need_weights ? m_block.data() + i0 * num_sb : nullptr, acc_p ? acc_p + i0 * D : nullptr,
-                          xb + i0 * D, logp_p, den_p, w_p);
+        finish_rows<X, T>(b0, n, D, K, SB, num_sb, m.data(), l.data(), hx.data(), x_sq.data(), m_block.data(), acc_p,
+                          xb, logp_p, den_p, w_p);
       });
-    });
-  }
+    }
+  });
 }
 
 }  // namespace

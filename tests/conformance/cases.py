@@ -375,7 +375,7 @@ def mixture_posterior_cases():
         (257, 3, 4, 1, None),  # cpu row blocks (ceil(B / threads)), many row blocks everywhere
     ]:
         cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=residual_var))
-    # delta, cpu: two row blocks (<= 512 rows), the first's row passes split over threads
+    # delta, cpu: several row blocks (<= 256 rows: tall_row_block) per thread
     cases.append(Case("tiles", _shape_name(520, 130, 0, K=130), 520, 130, 0, K=130, residual_var=0.0, interpreter=False))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         for B, K, D, r, residual_var in [(17, 19, 33, 0, 0.0), (9, 5, 33, 5, None)]:
