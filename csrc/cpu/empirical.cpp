@@ -85,21 +85,19 @@ double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
   const Double8 zero = {};
   Double8 sum = zero;
   Int64x8 count = {};
+  using Out8 = std::conditional_t<std::is_same_v<T, double>, Double8, float __attribute__((vector_size(32)))>;
   for (int64_t k = 0; k < n; k += 8) {
     const int64_t lanes = std::min<int64_t>(8, n - k);
     Double8 d = zero - INFINITY, p;  // lanes past n: weight 0
-    std::memcpy(&d, L + k, lanes * sizeof(double));
+    if (lanes == 8) std::memcpy(&d, L + k, sizeof d);  // (fixed sizes: inlined moves, no calls)
+    else std::memcpy(&d, L + k, lanes * sizeof(double));
     d -= m;
     exp_lanes<T>(d, p);
     sum += p;
     count -= d > -kNegligible;
-    if constexpr (std::is_same_v<T, double>) {
-      std::memcpy(P + k, &p, lanes * sizeof(double));
-    } else {
-      using Float8 = float __attribute__((vector_size(32)));
-      const Float8 pf = __builtin_convertvector(p, Float8);
-      std::memcpy(P + k, &pf, lanes * sizeof(float));
-    }
+    const Out8 out = __builtin_convertvector(p, Out8);
+    if (lanes == 8) std::memcpy(P + k, &out, sizeof out);
+    else std::memcpy(P + k, &out, lanes * sizeof(T));
   }
   for (int j = 0; j < 8; ++j) kept += count[j];
   return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));

@@ -29,18 +29,23 @@ inline void load8(const T* p, Double8& v) {
 // sum_d (a_d - b_d)^2 (kDiff) or sum_d a_d^2, in double; a float32 difference is exact in double.
 template <bool kDiff, typename T>
 inline double lane_sum_squares(const T* a, const T* b, int64_t D) {
-  Double8 acc = {};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
+  const auto term = [&](int64_t d) {
     Double8 t, u;
     load8(a + d, t);
     if constexpr (kDiff) {
       load8(b + d, u);
       t -= u;
     }
-    acc += t * t;
-  }
-  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return t * t;
+  };
+  // four accumulators: one would chain every addition behind the previous one (latency-bound)
+  Double8 acc[4] = {};
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32)
+    for (int j = 0; j < 4; ++j) acc[j] += term(d + 8 * j);
+  for (; d + 8 <= D; d += 8) acc[0] += term(d);
+  const Double8 all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  double s = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
   for (; d < D; ++d) {
     const double t = kDiff ? static_cast<double>(a[d]) - static_cast<double>(b[d]) : static_cast<double>(a[d]);
     s += t * t;
