@@ -245,26 +245,29 @@ def _find_nvcc():
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_spectral_map_kernels_run_on_tensor_cores(arch, tmp_path):
-    """The PTX of csrc/cuda/gaussian_launch.cu (nvcc only, no CUDA-enabled build needed): every
-    float-compute instantiation of the project / apply kernels (float16, bfloat16, float32 x)
-    holds the 3xTF32 mma.sync of tensor_core.cuh, 3 per 8-wide k step of a 32-wide tile; the
-    float64 ones none (exact scalar FMA work)."""
+def _tf32_mma_per_kernel(source, arch, tmp_path):
+    """{mangled kernel name: number of 3xTF32 mma.sync} in the PTX of csrc/cuda/<source> for arch
+    (nvcc only, no CUDA-enabled build needed); skips without nvcc."""
     nvcc = _find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc (CUDA toolkit) to compile the kernels")
-    ptx = tmp_path / "gaussian.ptx"
+    ptx = tmp_path / (source + ".ptx")
     build = subprocess.run(
         [nvcc, "-ptx", f"-arch={arch}", "-O3", "-std=c++20", "-DGSA_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr",
          "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
-         os.path.join(ROOT, "csrc", "cuda", "gaussian_launch.cu"), "-o", str(ptx)],
+         os.path.join(ROOT, "csrc", "cuda", source), "-o", str(ptx)],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     mma = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
-    counts = {}  # mangled kernel name -> mma.sync count
-    for entry in ptx.read_text().split(".entry ")[1:]:
-        counts[entry.split("(", 1)[0].strip()] = entry.count(mma)
+    return {entry.split("(", 1)[0].strip(): entry.count(mma) for entry in ptx.read_text().split(".entry ")[1:]}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_spectral_map_kernels_run_on_tensor_cores(arch, tmp_path):
+    """Every float-compute instantiation of the project / apply kernels (float16, bfloat16,
+    float32 x) holds the 3xTF32 mma.sync of tensor_core.cuh, 3 per 8-wide k step of a 32-wide
+    tile; the float64 ones none (exact scalar FMA work)."""
+    counts = _tf32_mma_per_kernel("gaussian_launch.cu", arch, tmp_path)
     for kernel in ("gaussian_project_kernel", "gaussian_apply_kernel"):
         for inputs in ("INS_3f16Ef", "INS_4bf16Ef", "Iff", "Idd"):
             name = next((n for n in counts if kernel + inputs + "EE" in n), None)
@@ -273,22 +276,10 @@ def test_spectral_map_kernels_run_on_tensor_cores(arch, tmp_path):
 
 
 def test_mixture_kernels_run_on_tensor_cores(tmp_path):
-    """The sm_80 device code of the mixture kernels (nvcc to PTX, no GPU needed): every float32 /
-    float16 / bfloat16 instantiation of the r = 0 and r > 0 kernels holds the 3xTF32 mma.sync
-    tiles of tensor_core.cuh (the emulation runs their scalar twin, so only this sees a fallback
-    to scalar code), the float64 ones none (exact FMA products)."""
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        pytest.skip("no nvcc (CUDA toolkit) here")
-    ptx = tmp_path / "mixture.ptx"
-    build = subprocess.run(
-        [nvcc, "-std=c++17", "-arch=sm_80", "--ptx", "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "cuda"),
-         os.path.join(ROOT, "csrc", "cuda", "mixture_launch.cu"), "-o", str(ptx)],
-        capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    mma = {}  # entry name -> number of tf32 mma.sync instructions
-    for entry in ptx.read_text().split(".entry ")[1:]:
-        mma[entry.split("(", 1)[0]] = entry.count("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+    """Every float32 / float16 / bfloat16 instantiation of the r = 0 and r > 0 mixture kernels
+    holds the 3xTF32 mma.sync tiles of tensor_core.cuh (the emulation runs their scalar twin, so
+    only this sees a fallback to scalar code), the float64 ones none (exact FMA products)."""
+    mma = _tf32_mma_per_kernel("mixture_launch.cu", "sm_80", tmp_path)
     for kernel in ("mixture_delta_kernel", "mixture_lowrank_kernel"):
         for tag, split in (("INS_3f16EfE", True), ("INS_4bf16EfE", True), ("IffE", True), ("IddE", False)):
             name = next((n for n in mma if kernel in n and tag in n), None)

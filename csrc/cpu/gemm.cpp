@@ -124,8 +124,6 @@ using Key = std::tuple<int, int, bool, bool, int, int>;
 std::mutex mutex;
 std::map<Key, Choice> choices;
 
-int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
-
 }  // namespace
 
 at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {

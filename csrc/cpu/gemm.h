@@ -23,6 +23,9 @@ enum class GemmSite : int {
 // contiguous (oneDNN is only fast then; the other engines accept any strides).
 at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w);
 
+// floor(log2 v) (-1 for v <= 0): the size classes of the measured choices (gemm.cpp, layouts.cpp)
+inline int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
+
 // The best time per row of a (ms) of a @ w^T over the engines gemm_nt could use for it, measured
 // now on the first rows of a (as a first call measures): for cost models that weigh a GEMM
 // against other work.

@@ -119,8 +119,6 @@ using LayoutKey = std::tuple<int, bool, int, int>;  // dtype, threaded, log2 D, 
 std::mutex layout_costs_mutex;
 std::map<LayoutKey, LayoutCosts> layout_costs;
 
-int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
-
 bool basis_rows_pay(int64_t B, const at::Tensor& basis) {
   TORCH_CHECK_VALUE(basis.dim() == 2 && basis.device().is_cpu() && basis.is_contiguous() &&
                         (basis.scalar_type() == at::kFloat || basis.scalar_type() == at::kDouble),
