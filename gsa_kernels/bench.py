@@ -314,6 +314,42 @@ def best_time(fn, repeats, device="cpu"):
     return min(_run_times(fn, repeats, device))
 
 
+def interleaved_times(fns, repeats, device="cpu", once=(), cold=()):
+    """{impl: [seconds]} for zero-argument callables fns {impl: fn}, timed side by side: after one
+    untimed call of each, `repeats` rounds each time every impl once, the order rotated from round
+    to round. A shared machine's load drifts over seconds; timed in turn, every impl meets the same
+    drift, and round i's times are a matched pair (paired_ratio). Impls in `once` (slow eager
+    references) are timed in one call after the rounds, warmed up first unless also in `cold`."""
+    rounds = [impl for impl in fns if impl not in once]
+    for impl in rounds:
+        fns[impl]()
+    _sync(device)
+    times = {impl: [] for impl in fns}
+    for r in range(repeats):
+        for j in range(len(rounds)):
+            impl = rounds[(r + j) % len(rounds)]
+            t0 = time.perf_counter()
+            fns[impl]()
+            _sync(device)
+            times[impl].append(time.perf_counter() - t0)
+    for impl in fns:
+        if impl in once:
+            times[impl] = _run_times(fns[impl], 1, device, warmup=impl not in cold)
+    return times
+
+
+def paired_ratio(times, impl, base="cpu"):
+    """How many times faster `base` is than `impl`: the median over rounds of impl's time / base's
+    time in the same round (interleaved_times), which cancels drift between rounds; an impl timed
+    once is compared with base's median."""
+    a, b = times.get(base), times.get(impl)
+    if not a or not b:
+        return None
+    if len(a) != len(b):
+        return statistics.median(b) / statistics.median(a)
+    return statistics.median(y / x for x, y in zip(a, b))
+
+
 # Host description printed with the table: which CPU, and what the CPU kernels dispatch to there.
 VECTOR_FLAG = re.compile(r"^(sse4_2|avx|avx2|fma|f16c|avx512.*|avx_vnni|amx_.*|asimd.*|sve.*|sme(?!p$).*)$")
 GEMM_SITE_SHORT = {"project": "proj", "expand": "exp", "mixture_forward": "fwd", "mixture_backward": "bwd"}
@@ -376,8 +412,18 @@ def host_lines():
     return lines
 
 
+def _speedup(times, impl):
+    """The x column against impl: the paired ratio where the run gave one, else from the medians."""
+    x = times.get(f"x_{impl}")
+    if x is None and times.get("cpu") and times.get(impl):
+        x = times[impl] / times["cpu"]
+    return f"{x:.2f}" if x else "-"
+
+
 def format_table(rows, peaks):
-    """rows: [(workload, {impl: seconds})] -> the comparison table as text. Times are medians;
+    """rows: [(workload, {impl: seconds, "x_<impl>": ratio})] -> the comparison table as text.
+    Times are medians; the x columns are paired ratios (paired_ratio) where given, else ratios of
+    medians;
     "cpu_best" (the fastest cpu run) is compared with the roofline, whose peaks are best-of-N
     measurements too: on a shared machine, a median against best-case peaks would charge the
     machine's noise to the kernel."""
@@ -386,12 +432,12 @@ def format_table(rows, peaks):
         f"machine: GEMM peak {peaks['flops'] / 1e9:.1f} GFLOP/s, stream bandwidth {peaks['bandwidth'] / 1e9:.1f} GB/s "
         f"(best seen), {torch.get_num_threads()} threads; each roofline uses the peaks measured next to its workload "
         "(shared machines are noisy: read the ratios)",
-        "times are medians; % roofline = roofline / best cpu time (the peaks are best-of-N too)",
+        "times are medians of interleaved runs; x columns: median of the per-round time ratios (paired); "
+        "% roofline = roofline / best cpu time (the peaks are best-of-N too)",
         f"{'workload':<{width}} {'cpu ms':>9} {'best ms':>9} {'ref ms':>9} {'compiled ms':>12} {'roofline ms':>12} "
         f"{'x vs ref':>9} {'x vs compiled':>14} {'% roofline':>11}  {'gemm':<26} description",
     ]
     fmt = lambda v: f"{v * 1e3:.1f}" if v is not None else "-"
-    ratio = lambda a, b: f"{b / a:.2f}" if a and b else "-"
     above = []  # workloads faster than their roofline
     for w, t in rows:
         cpu, ref, comp = t.get("cpu"), t.get("reference"), t.get("compiled")
@@ -402,7 +448,7 @@ def format_table(rows, peaks):
             above.append(w.name)
         lines.append(
             f"{w.name:<{width}} {fmt(cpu):>9} {fmt(best):>9} {fmt(ref):>9} {fmt(comp):>12} {fmt(roof):>12} "
-            f"{ratio(cpu, ref):>9} {ratio(cpu, comp):>14} {pct:>11}  {t.get('gemm', '-'):<26} {w.description}"
+            f"{_speedup(t, 'reference'):>9} {_speedup(t, 'compiled'):>14} {pct:>11}  {t.get('gemm', '-'):<26} {w.description}"
         )
     if above:
         lines.append(
@@ -481,17 +527,15 @@ def main(argv=None):
         # peaks measured next to each workload: on a shared machine the load drifts over minutes
         w.peaks = machine_peaks(repeats=3)
         all_peaks.append(w.peaks)
-        times = {}
-        for impl in impls:
-            before = cpu_dispatch() if impl == "cpu" else None
-            slow = impl in ("reference", "compiled") and w.slow_reference
-            # a slow eager reference is timed once, cold (it has nothing to warm up)
-            runs = _run_times(w.runner(impl, args.backend), 1 if slow else args.repeats, "cpu",
-                              warmup=not (slow and impl == "reference"))
-            times[impl] = statistics.median(runs)
-            if impl == "cpu":
-                times["cpu_best"] = min(runs)
-                times["gemm"] = gemm_engines_used(before, cpu_dispatch())
+        slow = {impl for impl in ("reference", "compiled") if w.slow_reference and impl in impls}
+        before = cpu_dispatch()
+        runs = interleaved_times({impl: w.runner(impl, args.backend) for impl in impls}, args.repeats,
+                                 once=slow, cold=slow & {"reference"})  # a slow eager reference is timed cold
+        times = {impl: statistics.median(v) for impl, v in runs.items()}
+        times.update({f"x_{impl}": paired_ratio(runs, impl) for impl in impls if impl != "cpu"})
+        if "cpu" in runs:
+            times["cpu_best"] = min(runs["cpu"])
+            times["gemm"] = gemm_engines_used(before, cpu_dispatch())
         rows.append((w, times))
         print(f"{name} done", flush=True)
     print("\n".join(host_lines()))

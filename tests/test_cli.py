@@ -82,6 +82,29 @@ def test_bench_table_ratios_and_roofline_percentage():
     assert "125%" in fast and "above 100 % (G1): faster than the roofline model" in fast.splitlines()[-1]
 
 
+def test_bench_interleaves_impls_and_pairs_their_ratios():
+    """Every impl is warmed once, then timed once per round in a rotated order (drift meets them
+    all alike); a slow impl is timed once after the rounds (cold: no warm-up). The x columns are
+    the median of the per-round ratios, not the ratio of the medians."""
+    from gsa_kernels import bench
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("cpu", "reference", "compiled", "slow")}
+    times = bench.interleaved_times(fns, 3, once={"slow"}, cold={"slow"})
+    assert calls == ["cpu", "reference", "compiled",  # warm-up
+                     "cpu", "reference", "compiled", "reference", "compiled", "cpu", "compiled", "cpu", "reference",
+                     "slow"]
+    assert [len(times[k]) for k in fns] == [3, 3, 3, 1]
+    paired = {"cpu": [1.0, 2.0, 4.0], "reference": [2.0, 2.0, 12.0], "slow": [6.0]}
+    assert bench.paired_ratio(paired, "reference") == 2.0  # ratios 2, 1, 3 (medians: 2 / 2 = 1)
+    assert bench.paired_ratio(paired, "slow") == 3.0  # timed once: against cpu's median
+    assert bench.paired_ratio(paired, "compiled") is None
+    w = bench.Workload("G1", "demo", flops=2e9, bytes=1e6, op=None, compiled_reference=None,
+                       peaks={"flops": 1e12, "bandwidth": 1e11})
+    row = bench.format_table([(w, {"cpu": 2e-3, "reference": 2e-3, "x_reference": 2.0})], w.peaks).splitlines()[-1]
+    assert row.split()[6] == "2.00"
+
+
 def test_bench_command_runs_one_workload():
     out = _run("-m", "gsa_kernels", "bench", "--workloads", "G1", "--impls", "cpu", "--repeats", "1", check=True).stdout
     row = [line for line in out.splitlines() if line.startswith("G1 ")][-1]  # the table's row
