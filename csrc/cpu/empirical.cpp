@@ -4,8 +4,8 @@
 //
 // Row blocks of up to 256 rows, one per thread when there are enough, else one after another
 // with threaded GEMMs and row passes (see row_block); inside a row block the points stream in
-// blocks (a [rows, block] float tile of 16 MiB) with an online softmax (running max m, sum l, unnormalised denoiser
-// accumulator acc). Per (row block, point block):
+// blocks (a [rows, block] float tile, 16 MiB per thread) with an online softmax (running max m,
+// sum l, unnormalised denoiser accumulator acc). Per (row block, point block):
 //   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
 //   per row           fast logits; the row's max over the block (m moves there once per
 //                      block); where the logits may be off by more than kDeltaLogitTol (the smaller
