@@ -97,14 +97,14 @@ std::vector<Engine> candidates(const at::Tensor& a, const at::Tensor& w) {
 
 // Times each candidate engine on the first rows of a; with one candidate, `how` says why.
 // time_single: time a lone candidate too (the cost models of layouts.cpp need its time).
-Choice choose(const at::Tensor& a, const at::Tensor& w, bool time_single) {
+Choice choose(const at::Tensor& a, const at::Tensor& w, bool time_single, bool all_rows = false) {
   Choice c;
   c.m = a.size(0), c.n = w.size(0), c.k = a.size(1);
   const std::vector<Engine> engines = candidates(a, w);
   c.engine = engines[0];
   c.how = forced_engine() ? "forced" : engines.size() == 1 ? "only" : "measured";
   if (engines.size() == 1 && !time_single) return c;
-  c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
+  if (!all_rows) c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
   const at::Tensor rows = a.narrow(0, 0, c.m);
   double best[kNumEngines];
   std::fill_n(best, kNumEngines, std::numeric_limits<double>::infinity());
@@ -153,7 +153,7 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w) {
 }
 
 double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w) {
-  const Choice c = choose(a, w, true);
+  const Choice c = choose(a, w, true, true);
   return *std::min_element(c.ms, c.ms + kNumEngines, [](double u, double v) {
     return std::isnan(v) || (!std::isnan(u) && u < v);
   }) / static_cast<double>(c.m);

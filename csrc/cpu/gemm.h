@@ -27,8 +27,8 @@ at::Tensor gemm_nt(GemmSite site, const at::Tensor& a, const at::Tensor& w);
 inline int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_cast<uint64_t>(v)) : -1; }
 
 // The best time per row of a (ms) of a @ w^T over the engines gemm_nt could use for it, measured
-// now on the first rows of a (as a first call measures): for cost models that weigh a GEMM
-// against other work.
+// now on all rows of a (the caller picks how many: a GEMM's cost per row falls with its rows):
+// for cost models that weigh a GEMM against other work.
 double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w);
 
 // The engine chosen for each shape class met so far, with the timings behind it, as JSON.

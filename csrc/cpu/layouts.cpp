@@ -90,16 +90,25 @@ int64_t content_hash(const at::Tensor& t) {
 // needs contiguous rows of U^T (oneDNN), but the model hashes U on every call to keep it valid
 // (one read of U at memory speed: with a full-rank basis and a small batch, a tenth of the GEMM).
 // So: keep it when B (ms per row with the layout) + (ms of the hash) < B (ms per row without).
-// The three costs are measured on first use per (dtype, threads, D and r rounded to powers of
-// two) and kept for the process, as the GEMM engines are (gemm.cpp): no host is assumed.
+// The three costs are measured on first use per (dtype, threads, D, r and B rounded to powers of
+// two; the GEMMs timed on that many rows, at most kLayoutRowsMax) and kept for the process, as
+// the GEMM engines are (gemm.cpp): no host is assumed.
+// The hash is charged at kHashRisk times its measured cost: it reads memory, whose bandwidth a
+// shared host's neighbours take (the same 37.7 MB hash took 1.2 to 3.1 ms on one VM in one day,
+// against a best-of-3 measured once), while the GEMMs it would speed up run from cache. Where the
+// layout saves less than that, both routes cost about the same and the one without a hash (and
+// without a second copy of U) is the safer.
+constexpr double kHashRisk = 2.0;
+constexpr int64_t kLayoutRowsMax = 256;
+
 struct LayoutCosts {
   double rows_ms_per_row, direct_ms_per_row, hash_ms_per_byte;
 };
 
-LayoutCosts measure_layout_costs(const at::Tensor& basis) {
-  const int64_t D = basis.size(0), r = basis.size(1);
-  // rows to time on (~1e8 flops, as gemm.cpp's measurement takes): not the user's batch
-  const int64_t m = std::clamp<int64_t>(static_cast<int64_t>(1e8 / (2.0 * D * r)), 64, 1024);
+// m: the rows to time the GEMMs on, the batch's class (a GEMM's cost per row falls with its rows:
+// 64 rows of a 3072 x 3072 basis showed MKL 7 % behind oneDNN, 256 rows 1 %)
+LayoutCosts measure_layout_costs(const at::Tensor& basis, int64_t m) {
+  const int64_t D = basis.size(0);
   const at::Tensor x = at::randn({m, D}, basis.options());
   const at::Tensor rows = basis_rows(basis);
   LayoutCosts c;
@@ -115,7 +124,7 @@ LayoutCosts measure_layout_costs(const at::Tensor& basis) {
   return c;
 }
 
-using LayoutKey = std::tuple<int, bool, int, int>;  // dtype, threaded, log2 D, log2 r
+using LayoutKey = std::tuple<int, bool, int, int, int>;  // dtype, threaded, log2 D, log2 r, log2 rows
 std::mutex layout_costs_mutex;
 std::map<LayoutKey, LayoutCosts> layout_costs;
 
@@ -126,20 +135,23 @@ bool basis_rows_pay(int64_t B, const at::Tensor& basis) {
                     "[D, r] tensor, got ", basis.scalar_type(), " ", basis.sizes());
   TORCH_CHECK_VALUE(B >= 0, "gsa_kernels::basis_rows_pay: B must be >= 0, got ", B);
   if (B == 0 || basis.numel() == 0) return false;
+  // the batch's size class, timed on 2^floor(log2 B) rows; past kLayoutRowsMax rows a GEMM's
+  // cost per row hardly falls further (and a first call should not time seconds of GEMMs)
+  const int64_t m = std::min<int64_t>(int64_t(1) << floor_log2(B), kLayoutRowsMax);
   const LayoutKey key{static_cast<int>(basis.scalar_type()), at::get_num_threads() > 1,
-                      floor_log2(basis.size(0)), floor_log2(basis.size(1))};
+                      floor_log2(basis.size(0)), floor_log2(basis.size(1)), floor_log2(m)};
   std::optional<LayoutCosts> costs;
   {
     std::lock_guard<std::mutex> lock(layout_costs_mutex);
     if (auto it = layout_costs.find(key); it != layout_costs.end()) costs = it->second;
   }
   if (!costs) {  // measured without the lock (as gemm.cpp): the first to finish decides
-    const LayoutCosts measured = measure_layout_costs(basis);
+    const LayoutCosts measured = measure_layout_costs(basis, m);
     std::lock_guard<std::mutex> lock(layout_costs_mutex);
     costs = layout_costs.emplace(key, measured).first->second;
   }
   const double nbytes = static_cast<double>(basis.numel() * basis.element_size());
-  return B * costs->rows_ms_per_row + nbytes * costs->hash_ms_per_byte < B * costs->direct_ms_per_row;
+  return B * costs->rows_ms_per_row + kHashRisk * nbytes * costs->hash_ms_per_byte < B * costs->direct_ms_per_row;
 }
 
 at::Tensor basis_rows_op(const at::Tensor& basis) {
