@@ -46,7 +46,6 @@ constexpr double kDeltaLogitTol = 2.5e-4;
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
-constexpr int64_t kEmpiricalRowBlock = 256;
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
 
@@ -127,13 +126,13 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   const double max_mu = std::sqrt(max_mu_sq);
   const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
-  // Row blocks of up to kEmpiricalRowBlock rows (balanced). Each streams every point through the
-  // GEMMs, and a GEMM is faster the more rows share each streamed point (measured: one threaded
+  // Row blocks of up to kTallRows rows (balanced). Each streams every point through the GEMMs,
+  // and a GEMM is faster the more rows share each streamed point (measured: one threaded
   // 256-row GEMM ran ~14 % faster than two single-threaded 128-row ones on 2 cores). So while
   // there are fewer blocks than threads, the blocks run one after another, each with threaded
   // GEMMs and its row passes split over the threads; with enough blocks, one block per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t num_rb = (B + kEmpiricalRowBlock - 1) / kEmpiricalRowBlock;
+  const int64_t num_rb = (B + kTallRows - 1) / kTallRows;
   const int64_t BB = (B + num_rb - 1) / num_rb;
   const bool one_block_per_thread = num_rb >= threads;
   // blocks of SB points: one distance GEMM each, its [BB, SB] result kept for the two passes
@@ -153,6 +152,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     auto opts = options_for<T>();
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({n, D}, opts);
     at::Tensor accb = need_denoised ? at::zeros({n, D}, opts) : at::Tensor();
+    T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;  // [n, D]
     std::vector<double> m(n), l(n), hx(n), m_fast(n), err(n), s2v(n), x_sq(n), iso_norm(n);
     std::vector<double> m_block(need_weights ? n * num_sb : 0);  // m after each point block
     // logit of point kk for row i from its squared distance
@@ -246,7 +246,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           l[i] *= sc;
           hx[i] *= sc;
           if (need_denoised && sc != T(1)) {
-            T* a = accb.data_ptr<T>() + i * D;
+            T* a = acc_p + i * D;
             for (int64_t d = 0; d < D; ++d) a[d] *= sc;
           }
           // p = exp(L - m) over F's row, summed; the weights as asked; isotropic components
@@ -269,14 +269,13 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       });
       if (need_denoised && nonzero_p > 0) {
         if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
-          T* a = accb.data_ptr<T>();
           rows([&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i)
               for (int64_t k = 0; k < gn; ++k) {
                 const T p = Pp[i * lds + k];
                 if (p == T(0)) continue;
                 const T* mk = mu + (g0 + k) * D;
-                T* ai = a + i * D;
+                T* ai = acc_p + i * D;
                 for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
               }
           });
@@ -286,7 +285,6 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       }
     }
 
-    const T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;
     rows([&](int64_t i0, int64_t i1) {
       finish_rows<X, T>(b0 + i0, i1 - i0, D, K, SB, num_sb, m.data() + i0, l.data() + i0, hx.data() + i0,
                         x_sq.data() + i0, need_weights ? m_block.data() + i0 * num_sb : nullptr,

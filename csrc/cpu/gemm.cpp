@@ -95,8 +95,8 @@ std::vector<Engine> candidates(const at::Tensor& a, const at::Tensor& w) {
   return {Engine::kOneDnn, Engine::kBlas};
 }
 
-// Times each candidate engine on the first rows of a; with one candidate, `how` says why.
-// time_single: time a lone candidate too (the cost models of layouts.cpp need its time).
+// Times each candidate engine on the first rows of a (all of them with all_rows); with one
+// candidate, `how` says why. time_single: time a lone candidate too (layouts.cpp's cost model).
 Choice choose(const at::Tensor& a, const at::Tensor& w, bool time_single, bool all_rows = false) {
   Choice c;
   c.m = a.size(0), c.n = w.size(0), c.k = a.size(1);
@@ -104,7 +104,8 @@ Choice choose(const at::Tensor& a, const at::Tensor& w, bool time_single, bool a
   c.engine = engines[0];
   c.how = forced_engine() ? "forced" : engines.size() == 1 ? "only" : "measured";
   if (engines.size() == 1 && !time_single) return c;
-  if (!all_rows) c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
+  if (!all_rows)
+    c.m = std::min(c.m, std::max(kMeasureRows, static_cast<int64_t>(kMeasureFlops / (2.0 * c.n * c.k))));
   const at::Tensor rows = a.narrow(0, 0, c.m);
   double best[kNumEngines];
   std::fill_n(best, kNumEngines, std::numeric_limits<double>::infinity());

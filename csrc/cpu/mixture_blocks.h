@@ -89,11 +89,12 @@ ComponentNorms component_norms(const T* mu, const T* lpv, int64_t K, int64_t D) 
   return c;
 }
 
-// Rows per block of B: tall (up to 256), since each block streams every component through the
-// GEMMs, and one block per thread while B is small.
+// Rows per block of B: tall (up to kTallRows), since each block streams every component through
+// the GEMMs, and one block per thread while B is small.
+constexpr int64_t kTallRows = 256;
 inline int64_t tall_row_block(int64_t B) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return std::clamp<int64_t>((B + threads - 1) / threads, 1, 256);
+  return std::clamp<int64_t>((B + threads - 1) / threads, 1, kTallRows);
 }
 
 // Rows b0 .. b0 + n - 1 of x [B, D] in the compute dtype T: a view of x, or for float16 /

@@ -376,7 +376,7 @@ def mixture_posterior_cases():
         (9, 2, 129, 33, None),  # cuda r > 0: two 32-coefficient chunks; a 128-d back-projection tile and a short one
     ]:
         cases.append(Case("tiles", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=residual_var))
-    # delta, cpu: several row blocks (<= 256 rows: tall_row_block) per thread
+    # delta, cpu: more row blocks (<= 256 rows) than threads: one block per thread at a time
     cases.append(Case("tiles", _shape_name(520, 130, 0, K=130), 520, 130, 0, K=130, residual_var=0.0, interpreter=False))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         for B, K, D, r, residual_var in [(17, 19, 33, 0, 0.0), (9, 5, 33, 5, None)]:
