@@ -1,6 +1,6 @@
 """The kernel contract: what every backend implements, in one place (docs/architecture.md, section 3).
 
-Five kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
+Six kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
 of them on one backend (_backends.py). Every backend takes the arguments in the order of
 ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference alike:
 
@@ -20,6 +20,9 @@ ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference
         tensors as the mixture's (means [K, D], bases [K, D, r], eigvals [K, r], residual_var
         [K]; no log weights). Row b's output is exactly gaussian_map's for that row under the
         Gaussian (means[k], bases[k], eigvals[k], residual_var[k]), k = labels[b].
+    local_posterior(x, images, sigma, patch_size, mode, padding, kind)
+        -> out [B, C, H, W] in x's dtype: the local score machines (Kamb & Ganguli, arXiv
+        2412.20292), a posterior over training patches per query pixel (see the section below).
 
 Tensors: x [B, D] contiguous, float16 / bfloat16 / float32 / float64. Every other tensor
 (model tensors, per-row sigma_* / scale_* [B], sigmas [T, B]) is contiguous, on x's device, in
@@ -27,6 +30,32 @@ the compute dtype of x (compute_dtype below); Gaussian residual_var is a Python 
 residual_var a [K] tensor (also in the labelled ops); labels int64 [B] on x's device. Outputs: out / denoised in x's dtype, logp and weights in the compute
 dtype. A kernel computes in the compute dtype whatever the storage dtype. NaN in x gives NaN in
 that row's outputs (never -inf, never another row).
+
+Local score machines (local_posterior). x [B, C, H, W] contiguous (dtypes as above), images
+[N, C, H, W] contiguous in the compute dtype, N >= 1, sigma [B] > 0 in the compute dtype;
+patch_size P odd >= 1 (p = P // 2), any size (P > H or W is allowed: the window then reaches past
+the image on every side); mode LocalMode, padding LocalPadding, kind SpectralKind DENOISE or
+SCORE (FLOW is not an op of this family). The window Omega_u is the P x P pixels centred on u;
+pixels outside the image are 0 (ZEROS, queries and training images alike) or wrap (CIRCULAR,
+indices mod H and mod W, any number of times). A candidate c = (n, v) is images[n] windowed at
+pixel v; its value is images[n, :, v]. For row b and pixel u:
+
+    d2(c | u) = sum over the window offsets o and channels of (x[b, :, u + o] - images[n, :, v + o])^2
+    w(c | u)  = softmax over the candidates of u of -d2 / (2 sigma_b^2)
+    DENOISE:  out[b, :, u] = x[b, :, u] + sum_c w(c | u) (images[n, :, v] - x[b, :, u])
+    SCORE:    out[b, :, u] = sum_c w(c | u) (images[n, :, v] - x[b, :, u]) / sigma_b^2
+
+(the denoiser is sum_c w value_c; the difference form is the one that does not cancel, so the
+score stays accurate where out ~ x at small sigma). Candidates of u per mode: LS (n, v = u) for
+every n; ELS (n, v) for every n and pixel v; BBELS (ZEROS only) (n, v) with v in u's boundary
+class: (min(i, p), min(H-1-i, p), min(j, p), min(W-1-j, p)) equal for u = (i, j) and v.
+Exactness: d2 is a sum of squared differences, never |a|^2 - 2ab + |b|^2 unless an error bound
+separates the candidates (logits scale as 1/sigma^2); per pixel the weights are within total
+variation 1e-3 (float32 compute) / 1e-9 (float64) of the float64 truth at every sigma, near ties
+included. Streaming: no backend materialises the [N HW, HW] logits; an online softmax per
+(row, pixel). NaN: a NaN anywhere in x[b] makes the whole output row out[b] NaN (every pixel
+and channel; never -inf, never another row) -- a row-level rule, so that no backend has to
+agree on which windows reach the NaN pixel.
 
 Prepared layouts: a model owns GEMM-ready layouts derived from its tensors (gsa_kernels/_layouts.py:
 U^T as `basis_rows`, a mixture's `forward_panels` / `backward_panels`) and hands them to the C++
@@ -54,6 +83,21 @@ class SpectralKind(enum.IntEnum):
     FLOW = 2
 
 
+class LocalMode(enum.IntEnum):
+    """The `mode` argument of local_posterior: which training patches compete for a pixel."""
+
+    LS = 0  # the patch at the same pixel, every training image
+    ELS = 1  # every patch of every training image (translation equivariant)
+    BBELS = 2  # every patch in the pixel's boundary class (zeros padding only)
+
+
+class LocalPadding(enum.IntEnum):
+    """The `padding` argument of local_posterior."""
+
+    ZEROS = 0
+    CIRCULAR = 1
+
+
 # Op names and their argument names, in kernel argument order (csrc/ops.cpp defines the same).
 ARGUMENTS = {
     "gaussian_map": ("x", "mean", "basis", "eigvals", "residual_var", "sigma_from", "sigma_to", "scale_from",
@@ -64,12 +108,13 @@ ARGUMENTS = {
     "gaussian_map_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigma_from", "sigma_to",
                              "scale_from", "scale_to", "kind"),
     "gaussian_trajectory_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigmas"),
+    "local_posterior": ("x", "images", "sigma", "patch_size", "mode", "padding", "kind"),
 }
 OPS = tuple(ARGUMENTS)
 # optional trailing arguments of the compiled CPU ops (csrc/ops.cpp), default None
 LAYOUT_ARGUMENTS = {"gaussian_map": ("basis_rows",), "gaussian_trajectory": ("basis_rows",),
                     "mixture_posterior": ("forward_panels", "backward_panels"),
-                    "gaussian_map_labeled": (), "gaussian_trajectory_labeled": ()}
+                    "gaussian_map_labeled": (), "gaussian_trajectory_labeled": (), "local_posterior": ()}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,9 +154,13 @@ def fake_gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_
     return x.new_empty((sigmas.shape[0], x.shape[0], x.shape[1]))
 
 
+def fake_local_posterior(x, images, sigma, patch_size, mode, padding, kind):
+    return torch.empty_like(x)
+
+
 FAKES = {"gaussian_map": fake_gaussian_map, "gaussian_trajectory": fake_gaussian_trajectory,
          "mixture_posterior": fake_mixture_posterior, "gaussian_map_labeled": fake_gaussian_map_labeled,
-         "gaussian_trajectory_labeled": fake_gaussian_trajectory_labeled}
+         "gaussian_trajectory_labeled": fake_gaussian_trajectory_labeled, "local_posterior": fake_local_posterior}
 
 
 def fake_basis_rows(basis):
