@@ -178,6 +178,30 @@ def test_explain_quick_end_to_end(tmp_path):
     _assert_png(tmp_path / "explained_variance.png")
 
 
+def test_explain_local_quick_end_to_end(tmp_path, capsys):
+    assert explain.main(["--local", "--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    assert "SMOKE TEST" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "local_r2.csv")
+    sigmas = gk.schedules.karras(3)[:-1].tolist()  # the quick schedule's sigmas are the calibration grid
+    assert [float(r["sigma"]) for r in rows] == pytest.approx(sigmas, rel=1e-5)
+    calib = _read_csv(tmp_path / "local_calibration.csv")
+    assert len(calib) == 3 * 3 * 3  # sigmas x machines x patch sizes 1, 3, 5
+    for r in rows:
+        for mode in ("ls", "els", "bbels"):
+            # the reported P is the calibration's best at that sigma
+            cand = {int(c["patch_size"]): float(c["r2"]) for c in calib
+                    if c["machine"] == mode and float(c["sigma"]) == pytest.approx(float(r["sigma"]), rel=1e-5)}
+            assert int(r[f"P_{mode}"]) == max(cand, key=cand.get)
+        for m in ("gaussian", "mixture", "delta", "ls", "els", "bbels"):
+            assert math.isfinite(float(r[f"r2_{m}"])) and float(r[f"r2_{m}"]) <= 1 + 1e-9
+    # at sigma = 0.002 the network is ~ the identity, and so are the Gaussian and ELS / BB-ELS at P = 1
+    # (LS at P = 1 only has its 16 training digits' values at each pixel)
+    assert all(float(rows[-1][f"r2_{m}"]) > 0.99 for m in ("gaussian", "els", "bbels"))
+    case = _read_csv(tmp_path / "local_case_by_case.csv")
+    assert len(case) == 4 and all(math.isfinite(float(v)) for r in case for k, v in r.items() if k != "path")
+    _assert_png(tmp_path / "local_pairs.png")
+
+
 # ----------------------------------------------------------------------------- class-conditional demo
 
 

@@ -73,7 +73,21 @@ def explain_parser():
     p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise eps (and the digit subset)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="CI setting: 32 digits, 4 noise levels, held-out split")
+    p.add_argument("--quick", action="store_true", help="CI setting: 32 digits, 4 noise levels, held-out split "
+                   "(with --local: a smoke test of the local machines, tiny sizes)")
+    local = p.add_argument_group("--local: the local score machines (LS, ELS, BB-ELS; Kamb & Ganguli 2025) against "
+                                 "the network, patch size calibrated per sigma of the sampler's schedule")
+    local.add_argument("--local", action="store_true", help="run the local-machine analysis instead")
+    local.add_argument("--num-train", type=int, default=100, help="training digits of the local machines")
+    local.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 3, 5, 7, 9, 11, 13, 15],
+                       help="odd patch sizes the calibration chooses from")
+    local.add_argument("--steps", type=int, default=6, help="Heun steps of the Karras schedule (its sigmas are "
+                       "the calibration grid)")
+    local.add_argument("--num-paths", type=int, default=100, help="initial noises of the case-by-case test")
+    local.add_argument("--calib-digits", type=int, default=8, help="held-out digits that calibrate the patch size")
+    local.add_argument("--local-digits", type=int, default=16, help="other held-out digits the r^2 table is "
+                       "reported on")
+    local.add_argument("--backend", default="auto", help="backend of the local machines")
     return p
 
 

@@ -14,6 +14,8 @@ the variance of that output across the batch (the R^2 of M as a predictor of the
 1 = M reproduces the network; 0 = no better than the batch-mean output; negative = worse.
 Outputs in --out-dir: explained_variance.csv (one row per sigma and split) and
 explained_variance.png.
+
+With --local: the local score machines instead (explain_local.py).
 """
 import csv
 import math
@@ -32,6 +34,16 @@ MODELS = ("gaussian", "mixture", "delta")
 def parse_args(argv):
     p = explain_parser()
     args = p.parse_args(argv)
+    if args.local:
+        from .explain_local import apply_quick
+
+        if args.quick:
+            apply_quick(args)
+        if args.num_train < 1 or args.num_paths < 1 or args.calib_digits < 1 or args.local_digits < 2:
+            p.error("--num-train, --num-paths, --calib-digits must be >= 1 and --local-digits >= 2")
+        if any(P < 1 or P % 2 == 0 for P in args.patch_sizes):
+            p.error(f"--patch-sizes must be odd and >= 1, got {args.patch_sizes}")
+        return args
     if args.quick:
         args.num_samples, args.num_sigmas, args.splits = 32, 4, ["heldout"]
     if args.num_samples < 2 or args.num_sigmas < 2:
@@ -94,6 +106,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.local:
+        from .explain_local import run
+
+        return run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     train = mnist_split("train")[0].reshape(-1, 784)
     net = load_denoiser()
