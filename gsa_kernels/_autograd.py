@@ -1,6 +1,6 @@
-"""Backward formulas of the kernel-level ops (torch.library.register_autograd), for every
-namespace that registers them: gsa_kernels:: (C++ CPU / CUDA), gsa_kernels::cuda_emu_* (the
-SIMT emulation) and gsa_kernels_triton:: (Triton). The reference backend is plain PyTorch and
+"""Backward formulas of the kernel-level ops: one rule per op of the registry (_contract.py
+registers them with torch.library.register_autograd for every namespace: gsa_kernels:: (C++
+CPU / CUDA), gsa_kernels::cuda_emu_* (the SIMT emulation) and gsa_kernels_triton:: (Triton)). The reference backend is plain PyTorch and
 needs none. The backward bodies are torch ops only, so torch.compile(fullgraph=True) traces them.
 
 Differentiable inputs: x of every op; mean and eigvals of the Gaussian ops; means, eigvals,
@@ -8,7 +8,7 @@ residual_var and log_weights of the mixture posterior. The rest (basis / bases, 
 scales; the Gaussian residual_var is a float) have no gradient: when one requires grad the op
 raises, naming it, instead of returning an output silently detached from it.
 
-Gaussian maps (DESIGN.md section 1): out = a y + b mu + U diag(f) U^T y with y = p x - q mu is
+Gaussian maps (docs/architecture.md, section 1): out = a y + b mu + U diag(f) U^T y with y = p x - q mu is
 affine in x with a symmetric linear part, so the vector-Jacobian product w.r.t. x is the same
 kernel applied to the output gradient with mean = 0 (which drops the constant term).
 
@@ -31,24 +31,9 @@ from __future__ import annotations
 
 import torch
 
-_GAUSSIAN_NO_GRAD = {2: "basis", 5: "sigma_from", 6: "sigma_to", 7: "scale_from", 8: "scale_to"}
-_TRAJECTORY_NO_GRAD = {2: "basis", 5: "sigmas"}
-_MIXTURE_NO_GRAD = {2: "bases", 6: "sigma"}
-_LABELED_NO_GRAD = {3: "bases", 6: "sigma_from", 7: "sigma_to", 8: "scale_from", 9: "scale_to"}
-_LABELED_TRAJECTORY_NO_GRAD = {3: "bases", 6: "sigmas"}
-KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2
+from ._args import SpectralKind, check_no_grad
 
-
-def check_no_grad(op: str, **tensors):
-    """Raise if, with grad mode on, a tensor that `op` does not differentiate requires grad."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise RuntimeError(
-                f"{op}: {name} requires grad, but gsa_kernels has no gradient w.r.t. {name} (differentiable: "
-                "x; Gaussian mean, eigvals; mixture means, eigvals, residual_var, log_weights); pass "
-                f"{name}.detach() to treat it as a constant")
+KIND_DENOISE, KIND_SCORE, KIND_FLOW = SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW
 
 
 def _check_inputs(op, inputs, no_grad):
@@ -73,9 +58,9 @@ def _gain_derivative(kind, lam, sigma_from, sigma_to, scale_to):
     return scale_to * torch.where(torch.isinf(sigma_from), 0.5 / torch.sqrt(vb), from_finite)
 
 
-def _map_setup(op_name):
+def _map_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _GAUSSIAN_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind = inputs[:10]
         ctx.save_for_backward(x, mean, basis, eigvals, sigma_from, sigma_to, scale_from, scale_to)
         ctx.residual_var, ctx.kind, ctx.layouts = residual_var, kind, inputs[10:]
@@ -117,9 +102,9 @@ def _map_backward(op):
     return backward
 
 
-def _trajectory_setup(op_name):
+def _trajectory_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _TRAJECTORY_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, mean, basis, eigvals, residual_var, sigmas = inputs[:6]
         ctx.save_for_backward(x, mean, basis, eigvals, sigmas)
         ctx.residual_var, ctx.layouts = residual_var, inputs[6:]
@@ -192,9 +177,9 @@ def _spectral_grads(labels, bases, eigvals, lp, y, g, deriv_of, need_lam, need_l
     return glam, glp
 
 
-def _labeled_map_setup(op_name):
+def _labeled_map_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _LABELED_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         ctx.save_for_backward(*inputs[:10])
         ctx.kind = inputs[10]
 
@@ -234,9 +219,9 @@ def _labeled_map_backward(op):
     return backward
 
 
-def _labeled_trajectory_setup(op_name):
+def _labeled_trajectory_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _LABELED_TRAJECTORY_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         ctx.save_for_backward(*inputs[:7])
 
     return setup_context
@@ -273,9 +258,9 @@ def _labeled_trajectory_backward(map_op):
 # ----------------------------------------------------------------------------- mixture posterior
 
 
-def _mixture_setup(op_name):
+def _mixture_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _MIXTURE_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights = inputs[:9]
         den, logp, weights = output
         ctx.save_for_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
@@ -383,7 +368,7 @@ def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights,
         absent if gD is None else gD, absent if gW is None else gW, *needs, *layouts)
 
 
-def _fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
+def fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
                          grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights,
                          forward_panels=None, backward_panels=None):
     out = lambda need, t: x.new_empty(t.shape if need else (0,))
@@ -410,26 +395,31 @@ def _mixture_backward(forward, fused):
     return backward
 
 
-# ----------------------------------------------------------------------------- registration
+# ----------------------------------------------------------------------------- rules
+# One per op of the registry (_contract.OPS): rule(lookup, qualname, no_grad, fused) ->
+# (backward, setup_context) for torch.library.register_autograd. lookup(name): the op `name` of
+# the same namespace and prefix; no_grad: {argument index: name} of the tensors without a
+# gradient (from the registry); fused: CPU tensors take the fused C++ mixture backward
+# (gsa_kernels::mixture_posterior_backward), else the gradients are composed from the forward
+# op and torch GEMMs, as for CUDA tensors.
 
 
-def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = False):
-    """register_autograd for <namespace>::<prefix>{gaussian_map, gaussian_trajectory,
-    mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled}. fused_mixture_backward: CPU tensors take the kernel
-    gsa_kernels::mixture_posterior_backward (else the gradients are composed from the forward op
-    and torch GEMMs, as for CUDA tensors)."""
-    ops = getattr(torch.ops, namespace)
-    if fused_mixture_backward:
-        torch.library.register_fake("gsa_kernels::mixture_posterior_backward")(_fused_backward_fake)
-    for name, backward, setup in (
-        ("gaussian_map", _map_backward(getattr(ops, prefix + "gaussian_map")), _map_setup),
-        ("gaussian_trajectory", _trajectory_backward, _trajectory_setup),
-        ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"),
-                                                _fused_mixture_backward if fused_mixture_backward else None),
-         _mixture_setup),
-        ("gaussian_map_labeled", _labeled_map_backward(getattr(ops, prefix + "gaussian_map_labeled")), _labeled_map_setup),
-        ("gaussian_trajectory_labeled", _labeled_trajectory_backward(getattr(ops, prefix + "gaussian_map_labeled")),
-         _labeled_trajectory_setup),
-    ):
-        qualname = f"{namespace}::{prefix}{name}"
-        torch.library.register_autograd(qualname, backward, setup_context=setup(qualname))
+def gaussian_map_rule(lookup, qualname, no_grad, fused):
+    return _map_backward(lookup("gaussian_map")), _map_setup(qualname, no_grad)
+
+
+def gaussian_trajectory_rule(lookup, qualname, no_grad, fused):
+    return _trajectory_backward, _trajectory_setup(qualname, no_grad)
+
+
+def mixture_posterior_rule(lookup, qualname, no_grad, fused):
+    backward = _mixture_backward(lookup("mixture_posterior"), _fused_mixture_backward if fused else None)
+    return backward, _mixture_setup(qualname, no_grad)
+
+
+def gaussian_map_labeled_rule(lookup, qualname, no_grad, fused):
+    return _labeled_map_backward(lookup("gaussian_map_labeled")), _labeled_map_setup(qualname, no_grad)
+
+
+def gaussian_trajectory_labeled_rule(lookup, qualname, no_grad, fused):
+    return _labeled_trajectory_backward(lookup("gaussian_map_labeled")), _labeled_trajectory_setup(qualname, no_grad)

@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import SpectralKind
 from . import _config
 from ._dot import dot
 
-KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
 # rows of one label per tile: a multiple of every BLOCK_B below (in the interpreter, its one BLOCK_B:
 # each program costs tens of ms there, and a padded tile is whole programs)
@@ -330,7 +330,7 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
-    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW)
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, int(SpectralKind.FLOW))
 
 
 def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
@@ -342,4 +342,4 @@ def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_f
 
 def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
     """gaussian_trajectory with row b under component labels[b]."""
-    return spectral_map(x, means, bases, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW, labels)
+    return spectral_map(x, means, bases, eigvals, residual_var, sigmas[0], None, sigmas, None, int(SpectralKind.FLOW), labels)
