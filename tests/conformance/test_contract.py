@@ -219,7 +219,7 @@ def test_function_local_imports_are_only_the_listed_lazy_ones():
 
 
 def test_layers_import_one_way():
-    """The core layers (docs/architecture.md, section 3), lowest first: a module imports only
+    """The core layers (docs/architecture.md, section 5), lowest first: a module imports only
     modules of its own or lower layers. The tools (bench, demo) and the adapters are above all."""
     layers = [
         {"gsa_kernels._layouts", "gsa_kernels._format", "gsa_kernels.schedules"},
@@ -246,3 +246,38 @@ def test_layers_import_one_way():
     # the public ops know no model type, the registry no backend
     assert not {"gsa_kernels.models", "gsa_kernels.streamed"} & graph["gsa_kernels.ops"]
     assert not {"gsa_kernels._backends", "gsa_kernels.ops"} & graph["gsa_kernels._contract"]
+
+
+# ----------------------------------------------------------------------------- docs/architecture.md
+
+
+def _doc_table(marker):
+    """The rows (lists of cells) of the markdown table between <!-- marker --> and <!-- /marker -->."""
+    text = (REPO / "docs/architecture.md").read_text()
+    body = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.strip().splitlines()]
+    return rows[2:]  # past the header and the --- line
+
+
+def test_the_op_map_is_the_registry():
+    doc = (REPO / "docs/architecture.md").read_text()
+    rows = {r[0]: r[1:] for r in _doc_table("op-map")}
+    assert set(rows) == set(_contract.OPS)
+    for name, entry in _contract.REGISTRY.items():
+        math, ref, cpu, cuda, triton, conformance = rows[name]
+        assert math == entry.math and f"### {math} " in doc, name
+        assert ref == f"reference.{name}"
+        assert (cpu, cuda, triton) == (entry.kernels["cpu"], entry.kernels["cuda"], entry.kernels["triton"]), name
+        assert conformance == entry.conformance, name
+
+
+def test_every_public_function_is_in_the_public_map():
+    import gsa_kernels as gk
+    from gsa_kernels import distributed, sampling
+
+    mapped = {name for r in _doc_table("public-map") for name in re.findall(r"`([\w.]+)`", r[0])}
+    public = {n for n in gk.__all__ if inspect.isfunction(getattr(gk, n))}
+    public |= {f"distributed.{n}" for n in ("mixture_denoise", "mixture_score", "mixture_logp", "fit_gaussian")}
+    public |= {f"sampling.{n}" for n in ("teleport", "sample")}
+    assert callable(distributed.fit_gaussian) and callable(sampling.teleport)
+    assert public <= mapped, f"not in docs/architecture.md's public map: {sorted(public - mapped)}"
