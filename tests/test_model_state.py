@@ -1,4 +1,4 @@
-"""Model state (README "Model state"): the CPU kernels use GEMM-ready layouts that the model
+"""Model state (docs/cpu_backend.md, "Model state"): the CPU kernels use GEMM-ready layouts that the model
 keeps beside its tensors. A change to a model's tensors through any route must be seen by the
 next call: after each mutation the cpu backend must agree with the reference backend, which
 reads the model's tensors afresh. And a model's memory must go when the model goes."""
