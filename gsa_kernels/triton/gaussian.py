@@ -4,7 +4,7 @@ One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored bel
     y      = p x - q mu                                  (p, q: per-row input coefficients)
     c      = y U                                          stage 1, tl.dot over D tiles
     out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
-The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
+The residual term a_t y covers residual_var P_perp y without forming P_perp (f_t holds the
 in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
 gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
 trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
