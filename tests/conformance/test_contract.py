@@ -281,3 +281,17 @@ def test_every_public_function_is_in_the_public_map():
     public |= {f"sampling.{n}" for n in ("teleport", "sample")}
     assert callable(distributed.fit_gaussian) and callable(sampling.teleport)
     assert public <= mapped, f"not in docs/architecture.md's public map: {sorted(public - mapped)}"
+
+
+def test_cited_repository_files_exist():
+    """Comments and docs cite files by their repository path: every such path exists."""
+    cited = re.compile(r"\b((?:gsa_kernels|csrc|tests|docs|scripts|benchmarks)/[\w./-]+\.(?:py|md|h|cpp|cu|cuh|sh))\b")
+    missing = set()
+    for pattern in ("gsa_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "docs/*.md", "scripts/*", "benchmarks/**/*.md",
+                    "README.md", "tests/README.md"):
+        for path in REPO.glob(pattern):
+            if path.is_file() and path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh"):
+                for ref in cited.findall(path.read_text(errors="replace")):
+                    if not (REPO / ref).exists():
+                        missing.add(f"{path.relative_to(REPO)} cites {ref}")
+    assert not missing, sorted(missing)
