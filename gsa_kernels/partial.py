@@ -10,6 +10,14 @@ For the components k of some subset of a mixture (a shard), with logits
 so that logp = M + log S and denoised = W / S. Two states merge exactly by rescaling both to the
 larger M. A shard's posterior (denoised_s, logp_s) from the mixture kernel already is such a
 state (M = logp_s, S = 1, W = denoised_s): no kernel knows about partials.
+
+One exactness rule for every merge (blocks of a points file, shards, ranks): states are carried
+in float64. A float32 kernel's logp is exact only up to its rounding at |logp| ~ |x - mu|^2 /
+2 sigma^2 (1e7 at sigma 0.002, D 784: an absolute error ~0.4), which is harmless inside one
+kernel (only logit differences enter its weights) but would tilt the weights of two shards by
+that much. So a float32 shard's M is refined (exact_state): the kernel's weights name each row's
+heaviest component k* (weight w* >= 1 / K_shard, accurate to float32 relative), its logit l_k*
+is recomputed in float64 from the differences x - mu_k*, and M = l_k* - log w*, S = 1.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from ._contract import compute_dtype
 
 class MixturePartial:
     """Per-row state (max_logit [B], sum_exp [B], weighted [B, D]) of a mixture posterior over a
-    subset of its components, in the compute dtype (float64 for float64 x, else float32).
+    subset of its components, in float64 (the module docstring: merges are exact).
     `shape` is x's per-sample shape and `dtype` x's dtype, used by denoised()."""
 
     def __init__(self, max_logit: torch.Tensor, sum_exp: torch.Tensor, weighted: torch.Tensor, shape, dtype):
@@ -38,16 +46,20 @@ class MixturePartial:
     def logp(self) -> torch.Tensor:
         """log of the (unnormalised, if this is a shard) mixture density over the merged
         components, [B] in the compute dtype; -inf where no component has weight."""
-        return self.max_logit + torch.log(self.sum_exp)
+        return (self.max_logit + torch.log(self.sum_exp)).to(compute_dtype(self.dtype))
 
-    def denoised(self) -> torch.Tensor:
-        """Posterior mean over the merged components, [B, *shape] in x's dtype. A row with no
-        weighted component has no posterior mean: a ValueError (CPU tensors) or NaN (CUDA)."""
+    def denoised_exact(self) -> torch.Tensor:
+        """denoised() in float64, [B, D] (not rounded to x's dtype: the score subtracts x)."""
         if self.sum_exp.device.type == "cpu" and bool((self.sum_exp == 0).any()):
             raise ValueError("MixturePartial.denoised: some rows have no component with nonzero weight "
                              "(an empty shard, or only -inf log weights): merge the partials of all shards first")
-        out = self.weighted / self.sum_exp[:, None]
-        return out.to(self.dtype).reshape((self.batch_size,) + self.shape)
+        return self.weighted / self.sum_exp[:, None]
+
+    def denoised(self) -> torch.Tensor:
+        """Posterior mean over the merged components, [B, *shape] in x's dtype. A row with no
+        weighted component has no posterior mean: a ValueError (CPU tensors) or NaN (CUDA);
+        a NaN row of x gives a NaN row, as from the ops."""
+        return self.denoised_exact().to(self.dtype).reshape((self.batch_size,) + self.shape)
 
     def __repr__(self):
         return f"MixturePartial(B={self.batch_size}, shape={self.shape}, dtype={self.dtype})"
@@ -63,28 +75,91 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     if not isinstance(m, GaussianMixture):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
     x2 = ops._flatten(x, m.dim, op)
-    # partials are merged in the compute dtype: a float16 denoised would be rounded twice
+    # the kernel reads x in the compute dtype: a float16 denoised would be rounded twice
     xc = x2.to(compute_dtype(x2.dtype))
     B = xc.shape[0]
     if m.num_components == 0:
         ops._rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
-        return _empty(B, m.dim, xc.dtype, xc.device, x.shape[1:], x.dtype)
-    den, logp, _, _ = ops._mixture(xc, sigma, m, True, False, backend, op)
-    return from_posterior(den, logp, x.shape[1:], x.dtype)
+        return _empty(B, m.dim, xc.device, x.shape[1:], x.dtype)
+    states = []
+    # components in chunks: a float32 shard's refinement reads the kernel's weights [B, chunk]
+    for chunk in _component_chunks(m, B):
+        den, logp, weights, s = ops._mixture(xc, sigma, chunk, True, xc.dtype != torch.float64, backend, op)
+        states.append(exact_state(den, logp, weights, xc, chunk.means, chunk.bases, chunk.eigvals, chunk.residual_var,
+                                  chunk.log_weights, s, x.shape[1:], x.dtype))
+    return merge_partials(states)
+
+
+WEIGHTS_BUDGET_BYTES = 64 * 2**20  # the [B, chunk] float32 weights a refined partial reads per launch
+
+
+def _component_chunks(m, B):
+    """m itself, or views of consecutive components (no copy) so that B x chunk float32 weights
+    stay within WEIGHTS_BUDGET_BYTES; a float64 model needs no weights: m itself."""
+    K = m.num_components
+    step = max(1, WEIGHTS_BUDGET_BYTES // (4 * max(B, 1)))
+    if K <= step:
+        return [m]
+    from .models import GaussianMixture
+
+    chunks = []
+    for k0 in range(0, K, step):
+        c = GaussianMixture.__new__(GaussianMixture)  # views, weights as in m (not renormalised)
+        c.means, c.bases, c.eigvals = m.means[k0:k0 + step], m.bases[k0:k0 + step], m.eigvals[k0:k0 + step]
+        c.residual_var, c.log_weights = m.residual_var[k0:k0 + step], m.log_weights[k0:k0 + step]
+        chunks.append(c)
+    return chunks
+
+
+def _row_logits64(x, s2, means, bases, eigvals, residual_var, log_weights, k):
+    """Float64 logit log w_k + log N(x_b; mu_k, Sigma_k + s^2 I) of component k[b] for each row b,
+    from the differences x - mu (reference._component_terms, one component per row), in row
+    chunks of ~32 MB of gathered bases."""
+    B, D = x.shape
+    r = bases.shape[2]
+    step = max(1, (1 << 22) // max(1, D * max(r, 1)))
+    out = []
+    for b0 in range(0, B, step):
+        kb = k[b0:b0 + step]
+        y = x[b0:b0 + step] - means[kb].double()
+        U = bases[kb].double()  # [b, D, r]
+        c = torch.einsum("bd,bdr->br", y, U)
+        v_low = eigvals[kb].double() + s2[b0:b0 + step, None]
+        v_perp = residual_var[kb].double() + s2[b0:b0 + step]
+        perp_sq = torch.zeros_like(v_perp) if r == D else ((y - torch.einsum("br,bdr->bd", c, U)) ** 2).sum(-1)
+        out.append(log_weights[kb].double() - 0.5 * ((c * c / v_low).sum(-1) + perp_sq / v_perp + torch.log(v_low).sum(-1)
+                                                     + (D - r) * torch.log(v_perp) + D * math.log(2 * math.pi)))
+    return torch.cat(out) if out else x.new_empty((0,))
+
+
+def exact_state(den, logp, weights, x, means, bases, eigvals, residual_var, log_weights, sigma, shape, dtype):
+    """The float64 MixturePartial of one kernel launch over some components (module docstring):
+    den [B, D] (or [B, 0] when not asked for), logp [B], weights [B, k] (read only for a float32
+    kernel), x [B, D] and sigma [B] as the kernel got them, the launch's component tensors."""
+    if logp.dtype == torch.float64:
+        return from_posterior(den, logp, shape, dtype)
+    x64, s2 = x.double(), sigma.double() ** 2
+    k = weights.argmax(1)  # a NaN row's pick does not matter: its logp stays NaN
+    w_top = weights.gather(1, k[:, None])[:, 0].double()
+    refined = _row_logits64(x64, s2, means, bases, eigvals, residual_var, log_weights, k) - torch.log(w_top)
+    keep = torch.isnan(logp) | torch.isinf(logp)  # NaN rows and rows without weight keep the kernel's value
+    return from_posterior(den.double(), torch.where(keep, logp.double(), refined), shape, dtype)
 
 
 def from_posterior(den, logp, shape, dtype) -> MixturePartial:
-    """The state of a (sub)mixture's posterior as a kernel returns it: M = logp, S = 1,
-    W = den; a row where every component has weight 0 (logp = -inf) gets the empty state."""
-    has_weight = logp > -math.inf
+    """The float64 state of a (sub)mixture's posterior as a kernel returns it: M = logp, S = 1,
+    W = den; a row where every component has weight 0 (logp = -inf) gets the empty state, a NaN
+    row (NaN in x) a NaN state that stays in its own row."""
+    den, logp = den.double(), logp.double()
+    has_weight = logp != -math.inf
     return MixturePartial(logp, has_weight.to(logp.dtype), torch.where(has_weight[:, None], den, torch.zeros_like(den)),
                           shape, dtype)
 
 
-def _empty(B, D, dtype, device, shape, out_dtype):
-    return MixturePartial(torch.full((B,), -math.inf, dtype=dtype, device=device),
-                          torch.zeros(B, dtype=dtype, device=device),
-                          torch.zeros(B, D, dtype=dtype, device=device), shape, out_dtype)
+def _empty(B, D, device, shape, out_dtype):
+    f64 = dict(dtype=torch.float64, device=device)
+    return MixturePartial(torch.full((B,), -math.inf, **f64), torch.zeros(B, **f64), torch.zeros(B, D, **f64), shape,
+                          out_dtype)
 
 
 def merge_partials(partials: Sequence[MixturePartial]) -> MixturePartial:
