@@ -153,21 +153,22 @@ def _sharded(x, sigma, shard, group, backend, op):
     block = torch.zeros(rows, D + 1, dtype=cd, device=x2.device)
     block[:B, :D], block[:B, D] = x2, s
     queries = torch.cat([b[:n] for b, n in zip(comm.all_gather(block), sizes)])
-    # state rows [max_logit, sum_exp, ok, weighted (D)], float64 (partial.py: exact merges), sent
+    # state rows [max_logit, sum_exp, ok, max_logit_lo, weighted (D)], float64 (partial.py: exact merges), sent
     # to each row's owner; ok = 0 tells the owners that this rank's kernel failed (its own error
     # is raised after the exchange)
     try:
         p = comm.local(mixture_partial, queries[:, :D], queries[:, D], shard, backend)
-        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None], p.weighted], 1)
+        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None],
+                           p.max_logit_lo[:, None], p.weighted], 1)
         error = None
     except (TypeError, ValueError, RuntimeError) as e:
-        state, error = queries.new_zeros(queries.shape[0], D + 3, dtype=torch.float64), e
-    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 3)
+        state, error = queries.new_zeros(queries.shape[0], D + 4, dtype=torch.float64), e
+    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 4)
     if error is not None:
         raise error
     if not bool((mine[:, :, 2] == 1).all()):
         raise RuntimeError(f"gk.distributed.{op}: another rank failed computing its shard's partials (its own error says why)")
-    merged = _merge(mine[:, :, 0], mine[:, :, 1], mine[:, :, 3:], x.shape[1:], x.dtype)
+    merged = _merge(mine[:, :, 0], mine[:, :, 1], mine[:, :, 4:], x.shape[1:], x.dtype, mine[:, :, 3])
     comm.finish(rows=B, rows_total=queries.shape[0], components=shard.num_components)
     return merged, x2, s
 

@@ -87,6 +87,19 @@ def _getstate(model):
     return {k: v for k, v in model.__dict__.items() if k != "_layouts"}
 
 
+def _to_args(args, kwargs, who):
+    """(device, dtype) of the torch idioms .to(dtype), .to(device), .to(tensor), .to(device, dtype)
+    and the keywords device= / dtype=."""
+    try:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise TypeError(f"{who}.to: expected a device, a dtype, a tensor or (device, dtype), got "
+                        f"{args!r} {kwargs!r} ({e})") from None
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{who}.to: a model's dtype must be floating point, got {dtype}")
+    return device, dtype
+
+
 def _batches(data: Data):
     if isinstance(data, torch.Tensor):
         yield data
@@ -230,7 +243,10 @@ class GaussianModel(GaussianOperand):
         return fitting.exact_from_scatter(n, anchor + mean_c, ss - n * torch.outer(mean_c, mean_c), rank, energy, dtype, device)
 
     # ------------------------------------------------------------------ conversion / io
-    def to(self, device=None, dtype=None) -> "GaussianModel":
+    def to(self, *args, **kwargs) -> "GaussianModel":
+        """A copy on another device / in another dtype: .to(dtype), .to(device), .to(tensor),
+        .to(device, dtype), .to(device=..., dtype=...)."""
+        device, dtype = _to_args(args, kwargs, "GaussianModel")
         t = lambda v: v.to(device=device, dtype=dtype)
         return GaussianModel.__new_unchecked(t(self.mean), t(self.basis), t(self.eigvals), self.residual_var)
 
@@ -518,7 +534,9 @@ class GaussianMixture(MixtureOperand):
         return m
 
     # ------------------------------------------------------------------ conversion / io
-    def to(self, device=None, dtype=None) -> "GaussianMixture":
+    def to(self, *args, **kwargs) -> "GaussianMixture":
+        """A copy on another device / in another dtype (the torch idioms, as GaussianModel.to)."""
+        device, dtype = _to_args(args, kwargs, "GaussianMixture")
         t = lambda v: v.to(device=device, dtype=dtype)
         m = GaussianMixture.__new__(GaussianMixture)
         m.means, m.bases, m.eigvals = t(self.means), t(self.bases), t(self.eigvals)
@@ -530,7 +548,9 @@ class GaussianMixture(MixtureOperand):
                 "residual_var": self.residual_var, "log_weights": self.log_weights}
 
     def save(self, path):
-        _save_file(path, self.state_dict(), "GaussianMixture")
+        # log weights stored as they are: a shard's (m.shard(i, n)) sum to less than 1, and
+        # load() must not renormalise them
+        _save_file(path, self.state_dict(), "GaussianMixture", log_weights="as_saved")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
@@ -543,7 +563,14 @@ class GaussianMixture(MixtureOperand):
 
             return StreamedMixture.from_saved(_load_file(path, device, "StreamedMixture", ("log_weights",)), meta).to(device)
         d = _load_file(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
-        return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
+        m = cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
+        if meta.get("log_weights") == "as_saved":  # a shard keeps its share of the whole mixture's weight
+            lw = d["log_weights"].to(m.dtype)
+            if torch.logsumexp(lw.double(), 0).item() > 1e-4:
+                raise ValueError(f"{path}: log_weights sum to more than 1 (logsumexp "
+                                 f"{torch.logsumexp(lw.double(), 0).item():.3g} > 0): not a mixture or a shard of one")
+            m.log_weights = lw.contiguous()
+        return m
 
     # ------------------------------------------------------------------ ops
     def denoise(self, x, sigma, return_weights=False, backend="auto"):

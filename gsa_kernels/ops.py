@@ -114,16 +114,46 @@ def _check_values(t, name, op, allow_zero, allow_inf, cd):
         raise _range_error(a[out][0].item(), name, op, cd)
 
 
+# the shapes of the model tensors, by letter: D from x, K and r from the first tensor that has them
+# (a mixture's eigvals are [K, r])
+_MODEL_SHAPES = {"mean": "D", "basis": "Dr", "eigvals": "r", "means": "KD", "bases": "KDr", "residual_var": "K",
+                 "log_weights": "K"}
+
+
 def _model_tensors(model, x, names, op):
-    """The model's tensors in x's compute dtype; a clear error if they live on another device."""
+    """The model's tensors in x's compute dtype; a clear error if they live on another device.
+    Each is read once, as a new reference to its storage (another thread replacing the model's
+    tensor, or its .data, mid-call leaves the kernel's inputs alone), and the shapes are checked
+    together once: a model reshaped between reads is an error, not an out-of-bounds read."""
     cd = compute_dtype(x.dtype)
-    out = []
+    out, dims = [], {"D": x.shape[1]}
     for n in names:
         t = getattr(model, n)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: the model's {n} is a {type(t).__name__}, not a tensor")
+        t = t.view_as(t)  # the snapshot: its own TensorImpl on the same storage
         if t.device != x.device:
             raise ValueError(f"{op}: the model is on {t.device} but x is on {x.device}; call model.to({str(x.device)!r})")
+        letters = "Kr" if n == "eigvals" and "means" in names else _MODEL_SHAPES[n]
+        if t.dim() != len(letters) or any(dims.setdefault(c, s) != s for c, s in zip(letters, t.shape)):
+            raise ValueError(f"{op}: the model's {n} has shape {tuple(t.shape)}, inconsistent with the other tensors "
+                             f"and x ({dims}): was the model changed during the call?")
+        _check_storage(t, n, op)
         out.append(t.to(cd).contiguous())
     return out
+
+
+def _check_storage(t, name, op):
+    """A tensor whose storage was freed or shrunk (the FSDP idiom t.untyped_storage().resize_(0))
+    still reports its shape; reading it would read freed memory."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    need = (t.storage_offset() + extent) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        raise ValueError(f"{op}: the model's {name} has no data behind it (its storage holds {have} bytes, it needs "
+                         f"{need}): freed or resized (e.g. untyped_storage().resize_(0)); restore it before the call")
 
 
 def _gaussian_args(g, x, op):

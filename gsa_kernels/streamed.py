@@ -325,7 +325,11 @@ class StreamedMixture:
         return (f"StreamedMixture(N={self.num_components}, D={self.dim}, dtype={self.dtype}, "
                 f"file={self.source['path']!r}, block_bytes={self.block_bytes})")
 
-    def to(self, device=None, dtype=None) -> "StreamedMixture":
+    def to(self, *args, **kwargs) -> "StreamedMixture":
+        """A copy in another dtype (.to(dtype), .to("cpu"), .to(tensor), .to(device, dtype))."""
+        from .models import _to_args
+
+        device, dtype = _to_args(args, kwargs, "StreamedMixture")
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("StreamedMixture: file-backed points are streamed on the CPU only")
         m = StreamedMixture.__new__(StreamedMixture)
@@ -479,7 +483,6 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     B, D = x2.shape
     kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
     logw = m.log_weights.to(cd)
-    refine = cd != torch.float64  # the refinement reads each block's weights
     state, parts = None, []  # parts: (block weights, block logp) for return_weights
     bufs = m._take_buffers(cd)
     blocks = _blocks(m._points, bufs)
@@ -488,21 +491,19 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
             nb = block.shape[0]
             _check_finite(block, k0, m._points)
             zeros = (block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb))
-            den_b, logp_b, w_b = kernel(x2, block, *zeros, logw[k0:k0 + nb], sigma, need_denoised, need_weights or refine)
+            den_b, logp_b, w_b = kernel(x2, block, *zeros, logw[k0:k0 + nb], sigma, need_denoised, True)  # weights: the refinement
             block_state = partial.exact_state(den_b if need_denoised else x2.new_zeros(B, 0), logp_b, w_b, x2, block, *zeros,
                                               logw[k0:k0 + nb], sigma, (D,), out_dtype)
             state = block_state if state is None else partial.merge_partials([state, block_state])
             if need_weights:
-                parts.append((w_b, block_state.max_logit))
+                parts.append((w_b, block_state))
     finally:
         blocks.close()  # the read-ahead thread is done with the buffers before another call takes them
         m._return_buffers(bufs)
     # a row without weight anywhere (NaN in x) gets NaN, as from the in-memory kernel: 0 / 0
     den = (state.weighted / state.sum_exp[:, None]).to(out_dtype) if need_denoised else x2.new_empty((0,), dtype=out_dtype)
-    logp = state.max_logit + torch.log(state.sum_exp)  # float64
-    if need_weights:  # block k's weights times exp(logp_k - logp), in float64
-        weights = torch.cat([(w_b.double() * torch.exp(lb - logp).nan_to_num(0.0)[:, None]).to(cd)
-                             for w_b, lb in parts], 1)
+    if need_weights:  # block k's weights times its share of the whole posterior, in float64
+        weights = torch.cat([(w_b.double() * partial._share(st, state)[:, None]).to(cd) for w_b, st in parts], 1)
     else:
         weights = x2.new_empty((0,), dtype=cd)
-    return den, logp.to(cd), weights
+    return den, state.logp().to(cd), weights

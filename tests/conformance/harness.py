@@ -64,6 +64,16 @@ def kernel(backend, op):
     return _backends.resolve(backend, torch.device(device_type()), op)
 
 
+def split_kernel(kernel, K, parts):
+    """The mixture_posterior kernel run the way the scale-out paths run it (blocks of a points
+    file, shards, ranks): the K components cut into `parts` near-equal parts, one launch each,
+    merged by gsa_kernels.partial.split_posterior."""
+    from gsa_kernels import partial
+
+    bounds = [i * (K // parts) + min(i, K % parts) for i in range(parts + 1)]
+    return lambda *args: partial.split_posterior(kernel, *args, bounds)
+
+
 def cast(args, dtype):
     """x (args[0]) to dtype, every other floating tensor to the compute dtype, all on the test
     device; integer tensors (labels), floats and flags unchanged."""
