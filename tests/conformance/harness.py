@@ -43,10 +43,12 @@ def tol(dtype):
 
 
 def device_type():
-    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda and a GPU is visible (then triton and cuda run
-    on CUDA tensors, compiled); else "cpu" (triton through the interpreter, cuda through the
-    SIMT emulation)."""
-    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda" and torch.cuda.is_available():
+    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda (then triton and cuda run on CUDA tensors,
+    compiled; an error if no GPU is visible); else "cpu" (triton through the interpreter, cuda
+    through the SIMT emulation)."""
+    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda":
+        if not torch.cuda.is_available():  # asked for the GPU: the CPU stand-ins must not pass for it
+            raise RuntimeError("GSA_CONFORMANCE_DEVICE=cuda but torch sees no CUDA device")
         return "cuda"
     return "cpu"
 
