@@ -417,3 +417,18 @@ def test_distributed_tie_across_ranks_and_16bit_scores(dist_runs):
 def test_distributed_refuses_grad_instead_of_detaching(dist_runs):
     for rank in range(2):
         assert dist_runs[rank]["grad"].startswith("TypeError") and "requires grad" in dist_runs[rank]["grad"]
+
+
+@pytest.mark.parametrize("parser,argv,msg", [
+    ("bench_parser", ["--repeats", "0"], ">= 1"),
+    ("bench_parser", ["--workloads", ""], "at least one"),
+    ("bench_parser", ["--impls", ","], "at least one"),
+    ("demo_parser", ["--batch-size", "0"], ">= 1"),
+    ("train_parser", ["--batch-size", "-3"], ">= 1"),
+])
+def test_cli_zero_counts_are_argparse_errors(parser, argv, msg, capsys):
+    from gsa_kernels.demo import cli
+
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, parser)().parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
