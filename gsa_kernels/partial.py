@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from . import ops
-from ._contract import compute_dtype
+from ._args import MixtureOperand, compute_dtype, flatten, rows
 
 
 class MixturePartial:
@@ -76,21 +76,19 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     (float, 0-d or [B]). One kernel launch through the usual backend dispatch; a shard with no
     components (m.shard(i, n) with n > K) gives the empty state without a launch."""
     op = "mixture_partial"
-    from .models import GaussianMixture
-
-    if not isinstance(m, GaussianMixture):
+    if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
-    x2 = ops._flatten(x, m.dim, op)
+    x2 = flatten(x, m.dim, op)
     # the kernel reads x in the compute dtype: a float16 denoised would be rounded twice
     xc = x2.to(compute_dtype(x2.dtype))
     B = xc.shape[0]
     if m.num_components == 0:
-        ops._rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
+        rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
         return _empty(B, m.dim, xc.device, x.shape[1:], x.dtype)
     states = []
     # components in chunks: the refinement reads the kernel's weights [B, chunk]
     for chunk in _component_chunks(m, B):
-        den, logp, weights, s = ops._mixture(xc, sigma, chunk, True, True, backend, op)
+        den, logp, weights, s = ops.posterior(xc, sigma, chunk, True, True, backend, op)
         states.append(exact_state(den, logp, weights, xc, chunk.means, chunk.bases, chunk.eigvals, chunk.residual_var,
                                   chunk.log_weights, s, x.shape[1:], x.dtype))
     return merge_partials(states)
@@ -238,10 +236,10 @@ def merge_partials(partials: Sequence[MixturePartial]) -> MixturePartial:
     if len(partials) == 1:
         return first
     stack = lambda name: torch.stack([getattr(p, name) for p in partials])
-    return _merge(stack("max_logit"), stack("sum_exp"), stack("weighted"), first.shape, first.dtype, stack("max_logit_lo"))
+    return merge_stacked(stack("max_logit"), stack("sum_exp"), stack("weighted"), first.shape, first.dtype, stack("max_logit_lo"))
 
 
-def _merge(max_logit, sum_exp, weighted, shape, dtype, max_logit_lo=None) -> MixturePartial:
+def merge_stacked(max_logit, sum_exp, weighted, shape, dtype, max_logit_lo=None) -> MixturePartial:
     """Merge stacked states: max_logit, sum_exp, max_logit_lo [P, B], weighted [P, B, D] -> one
     state. The rescaling exp(M_p - M_top) is taken as (hi_p - hi_top) + (lo_p - lo_top): the hi
     difference of two near logits is exact (Sterbenz), so near ties keep every bit."""
