@@ -268,3 +268,16 @@ def mixture_args(m, x, op):
         raise ValueError(f"{op}: the mixture has no components (an empty shard, m.shard(i, n) with n > K): "
                          "use gk.mixture_partial and gk.merge_partials")
     return model_tensors(m, x, MixtureOperand.TENSORS, op)
+
+
+def to_args(args, kwargs, who):
+    """(device, dtype) of the torch idioms .to(dtype), .to(device), .to(tensor), .to(device, dtype)
+    and the keywords device= / dtype=."""
+    try:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise TypeError(f"{who}.to: expected a device, a dtype, a tensor or (device, dtype), got "
+                        f"{args!r} {kwargs!r} ({e})") from None
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{who}.to: a model's dtype must be floating point, got {dtype}")
+    return device, dtype

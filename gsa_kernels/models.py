@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _format, fitting, ops
-from ._args import GaussianOperand, MixtureOperand
+from ._args import GaussianOperand, MixtureOperand, to_args
 from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
@@ -66,19 +66,6 @@ def _check_points(t, name, where):
 def _getstate(model):
     """Pickle / deepcopy state: the model's tensors, not its derived layouts (_layouts.py)."""
     return {k: v for k, v in model.__dict__.items() if k != "_layouts"}
-
-
-def _to_args(args, kwargs, who):
-    """(device, dtype) of the torch idioms .to(dtype), .to(device), .to(tensor), .to(device, dtype)
-    and the keywords device= / dtype=."""
-    try:
-        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-    except (TypeError, RuntimeError) as e:
-        raise TypeError(f"{who}.to: expected a device, a dtype, a tensor or (device, dtype), got "
-                        f"{args!r} {kwargs!r} ({e})") from None
-    if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"{who}.to: a model's dtype must be floating point, got {dtype}")
-    return device, dtype
 
 
 class GaussianModel(GaussianOperand):
@@ -151,7 +138,7 @@ class GaussianModel(GaussianOperand):
     def to(self, *args, **kwargs) -> "GaussianModel":
         """A copy on another device / in another dtype: .to(dtype), .to(device), .to(tensor),
         .to(device, dtype), .to(device=..., dtype=...)."""
-        device, dtype = _to_args(args, kwargs, "GaussianModel")
+        device, dtype = to_args(args, kwargs, "GaussianModel")
         t = lambda v: v.to(device=device, dtype=dtype)
         return GaussianModel.__new_unchecked(t(self.mean), t(self.basis), t(self.eigvals), self.residual_var)
 
@@ -346,7 +333,7 @@ class GaussianMixture(MixtureOperand):
     # ------------------------------------------------------------------ conversion / io
     def to(self, *args, **kwargs) -> "GaussianMixture":
         """A copy on another device / in another dtype (the torch idioms, as GaussianModel.to)."""
-        device, dtype = _to_args(args, kwargs, "GaussianMixture")
+        device, dtype = to_args(args, kwargs, "GaussianMixture")
         t = lambda v: v.to(device=device, dtype=dtype)
         m = GaussianMixture.__new__(GaussianMixture)
         m.means, m.bases, m.eigvals = t(self.means), t(self.bases), t(self.eigvals)

@@ -104,11 +104,9 @@ def _component_chunks(m, B):
     step = max(1, WEIGHTS_BUDGET_BYTES // (8 * max(B, 1)))
     if K <= step:
         return [m]
-    from .models import GaussianMixture
-
     chunks = []
     for k0 in range(0, K, step):
-        c = GaussianMixture.__new__(GaussianMixture)  # views, weights as in m (not renormalised)
+        c = type(m).__new__(type(m))  # m's class, built like m.shard: views, weights as in m (not renormalised)
         c.means, c.bases, c.eigvals = m.means[k0:k0 + step], m.bases[k0:k0 + step], m.eigvals[k0:k0 + step]
         c.residual_var, c.log_weights = m.residual_var[k0:k0 + step], m.log_weights[k0:k0 + step]
         chunks.append(c)

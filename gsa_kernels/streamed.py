@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import _format, ops, partial
-from ._args import PosteriorOperand
+from ._args import PosteriorOperand, to_args
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # both block buffers together
 
@@ -328,9 +328,7 @@ class StreamedMixture(PosteriorOperand):
 
     def to(self, *args, **kwargs) -> "StreamedMixture":
         """A copy in another dtype (.to(dtype), .to("cpu"), .to(tensor), .to(device, dtype))."""
-        from .models import _to_args
-
-        device, dtype = _to_args(args, kwargs, "StreamedMixture")
+        device, dtype = to_args(args, kwargs, "StreamedMixture")
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError("StreamedMixture: file-backed points are streamed on the CPU only")
         m = StreamedMixture.__new__(StreamedMixture)
