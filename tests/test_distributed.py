@@ -164,8 +164,8 @@ def test_sharded_mixture_counts_bytes(runs, gname):
         st = runs[rank][(gname, "lowrank", "torch.float64", "stats")]
         assert st["world_size"] == world and st["rows"] == sizes[rank] and st["rows_total"] == sum(sizes)
         # header (4 int64) + padded queries (max B rows of D + 1) to each other rank, then the
-        # states of the other ranks' rows (D + 3 each) to their owners
-        sent = 8 * 4 * (world - 1) + 8 * max(sizes) * (D + 1) * (world - 1) + 8 * (D + 3) * (sum(sizes) - sizes[rank])
+        # float64 states of the other ranks' rows (D + 4 each: M, S, ok, M's low part, W) to their owners
+        sent = 8 * 4 * (world - 1) + 8 * max(sizes) * (D + 1) * (world - 1) + 8 * (D + 4) * (sum(sizes) - sizes[rank])
         assert st["bytes_sent"] == sent and st["collectives"] == 3
 
 

@@ -20,6 +20,24 @@ def _parser(prog, description):
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def positive_int(text):
+    """An int >= 1 (counts and sizes: 0 would end in a traceback or an empty run)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
+
+
+def nonempty_list(text):
+    """A comma-separated list with at least one name (kept as the text)."""
+    if not [w for w in text.split(",") if w.strip()]:
+        raise argparse.ArgumentTypeError("needs at least one comma-separated name")
+    return text
+
+
 def run_spec(text):
     """'heun:18:0.2,0.4' -> ('heun', 18, [0.2, 0.4])."""
     try:
@@ -50,7 +68,7 @@ def demo_parser():
     p.add_argument("--mixture-rank", type=int, default=128, help="principal directions per mixture component")
     p.add_argument("--no-baselines", action="store_true", help="skip the equal-NFE baselines without teleportation")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (shared by every setting)")
-    p.add_argument("--batch-size", type=int, default=500, help="network batch size")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="network batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional demo: the committed conditional network, teleported along each sample's "
@@ -82,7 +100,7 @@ def train_parser():
                 "gsa_kernels/assets/.")
     p.add_argument("--steps", type=int, default=None, help="denoiser optimisation steps (None: 5000, or 2000 with "
                    "--conditional)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size (denoiser and classifier)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (denoiser and classifier)")
     p.add_argument("--lr", type=float, default=None, help="denoiser peak learning rate, cosine decay (None: 2e-3, "
                    "or 1e-3 with --conditional)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved denoiser weights")
@@ -104,11 +122,11 @@ BENCH_IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not 
 def bench_parser():
     p = _parser("bench", "CPU backend vs eager reference vs torch.compile vs this machine's roofline, one "
                 "table (medians; peaks measured next to each workload).")
-    p.add_argument("--workloads", default=",".join(BENCH_WORKLOADS),
+    p.add_argument("--workloads", type=nonempty_list, default=",".join(BENCH_WORKLOADS),
                    help="comma-separated subset of " + ",".join(BENCH_WORKLOADS)
                    + ", E2 (the empirical sweep) or E2-... names")
-    p.add_argument("--impls", default=",".join(BENCH_IMPLS), help="comma-separated subset of " + ",".join(BENCH_IMPLS))
+    p.add_argument("--impls", type=nonempty_list, default=",".join(BENCH_IMPLS), help="comma-separated subset of " + ",".join(BENCH_IMPLS))
     p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per implementation (median)")
     p.add_argument("--plot", default=None, help="write time vs N and vs sigma of the E2 workloads to this image")
     return p
