@@ -198,6 +198,7 @@ class _Teleport:
 
     def __init__(self, pipe, model, skip_fraction, labels):
         self.model, self.skip_fraction, self.labels = model, skip_fraction, labels
+        self.data_meta = {}  # fit_cli.load_stats's metadata: the shape the statistics were fitted on
         self.real = pipe.scheduler
         self.proxy = _TeleportingScheduler(self.real, self)
         self.begin, self.pending, self.noise_scale = None, False, 1.0
@@ -215,6 +216,9 @@ class _Teleport:
         """The pipeline's starting latents (unit noise times the init_noise_sigma it read) jumped
         to timesteps[begin], in the scheduler's scale, in start's dtype."""
         self.pending = False
+        from ..fit_cli import check_shape
+
+        check_shape(self.data_meta, start.shape[1:], "enable_teleport")
         cd = torch.float64 if start.dtype == torch.float64 else torch.float32
         noise = start.to(cd) if self.noise_scale == 1.0 else start.to(cd) / self.noise_scale
         out = teleport_latents(self.real, self.model, noise, begin_index=self.begin, labels=self.labels)
@@ -308,6 +312,7 @@ def enable_teleport(pipe, model, skip_fraction: float = 0.2, labels: Optional[to
     schedules.skip_index(2, skip_fraction)  # raises for a fraction outside [0, 1)
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler: not a diffusers pipeline")
+    original_model = model
     if fitted_on not in ("latents", "vae"):
         raise ValueError(f"fitted_on must be 'latents' or 'vae', got {fitted_on!r}")
     if fitted_on == "vae":
@@ -320,6 +325,7 @@ def enable_teleport(pipe, model, skip_fraction: float = 0.2, labels: Optional[to
         disable_teleport(pipe)
     _convention(pipe.scheduler)  # TypeError naming the supported schedulers
     state = _Teleport(pipe, model, skip_fraction, labels)
+    state.data_meta = getattr(original_model, "data_meta", None) or {}
     if callable(getattr(pipe, "prepare_latents", None)):
         original = pipe.prepare_latents
 
