@@ -36,6 +36,10 @@ def info():
     except Exception as e:
         print(f"triton: not importable ({type(e).__name__}: {e})")
     print(f"compiled extension: {'loaded' if _extension.loaded else 'not loaded: ' + str(_extension.error)}")
+    built = _extension.build_info()
+    if built is not None:
+        print(f"  built for torch {built.get('torch')} ({built.get('variant')}); this torch {torch.__version__}"
+              + (": MISMATCH, rebuild: " + _extension.REBUILD if _extension.mismatch(built) else ""))
     for name, (ok, why) in _backends.status().items():
         print(f"  {name:10s} {'available  ' if ok else 'unavailable'}  {why}")
     return 0
