@@ -24,7 +24,9 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "3 GB with its CUDA libraries). For a CPU-only or another CUDA build, install that torch"
   echo "first and run this script again."
 fi
-pip_install "$torch_spec"
+# numpy with torch: every later `import torch` (the probes below, setup.py) otherwise prints a
+# false "Failed to initialize NumPy" warning
+pip_install "$torch_spec" numpy
 torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")  # a local label (+cu130, +cpu) matches no index entry
 # every later pip call keeps this torch (torchvision, a k-diffusion dependency, would replace it)
 constraints=$(mktemp)
