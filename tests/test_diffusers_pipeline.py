@@ -193,3 +193,63 @@ def test_ddim_ddpm_with_gaussian_denoiser(sched):
             torch.eye(12, dtype=torch.float64) - model.basis @ model.basis.T)
         assert (x.mean(0) - model.mean).norm() < 0.15
         torch.testing.assert_close(torch.cov(x.T), cov, atol=0.15, rtol=0)
+
+
+class TinyGuidedPipeline(diffusers.DiffusionPipeline):
+    """The Stable-Diffusion loop shape, without text: prepare_latents (latents= or noise, times
+    init_noise_sigma), then classifier-free guidance on torch.cat([latents] * 2)."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def prepare_latents(self, batch, generator, latents=None):
+        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        latents = randn_tensor(shape, generator=generator) if latents is None else latents
+        return latents * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def __call__(self, batch=2, generator=None, latents=None, steps=STEPS, scale=3.0):
+        self.scheduler.set_timesteps(steps)
+        latents = self.prepare_latents(batch, generator, latents)
+        for t in self.scheduler.timesteps:
+            inp = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            uncond, cond = self.unet(inp, t).sample.chunk(2)
+            latents = self.scheduler.step(uncond + scale * (cond - uncond), t, latents).prev_sample
+        return latents
+
+
+@pytest.mark.parametrize("sched", ["euler", "dpmpp_2m"])
+def test_prepare_latents_pipeline_with_guidance(sched):
+    pipe = TinyGuidedPipeline(tiny_unet(8), SCHEDULERS[sched]())
+    model = gaussian(192)
+    user = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    kept = user.clone()
+    plain = pipe(latents=user)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    gd.enable_teleport(pipe, model, skip_fraction=SKIP)
+    switched = pipe(latents=user)
+    assert len(calls) == STEPS - BEGIN and torch.equal(user, kept)  # user latents= are read, never written
+    gd.disable_teleport(pipe)
+    s = pipe.scheduler  # by hand: teleport the user's noise, then the guided loop over the remaining steps
+    s.set_timesteps(STEPS)
+    start = gd.teleport_latents(s, model, user, skip_fraction=SKIP)
+    x = start.latents
+    with torch.no_grad():
+        for t in start.timesteps:
+            uncond, cond = pipe.unet(s.scale_model_input(torch.cat([x] * 2), t), t).sample.chunk(2)
+            x = s.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
+    # Euler: prepare_latents multiplied by init_noise_sigma, the switch divided it out (x * c / c)
+    torch.testing.assert_close(switched, x, rtol=1e-5, atol=1e-5)
+    assert (switched - plain).abs().max() > 1e-3
+    torch.testing.assert_close(pipe(latents=user), plain, rtol=0, atol=0)
+
+
+def test_image_to_image_pipelines_are_refused():
+    class ImageToImage(TinyGuidedPipeline):
+        def prepare_latents(self, image, timestep, batch, generator):
+            return image
+
+    with pytest.raises(TypeError, match="img2img"):
+        gd.enable_teleport(ImageToImage(tiny_unet(8), SCHEDULERS["euler"]()), gaussian(192))

@@ -24,6 +24,7 @@ class's Gaussian; then `unet(..., t, class_labels=y)` as usual.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -328,6 +329,11 @@ def enable_teleport(pipe, model, skip_fraction: float = 0.2, labels: Optional[to
     state.data_meta = getattr(original_model, "data_meta", None) or {}
     if callable(getattr(pipe, "prepare_latents", None)):
         original = pipe.prepare_latents
+        params = inspect.signature(original).parameters
+        if "image" in params or "timestep" in params:
+            raise TypeError(f"{type(pipe).__name__} starts from an image (img2img / inpainting: prepare_latents takes "
+                            "image / timestep); teleport replaces the pure-noise start of text- or class-to-image "
+                            "pipelines only")
 
         def prepare_latents(*args, **kwargs):
             out = original(*args, **kwargs)
