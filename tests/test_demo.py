@@ -242,6 +242,7 @@ def test_demo_conditional_quick_end_to_end(tmp_path, capsys):
     assert acc["training_data"] > 0.9  # the floor: the classifier on real digits with their labels
     out = capsys.readouterr().out
     assert "LOWER IS BETTER" in out and "HIGHER IS BETTER" in out and "teleport global" in out
+    assert out.startswith("SMOKE TEST (--quick): 40 samples") and "FD all" in out and "±" in out
 
 
 def test_quick_never_overrides_explicit_options_and_usage_errors(capsys):
