@@ -67,6 +67,7 @@ def test_an_extension_that_does_not_load_warns_once_naming_both_torches(tmp_path
     pkg = tmp_path / "fakepkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
+    (pkg / "_contract.py").write_text("OPS = []\n\ndef register(*args, **kwargs):\n    pass\n")  # the op registry, unused here
     shutil.copy(os.path.join(ROOT, "gsa_kernels", "_extension.py"), pkg / "_extension.py")
     (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")  # there, but unloadable
     (pkg / "_C.so").write_bytes(b"not an ELF file")
