@@ -30,6 +30,11 @@ SLOW_TESTS = {
     "test_autograd.py::test_triton_interpreter", "test_autograd.py::test_gradient_ascent_recovers_mixture",
     "test_distributed.py::test_sharded_mixture_matches_single_process",  # 3-rank process groups
     "test_distributed.py::test_readme_torchrun_example_runs",
+    "test_diffusers_pipeline.py::test_pipeline_switch",  # tiny real pipelines, 3 runs each
+    "test_diffusers_pipeline.py::test_prepare_latents_pipeline_with_guidance",
+    "test_fit_one_pass.py::test_one_pass_fit_of_a_generator_at_d4096",
+    "test_fit_cli.py::test_fitted_stats_switch_a_pipeline_and_refuse_another_shape",
+    "test_packaging.py::test_setup_py_reports_the_bound_version",  # a python process importing cpp_extension
 }
 SLOW_CONFORMANCE_BACKENDS = {"triton", "cuda"}
 
