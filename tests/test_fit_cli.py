@@ -70,6 +70,10 @@ def test_fit_arrays_and_scale(tmp_path):
     assert m.num_components == 3
     from safetensors.torch import save_file
 
+    main(["fit", str(tmp_path / "x.npy"), "--mixture", "2", "--rank", "2", "--no-progress",
+          "-o", str(tmp_path / "mix.safetensors")])
+    mix = fit_cli.load_stats(tmp_path / "mix.safetensors", shape=(2, 4, 4))
+    assert (mix.num_components, mix.rank) == (2, 2) and mix.data_meta["fit"] == "mixture 2"
     save_file({"latents": x.contiguous()}, str(tmp_path / "z.safetensors"))
     main(["fit", str(tmp_path / "z.safetensors"), "--scale", "0.5", "--rank", "3", "--no-progress",
           "-o", str(tmp_path / "z_stats.safetensors")])

@@ -222,7 +222,10 @@ class _Teleport:
         check_shape(self.data_meta, start.shape[1:], "enable_teleport")
         cd = torch.float64 if start.dtype == torch.float64 else torch.float32
         noise = start.to(cd) if self.noise_scale == 1.0 else start.to(cd) / self.noise_scale
-        out = teleport_latents(self.real, self.model, noise, begin_index=self.begin, labels=self.labels)
+        if self.model.device != start.device:  # pipe.to("cuda") after enable_teleport: follow the latents
+            self.model = self.model.to(start.device)
+        labels = self.labels.to(start.device) if isinstance(self.labels, torch.Tensor) else self.labels
+        out = teleport_latents(self.real, self.model, noise, begin_index=self.begin, labels=labels)
         return out.latents.to(start.dtype)
 
     def jump_in_place(self, sample):
