@@ -107,6 +107,10 @@ class Passes:
         start of the next pass. dtype is the model's: float32 for integer data."""
         if self.kind == "tensor":
             first = self.data
+        elif self._peeked is not None:  # peeked already (method="auto", then the fit): the same pass
+            first = self._peeked[0]
+            if first is None:
+                return None, None, None
         else:
             self.passes_started += 1
             it = self._raw()

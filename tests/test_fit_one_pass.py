@@ -100,3 +100,13 @@ def test_one_pass_more_rank_than_rows():
     ref = gk.GaussianModel.fit(X, rank=8, method="exact")
     torch.testing.assert_close(g.eigvals, ref.eigvals, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g.basis.T @ g.basis, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_auto_over_the_budget_fits_a_generator_in_one_pass(monkeypatch):
+    monkeypatch.setattr(fitting, "EXACT_FIT_BUDGET_BYTES", 8 * 30 * 30)  # D = 40 is now "large"
+    X = decaying(40, 300, 20, decay=2.0)
+    seen = []
+    g = gk.GaussianModel.fit(one_shot(X, 64, seen), rank=5)  # auto peeks, then the one-pass fit reads on
+    assert sum(seen) == 300
+    ref = gk.GaussianModel.fit(X, rank=5, method="exact")
+    assert ((g.eigvals - ref.eigvals).abs() / ref.eigvals).max() < 0.01
