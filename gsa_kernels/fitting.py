@@ -549,10 +549,9 @@ def fit_per_class(data, labels, rank, energy, num_classes, method):
     if method == "randomized":
         if energy is not None or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"fit_per_class(method='randomized') needs rank = an int >= 0 (not energy), got {rank!r}")
-        if not reiterable:
-            raise ValueError("fit_per_class(method='randomized') reads the data 3 times, but data is a one-shot iterator "
-                             "(e.g. a generator object): pass a tensor, a list of batches, a DataLoader or a callable "
-                             "returning a fresh iterator")
+        if not reiterable:  # a one-shot iterator: every class sketched in one pass (fit_one_pass_per_class)
+            return _from_class_fits(fit_one_pass_per_class(_labelled_batches(data, labels, num_classes), rank),
+                                    num_classes)
         return _from_class_fits(fit_randomized_per_class(
             lambda: _labelled_batches(data, labels, num_classes), rank), num_classes)
     moments, D = {}, None
@@ -569,7 +568,7 @@ def fit_per_class(data, labels, rank, energy, num_classes, method):
                     return fit_per_class(data, labels, rank, None, num_classes, "randomized")
                 raise ValueError(f"fit_per_class: {len(moments) + 1} classes of D = {D} need {len(moments) + 1} "
                                  f"float64 D x D matrices, over the {EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB "
-                                 "budget: give rank=r (and re-iterable data) for method='randomized'")
+                                 "budget: give rank=r for method='randomized' (one pass over a one-shot iterator)")
             moments.setdefault(k, Moments()).add(x[y == k])
     if D is None:
         raise ValueError("fit_per_class: the data has no rows")
@@ -761,32 +760,69 @@ def fit_one_pass(data, rank: int, *, width: Optional[int] = None):
     if width is None:
         width = ONE_PASS_WIDTH_FACTOR * rank + ONE_PASS_WIDTH_MIN
     width = max(min(width, D), rank)
-    f64 = dict(dtype=torch.float64, device=device)
-    B = torch.zeros(0, D, **f64)
-    anchor, n, s, sq = None, 0, torch.zeros(D, **f64), torch.zeros((), **f64)
-    step = max(1, min(CHUNK_ELEMS // max(D, 1), max(2 * width, 256)))  # rows merged at once
+    sketch = _OnePass(D, width, device)
     for x in passes:
         if x.shape[1] != D:
             raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {D}")
-        for i in range(0, x.shape[0], step):
-            y = x[i:i + step].to(torch.float64)
+        sketch.add(x)
+    return sketch.fit(rank, dtype)
+
+
+class _OnePass:
+    """fit_one_pass's state for one Gaussian: anchor, n, sum and squared norm about the anchor,
+    and the [<= width, D] float64 sketch B (B^T B ~ the scatter about the anchor)."""
+
+    def __init__(self, D, width, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.width, self.B = width, torch.zeros(0, D, **f64)
+        self.anchor, self.n, self.s, self.sq = None, 0, torch.zeros(D, **f64), torch.zeros((), **f64)
+        self.step = max(1, min(CHUNK_ELEMS // max(D, 1), max(2 * width, 256)))  # rows merged at once
+
+    def add(self, x):
+        for i in range(0, x.shape[0], self.step):
+            y = x[i:i + self.step].to(torch.float64)
             if not torch.isfinite(y).all():
                 raise ValueError("data contains NaN or inf")
-            if anchor is None:
-                anchor = y.mean(0)
-            y = y - anchor
-            n, s, sq = n + y.shape[0], s + y.sum(0), sq + (y * y).sum()
-            B = torch.cat([B, y])
-            if B.shape[0] > width:
-                evals, U = _top_directions(B)
-                B = evals[:width].sqrt()[:, None] * U[:, :width].T
-    if n < 2:
-        raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
-    d = s / n  # the mean minus the anchor: scatter about the mean = B^T B - n d d^T (exact for B^T B)
-    mean, trace = anchor + d, (sq - n * (d @ d)).item()
-    basis = torch.linalg.qr(torch.cat([B, d[None]]).T).Q  # span(B rows, d)
-    Bq, dq = B @ basis, basis.T @ d
-    small = Bq.T @ Bq - n * torch.outer(dq, dq)
-    evals, V = torch.linalg.eigh(0.5 * (small + small.T))
-    evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-    return _model_from_top(n, mean, trace, evals, basis @ V, rank, dtype)
+            if self.anchor is None:
+                self.anchor = y.mean(0)
+            y = y - self.anchor
+            self.n, self.s, self.sq = self.n + y.shape[0], self.s + y.sum(0), self.sq + (y * y).sum()
+            self.B = torch.cat([self.B, y])
+            if self.B.shape[0] > self.width:
+                evals, U = _top_directions(self.B)
+                self.B = evals[:self.width].sqrt()[:, None] * U[:, :self.width].T
+
+    def fit(self, rank, dtype):
+        n, B = self.n, self.B
+        if n < 2:
+            raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
+        d = self.s / n  # the mean minus the anchor: scatter about the mean = B^T B - n d d^T (exact for B^T B)
+        mean, trace = self.anchor + d, (self.sq - n * (d @ d)).item()
+        basis = torch.linalg.qr(torch.cat([B, d[None]]).T).Q  # span(B rows, d)
+        Bq, dq = B @ basis, basis.T @ d
+        small = Bq.T @ Bq - n * torch.outer(dq, dq)
+        evals, V = torch.linalg.eigh(0.5 * (small + small.T))
+        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
+        return _model_from_top(n, mean, trace, evals, basis @ V, rank, dtype)
+
+
+def fit_one_pass_per_class(pairs, rank: int, *, width: Optional[int] = None):
+    """fit_one_pass of every class in the same single pass over (x [n, D], y [n]) batches (a
+    one-shot iterator for fit_per_class(method="randomized")). Memory O(K D width).
+    Returns {class: (GaussianFit or None when under 2 rows, rows)}."""
+    states, D = {}, None
+    for x, y in pairs:
+        if D is None:
+            D, device = x.shape[1], x.device
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            if rank > D:
+                raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
+            w = max(min(ONE_PASS_WIDTH_FACTOR * rank + ONE_PASS_WIDTH_MIN if width is None else width, D), rank)
+        elif x.shape[1] != D:
+            raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {D}")
+        y = y.to(x.device)
+        for k in torch.unique(y).tolist():
+            states.setdefault(k, _OnePass(D, w, device)).add(x[y == k])
+    if D is None:
+        raise ValueError("fit_per_class: the data has no rows")
+    return {k: ((st.fit(rank, dtype) if st.n >= 2 else None), st.n) for k, st in sorted(states.items())}
