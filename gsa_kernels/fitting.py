@@ -12,7 +12,8 @@
   (n <= 4 l, within 256 MiB) the first pass keeps them and the fit is the exact small problem
   (an n x n Gram matrix). A one-shot iterator gets the one-pass fit instead (fit_one_pass: an
   incremental truncated SVD of 3 r + 16 rows, top-r eigenvalues within ~1 % of the exact fit on
-  decaying spectra, see tests/test_fit_one_pass.py). Constant data fit to zero variance.
+  decaying spectra, see tests/test_fit_one_pass.py; fit_per_class: every class in that one
+  pass, fit_one_pass_per_class). Constant data fit to zero variance.
 - "auto": "exact" while a D x D float64 matrix fits EXACT_FIT_BUDGET_BYTES (1 GiB, D <= 11585),
   else "randomized" (which needs rank).
 
