@@ -163,6 +163,10 @@ def _array_source(x, labels, kind, scale):
 def open_source(args):
     src = args.src
     if os.path.isdir(src):
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ValueError("src: an image folder needs Pillow (pip install Pillow, or the integrations extra)") from None
         return image_folder(src, args.resolution, args.mode, args.value_range, args.scale)
     if not os.path.exists(src):
         raise ValueError(f"src: {src} does not exist")
