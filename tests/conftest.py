@@ -35,6 +35,11 @@ SLOW_TESTS = {
     "test_cli.py::test_bench_command_runs_one_workload",  # a bench subprocess
     "test_concurrency.py::test_ops_under_spawn",  # spawned workers import torch
     "test_empirical_streaming.py::test_anonymous_memory_stays_under_the_block_budget",  # RSS sampling
+    "test_diffusers_pipeline.py::test_pipeline_switch",  # tiny real pipelines, 3 runs each
+    "test_diffusers_pipeline.py::test_prepare_latents_pipeline_with_guidance",
+    "test_fit_one_pass.py::test_one_pass_fit_of_a_generator_at_d4096",
+    "test_fit_cli.py::test_fitted_stats_switch_a_pipeline_and_refuse_another_shape",
+    "test_packaging.py::test_setup_py_reports_the_bound_version",  # a python process importing cpp_extension
 }
 SLOW_CONFORMANCE_BACKENDS = {"triton", "cuda"}
 
