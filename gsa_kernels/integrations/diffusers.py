@@ -41,6 +41,8 @@ from diffusers import (
 )
 
 from .. import schedules
+from ..fit_cli import check_shape
+from ..models import GaussianMixture, GaussianModel
 from ..sampling import _teleport_model
 
 __all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel", "enable_teleport",
@@ -217,8 +219,6 @@ class _Teleport:
         """The pipeline's starting latents (unit noise times the init_noise_sigma it read) jumped
         to timesteps[begin], in the scheduler's scale, in start's dtype."""
         self.pending = False
-        from ..fit_cli import check_shape
-
         check_shape(self.data_meta, start.shape[1:], "enable_teleport")
         cd = torch.float64 if start.dtype == torch.float64 else torch.float32
         noise = start.to(cd) if self.noise_scale == 1.0 else start.to(cd) / self.noise_scale
@@ -284,8 +284,6 @@ _NETWORKS = ("unet", "transformer")
 
 def _rescaled(model, scale, shift):
     """The model of (x - shift) * scale for a model of x (GaussianModel or GaussianMixture)."""
-    from ..models import GaussianMixture, GaussianModel
-
     c2 = scale * scale
     if isinstance(model, GaussianModel):
         return GaussianModel((model.mean - shift) * scale, model.basis, model.eigvals * c2, model.residual_var * c2)
@@ -309,8 +307,6 @@ def enable_teleport(pipe, model, skip_fraction: float = 0.2, labels: Optional[to
     read. fitted_on: "latents" (the model describes the latents the pipeline's loop works on) or
     "vae" (raw VAE encodings: scaled here as the pipeline scales them, (z - shift_factor) *
     scaling_factor of pipe.vae or pipe.vqvae)."""
-    from ..models import GaussianMixture, GaussianModel
-
     if not isinstance(model, (GaussianModel, GaussianMixture)):
         raise TypeError(f"model must be a GaussianModel or a GaussianMixture, got {type(model).__name__}")
     schedules.skip_index(2, skip_fraction)  # raises for a fraction outside [0, 1)
