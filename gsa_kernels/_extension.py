@@ -1,6 +1,37 @@
 """Loads the optional compiled extension gsa_kernels._C. Importing the package never fails:
-when the extension is missing, `error` says why and the compiled backends are unavailable."""
+when the extension is missing, `error` says why and the compiled backends are unavailable.
+An extension that is there but does not load (typically: built against another torch, whose
+C++ ABI it needs) warns once, naming the torch it was built for (_build_info.json, written by
+setup.py's build_ext) and the torch found, and how to rebuild."""
+import glob
+import json
+import os
+import warnings
+
 import torch
+
+from . import _contract
+
+REBUILD = ("pip install --no-build-isolation --force-reinstall gsa_kernels (from its source), "
+           "or in a clone: python setup.py build_ext --inplace (or bash scripts/install.sh)")
+
+
+def build_info():
+    """{"torch": version, "variant": "cu130" | "cpu" | ..., "cuda": ...} of the build here, or None."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mismatch(info, found=None):
+    """A sentence when the build's torch differs from the torch found, else None."""
+    found = torch.__version__ if found is None else found
+    if info is None or info.get("torch") == found:
+        return None
+    return f"gsa_kernels' compiled extension was built for torch {info.get('torch')}, but torch {found} is installed"
+
 
 error = None
 try:
@@ -10,25 +41,23 @@ try:
 except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
     loaded = False
     error = f"{type(e).__name__}: {e}"
+    if glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")) or glob.glob(
+            os.path.join(os.path.dirname(__file__), "_C*.pyd")):  # there, but it does not load
+        why = mismatch(build_info()) or "the compiled extension does not load"
+        error = f"{why} ({error}); rebuild it: {REBUILD}"
+        warnings.warn(f"{error}. The compiled backends are off: every op runs on the reference or Triton backend.",
+                      RuntimeWarning, stacklevel=2)
 
 if loaded:  # a stale build (older than the contract) would fail below: the backends say why instead
-    from . import _contract
-
     missing = [op for op in _contract.OPS if not torch._C._dispatch_has_kernel(f"gsa_kernels::{op}")]
     if missing:
         loaded = False
         error = (f"the compiled extension is older than the sources (no gsa_kernels::{missing[0]}): rebuild it "
                  "(python setup.py build_ext --inplace, or bash scripts/install.sh)")
 
-if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
-    from . import _contract
-
-    _contract.register_fakes("gsa_kernels", layouts=True)  # fake / meta kernels for torch.compile and opcheck
-    _contract.register_fakes("gsa_kernels", prefix="cuda_emu_")
-    from . import _autograd
-
-    _autograd.register("gsa_kernels", fused_mixture_backward=True)  # backward formulas (gsa_kernels/_autograd.py)
-    _autograd.register("gsa_kernels", prefix="cuda_emu_")
+if loaded:  # fakes (torch.compile, opcheck) and backward rules of the compiled and the emulated cuda_emu_* ops
+    _contract.register("gsa_kernels", layouts=True, fused_mixture_backward=True)
+    _contract.register("gsa_kernels", prefix="cuda_emu_")
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

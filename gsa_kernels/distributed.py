@@ -33,8 +33,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import fitting, ops
-from .partial import _merge, compute_dtype, mixture_partial
+from . import _args, fitting
+from ._args import FLOAT_DTYPES, compute_dtype, flatten
+from .models import GaussianMixture, GaussianModel
+from .partial import merge_stacked, mixture_partial
 
 _stats: dict = {}
 
@@ -129,45 +131,60 @@ def _device(group):
 
 def _sharded(x, sigma, shard, group, backend, op):
     """(this rank's merged MixturePartial, x2 [B, D], sigma [B]) for the whole mixture."""
-    from .models import GaussianMixture
-
     comm = _Comm(group, op)
     error = None
     try:
         if not isinstance(shard, GaussianMixture):
             raise TypeError(f"gk.distributed.{op}: shard must be a gsa_kernels.GaussianMixture, got {type(shard).__name__}")
-        x2 = ops._flatten(x, shard.dim, op)
+        x2 = flatten(x, shard.dim, op)
+        _check_no_grad(op, x, sigma, shard)
         cd = compute_dtype(x2.dtype)
-        s = ops._rows(sigma, x2.shape[0], x2, "sigma", op)
-        header = (x2.shape[0], shard.dim, fitting._DTYPES.index(cd))
+        s = _args.rows(sigma, x2.shape[0], x2, "sigma", op)
+        header = (x2.shape[0], shard.dim, FLOAT_DTYPES.index(cd))
     except (TypeError, ValueError) as e:
         error, header = e, (0, 0, 0)
     table = comm.agree(error, header)
     sizes = table[:, 0].tolist()
     if len(set(table[:, 1].tolist())) > 1 or len(set(table[:, 2].tolist())) > 1:
         raise ValueError(f"gk.distributed.{op}: ranks disagree on D {table[:, 1].tolist()} or on the compute dtype "
-                         f"{[str(fitting._DTYPES[i]) for i in table[:, 2].tolist()]} (float64 x on every rank, or on none)")
+                         f"{[str(FLOAT_DTYPES[i]) for i in table[:, 2].tolist()]} (float64 x on every rank, or on none)")
     B, D, rows = x2.shape[0], shard.dim, max(sizes)
     # one padded [rows, D + 1] block per rank: its queries and their sigmas
     block = torch.zeros(rows, D + 1, dtype=cd, device=x2.device)
     block[:B, :D], block[:B, D] = x2, s
     queries = torch.cat([b[:n] for b, n in zip(comm.all_gather(block), sizes)])
-    # state rows [max_logit, sum_exp, ok, weighted (D)], sent to each row's owner; ok = 0 tells
-    # the owners that this rank's kernel failed (its own error is raised after the exchange)
+    # state rows [max_logit, sum_exp, ok, max_logit_lo, weighted (D)], float64 (partial.py: exact merges), sent
+    # to each row's owner; ok = 0 tells the owners that this rank's kernel failed (its own error
+    # is raised after the exchange)
     try:
         p = comm.local(mixture_partial, queries[:, :D], queries[:, D], shard, backend)
-        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None], p.weighted], 1)
+        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None],
+                           p.max_logit_lo[:, None], p.weighted], 1)
         error = None
     except (TypeError, ValueError, RuntimeError) as e:
-        state, error = queries.new_zeros(queries.shape[0], D + 3), e
-    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 3)
+        state, error = queries.new_zeros(queries.shape[0], D + 4, dtype=torch.float64), e
+    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 4)
     if error is not None:
         raise error
     if not bool((mine[:, :, 2] == 1).all()):
         raise RuntimeError(f"gk.distributed.{op}: another rank failed computing its shard's partials (its own error says why)")
-    merged = _merge(mine[:, :, 0], mine[:, :, 1], mine[:, :, 3:], x.shape[1:], x.dtype)
+    merged = merge_stacked(mine[:, :, 0], mine[:, :, 1], mine[:, :, 4:], x.shape[1:], x.dtype, mine[:, :, 3])
     comm.finish(rows=B, rows_total=queries.shape[0], components=shard.num_components)
     return merged, x2, s
+
+
+def _check_no_grad(op, x, sigma, shard):
+    """The exchange (all_gather / all_to_all) carries no autograd graph: a gradient w.r.t. x,
+    sigma or the shard would silently miss the other ranks' terms, so asking for one is an error."""
+    if not torch.is_grad_enabled():
+        return
+    named = [("x", x), ("sigma", sigma)] + [(n, getattr(shard, n)) for n in ("means", "bases", "eigvals", "residual_var",
+                                                                            "log_weights")]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise TypeError(f"gk.distributed.{op}: {name} requires grad, but the cross-rank exchange is not differentiable "
+                            f"(the result would be detached from it); call it under torch.no_grad() or detach {name}, "
+                            "or differentiate the single-process op / gk.merge_partials of gk.mixture_partial instead")
 
 
 def mixture_denoise(x, sigma, shard, group=None, backend: str = "auto"):
@@ -180,8 +197,10 @@ def mixture_denoise(x, sigma, shard, group=None, backend: str = "auto"):
 def mixture_score(x, sigma, shard, group=None, backend: str = "auto"):
     """The whole mixture's score (D(x) - x) / sigma^2 for this rank's queries x [B, *shape]."""
     merged, x2, s = _sharded(x, sigma, shard, group, backend, "mixture_score")
-    den = merged.denoised().reshape(x2.shape).to(s.dtype)
-    return ((den - x2.to(s.dtype)) / (s * s)[:, None]).to(x.dtype).reshape(x.shape)
+    # (D - x) / sigma^2 in float64 from the merged state: a denoised rounded to a 16-bit x's
+    # dtype first would be amplified by 1 / sigma^2
+    s64 = s.double()
+    return ((merged.denoised_exact() - x2.double()) / (s64 * s64)[:, None]).to(x.dtype).reshape(x.shape)
 
 
 def mixture_logp(x, sigma, shard, group=None, backend: str = "auto"):
@@ -206,7 +225,7 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
             raise ValueError("give rank or energy, not both")
         passes = fitting.Passes(data)
         D, dtype, device = passes.peek()
-        header = (-1 if D is None else D, -1 if dtype is None else fitting._DTYPES.index(dtype), passes.kind == "one-shot")
+        header = (-1 if D is None else D, -1 if dtype is None else FLOAT_DTYPES.index(dtype), passes.kind == "one-shot")
     except (TypeError, ValueError, RuntimeError) as e:
         error, header = e, (-1, -1, 0)
     table = comm.agree(error, header)
@@ -215,8 +234,8 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
         raise ValueError("gk.distributed.fit_gaussian: no rank has any data")
     if len(set(known[:, 0].tolist())) > 1 or len(set(known[:, 1].tolist())) > 1:
         raise ValueError(f"gk.distributed.fit_gaussian: ranks disagree on D {known[:, 0].tolist()} or dtype "
-                         f"{[str(fitting._DTYPES[i]) for i in known[:, 1].tolist()]}")
-    D, dtype = int(known[0, 0]), fitting._DTYPES[int(known[0, 1])]
+                         f"{[str(FLOAT_DTYPES[i]) for i in known[:, 1].tolist()]}")
+    D, dtype = int(known[0, 0]), FLOAT_DTYPES[int(known[0, 1])]
     device = device if device is not None else _device(group)
     if method == "auto":
         method = "exact" if 8 * D * D <= fitting.EXACT_FIT_BUDGET_BYTES else "randomized"
@@ -251,8 +270,6 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
 def _broadcast_model(comm, g, D, dtype, device, error=None):
     """The group's first rank's model on every rank (bitwise the same everywhere); if that rank
     failed (error), every rank raises."""
-    from .models import GaussianModel
-
     f64 = dict(dtype=torch.float64, device=device)
     head = torch.tensor([float(g.rank), g.residual_var] if g is not None else [-1.0, 0.0], **f64)
     comm.broadcast(head)

@@ -38,11 +38,15 @@ GLOBAL = ("gaussian", "mixture", "delta")
 LABELS = {"gaussian": "Gaussian", "mixture": "10-mixture", "delta": "ideal (delta)", "ls": "LS", "els": "ELS",
           "bbels": "BB-ELS"}
 QUICK = dict(num_train=16, patch_sizes=[1, 3, 5], steps=3, num_paths=4, calib_digits=4, local_digits=8, backend="cpu")
+FULL = dict(num_train=100, patch_sizes=[1, 3, 5, 7, 9, 11, 13, 15], steps=6, num_paths=100, calib_digits=8,
+            local_digits=16, backend="auto")
 
 
-def apply_quick(args):
-    for k, v in QUICK.items():
-        setattr(args, k, v)
+def fill_defaults(args):
+    """The options not given: QUICK's with --quick, else FULL's (explicit options win)."""
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 class _Flat:
