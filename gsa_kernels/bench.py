@@ -31,7 +31,8 @@ both measured on this machine by `machine_peaks()`. FLOPs count the essential GE
 (e.g. 4 B D r for a spectral map; for E1, whose posterior is one-hot, only the distances),
 bytes the compulsory traffic (inputs, model, outputs once).
 
-Peers (timed in the same interleaved rounds whenever the reference or compiled impls are, with
+Peers (timed in the same interleaved rounds whenever the reference or compiled impls are, or
+with `--impls cpu,peers` without those baselines; with
 their worst-row error against float64 truth beside their time; table "peers"):
   sdpa              empirical mixtures: ONE torch.nn.functional.scaled_dot_product_attention call
                     (q = x / sigma^2, k = v = the points, a per-key bias -|mu|^2 / (2 sigma^2) as
@@ -243,7 +244,7 @@ def _lowrank_peers(x, sigma, m):
     layout = lowrank_layout(m.means, m.bases)
     args = (x, sigma, m.means, m.eigvals, rv, lw, layout)
     compiled = _compiled(skilled_mixture)
-    m64 = m.to(torch.float64)
+    m64 = m.to(dtype=torch.float64)
     return ({"skilled": lambda: skilled_mixture(*args), "skilled_compiled": lambda: compiled(*args)},
             lambda: gk.mixture_denoise(x.double(), sigma.double(), m64, backend="reference"))
 
@@ -713,6 +714,9 @@ def main(argv=None):
     p = cli.bench_parser()
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
+    # "peers": the workloads' peers without the (slow) reference baselines, e.g. --impls cpu,peers
+    want_peers = "peers" in impls or bool({"reference", "compiled"} & set(impls))
+    impls = [i for i in impls if i != "peers"]
     if args.backend not in gk.available_backends():
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
@@ -724,7 +728,7 @@ def main(argv=None):
         all_peaks.append(w.peaks)
         slow = {impl for impl in ("reference", "compiled") if w.slow_reference and impl in impls}
         # the peers ride along whenever a baseline is asked for
-        peer_impls = list(w.peers or ()) if {"reference", "compiled"} & set(impls) else []
+        peer_impls = list(w.peers or ()) if want_peers else []
         before = cpu_dispatch()
         runs = interleaved_times({impl: w.runner(impl, args.backend) for impl in impls + peer_impls}, args.repeats,
                                  once=slow, cold=slow & {"reference"})  # a slow eager reference is timed cold

@@ -200,3 +200,35 @@ def test_flush_denormal_reaches_every_intra_op_thread():
     finally:
         flush(False)
     assert torch.equal(x * 1.0, x)
+
+
+@requires_backend("cpu")
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_forced_dense_or_sparse_forms_meet_the_conformance_bounds(mode, monkeypatch):
+    """GSA_KERNELS_DENSE forces the choices the cpu kernels make by measured costs (the empirical
+    back-projection: axpys or one GEMM; the low-rank mixture's refinement: per component or one
+    float64 GEMM) one way, so both forms meet the conformance bounds on any host: the cases near
+    their switch points (sigma, dense posteriors, ties, the few-query split)."""
+    from tests.conformance import harness
+    from tests.conformance.cases import CASES
+
+    monkeypatch.setenv("GSA_KERNELS_DENSE", mode)
+    run = harness.kernel("cpu", "mixture_posterior")
+    cases = [c for c in CASES["mixture_posterior"][0] if c.family in ("sigma", "dense", "split", "tie")]
+    assert any(c.family == "split" for c in cases) and any(c.family == "dense" and c.r > 0 for c in cases)
+    for case in cases:
+        args64 = CASES["mixture_posterior"][1](case)
+        args = harness.cast(args64, case.dtype)
+        args64 = harness.as_f64(args)
+        den, logp1, w_empty = run(*args, True, False)
+        den_empty, logp2, weights = run(*args, False, True)
+        harness.check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, case.dtype,
+                              f"{mode}: {case.id}", weights_tv=case.extra.get("weights_tv"))
+
+
+@requires_backend("cpu")
+def test_bad_dense_choice_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GSA_KERNELS_DENSE", "sometimes")
+    for r in (3, 0):  # the low-rank kernel and the r = 0 one
+        with pytest.raises(ValueError, match="GSA_KERNELS_DENSE must be auto, dense or sparse"):
+            torch.ops.gsa_kernels.mixture_posterior(*_mixture_args(r=r))

@@ -403,6 +403,18 @@ def mixture_posterior_cases():
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
         cases.append(Case("dense", _shape_name(9, 140, 0, K=70) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 9, 140, 0, K=70,
                           residual_var=0.0, sigma=sigma, dtype=dtype))
+    # cpu few-query split (B <= 16, no weights): points in blocks of 512 KiB / (D * 4) = 128 rows
+    # at D = 1024, so K = 300 is 3 blocks over the threads' shares, merged; one-hot to dense,
+    # and isotropic components with unequal residual_var (the merged hx)
+    for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
+        cases.append(Case("split", _shape_name(3, 1024, 0, K=300) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
+                          3, 1024, 0, K=300, residual_var=residual_var, sigma=sigma, interpreter=False))
+    # low-rank, dense posterior where the float32 logits need refinement (all K components within
+    # reach): the cpu kernel's float64-GEMM refinement and the per-component one (measured costs
+    # choose; tests/test_cpu_backend.py forces each)
+    for sigma in (3.0, 30.0):
+        cases.append(Case("dense", _shape_name(9, 64, 4, K=40) + f"_{_sigma_name(sigma)}", 9, 64, 4, K=40, residual_var=None,
+                          sigma=sigma))
     for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
         cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
                           neg_inf_weights=K // 3))
