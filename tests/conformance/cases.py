@@ -13,7 +13,11 @@ truth is the reference in float64 on exactly those rounded values. Families:
   tie       near ties: nearly equal 1-d subspaces (low-rank) and midpoints of two training points
             (delta mixture); weights within total variation 1e-3 of the truth
   dense     empirical mixtures whose posterior weights spread (few-hot at sigma 5, dense at 10)
-            over components in several tiles and splits: the dense back-projection
+            over components in several tiles and splits: the dense back-projection; low-rank
+            ones (sigma 3, 30) whose float32 logits need refinement everywhere (cpu: the
+            float64-GEMM refinement)
+  split     few queries over many points (B 3, K 300, D 1024): the cpu kernel's points split
+            over the threads, partials merged
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
