@@ -58,38 +58,6 @@ double sqdist_exact(const T* a, const T* b, int64_t D) {
   return lane_sum_squares<true>(a, b, D);
 }
 
-// sum_d (a_d - b_d)^2 of float rows with the differences and squares rounded to float and the
-// sum in double: half the conversions of sqdist_exact. Each term is within 3u (u = 2^-24) of
-// (a_d - b_d)^2 and every term is >= 0, so the result s is within kFloatDiffRel s of the exact sum
-// (the double additions add < 1e-12 relative). Callers check that bound against their tolerance.
-constexpr double kFloatDiffRel = 3.01 * 0x1p-24;
-
-inline double sqdist_float_diffs(const float* a, const float* b, int64_t D) {
-  using Float16 = float __attribute__((vector_size(64)));
-  using Float8 = float __attribute__((vector_size(32)));
-  Double8 acc[4] = {};
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32)
-    for (int h = 0; h < 2; ++h) {
-      Float16 u, v;
-      std::memcpy(&u, a + d + 16 * h, sizeof u);
-      std::memcpy(&v, b + d + 16 * h, sizeof v);
-      u -= v;
-      u *= u;
-      const Float8 lo = __builtin_shufflevector(u, u, 0, 1, 2, 3, 4, 5, 6, 7);
-      const Float8 hi = __builtin_shufflevector(u, u, 8, 9, 10, 11, 12, 13, 14, 15);
-      acc[2 * h] += __builtin_convertvector(lo, Double8);
-      acc[2 * h + 1] += __builtin_convertvector(hi, Double8);
-    }
-  const Double8 all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  double s = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
-  for (; d < D; ++d) {
-    const float t = a[d] - b[d];
-    s += static_cast<double>(t * t);
-  }
-  return s;
-}
-
 template <typename T>
 double sum_squares(const T* v, int64_t D) {
   return lane_sum_squares<false>(v, v, D);
