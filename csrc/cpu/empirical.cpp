@@ -15,13 +15,11 @@
 //   acc = acc * rescale + P M
 //                      dense posterior (sigma large): one GEMM over the block; few nonzero p
 //                      (sigma small): the nonzero p_k mu_k rows are added directly. The choice
-//                      weighs the count of the block's weights above exp(-kNegligible) against
-//                      the GEMM by rates measured on this host (back_projection_costs).
+//                      counts the block's weights above exp(-kNegligible) (kSparseRatio).
 #include <torch/library.h>
 
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -31,7 +29,6 @@
 #include "common.h"
 #include "empirical.h"
 #include "exact_sums.h"
-#include "gemm.h"
 #include "gsa/spectral.h"
 #include "mixture_blocks.h"
 
@@ -40,7 +37,7 @@ namespace {
 
 // Fast logits this exact need no refinement. Logit errors within +-e move the weights by a
 // total variation <= tanh(e) <= e: 2.5e-4 keeps a 4x margin on the 1e-3 asked for. (kCutoff,
-// kNegligible, kGemmErr: mixture_blocks.h.)
+// kNegligible, kGemmErr, kSparseRatio: mixture_blocks.h.)
 constexpr double kDeltaLogitTol = 2.5e-4;
 // Rounding errors of the fast distances are measured on kProbes points per row; the estimate
 // is kSafety times the worst measured rate, relative to |x| |mu| (measured here with D = 784
@@ -49,18 +46,6 @@ constexpr double kDeltaLogitTol = 2.5e-4;
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
-// Few queries (B <= kFewQueries, no weights asked, as a sampler's step): memory-bound, so the
-// points are split over the threads, each streaming its share in blocks of kSplitBlockBytes (in
-// L2 from the distance GEMM to the back-projection: the points are read from memory once) into
-// its own online-softmax partial; the partials merge exactly (merge_scale) before the rows finish.
-constexpr int64_t kFewQueries = 16;
-constexpr int64_t kSplitBlockBytes = 512 << 10;
-
-// One share's online-softmax state of every row: max m, sum l, hx, accumulator acc [n, D].
-struct Partial {
-  std::vector<double> m, l, hx;
-  at::Tensor acc;
-};
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
 
@@ -120,50 +105,6 @@ double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
   return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
 }
 
-// The back-projection acc += P M of a point block: sparse (an axpy acc_i += p_k mu_k per
-// nonzero weight) or dense (one [rows, block] x [block, D] GEMM), whichever costs less by these
-// rates, measured once per shape class on this host (seconds): per element of the axpy on one
-// thread, and per row of the GEMM in the calling context (threaded, or inside a row block).
-struct BackProjectionCosts {
-  double axpy, gemm_row;
-};
-
-template <typename T>
-BackProjectionCosts back_projection_costs(const at::Tensor& block, int64_t n) {
-  constexpr int64_t kTimedRows = 128, kTimedPoints = 256;
-  const int64_t gn = block.size(0), D = block.size(1), rows = std::min(n, kTimedRows);
-  const bool inner = at::in_parallel_region();
-  const std::string shape = std::to_string(D) + "/" + std::to_string(floor_log2(gn)) + "/" +
-                            std::to_string(floor_log2(rows)) + (inner ? "/inner" : "/outer") +
-                            (std::is_same_v<T, float> ? "/f32" : "/f64");
-  BackProjectionCosts c;
-  c.axpy = measured_cost("empirical_axpy/" + shape, [&] {
-    const int64_t np = std::min(gn, kTimedPoints);
-    std::vector<T> acc(D, T(0));
-    const T* mu = block.data_ptr<T>();
-    double best = std::numeric_limits<double>::infinity();
-    for (int run = 0; run < 3; ++run) {
-      const auto t0 = std::chrono::steady_clock::now();
-      with_isa([&] {
-        for (int64_t k = 0; k < np; ++k) {
-          const T p = T(0.5);
-          const T* mk = mu + k * D;
-          T* a = acc.data();
-          for (int64_t d = 0; d < D; ++d) a[d] += p * mk[d];
-        }
-      });
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    volatile T sink = acc[0];
-    (void)sink;
-    return best / static_cast<double>(np * D);
-  });
-  c.gemm_row = measured_cost("empirical_back_gemm/" + shape, [&] {
-    return gemm_best_ms_per_row(at::ones({rows, gn}, options_for<T>()), block.t()) * 1e-3;
-  });
-  return c;
-}
-
 template <typename X>
 void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
                     const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
@@ -199,17 +140,12 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   // row block that all threads work on gets them all. Fewer, longer point blocks also refine
   // less: each block's max is nearer the row's final max. Balanced: the last is not a sliver.
   const int64_t tile_bytes = kPointBlockBytes * (one_block_per_thread ? 1 : threads);
-  const int64_t num_tiles = std::max<int64_t>(1, (K * BB * int64_t(sizeof(T)) + tile_bytes - 1) / tile_bytes);
-  const bool split_points = B <= kFewQueries && !need_weights;
-  const int64_t SB = split_points ? std::clamp<int64_t>(kSplitBlockBytes / (D * int64_t(sizeof(T))), 8, K)
-                                  : (K + num_tiles - 1) / num_tiles;
-  const int64_t num_sb = (K + SB - 1) / SB;
-  const DenseChoice dense = dense_choice();
+  const int64_t num_sb = std::max<int64_t>(1, (K * BB * int64_t(sizeof(T)) + tile_bytes - 1) / tile_bytes);
+  const int64_t SB = (K + num_sb - 1) / num_sb;
 
-  // rows b0 .. b0 + n - 1 over points ga .. gz - 1 (multiples of SB, or K); its row loops are
-  // split over the threads unless this runs inside a parallel region already (at::parallel_for
-  // then runs them inline). With part, the rows' state goes there unfinished (split_points).
-  const auto row_block = [&](int64_t b0, int64_t n, int64_t ga, int64_t gz, Partial* part) {
+  // rows b0 .. b0 + n - 1; its row loops are split over the threads unless this runs inside a
+  // parallel region already (at::parallel_for then runs them inline)
+  const auto row_block = [&](int64_t b0, int64_t n) {
     const auto rows = [&](const auto& body) {  // body(i0, i1) over rows of the block, vectorized
       at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) { with_isa([&] { body(i0, i1); }); });
     };
@@ -240,8 +176,8 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       }
     });
 
-    for (int64_t g0 = ga; g0 < gz; g0 += SB) {  // blocks of points
-      const int64_t gn = std::min(SB, gz - g0);
+    for (int64_t g0 = 0; g0 < K; g0 += SB) {  // blocks of points
+      const int64_t gn = std::min(SB, K - g0);
       const at::Tensor F = gemm_nt(GemmSite::kDistances, Xb, means.narrow(0, g0, gn));  // [n, gn]: x . mu_k
       const T* Sp = F.data_ptr<T>();
       const int64_t lds = F.stride(0);
@@ -279,7 +215,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           // every point through the double refinement. So the first block measures the actual
           // error on the nearest point (aligned with x: its dot product errs the most) and
           // kProbes - 1 others, and the smaller of bound and estimate decides.
-          if (g0 == ga && err[i] > kDeltaLogitTol) {
+          if (g0 == 0 && err[i] > kDeltaLogitTol) {
             const int64_t probes = std::min(gn, kProbes);
             const int64_t best_k = std::find(L, L + gn, best) - L;
             double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
@@ -296,22 +232,10 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
           double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
           if (err[i] > kDeltaLogitTol) {
             const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            // float32: the distance from float differences (half the conversions) when its error,
-            // at most kFloatDiffRel sq, moves the logit by no more than kDeltaLogitTol, else exact
-            const double float_diff_ok = kDeltaLogitTol * 2 * (min_lp + s2v[i]) / kFloatDiffRel;
             block_max = -INFINITY;
             for (int64_t kk = 0; kk < gn; ++kk)
               if (L[kk] >= keep) {
-                const T* xi = xb + i * D;
-                const T* mk = mu + (g0 + kk) * D;
-                double sq;
-                if constexpr (std::is_same_v<T, float>) {
-                  sq = sqdist_float_diffs(xi, mk, D);
-                  if (sq > float_diff_ok) sq = sqdist_exact(xi, mk, D);
-                } else {
-                  sq = sqdist_exact(xi, mk, D);
-                }
-                L[kk] = logit_of(i, g0 + kk, sq);
+                L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
                 block_max = std::max(block_max, L[kk]);
               }
           }
@@ -344,16 +268,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         nonzero_p += kept;
       });
       if (need_denoised && nonzero_p > 0) {
-        // few weights: add the p_k mu_k rows (split over the threads unless one block per thread),
-        // else one GEMM; by their measured costs
-        const at::Tensor block = means.narrow(0, g0, gn);
-        bool sparse = dense == DenseChoice::kSparse;
-        if (dense == DenseChoice::kAuto) {
-          const BackProjectionCosts costs = back_projection_costs<T>(block, n);
-          const double sparse_threads = at::in_parallel_region() ? 1.0 : static_cast<double>(threads);
-          sparse = static_cast<double>(nonzero_p) * D * costs.axpy / sparse_threads < n * costs.gemm_row;
-        }
-        if (sparse) {
+        if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
           rows([&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i)
               for (int64_t k = 0; k < gn; ++k) {
@@ -365,15 +280,11 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
               }
           });
         } else {
-          accb.addmm_(F, block);  // dense posterior: one GEMM
+          accb.addmm_(F, means.narrow(0, g0, gn));  // dense posterior: one GEMM
         }
       }
     }
 
-    if (part) {
-      part->m = std::move(m), part->l = std::move(l), part->hx = std::move(hx), part->acc = accb;
-      return;
-    }
     rows([&](int64_t i0, int64_t i1) {
       finish_rows<X, T>(b0 + i0, i1 - i0, D, K, SB, num_sb, m.data() + i0, l.data() + i0, hx.data() + i0,
                         x_sq.data() + i0, need_weights ? m_block.data() + i0 * num_sb : nullptr,
@@ -381,45 +292,12 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     });
   };
 
-  if (split_points) {
-    const int64_t num_shares = std::min(threads, num_sb);
-    std::vector<Partial> parts(num_shares);
-    at::parallel_for(0, num_shares, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t sh = s0; sh < s1; ++sh)
-        row_block(0, B, std::min(K, sh * num_sb / num_shares * SB), std::min(K, (sh + 1) * num_sb / num_shares * SB),
-                  &parts[sh]);
-    });
-    // merge the shares' partials (their maxima to the largest), then finish the rows
-    at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({B, D}, options_for<T>());
-    const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, 0, B);
-    const T* xb = Xb.data_ptr<T>();
-    at::Tensor acc = need_denoised ? at::zeros({B, D}, options_for<T>()) : at::Tensor();
-    T* acc_p = need_denoised ? acc.data_ptr<T>() : nullptr;
-    std::vector<double> m(B, -std::numeric_limits<double>::infinity()), l(B, 0.0), hx(B, 0.0), x_sq(B);
-    with_isa([&] {
-      for (int64_t i = 0; i < B; ++i) {
-        x_sq[i] = sum_squares(xb + i * D, D);
-        for (const Partial& p : parts) m[i] = std::max(m[i], p.m[i]);
-        for (const Partial& p : parts) {
-          const double sc = merge_scale(p.m[i], m[i]);
-          l[i] += p.l[i] * sc;
-          hx[i] += p.hx[i] * sc;
-          if (!need_denoised || sc == 0) continue;
-          const T f = static_cast<T>(sc);
-          const T* a = p.acc.data_ptr<T>() + i * D;
-          T* o = acc_p + i * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += f * a[d];
-        }
-      }
-      finish_rows<X, T>(0, B, D, K, SB, num_sb, m.data(), l.data(), hx.data(), x_sq.data(), nullptr, acc_p, xb,
-                        logp_p, den_p, nullptr);
-    });
-  } else if (one_block_per_thread) {
+  if (one_block_per_thread) {
     at::parallel_for(0, num_rb, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t rb = r0; rb < r1; ++rb) row_block(rb * BB, std::min(BB, B - rb * BB), 0, K, nullptr);
+      for (int64_t rb = r0; rb < r1; ++rb) row_block(rb * BB, std::min(BB, B - rb * BB));
     });
   } else {
-    for (int64_t b0 = 0; b0 < B; b0 += BB) row_block(b0, std::min(BB, B - b0), 0, K, nullptr);
+    for (int64_t b0 = 0; b0 < B; b0 += BB) row_block(b0, std::min(BB, B - b0));
   }
 }
 

@@ -37,9 +37,9 @@ double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w);
 // first use, outside any lock; concurrent first uses may both measure, the first to finish wins.
 double measured_cost(const std::string& key, const std::function<double()>& measure);
 
-// GSA_KERNELS_DENSE=auto (unset) | dense | sparse: forces the choices that measured_cost models
-// make between a sparse and a dense form of the same work (the empirical back-projection, the
-// low-rank mixture's refinement), so tests reach both sides on any host. Read on every call.
+// GSA_KERNELS_DENSE=auto (unset) | dense | sparse: forces the low-rank mixture kernel's sparse or
+// dense forms (its refinement, chosen by measured_cost rates; its back-projection, the GEMM in
+// auto), so tests reach both sides on any host. Read on every call.
 enum class DenseChoice : int { kAuto, kDense, kSparse };
 DenseChoice dense_choice();
 

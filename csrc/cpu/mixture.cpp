@@ -23,8 +23,8 @@
 //                      posteriors) instead get all the block's logits from one float64 GEMM
 //                      (dense_refinement), by measured costs.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
-//                      G_k = p_k g c_k  (one GEMM; with few nonzero weights, an axpy per nonzero
-//                      entry instead, by measured costs: mixture_back_costs)
+//                      G_k = p_k g c_k  (one GEMM; GSA_KERNELS_DENSE=sparse: an axpy per nonzero
+//                      entry instead)
 #include <torch/library.h>
 
 #include <chrono>
@@ -191,40 +191,6 @@ RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam,
 template <typename T>
 inline void axpy(T* __restrict a, T f, const T* __restrict v, int64_t n) {
   for (int64_t d = 0; d < n; ++d) a[d] += f * v[d];
-}
-
-// The back-projection's rates (seconds), measured once per shape class: per element of an axpy
-// on one thread (the sparse form), and per row of the GEMM Q [M | U]^T in this context (dense).
-struct MixtureBackCosts {
-  double axpy, gemm_row;
-};
-
-template <typename T>
-MixtureBackCosts mixture_back_costs(const at::Tensor& Q, const at::Tensor& bwd_block, const at::Tensor& fwd_block) {
-  const int64_t n = Q.size(0), nw = Q.size(1), D = fwd_block.size(1);
-  const std::string key = std::to_string(D) + "/" + std::to_string(floor_log2(nw)) + "/" + std::to_string(floor_log2(n)) +
-                          (at::in_parallel_region() ? "/inner" : "/outer") + (std::is_same_v<T, float> ? "/f32" : "/f64");
-  MixtureBackCosts c;
-  c.axpy = measured_cost("mixture_back_axpy/" + key, [&] {
-    const int64_t rows = std::min<int64_t>(nw, 256);
-    std::vector<T> acc(D, T(0));
-    const T* v = fwd_block.data_ptr<T>();
-    double best = std::numeric_limits<double>::infinity();
-    for (int run = 0; run < 3; ++run) {
-      const auto t0 = std::chrono::steady_clock::now();
-      with_isa([&] {
-        for (int64_t k = 0; k < rows; ++k) axpy(acc.data(), T(0.5), v + k * D, D);
-      });
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    volatile T sink = acc[0];
-    (void)sink;
-    return best / static_cast<double>(rows * D);
-  });
-  c.gemm_row = measured_cost("mixture_back_gemm/" + key, [&] {
-    return gemm_best_ms_per_row(at::ones({std::min<int64_t>(n, kCostRows), nw}, options_for<T>()), bwd_block) * 1e-3;
-  });
-  return c;
 }
 
 // Logits (into logit + i KB) and coefficients c (into Cp + i ldc) of components k0 .. k0 + nk - 1
@@ -499,11 +465,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         // weights are nonzero (small sigma), an axpy per nonzero entry of Q over the forward
         // panel's rows (mu_k, the columns of U_k); whichever costs less by measured rates
         const at::Tensor bwd_block = panel(bwd, k0, nk, W, D, true);
-        bool sparse_back = dense == DenseChoice::kSparse;
-        if (nonzero_p > 0 && dense == DenseChoice::kAuto) {
-          const MixtureBackCosts costs = mixture_back_costs<T>(Q, bwd_block, panel(fwd, k0, nk, W, D, false));
-          sparse_back = static_cast<double>(nonzero_p) * W * D * costs.axpy < n * costs.gemm_row;
-        }
+        // (auto: the GEMM. A cost model with the axpy rate timed in cache chose the axpys for
+        // dense posteriors, where they ran slower: left out until one times them as they run.)
+        const bool sparse_back = dense == DenseChoice::kSparse;
         const bool gemm_back = nonzero_p > 0 && !sparse_back;
         const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, bwd_block) : at::Tensor();
         const T* Fw = panel(fwd, k0, nk, W, D, false).data_ptr<T>();  // rows mu_k, then U_k^T

@@ -16,8 +16,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
             over components in several tiles and splits: the dense back-projection; low-rank
             ones (sigma 3, 30) whose float32 logits need refinement everywhere (cpu: the
             float64-GEMM refinement)
-  split     few queries over many points (B 3, K 300, D 1024): the cpu kernel's points split
-            over the threads, partials merged
+  split     few queries over many points (B 3, K 300, D 1024), one-hot to dense: the
+            sampler's case (the cpu kernel's split of the points is not built yet)
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
@@ -404,9 +404,9 @@ def mixture_posterior_cases():
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
         cases.append(Case("dense", _shape_name(9, 140, 0, K=70) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 9, 140, 0, K=70,
                           residual_var=0.0, sigma=sigma, dtype=dtype))
-    # cpu few-query split (B <= 16, no weights): points in blocks of 512 KiB / (D * 4) = 128 rows
-    # at D = 1024, so K = 300 is 3 blocks over the threads' shares, merged; one-hot to dense,
-    # and isotropic components with unequal residual_var (the merged hx)
+    # few queries over many points (a sampler's step): one-hot to dense, and isotropic components
+    # with unequal residual_var; where a kernel splits the points, 300 of D = 1024 span several
+    # 512 KiB blocks
     for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
         cases.append(Case("split", _shape_name(3, 1024, 0, K=300) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
                           3, 1024, 0, K=300, residual_var=residual_var, sigma=sigma, interpreter=False))
