@@ -80,4 +80,11 @@ TORCH_LIBRARY(gsa_kernels, m) {
   m.def("cuda_emu_mixture_posterior" GSA_MIXTURE_ARGS GSA_TRIPLE);
   m.def("cuda_emu_gaussian_map_labeled" GSA_LABELED_MAP_ARGS GSA_TENSOR);
   m.def("cuda_emu_gaussian_trajectory_labeled" GSA_LABELED_TRAJECTORY_ARGS GSA_TENSOR);
+
+  // Local score machines (gsa_kernels/_contract.py gives the math): x [B, C, H, W], images
+  // [N, C, H, W] and sigma [B] in the compute dtype; patch_size odd >= 1; mode gsa LocalMode
+  // (0 ls, 1 els, 2 bbels), padding (0 zeros, 1 circular), kind 0 denoise / 1 score.
+  // -> [B, C, H, W] in x's dtype. CPU: cpu/local_score.cpp.
+  m.def("local_posterior(Tensor x, Tensor images, Tensor sigma, int patch_size, int mode, int padding, "
+        "int kind) -> Tensor");
 }

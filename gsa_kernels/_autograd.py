@@ -384,7 +384,9 @@ def _mixture_backward(forward, fused):
         gD = gD if ctx.need_denoised and gD is not None else None
         gW = gW if ctx.need_weights and gW is not None else None
         args = (x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
-        if fused is not None and x.device.type == "cpu":
+        # the fused kernel has no derivative of its own: under create_graph (double backward,
+        # HVPs) the composed torch-op backward, which autograd can differentiate again
+        if fused is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
             gx, gmu, glam, g_residual_var, glogw = fused(*args, gD, gL, gW, needs, ctx.layouts)
             gx, gmu, glam, g_residual_var, glogw = [t if need else None for t, need in zip((gx, gmu, glam, g_residual_var, glogw), needs)]
         else:
@@ -423,3 +425,24 @@ def gaussian_map_labeled_rule(lookup, qualname, no_grad, fused):
 
 def gaussian_trajectory_labeled_rule(lookup, qualname, no_grad, fused):
     return _labeled_trajectory_backward(lookup("gaussian_map_labeled")), _labeled_trajectory_setup(qualname, no_grad)
+
+
+# ----------------------------------------------------------------------------- local score machines
+# Gradient w.r.t. x only (images and sigma raise when they require grad): the float64 PyTorch VJP
+# of reference.local_posterior_vjp, for every backend -- exact, not a fused kernel.
+
+
+def local_posterior_rule(lookup, qualname, no_grad, fused):
+    def setup_context(ctx, inputs, output):
+        _check_inputs(qualname, inputs, no_grad)
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+        ctx.args = inputs[3:]
+
+    def backward(ctx, grad):
+        from . import reference
+
+        x, images, sigma = ctx.saved_tensors
+        gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None, None, None
+
+    return backward, setup_context

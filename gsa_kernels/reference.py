@@ -7,6 +7,7 @@ Callable exactly like every backend, in kernel argument order (_contract.py):
     mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
     gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
     gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
+    local_posterior(x, images, sigma, patch_size, mode, padding, kind)
 
 Every backend is tested against these functions, and they are tested against independent code
 (torch.distributions densities and autograd, numerical ODE integration) in tests/test_reference.py.
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from ._contract import SpectralKind, compute_dtype
+from ._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -212,3 +213,158 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
             acc = acc + (weights[:, k, None] * d_k).sum(1)
         denoised = acc.to(x.dtype)
     return denoised, logp.to(cd), weights.to(cd) if need_weights else logp.new_empty((0,), dtype=cd)
+
+
+# ----------------------------------------------------------------------------- local score machines
+
+
+def _padded(t, p, padding):
+    """t [..., H, W] -> [..., H + 2p, W + 2p]: zeros outside the image, or the image wrapped
+    (indices mod H, mod W, as many times as p needs)."""
+    H, W = t.shape[-2:]
+    if padding == LocalPadding.ZEROS:
+        return torch.nn.functional.pad(t, (p, p, p, p))
+    rows = torch.arange(-p, H + p, device=t.device) % H
+    cols = torch.arange(-p, W + p, device=t.device) % W
+    return t.index_select(-2, rows).index_select(-1, cols)
+
+
+def boundary_class(H, W, p, device=None):
+    """[H W] int64: pixel (i, j)'s boundary class, the distances (top, bottom, left, right) to the
+    image edges each clipped at p, as one code. Equal codes compete in BBELS."""
+    i = torch.arange(H, device=device)[:, None].expand(H, W)
+    j = torch.arange(W, device=device)[None, :].expand(H, W)
+    parts = [i.clamp(max=p), (H - 1 - i).clamp(max=p), j.clamp(max=p), (W - 1 - j).clamp(max=p)]
+    code = torch.zeros((H, W), dtype=torch.int64, device=device)
+    for part in parts:
+        code = code * (p + 1) + part
+    return code.reshape(-1)
+
+
+def _local_blocks(xd, images, p, mode, padding):
+    """The candidates of every pixel, one block of training images at a time: yields
+    (d2 [B, HW, M], values [C, HW or 1, M], padded) in float64, d2 = +inf where (mode BBELS) a
+    column is not a candidate of that pixel. LS: M = the block's images at v = u, padded [n, C,
+    H + 2p, W + 2p]; ELS / BBELS: one image, M = its HW pixels v, padded [C, H + 2p, W + 2p]. d2 is
+    summed from direct differences, one window offset at a time."""
+    B, C, H, W = xd.shape
+    HW, P = H * W, 2 * p + 1
+    xp = _padded(xd, p, padding)
+    shifted_x = lambda oy, ox: xp[:, :, oy:oy + H, ox:ox + W].reshape(B, C, HW)
+    if mode == LocalMode.LS:
+        step = max(1, (1 << 22) // max(1, B * C * HW))  # [B, n, C, HW] float64 temporaries of ~32 MB
+        for n0 in range(0, images.shape[0], step):
+            block = images[n0:n0 + step].to(torch.float64)
+            bp = _padded(block, p, padding)
+            d2 = torch.zeros((B, HW, block.shape[0]), dtype=torch.float64, device=xd.device)
+            for oy in range(P):
+                for ox in range(P):
+                    diff = shifted_x(oy, ox)[:, None] - bp[None, :, :, oy:oy + H, ox:ox + W].reshape(1, -1, C, HW)
+                    d2 += (diff * diff).sum(2).transpose(1, 2)
+            yield d2, block.reshape(-1, C, HW).permute(1, 2, 0), bp
+        return
+    outside = None
+    if mode == LocalMode.BBELS:
+        code = boundary_class(H, W, p, xd.device)
+        outside = code[:, None] != code[None, :]  # [HW u, HW v]
+    for n in range(images.shape[0]):
+        img = images[n].to(torch.float64)
+        ip = _padded(img, p, padding)
+        d2 = torch.zeros((B, HW, HW), dtype=torch.float64, device=xd.device)
+        for oy in range(P):
+            for ox in range(P):
+                xs = shifted_x(oy, ox)  # [B, C, HW u]
+                cs = ip[:, oy:oy + H, ox:ox + W].reshape(C, HW)  # [C, HW v]
+                for c in range(C):
+                    diff = xs[:, c, :, None] - cs[c][None, None, :]
+                    d2 += diff * diff
+        if outside is not None:
+            d2 = d2.masked_fill(outside, math.inf)
+        yield d2, img.reshape(C, 1, HW), ip
+
+
+def _local_posterior_f64(xd, images, sigma, patch_size, mode, padding):
+    """(sum_c w_c (value_c - x_u) [B, C, HW], logsumexp of the logits [B, HW]) in float64, streaming
+    over training images with an online softmax (running max m, sum z, accumulator acc)."""
+    B, C, H, W = xd.shape
+    s2 = sigma.to(torch.float64).reshape(B, 1, 1) ** 2
+    xu = xd.reshape(B, C, H * W, 1)
+    m = torch.full((B, H * W), -math.inf, dtype=torch.float64, device=xd.device)
+    z = torch.zeros_like(m)
+    acc = torch.zeros((B, C, H * W), dtype=torch.float64, device=xd.device)
+    for d2, values, _ in _local_blocks(xd, images, patch_size // 2, mode, padding):
+        logits = -d2 / (2 * s2)
+        m_new = torch.maximum(m, logits.amax(-1))
+        rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
+        w = torch.exp(logits - m_new[..., None])  # [B, HW, M]
+        z = z * rescale + w.sum(-1)
+        # sum_c w_c (value_c - x_u) channel by channel: the differences, never sum w v - x sum w
+        acc = acc * rescale[:, None] + torch.stack([(w * (values[c][None] - xu[:, c])).sum(-1) for c in range(C)], 1)
+        m = m_new
+    return acc / z[:, None], m + torch.log(z)
+
+
+def local_posterior(x, images, sigma, patch_size, mode, padding, kind):
+    """The local score machines: x [B, C, H, W], images [N, C, H, W], sigma [B] -> [B, C, H, W] in
+    x's dtype (_contract.py gives the math). DENOISE: x_u + sum_c w_c (value_c - x_u); SCORE:
+    sum_c w_c (value_c - x_u) / sigma^2. Computed in float64 whatever the dtype (float32 values are
+    exact in float64), so it is the truth at every sigma; a NaN in x[b] makes row b all NaN."""
+    mode, padding, kind = LocalMode(mode), LocalPadding(padding), SpectralKind(kind)
+    xd = _f64(x)
+    B, C, H, W = xd.shape
+    diff, _ = _local_posterior_f64(xd, images, sigma, patch_size, mode, padding)
+    if kind == SpectralKind.DENOISE:
+        out = xd + diff.reshape(B, C, H, W)
+    elif kind == SpectralKind.SCORE:
+        out = diff.reshape(B, C, H, W) / sigma.to(torch.float64).reshape(B, 1, 1, 1) ** 2
+    else:
+        raise ValueError(f"local_posterior: kind must be DENOISE or SCORE, got {kind!r}")
+    out = torch.where(torch.isnan(xd).flatten(1).any(1).reshape(B, 1, 1, 1), math.nan, out)
+    return out.to(x.dtype)
+
+
+def local_posterior_vjp(x, images, sigma, patch_size, mode, padding, kind, grad):
+    """The vector-Jacobian product of local_posterior w.r.t. x: grad [B, C, H, W] -> [B, C, H, W]
+    in x's dtype, float64 inside. With den_u = sum_c w_c value_c and g_u the gradient reaching
+    den_u (grad, or grad / sigma^2 for the score), a_c = w_c g_u . (value_c - den_u) and, since
+    dlogit_c / dx_{u+o} = (phi_c(o) - x_{u+o}) / sigma^2 for the candidate's window phi_c,
+        grad x_q = sum over u, o with u + o = q of sum_c a_c phi_c(o) / sigma^2
+    (the x_{u+o} term drops: sum_c a_c = g_u . (den_u - den_u) = 0), folded back from the
+    padded frame onto the image (dropped outside it for zeros, wrapped for circular); the score
+    adds its direct term -grad / sigma^2. A second pass over the candidates with the forward's
+    logsumexp. NaN rows of x give NaN rows."""
+    mode, padding, kind = LocalMode(mode), LocalPadding(padding), SpectralKind(kind)
+    xd, g = _f64(x), _f64(grad)
+    B, C, H, W = xd.shape
+    HW, p = H * W, patch_size // 2
+    P = 2 * p + 1
+    s2 = sigma.to(torch.float64).reshape(B, 1, 1) ** 2
+    g_den = g / s2[..., None] if kind == SpectralKind.SCORE else g
+    diff, lse = _local_posterior_f64(xd, images, sigma, patch_size, mode, padding)
+    den = (xd.reshape(B, C, HW) + diff)[..., None]  # [B, C, HW, 1]
+    gu = g_den.reshape(B, C, HW, 1)
+    frame = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=torch.float64, device=xd.device)
+    for d2, values, padded in _local_blocks(xd, images, p, mode, padding):
+        w = torch.exp(-d2 / (2 * s2) - lse[..., None])  # [B, HW, M]
+        a = w * (gu * (values[None] - den)).sum(1)
+        for oy in range(P):
+            for ox in range(P):
+                if mode == LocalMode.LS:  # candidate n at v = u: its window pixel u + o
+                    phi = padded[:, :, oy:oy + H, ox:ox + W].reshape(-1, C, HW)  # [n, C, HW]
+                    part = torch.einsum("bun,ncu->bcu", a, phi)
+                else:  # candidate v: its window pixel v + o
+                    phi = padded[:, oy:oy + H, ox:ox + W].reshape(C, HW)  # [C, HW v]
+                    part = torch.einsum("buv,cv->bcu", a, phi)
+                frame[:, :, oy:oy + H, ox:ox + W] += part.reshape(B, C, H, W)
+    frame = frame / s2[..., None]
+    if padding == LocalPadding.ZEROS:
+        gx = frame[:, :, p:p + H, p:p + W].clone()
+    else:
+        rows = torch.arange(-p, H + p, device=xd.device) % H
+        cols = torch.arange(-p, W + p, device=xd.device) % W
+        gx = torch.zeros((B, C, H, W + 2 * p), dtype=torch.float64, device=xd.device).index_add_(2, rows, frame)
+        gx = torch.zeros_like(xd).index_add_(3, cols, gx)
+    if kind == SpectralKind.SCORE:
+        gx = gx - g / s2[..., None]
+    gx = torch.where(torch.isnan(xd).flatten(1).any(1).reshape(B, 1, 1, 1), math.nan, gx)
+    return gx.to(x.dtype)

@@ -21,10 +21,19 @@ truth is the reference in float64 on exactly those rounded values. Families:
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
+  split     (mixture_posterior) the components cut into extra["split"] parts, merged as the
+            file-backed, sharded and distributed paths merge them: ties across parts, 16-bit x
   labels    (gaussian_map_labeled / gaussian_trajectory_labeled) K Gaussians, row b under
             component labels[b]: every label present, rows sorted by label, labels missing, all
             rows one label; across the labelled row tiles (triton 16 rows interpreted / 64 on GPU,
             cuda 32); test_labels.py
+  local_posterior (LocalCase): machines (LS / ELS zeros and circular, BBELS zeros x P 1, 3, 5 and
+            2 max(H, W) + 1 x C 1, 3), tiles (non-square H x W with HW one below / at / above
+            16, 32, 64, 128 pixels, N across 16 and 32 images, a 1 x 1 image), dtypes, sigma
+            (1e-4 .. 1e4, one per case), tie (two patches 1e-3 apart in one pixel, sigma 0.002 /
+            0.01), sparse (MNIST-like images: exact ties among all-zero windows), nan; and the
+            identities (local_identity_cases: LS zeros large P = the delta mixture, BBELS P 1 =
+            ELS P 1), test_conformance.test_local_identity
 
 Tile edges (read from the sources; keep in sync when they change):
   triton interpreter  gaussian BLOCK_B 16, BLOCK_D 32, BLOCK_R 16, c in registers for r <= 16;
@@ -49,7 +58,7 @@ from typing import Optional
 
 import torch
 
-from gsa_kernels._contract import SpectralKind
+from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
 from tests._helpers import orthonormal as _orthonormal
 
 F64 = torch.float64
@@ -272,6 +281,8 @@ def _delta_tie(case, gen):
     points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
     i = torch.arange(case.B) % K
     j = (i + 1 + torch.arange(case.B) // K) % K
+    if case.extra.get("split"):  # partners in different parts of the split (K // 2 apart)
+        j = (i + K // 2) % K
     noise = torch.where(torch.arange(case.B) < 4, 1e-3, 1e-6).to(F64)[:, None]
     x0 = (points[i] + points[j]) / 2 + noise * torch.randn(case.B, D, dtype=F64, generator=gen)
     zeros = torch.zeros(K, dtype=F64)
@@ -399,6 +410,23 @@ def mixture_posterior_cases():
     for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
+    # split: the components cut into parts (blocks of a points file, shards, ranks), each part one
+    # kernel launch, the parts' states merged (gsa_kernels/partial.py split_posterior, the code of
+    # those paths): near ties whose two points lie in different parts, at the EDM's smallest sigma
+    # and D 784 (logits ~1e7: a float32 logp per part is off by ~0.4), and 16-bit x at sigma 0.01
+    for sigma in (0.002, 0.01):
+        cases.append(Case("split", f"delta_D784_{_sigma_name(sigma)}_parts2", 8, 784, 0, K=8, sigma=sigma,
+                          extra={"build": "delta_tie", "split": 2}))
+    cases.append(Case("split", "delta_D784_s0.002_parts3_f64", 8, 784, 0, K=9, sigma=0.002, dtype=torch.float64,
+                      extra={"build": "delta_tie", "split": 3}))
+    for sigma in (0.002, 0.01):
+        cases.append(Case("split", f"lowrank_D64_{_sigma_name(sigma)}_parts2", 4, 64, 1, K=2, sigma=sigma,
+                          extra={"build": "lowrank_tie", "split": 2}))
+    for dtype in (torch.float16, torch.bfloat16):
+        cases.append(Case("split", f"{_shape_name(9, 33, 0, K=19)}_s0.01_parts3_{_DT[dtype]}", 9, 33, 0, K=19,
+                          residual_var=0.0, sigma=0.01, dtype=dtype, extra={"split": 3}))
+        cases.append(Case("split", f"{_shape_name(9, 33, 5, K=5)}_s0.01_parts2_{_DT[dtype]}", 9, 33, 5, K=5, sigma=0.01,
+                          dtype=dtype, extra={"split": 2}))
     # D = 140: one 128-d back-projection tile of the cuda kernel and a short one; K = 70: several
     # component tiles (triton 16, cuda 32) and splits
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
@@ -463,10 +491,185 @@ def gaussian_trajectory_labeled_cases():
     return cases
 
 
+# ----------------------------------------------------------------------------- local score machines
+
+
+@dataclass(frozen=True)
+class LocalCase:
+    """A local_posterior case: B queries [C, H, W] against N training images, patch size P."""
+
+    family: str
+    name: str
+    B: int
+    N: int
+    C: int
+    H: int
+    W: int
+    P: int
+    mode: LocalMode
+    padding: LocalPadding = LocalPadding.ZEROS
+    kind: SpectralKind = SpectralKind.DENOISE
+    dtype: torch.dtype = torch.float32
+    sigma: Optional[float] = None  # None: per-sample, log-uniform over the EDM range
+    nan_rows: tuple = ()
+    seed: int = 0
+    interpreter: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self):
+        return f"{self.family}-{self.name}"
+
+
+LOCAL_MACHINES = [(LocalMode.LS, LocalPadding.ZEROS), (LocalMode.LS, LocalPadding.CIRCULAR),
+                  (LocalMode.ELS, LocalPadding.ZEROS), (LocalMode.ELS, LocalPadding.CIRCULAR),
+                  (LocalMode.BBELS, LocalPadding.ZEROS)]
+_MODES = {LocalMode.LS: "ls", LocalMode.ELS: "els", LocalMode.BBELS: "bbels"}
+_PADS = {LocalPadding.ZEROS: "zeros", LocalPadding.CIRCULAR: "circ"}
+
+
+def _local_name(B, N, C, H, W, P, mode, padding, kind, **more):
+    parts = [_MODES[mode], _PADS[padding], _KINDS[kind], f"B{B}", f"N{N}", f"C{C}", f"{H}x{W}", f"P{P}"]
+    return "_".join(parts + [f"{k}{v}" for k, v in more.items()])
+
+
+def _local_images(case, gen):
+    """Training images [N, C, H, W]: uniform in [-1, 1], or (extra["sparse"]) MNIST-like: mostly 0
+    with a few bright pixels, so that many patches tie exactly (all-zero windows)."""
+    shape = (case.N, case.C, case.H, case.W)
+    if case.extra.get("sparse"):
+        return (torch.rand(shape, dtype=F64, generator=gen) - 0.7).clamp_min(0) * 3.0
+    return torch.rand(shape, dtype=F64, generator=gen) * 2 - 1
+
+
+def local_posterior_args(case):
+    """(x, images, sigma, patch_size, mode, padding, kind), float64. x: training images circularly
+    shifted by a random offset per row (so that ELS matches patches at other pixels) plus sigma
+    noise. Near ties (extra["tie"]): image 1 is image 0 with one pixel moved by 1e-3 and x is
+    image 0 (rows 0, 2, ...) or the midpoint of the two in that pixel (rows 1, 3, ...). Image 0 is
+    0 in that pixel, so the output there is 1e-3 times the weight of image 1: a weight error shows
+    above the rounding term of the bound."""
+    gen = _gen(case)
+    images = _local_images(case, gen)
+    sigma = _row_sigma(case, gen)
+    B = case.B
+    if case.extra.get("tie") == "far":
+        # the two tied images are the darkest (-1 but the tie pixel) and x is image 0 - 3 but ~0 at
+        # the tie pixel: every logit ~ -9 C P^2 / (2 sigma^2) ~ -2e6, the two best ones ~1 apart
+        q = (case.H // 2, case.W // 3)
+        images[0] = -1.0
+        images[0, :, q[0], q[1]] = 0.0
+        images[1] = images[0]
+        images[1, 0, q[0], q[1]] += 1e-3
+        x = (images[0] - 3.0).expand(B, -1, -1, -1).clone()
+        x[:, :, q[0], q[1]] = 0.0  # near the two values there (0 and 1e-3): the weights show in the output
+        x[:, 0, q[0], q[1]] = 0.125  # squared distances ~2e3, 2.5e-4 apart: ~1 float32 ulp of them
+    elif case.extra.get("tie"):
+        q = (case.H // 2, case.W // 3)
+        images[0, :, q[0], q[1]] = 0.0  # values 0 and 1e-3 there: the weights are the output
+        images[1] = images[0]
+        images[1, 0, q[0], q[1]] += 1e-3
+        x = images[0].expand(B, -1, -1, -1).clone()
+        x[1::2, 0, q[0], q[1]] += 0.5e-3
+    else:
+        pick = torch.randint(0, case.N, (B,), generator=gen)
+        x = torch.stack([torch.roll(images[int(k)], (int(torch.randint(0, case.H, (1,), generator=gen)),
+                                                    int(torch.randint(0, case.W, (1,), generator=gen))), (1, 2))
+                         for k in pick]) if B else images[:0].clone()
+        x = x + sigma[:, None, None, None] * torch.randn(x.shape, dtype=F64, generator=gen)
+    for b in case.nan_rows:
+        x[b, b % case.C, b % case.H, (2 * b) % case.W] = math.nan
+    return x, images, sigma, case.P, int(case.mode), int(case.padding), int(case.kind)
+
+
+# (B, N, C, H, W): non-square, pixels HW one below / at / above 16, 32, 64 and 128 (pixel tiles),
+# N across 16 and 32 (image blocks); BBELS classes of several sizes
+LOCAL_SHAPES = [(2, 3, 1, 5, 7), (3, 5, 3, 4, 9), (1, 17, 1, 8, 4), (2, 4, 3, 3, 11), (1, 33, 1, 8, 9), (2, 2, 1, 11, 13),
+                (1, 1, 1, 1, 1), (3, 2, 3, 6, 5)]
+
+
+def local_posterior_cases():
+    cases = []
+    kinds = (SpectralKind.DENOISE, SpectralKind.SCORE)
+    # modes x paddings x P in {1, 3, 5, large} x C in {1, 3}, per-sample sigma over the EDM range
+    i = 0
+    for mode, padding in LOCAL_MACHINES:
+        for C in (1, 3):
+            for P in (1, 3, 5, "large"):
+                B, N, H, W = (2, 3, 5, 7) if C == 1 else (2, 4, 4, 6)
+                P = 2 * max(H, W) + 1 if P == "large" else P
+                kind = kinds[i % 2]
+                i += 1
+                cases.append(LocalCase("machines", _local_name(B, N, C, H, W, P, mode, padding, kind), B, N, C, H, W, P,
+                                       mode, padding, kind, seed=i))
+    # shapes across tile edges, both kinds
+    for j, (B, N, C, H, W) in enumerate(LOCAL_SHAPES):
+        for mode, padding in LOCAL_MACHINES:
+            kind = kinds[j % 2]
+            P = 3 if j % 3 else 5
+            cases.append(LocalCase("tiles", _local_name(B, N, C, H, W, P, mode, padding, kind), B, N, C, H, W, P, mode,
+                                   padding, kind, seed=j))
+    for mode, padding in LOCAL_MACHINES:
+        # 16-bit and 64-bit x; f16 scores only at sigmas whose scores fit float16 (< 65504)
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            for kind in kinds:
+                sigma = 0.5 if dtype == torch.float16 else None
+                cases.append(LocalCase("dtypes", _local_name(3, 4, 3, 5, 6, 3, mode, padding, kind) + "_" + _DT[dtype], 3, 4,
+                                       3, 5, 6, 3, mode, padding, kind, dtype=dtype, sigma=sigma))
+        # one sigma for all rows at the ends of the EDM range and beyond
+        for sigma in (1e-4, 0.002, 80.0, 1e4):
+            for d, dtype in enumerate((torch.float32, torch.float64)):
+                for kind in kinds[d:] + kinds[:d]:  # both kinds at every sigma, half of them per dtype
+                    if kind != kinds[d] and sigma in (80.0, 1e4):
+                        continue
+                    name = _local_name(2, 5, 1, 6, 7, 3, mode, padding, kind) + f"_{_sigma_name(sigma)}_{_DT[dtype]}"
+                    cases.append(LocalCase("sigma", name, 2, 5, 1, 6, 7, 3, mode, padding, kind, dtype=dtype, sigma=sigma))
+        # near ties: two patches 1e-3 apart in one pixel, sigma 0.002 (logits 0.125 apart)
+        for sigma, dtype, C in ((0.002, torch.float32, 1), (0.002, torch.float32, 3), (0.002, torch.float64, 1),
+                                (0.01, torch.float32, 1)):
+            name = _local_name(4, 3, C, 6, 7, 3, mode, padding, SpectralKind.DENOISE) + f"_{_sigma_name(sigma)}_{_DT[dtype]}"
+            cases.append(LocalCase("tie", name, 4, 3, C, 6, 7, 3, mode, padding, dtype=dtype, sigma=sigma,
+                                   extra={"tie": True}))
+        # a near tie far from x: logits ~ -1e5 apart from the data, the exact recomputation's case
+        name = _local_name(2, 4, 3, 9, 10, 9, mode, padding, SpectralKind.DENOISE) + "_far_s0.011"
+        cases.append(LocalCase("tie", name, 2, 4, 3, 9, 10, 9, mode, padding, sigma=0.011, extra={"tie": "far"}))
+        # MNIST-like images: exact ties among all-zero patches; dense posteriors at sigma 5
+        for sigma in (0.05, 5.0):
+            for kind in kinds:
+                name = _local_name(2, 6, 1, 9, 8, 5, mode, padding, kind) + f"_{_sigma_name(sigma)}"
+                cases.append(LocalCase("sparse", name, 2, 6, 1, 9, 8, 5, mode, padding, kind, sigma=sigma,
+                                       extra={"sparse": True}))
+        for kind in kinds:
+            cases.append(LocalCase("nan", _local_name(4, 3, 3, 5, 6, 3, mode, padding, kind), 4, 3, 3, 5, 6, 3, mode, padding,
+                                   kind, nan_rows=(1, 2)))
+    return cases
+
+
+# The two identities (test_conformance.test_local_identity), per backend: (B, N, C, H, W, sigma)
+LOCAL_IDENTITY_SHAPES = [(3, 5, 1, 5, 7, None), (2, 4, 3, 4, 6, None), (2, 6, 1, 6, 5, 0.002)]
+
+
+def local_identity_cases():
+    """("delta", ...): LS, zeros padding, P = 2 max(H, W) - 1 and larger is the delta-mixture
+    denoiser of the flattened images; ("bbels_p1", ...): BBELS P = 1 is ELS P = 1."""
+    cases = []
+    for B, N, C, H, W, sigma in LOCAL_IDENTITY_SHAPES:
+        for P in (2 * max(H, W) - 1, 2 * max(H, W) + 3):
+            cases.append(LocalCase("identity", "delta_" + _local_name(B, N, C, H, W, P, LocalMode.LS, LocalPadding.ZEROS,
+                                                                         SpectralKind.DENOISE), B, N, C, H, W, P, LocalMode.LS,
+                                   sigma=sigma, extra={"identity": "delta"}))
+        for kind in (SpectralKind.DENOISE, SpectralKind.SCORE):
+            cases.append(LocalCase("identity", "bbels_p1_" + _local_name(B, N, C, H, W, 1, LocalMode.BBELS, LocalPadding.ZEROS,
+                                                                            kind), B, N, C, H, W, 1, LocalMode.BBELS, kind=kind,
+                                   sigma=sigma, extra={"identity": "bbels_p1"}))
+    return cases
+
+
 CASES = {
     "gaussian_map": (gaussian_map_cases(), gaussian_map_args),
     "gaussian_trajectory": (gaussian_trajectory_cases(), gaussian_trajectory_args),
     "mixture_posterior": (mixture_posterior_cases(), mixture_posterior_args),
     "gaussian_map_labeled": (gaussian_map_labeled_cases(), gaussian_map_labeled_args),
     "gaussian_trajectory_labeled": (gaussian_trajectory_labeled_cases(), gaussian_trajectory_labeled_args),
+    "local_posterior": (local_posterior_cases(), local_posterior_args),
 }

@@ -14,6 +14,14 @@ Error measures (the same for every backend; `tol(dtype)` is the only tolerance):
 - mixture denoised, per row: |out - truth| <= tol(x dtype) * (|x| + max_k |D_k|) + 2 TV_b max_k
   |D_k - truth|, TV_b the row's measured weight error: the denoised mean is the weighted sum of the
   component denoisers D_k, so a weight error moves it by at most that much.
+- local_posterior, per row b and pixel u (norms over the C channels): |out - truth| <= allowed,
+  denoise: tol(x dtype) (|x_u| + max_c |value_c|) + 2 TV max_c |value_c - truth_u|,
+  score:   (tol(x dtype) max_c |value_c - x_u| + 2 TV max_c |value_c - truth_u|) / sigma^2
+           + tol(x dtype) |truth_u|,
+  maxima over the candidates c with truth weight > 1e-12, TV the weights' bound above (1e-3
+  float32 compute, 1e-9 float64): a pixel's output is the weighted mean of its candidates'
+  values (minus x_u), so a weight error of TV moves it by at most 2 TV times their spread.
+  A NaN anywhere in x[b] makes all of out[b] NaN.
 - NaN: outputs are NaN exactly where the truth is NaN (NaN rows of x), never -inf; other rows
   are checked as usual.
 
@@ -29,7 +37,7 @@ import os
 import torch
 
 from gsa_kernels import _backends, reference
-from gsa_kernels._contract import SpectralKind, compute_dtype
+from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 WEIGHTS_TV = {torch.float64: 1e-9, torch.float32: 1e-3}
@@ -43,10 +51,12 @@ def tol(dtype):
 
 
 def device_type():
-    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda and a GPU is visible (then triton and cuda run
-    on CUDA tensors, compiled); else "cpu" (triton through the interpreter, cuda through the
-    SIMT emulation)."""
-    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda" and torch.cuda.is_available():
+    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda (then triton and cuda run on CUDA tensors,
+    compiled; an error if no GPU is visible); else "cpu" (triton through the interpreter, cuda
+    through the SIMT emulation)."""
+    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda":
+        if not torch.cuda.is_available():  # asked for the GPU: the CPU stand-ins must not pass for it
+            raise RuntimeError("GSA_CONFORMANCE_DEVICE=cuda but torch sees no CUDA device")
         return "cuda"
     return "cpu"
 
@@ -62,6 +72,16 @@ def interpreting():
 def kernel(backend, op):
     """The backend's kernel of `op` through the one dispatch point (_backends.resolve)."""
     return _backends.resolve(backend, torch.device(device_type()), op)
+
+
+def split_kernel(kernel, K, parts):
+    """The mixture_posterior kernel run the way the scale-out paths run it (blocks of a points
+    file, shards, ranks): the K components cut into `parts` near-equal parts, one launch each,
+    merged by gsa_kernels.partial.split_posterior."""
+    from gsa_kernels import partial
+
+    bounds = [i * (K // parts) + min(i, K % parts) for i in range(parts + 1)]
+    return lambda *args: partial.split_posterior(kernel, *args, bounds)
 
 
 def cast(args, dtype):
@@ -207,3 +227,54 @@ def check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, 
         worst = int(err.argmax())
         assert err[worst] <= 1.0, f"{what}: denoised row {worst}: error {(out - truth).norm(dim=1)[worst].item():.3g} > allowed {allowed[rows][worst].item():.3g}"
 
+
+
+def local_allowed(args64, truth):
+    """The allowed error [B, HW] of local_posterior per pixel (module docstring), for float64
+    args and the float64 truth [B, C, H, W] (rows with NaN get 0: they are checked for NaN only).
+    A second pass over the reference's candidate blocks with the truth's logsumexp."""
+    x, images, sigma, P, mode, padding, kind = args64
+    B, C, H, W = x.shape
+    nan_rows = torch.isnan(x).flatten(1).any(1)
+    x = torch.where(nan_rows[:, None, None, None], 0.0, x)
+    mode, padding = LocalMode(mode), LocalPadding(padding)
+    diff, lse = reference._local_posterior_f64(x, images, sigma, P, mode, padding)
+    s2 = sigma.reshape(B, 1, 1) ** 2
+    xu = x.reshape(B, C, H * W, 1)
+    out_u = xu + diff[..., None]
+    v_max, vx_max, spread = (torch.zeros((B, H * W), dtype=torch.float64) for _ in range(3))
+    for d2, values, _ in reference._local_blocks(x, images, P // 2, mode, padding):
+        support = torch.exp(-d2 / (2 * s2) - lse[..., None]) > 1e-12  # [B, HW, M]
+        keep = lambda t, support=support: torch.where(support, t, 0.0).amax(-1)
+        v_max = torch.maximum(v_max, keep(values.norm(dim=0).expand_as(support)))
+        vx_max = torch.maximum(vx_max, keep((values[None] - xu).norm(dim=1)))
+        spread = torch.maximum(spread, keep((values[None] - out_u).norm(dim=1)))
+    t = torch.nan_to_num(truth, nan=0.0).reshape(B, C, H * W).norm(dim=1)
+    return v_max, vx_max, spread, t, s2[:, :, 0], nan_rows
+
+
+def check_local(out, truth, args64, dtype, what, allowed_terms=None):
+    """local_posterior's out [B, C, H, W] (dtype) against the float64 truth, per pixel."""
+    x, images, sigma, P, mode, padding, kind = args64
+    B, C, H, W = x.shape
+    assert out.dtype == dtype and out.shape == x.shape, f"{what}: out {out.dtype} {tuple(out.shape)}"
+    out = out.double().cpu()
+    nan_rows = torch.isnan(x).flatten(1).any(1)
+    assert torch.isnan(out[nan_rows]).all(), f"{what}: a row with NaN in x is not all NaN"
+    assert not torch.isnan(out[~nan_rows]).any(), f"{what}: NaN in a row without NaN in x"
+    assert not torch.isinf(out[~nan_rows]).any(), f"{what}: infinite output in a row without NaN in x"
+    v_max, vx_max, spread, t, s2, _ = allowed_terms if allowed_terms is not None else local_allowed(args64, truth)
+    tv = WEIGHTS_TV[compute_dtype(dtype)]
+    xn = torch.nan_to_num(x, nan=0.0).reshape(B, C, H * W).norm(dim=1)
+    if SpectralKind(kind) == SpectralKind.DENOISE:
+        allowed = tol(dtype) * (xn + v_max) + 2 * tv * spread
+    else:
+        allowed = (tol(dtype) * vx_max + 2 * tv * spread) / s2 + tol(dtype) * t
+    err = (out - truth).reshape(B, C, H * W).norm(dim=1)
+    ratio = (err / allowed.clamp_min(1e-300))[~nan_rows]
+    if ratio.numel() == 0:
+        return
+    worst = int(ratio.argmax())
+    b, u = divmod(worst, H * W)  # b counts the rows without NaN
+    assert ratio.flatten()[worst] <= 1.0, (f"{what}: row {b} pixel {divmod(u, W)}: error {err[~nan_rows].flatten()[worst].item():.3g} "
+                                           f"> allowed {allowed[~nan_rows].flatten()[worst].item():.3g}")
