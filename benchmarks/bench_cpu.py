@@ -1,7 +1,11 @@
-"""CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1 and the E2
-empirical sweep over sigma x N x D; shapes and
+"""CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1, the E2
+empirical sweep over sigma x N x D, MNIST-5k by sigma (MN), M1 by sigma decade (M1S) and the
+few-query workloads (F); shapes and
 FLOP / byte counts in gsa_kernels/bench.py). Each group times, in the same run: our cpu
-backend, the eager reference, torch.compile of the reference, and a "roofline" entry: the
+backend, the eager reference, torch.compile of the reference, the workload's peers (bench.py:
+"sdpa" for the empirical mixtures, "skilled" batched eager and "skilled_compiled" for the
+low-rank ones, "stream" -- one read of the points -- for the few-query ones; each peer's
+worst-row error against float64 truth in extra_info), and a "roofline" entry: the
 time max(FLOPs / GEMM peak, bytes / stream bandwidth) with both peaks measured here (measured
 next to each workload, recorded in extra_info; its benchmark body sleeps for that time so the
 group table shows it in line).
@@ -34,13 +38,21 @@ def _workload(name):
     return _BUILT[name]
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference", "compiled", "roofline"])
-@pytest.mark.parametrize("name", bench.WORKLOADS + bench.EMPIRICAL_WORKLOADS)
+PEERS = ("sdpa", "skilled", "skilled_compiled", "stream")
+ALL_WORKLOADS = (bench.WORKLOADS + bench.EMPIRICAL_WORKLOADS + bench.MNIST_WORKLOADS + bench.M1_DECADE_WORKLOADS
+                 + bench.FEW_QUERY_WORKLOADS)
+_TRUTH = {}
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference", "compiled", "roofline", *PEERS])
+@pytest.mark.parametrize("name", ALL_WORKLOADS)
 def test_workload(benchmark, name, impl, peaks):
     import benchmarks.conftest as conf
 
     conf.pytest_terminal_summary.peaks = peaks
     w = _workload(name)
+    if impl in PEERS and impl not in (w.peers or {}):
+        pytest.skip(f"{impl} is no peer of {name}")
     benchmark.group = f"{name}: {w.description}"
     roof = w.roofline_seconds(w.peaks)
     benchmark.extra_info.update(
@@ -50,6 +62,10 @@ def test_workload(benchmark, name, impl, peaks):
         benchmark.pedantic(time.sleep, args=(roof,), rounds=1, iterations=1)
         return
     fn = w.runner(impl)
+    if impl != "stream" and impl != "roofline" and w.truth is not None and impl in ("cpu", *PEERS):
+        if name not in _TRUTH:
+            _TRUTH[name] = w.truth()
+        benchmark.extra_info["worst_row_error"] = bench.worst_row_error(fn(), _TRUTH[name])
     if impl in ("reference", "compiled") and w.slow_reference:
         warmup = 1 if impl == "compiled" else 0  # compile once; the eager reference is cold anyway
         benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=warmup)

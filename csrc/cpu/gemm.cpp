@@ -160,6 +160,28 @@ double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w) {
   }) / static_cast<double>(c.m);
 }
 
+double measured_cost(const std::string& key, const std::function<double()>& measure) {
+  static std::mutex cost_mutex;
+  static std::map<std::string, double> costs;
+  {
+    std::lock_guard<std::mutex> lock(cost_mutex);
+    const auto it = costs.find(key);
+    if (it != costs.end()) return it->second;
+  }
+  const double measured = measure();
+  std::lock_guard<std::mutex> lock(cost_mutex);
+  return costs.emplace(key, measured).first->second;
+}
+
+DenseChoice dense_choice() {
+  const char* env = std::getenv("GSA_KERNELS_DENSE");
+  const std::string value = env ? env : "";
+  if (value.empty() || value == "auto") return DenseChoice::kAuto;
+  if (value == "dense") return DenseChoice::kDense;
+  if (value == "sparse") return DenseChoice::kSparse;
+  TORCH_CHECK_VALUE(false, "GSA_KERNELS_DENSE must be auto, dense or sparse; got '", value, "'");
+}
+
 std::string gemm_choices_json() {
   std::lock_guard<std::mutex> lock(mutex);
   std::ostringstream out;

@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <string>
 
 namespace gsa::cpu {
@@ -30,6 +31,17 @@ inline int floor_log2(int64_t v) { return v > 0 ? 63 - __builtin_clzll(static_ca
 // now on all rows of a (the caller picks how many: a GEMM's cost per row falls with its rows):
 // for cost models that weigh a GEMM against other work.
 double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w);
+
+// A cost measured once per process and key (seconds of some unit of work, for the cost models
+// that choose between a sparse and a dense form of the same work): measure() runs on the key's
+// first use, outside any lock; concurrent first uses may both measure, the first to finish wins.
+double measured_cost(const std::string& key, const std::function<double()>& measure);
+
+// GSA_KERNELS_DENSE=auto (unset) | dense | sparse: forces the low-rank mixture kernel's sparse or
+// dense forms (its refinement, chosen by measured_cost rates; its back-projection, the GEMM in
+// auto), so tests reach both sides on any host. Read on every call.
+enum class DenseChoice : int { kAuto, kDense, kSparse };
+DenseChoice dense_choice();
 
 // The engine chosen for each shape class met so far, with the timings behind it, as JSON.
 std::string gemm_choices_json();

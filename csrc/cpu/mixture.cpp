@@ -19,20 +19,27 @@
 //                      U_k^T y and the residual |y - U_k c_k|^2 summed directly (r > 0; the
 //                      expansion |y|^2 - |c_k|^2 cancels when y lies near span(U_k)). Skipped
 //                      components have weight < exp(-kCutoff) relative to the max, both
-//                      exactly and as computed.
+//                      exactly and as computed. Rows with many such components (dense
+//                      posteriors) instead get all the block's logits from one float64 GEMM
+//                      (dense_refinement), by measured costs.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
-//                      G_k = p_k g c_k  (one GEMM)
+//                      G_k = p_k g c_k  (one GEMM; GSA_KERNELS_DENSE=sparse: an axpy per nonzero
+//                      entry instead)
 #include <torch/library.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "empirical.h"
 #include "exact_sums.h"
+#include "gemm.h"
 #include "gsa/checks.h"
 #include "gsa/spectral.h"
 #include "mixture_blocks.h"
@@ -53,13 +60,182 @@ double lowrank_terms_exact(const T* x, const T* mu, const T* U, const T* lam, do
   cc_w = 0;
   for (int64_t j = 0; j < r; ++j) cc_w += c[j] * c[j] / (static_cast<double>(lam[j]) + s2);
   if (r == D) return 0.0;
+  // e_d = y_d - U_d . c: the dot over 8 fixed lanes (a serial chain of r subtractions per d was
+  // latency-bound: most of the refinement's time at moderate sigma)
+  const int64_t r8 = r - r % 8;
   double residual = 0;
   for (int64_t d = 0; d < D; ++d) {
-    double e = y[d];
-    for (int64_t j = 0; j < r; ++j) e -= static_cast<double>(U[d * r + j]) * c[j];
+    const T* Ud = U + d * r;
+    Double8 dot = {};
+    for (int64_t j = 0; j < r8; j += 8) {
+      Double8 u, cj;
+      load8(Ud + j, u);
+      std::memcpy(&cj, c + j, sizeof cj);
+      dot += u * cj;
+    }
+    double e = y[d] - (((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7])));
+    for (int64_t j = r8; j < r; ++j) e -= static_cast<double>(Ud[j]) * c[j];
     residual += e * e;
   }
   return residual;
+}
+
+// sum_j a_j b_j over 8 fixed lanes, then the tail
+inline double dot_lanes(const double* a, const double* b, int64_t n) {
+  const int64_t n8 = n - n % 8;
+  Double8 acc = {};
+  for (int64_t j = 0; j < n8; j += 8) {
+    Double8 u, v;
+    std::memcpy(&u, a + j, sizeof u);
+    std::memcpy(&v, b + j, sizeof v);
+    acc += u * v;
+  }
+  double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (int64_t j = n8; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Dense refinement: where a row has many components within reach of its max, recomputing each
+// one's logit from the differences (lowrank_terms_exact, O(D r) per component, scalar-bound) costs
+// more than one float64 GEMM of the row against the block's forward panel. Its expanded logits
+// err by the float32 bound scaled by eps64 / eps32 (~1e-10 logits where float32 errs by 0.02), and
+// the one term the expansion drops, c^T (U^T U - I) c (a rounded basis is not exactly
+// orthonormal), is added from U^T U computed in double. Which rows take it: measured costs
+// (refine_costs), never a constant tuned to one host.
+constexpr double kEps64Ratio = 0x1p-29;          // eps(double) / eps(float)
+constexpr int64_t kMaxGramEntries = 1 << 24;    // U_k^T U_k for every k: at most 128 MiB
+constexpr int64_t kCostRows = 64;               // rows of the GEMMs timed for the cost models
+
+// per component, in double: U_k^T mu_k [K, r] and U_k^T U_k - I [K, r, r]
+struct ExactTerms {
+  std::vector<double> umu, gram;
+};
+
+template <typename T>
+ExactTerms lowrank_exact_terms(const T* mu, const T* basis, int64_t K, int64_t D, int64_t r) {
+  ExactTerms e;
+  e.umu.assign(K * r, 0.0);
+  e.gram.assign(K * r * r, 0.0);
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    with_isa([&] {
+      std::vector<double> u(r);
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* U = basis + k * D * r;
+        const T* m = mu + k * D;
+        double* um = e.umu.data() + k * r;
+        double* g = e.gram.data() + k * r * r;
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = 0; j < r; ++j) u[j] = static_cast<double>(U[d * r + j]);
+          const double md = m[d];
+          for (int64_t a = 0; a < r; ++a) {
+            const double ua = u[a];
+            um[a] += ua * md;
+            double* ga = g + a * r;
+            for (int64_t b = 0; b < r; ++b) ga[b] += ua * u[b];
+          }
+        }
+        for (int64_t a = 0; a < r; ++a) g[a * r + a] -= 1.0;
+      }
+    });
+  });
+  return e;
+}
+
+// seconds: one component's lowrank_terms_exact, one row of the float64 forward GEMM against a
+// block's panel, and the panel's conversion to double; measured once per shape and context
+struct RefineCosts {
+  double exact, row64, convert;
+};
+
+template <typename T>
+RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam, int64_t K, int64_t D, int64_t r,
+                         const at::Tensor& fwd_panel) {
+  const int64_t nw = fwd_panel.size(0);
+  const std::string key = std::to_string(D) + "/" + std::to_string(r) + "/" + std::to_string(floor_log2(nw)) +
+                          (at::in_parallel_region() ? "/inner" : "/outer");
+  using clock = std::chrono::steady_clock;
+  const auto best_of = [](int runs, const auto& f) {
+    double best = std::numeric_limits<double>::infinity();
+    for (int i = 0; i < runs; ++i) {
+      const auto t0 = clock::now();
+      f();
+      best = std::min(best, std::chrono::duration<double>(clock::now() - t0).count());
+    }
+    return best;
+  };
+  RefineCosts c;
+  c.exact = measured_cost("mixture_exact_component/" + key, [&] {
+    const int64_t n = std::min<int64_t>(K, 4);
+    std::vector<double> y(D), cv(r);
+    volatile double sink = 0;
+    return best_of(3, [&] {
+             with_isa([&] {
+               for (int64_t k = 0; k < n; ++k) {
+                 double cc_w;
+                 sink = sink + lowrank_terms_exact(xb, mu + k * D, basis + k * D * r, lam + k * r, 1.0, D, r, y.data(),
+                                                   cv.data(), cc_w);
+               }
+             });
+           }) / static_cast<double>(n);
+  });
+  c.row64 = measured_cost("mixture_dense_row/" + key, [&] {
+    const auto opts = options_for<double>();
+    return gemm_best_ms_per_row(at::ones({kCostRows, D}, opts), at::ones({nw, D}, opts)) * 1e-3;
+  });
+  c.convert = measured_cost("mixture_panel_to_double/" + key,
+                            [&] { return best_of(2, [&] { (void)fwd_panel.to(at::kDouble); }); });
+  return c;
+}
+
+// a += f v over n elements
+template <typename T>
+inline void axpy(T* __restrict a, T f, const T* __restrict v, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) a[d] += f * v[d];
+}
+
+// Logits (into logit + i KB) and coefficients c (into Cp + i ldc) of components k0 .. k0 + nk - 1
+// for the given rows of the block, from one float64 GEMM of those rows against the block's panel.
+template <typename T>
+void dense_refinement(const T* xb, int64_t D, int64_t r, int64_t k0, int64_t nk, const std::vector<int64_t>& rows,
+                      const at::Tensor& fwd_panel, at::Tensor& panel64, const ExactTerms& ex, const double* x_sq,
+                      const double* s2v, const double* mu_sq, const T* lam, const T* lpv, const T* logw,
+                      double* logit, int64_t KB, T* Cp, int64_t ldc) {
+  const int64_t nd = static_cast<int64_t>(rows.size());
+  if (!panel64.defined() || panel64.numel() < fwd_panel.numel()) panel64 = at::empty({fwd_panel.numel()}, options_for<double>());
+  const at::Tensor P64 = panel64.narrow(0, 0, fwd_panel.numel()).view(fwd_panel.sizes()).copy_(fwd_panel);
+  at::Tensor X64 = at::empty({nd, D}, options_for<double>());
+  double* xp = X64.data_ptr<double>();
+  for (int64_t j = 0; j < nd; ++j) convert_row(xp + j * D, xb + rows[j] * D, D);
+  const at::Tensor F64 = gemm_nt(GemmSite::kMixtureForward, X64, P64);  // [nd, nk (r + 1)]
+  const double* f = F64.data_ptr<double>();
+  const int64_t ldf = F64.stride(0);
+  with_isa([&] {
+    std::vector<double> c(r);
+    for (int64_t j = 0; j < nd; ++j) {
+      const int64_t i = rows[j];
+      const double s2 = s2v[i];
+      const double* fj = f + j * ldf;
+      double* L = logit + i * KB;
+      for (int64_t k = 0; k < nk; ++k) {
+        const int64_t kk = k0 + k;
+        const double* um = ex.umu.data() + kk * r;
+        const double* g = ex.gram.data() + kk * r * r;
+        const T* lk = lam + kk * r;
+        double cc = 0, cc_w = 0;
+        for (int64_t a = 0; a < r; ++a) {
+          c[a] = fj[nk + k * r + a] - um[a];
+          cc += c[a] * c[a];
+          cc_w += c[a] * c[a] / (static_cast<double>(lk[a]) + s2);
+        }
+        double corr = 0;  // c^T (U^T U - I) c, each row's dot over 8 lanes (not one serial chain)
+        for (int64_t a = 0; a < r; ++a) corr += c[a] * dot_lanes(g + a * r, c.data(), r);
+        const double residual = std::max(0.0, x_sq[i] + mu_sq[kk] - 2.0 * fj[k] - cc + corr);
+        L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lk, r, s2), lpv[kk], s2, D, r);
+        T* ci = Cp + i * ldc + k * r;
+        for (int64_t a = 0; a < r; ++a) ci[a] = static_cast<T>(c[a]);
+      }
+    }
+  });
 }
 
 // (forward, backward) panels of means [K, D] and bases [K, D, r], r > 0, in their dtype.
@@ -119,6 +295,12 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const double logit_tol = std::is_same_v<T, double> ? kLogitTol64 : kLogitTol;
 
   const int64_t BB = tall_row_block(B);  // each block streams every component panel twice
+  // float64 dense refinement (float32 compute only: float64 logits need none), while the exact
+  // terms it needs per component (U^T U - I: r x r) stay small
+  const bool dense_refinement_allowed = std::is_same_v<T, float> && K * r * r <= kMaxGramEntries;
+  const DenseChoice dense = dense_choice();
+  std::once_flag exact_terms_once;
+  ExactTerms exact_terms;
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
@@ -130,6 +312,8 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     std::vector<T> rescale(BB);
     std::vector<double> y_exact(D), c_exact(r);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
+    std::vector<int64_t> refine(BB), dense_rows;
+    at::Tensor panel64;  // a block's forward panel in double (dense_refinement), allocated on first use
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
@@ -189,8 +373,47 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             double block_fast_max = -std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
             m_fast[i] = std::max(m_fast[i], block_fast_max);
-            // exact refinement of the components that can matter
+            // the components that can matter, to be refined
+            refine[i] = 0;
             if (err[i] > logit_tol) {
+              const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+              for (int64_t k = 0; k < nk; ++k) refine[i] += L[k] >= keep;
+            }
+          }
+        });
+        // Rows with many components to refine get every logit of the block from one float64 GEMM
+        // instead (dense_refinement), where the measured costs say it is cheaper.
+        dense_rows.clear();
+        if (dense_refinement_allowed && dense == DenseChoice::kDense) {
+          for (int64_t i = 0; i < n; ++i)
+            if (refine[i] > 0 && err[i] * kEps64Ratio <= logit_tol) dense_rows.push_back(i);
+        } else if (dense_refinement_allowed && dense == DenseChoice::kAuto) {
+          int64_t total = 0;
+          for (int64_t i = 0; i < n; ++i) total += refine[i];
+          if (total > 0) {
+            const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, k0, nk, W, D, false));
+            double saved = -costs.convert;
+            for (int64_t i = 0; i < n; ++i)
+              if (refine[i] * costs.exact > costs.row64 && err[i] * kEps64Ratio <= logit_tol) {
+                dense_rows.push_back(i);
+                saved += refine[i] * costs.exact - costs.row64;
+              }
+            if (saved <= 0) dense_rows.clear();
+          }
+        }
+        if (!dense_rows.empty()) {
+          std::call_once(exact_terms_once, [&] { exact_terms = lowrank_exact_terms<T>(mu, basis, K, D, r); });
+          dense_refinement<T>(xb, D, r, k0, nk, dense_rows, panel(fwd, k0, nk, W, D, false), panel64, exact_terms, x_sq.data(),
+                              s2v.data(), mu_sq.data(), lam, lpv, logw, logit.data(), KB, Cp, ldc);
+          for (const int64_t i : dense_rows) refine[i] = 0;
+        }
+
+        with_isa([&] {
+          for (int64_t i = 0; i < n; ++i) {
+            const double s2 = s2v[i];
+            double* L = logit.data() + i * KB;
+            // exact refinement of the components that can matter
+            if (refine[i] > 0) {
               const double keep = m_fast[i] - 2 * err[i] - kCutoff;
               for (int64_t k = 0; k < nk; ++k) {
                 if (L[k] < keep) continue;
@@ -238,9 +461,16 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           }
         });
         if (!need_denoised) continue;
-        // acc = acc * rescale (+ z)
-        const bool gemm_back = nonzero_p > 0;
-        const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, panel(bwd, k0, nk, W, D, true)) : at::Tensor();
+        // acc = acc * rescale (+ z): z = Q [M | U]^T by one GEMM (dense posterior), or, when few
+        // weights are nonzero (small sigma), an axpy per nonzero entry of Q over the forward
+        // panel's rows (mu_k, the columns of U_k); whichever costs less by measured rates
+        const at::Tensor bwd_block = panel(bwd, k0, nk, W, D, true);
+        // (auto: the GEMM. A cost model with the axpy rate timed in cache chose the axpys for
+        // dense posteriors, where they ran slower: left out until one times them as they run.)
+        const bool sparse_back = dense == DenseChoice::kSparse;
+        const bool gemm_back = nonzero_p > 0 && !sparse_back;
+        const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, bwd_block) : at::Tensor();
+        const T* Fw = panel(fwd, k0, nk, W, D, false).data_ptr<T>();  // rows mu_k, then U_k^T
         with_isa([&] {
           for (int64_t i = 0; i < n; ++i) {
             T* a = accb.data_ptr<T>() + i * D;
@@ -248,8 +478,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             if (gemm_back) {
               const T* zi = z.data_ptr<T>() + i * D;
               for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
-            } else if (sc != T(1)) {
+              continue;
+            }
+            if (sc != T(1))
               for (int64_t d = 0; d < D; ++d) a[d] *= sc;
+            if (nonzero_p == 0) continue;
+            for (int64_t k = 0; k < nk; ++k) {
+              const T pk = Pp[i * ldp + k];
+              const T* g = Gp + i * ldg + k * r;
+              if (pk != T(0)) axpy(a, pk, Fw + k * D, D);
+              for (int64_t j = 0; j < r; ++j)
+                if (g[j] != T(0)) axpy(a, g[j], Fw + (nk + k * r + j) * D, D);
             }
           }
         });

@@ -13,7 +13,11 @@ truth is the reference in float64 on exactly those rounded values. Families:
   tie       near ties: nearly equal 1-d subspaces (low-rank) and midpoints of two training points
             (delta mixture); weights within total variation 1e-3 of the truth
   dense     empirical mixtures whose posterior weights spread (few-hot at sigma 5, dense at 10)
-            over components in several tiles and splits: the dense back-projection
+            over components in several tiles and splits: the dense back-projection; low-rank
+            ones (sigma 3, 30) whose float32 logits need refinement everywhere (cpu: the
+            float64-GEMM refinement)
+  split     few queries over many points (B 3, K 300, D 1024), one-hot to dense: the
+            sampler's case (the cpu kernel's split of the points is not built yet)
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
@@ -428,6 +432,18 @@ def mixture_posterior_cases():
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
         cases.append(Case("dense", _shape_name(9, 140, 0, K=70) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 9, 140, 0, K=70,
                           residual_var=0.0, sigma=sigma, dtype=dtype))
+    # few queries over many points (a sampler's step): one-hot to dense, and isotropic components
+    # with unequal residual_var; where a kernel splits the points, 300 of D = 1024 span several
+    # 512 KiB blocks
+    for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
+        cases.append(Case("split", _shape_name(3, 1024, 0, K=300) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
+                          3, 1024, 0, K=300, residual_var=residual_var, sigma=sigma, interpreter=False))
+    # low-rank, dense posterior where the float32 logits need refinement (all K components within
+    # reach): the cpu kernel's float64-GEMM refinement and the per-component one (measured costs
+    # choose; tests/test_cpu_backend.py forces each)
+    for sigma in (3.0, 30.0):
+        cases.append(Case("dense", _shape_name(9, 64, 4, K=40) + f"_{_sigma_name(sigma)}", 9, 64, 4, K=40, residual_var=None,
+                          sigma=sigma))
     for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
         cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
                           neg_inf_weights=K // 3))
