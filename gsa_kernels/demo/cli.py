@@ -99,6 +99,7 @@ def explain_parser():
     p.add_argument("--mixture-components", type=at_least(1), default=10, help="components of the fitted Gaussian mixture")
     p.add_argument("--mixture-rank", type=at_least(1), default=128, help="principal directions per mixture component")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise eps (and the digit subset)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke test, not a result: 32 digits, 4 noise levels, held-out "
                    "split (with --local: tiny sizes, see below); explicit options win")
     local = p.add_argument_group("--local: the local score machines (LS, ELS, BB-ELS; Kamb & Ganguli 2025) against "
@@ -117,7 +118,6 @@ def explain_parser():
     local.add_argument("--local-digits", type=at_least(2), default=None, help="other held-out digits the r^2 table "
                        "is reported on (None: 16; --quick: 8)")
     local.add_argument("--backend", default=None, help="backend of the local machines (None: auto; --quick: cpu)")
-    return p
     return p
 
 
