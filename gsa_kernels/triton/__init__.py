@@ -2,6 +2,7 @@
 
     gaussian.py   fused spectral map (denoise / score / flow) and the trajectory, also labelled
     mixture.py    mixture posterior: flash-attention-style streaming over components
+    local.py      local score machines (LS / ELS / BB-ELS): online softmax over training patches
     _library.py   registration as torch ops gsa_kernels_triton::*
     _config.py    interpreter detection, dot precision, autotune configs
 
@@ -63,3 +64,8 @@ def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, 
 def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
     """(denoised [B, D] or [0], logp [B], weights [B, K] or [0]) of the mixture posterior."""
     return _ops().mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
+
+
+def local_posterior(x, images, sigma, patch_size, mode, padding, kind):
+    """[B, C, H, W] -> [B, C, H, W]: the local score machine's denoiser or score (_contract.py)."""
+    return _ops().local_posterior(x, images, sigma, patch_size, mode, padding, kind)

@@ -1,5 +1,5 @@
 """The Triton kernels as torch ops gsa_kernels_triton::{gaussian_map, gaussian_trajectory,
-mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled} (own namespace: never clashes with the compiled extension's gsa_kernels::).
+mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled, local_posterior} (own namespace: never clashes with the compiled extension's gsa_kernels::).
 
 Registration is picked per case (checked here, see tests/test_triton_backend.py):
 - GPU: torch.library.triton_op, with every kernel launched through wrap_triton, so that
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _autograd
 from .._contract import FAKES
-from . import _config, gaussian, mixture
+from . import _config, gaussian, local, mixture
 
 NAMESPACE = "gsa_kernels_triton"
 
@@ -49,12 +49,18 @@ def _gaussian_trajectory_labeled(x: Tensor, labels: Tensor, means: Tensor, bases
     return gaussian.gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
 
 
+def _local_posterior(x: Tensor, images: Tensor, sigma: Tensor, patch_size: int, mode: int, padding: int,
+                     kind: int) -> Tensor:
+    return local.local_posterior(x, images, sigma, patch_size, mode, padding, kind)
+
+
 _OPS = (
     ("gaussian_map", _gaussian_map),
     ("gaussian_trajectory", _gaussian_trajectory),
     ("mixture_posterior", _mixture_posterior),
     ("gaussian_map_labeled", _gaussian_map_labeled),
     ("gaussian_trajectory_labeled", _gaussian_trajectory_labeled),
+    ("local_posterior", _local_posterior),
 )
 
 for _name, _impl in _OPS:
