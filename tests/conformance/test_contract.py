@@ -18,18 +18,12 @@ def _params(fn):
     return tuple(inspect.signature(fn).parameters)
 
 
-# (implementation, op) pairs not written yet: issue 27's Triton and CUDA kernels of the local score
-# machines come on their own branch, which removes them here
-PENDING = {("triton", "local_posterior"), ("cuda_emu_", "local_posterior"), ("cuda", "local_posterior")}
-
-
 @pytest.mark.parametrize("op", _contract.OPS)
 def test_python_implementations_take_the_contract_order(op):
     import gsa_kernels.triton as triton_backend  # the entry points only: no kernel is imported
 
     assert _params(getattr(reference, op)) == _contract.ARGUMENTS[op]
-    if ("triton", op) not in PENDING:
-        assert _params(getattr(triton_backend, op)) == _contract.ARGUMENTS[op]
+    assert _params(getattr(triton_backend, op)) == _contract.ARGUMENTS[op]
     # the fakes serve the CPU ops too, which take the model's prepared layouts last
     assert _params(_contract.FAKES[op]) == _contract.ARGUMENTS[op] + _contract.LAYOUT_ARGUMENTS[op]
 
@@ -38,8 +32,6 @@ def test_python_implementations_take_the_contract_order(op):
 @pytest.mark.parametrize("op", _contract.OPS)
 @pytest.mark.parametrize("prefix", ["", "cuda_emu_"])
 def test_compiled_schemas_take_the_contract_order(op, prefix):
-    if (prefix, op) in PENDING:
-        pytest.skip(f"{prefix}{op}: not written yet (issue 27)")
     schema = getattr(torch.ops.gsa_kernels, prefix + op).default._schema
     layouts = _contract.LAYOUT_ARGUMENTS[op] if prefix == "" else ()
     assert tuple(a.name for a in schema.arguments) == _contract.ARGUMENTS[op] + layouts
@@ -66,8 +58,6 @@ def test_every_usable_backend_serves_every_op():
         if device is None:
             continue
         for op in _contract.OPS:
-            if (name, op) in PENDING:
-                continue
             assert callable(b.kernel(op, device)), (name, op)
 
 
