@@ -9,6 +9,7 @@ __all__ = [
     "GaussianModel", "GaussianMixture", "available_backends", "gaussian_denoise", "gaussian_score",
     "gaussian_flow", "gaussian_trajectory", "mixture_denoise", "mixture_score", "mixture_logp",
     "reference", "schedules", "sampling", "MixturePartial", "mixture_partial", "merge_partials", "distributed",
+    "LocalScoreMachine", "local_denoise", "local_score",
 ]
 _OPS = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_flow", "gaussian_trajectory",
         "mixture_denoise", "mixture_score", "mixture_logp"]
@@ -16,12 +17,14 @@ _OPS = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_fl
 
 def _load():
     """Import torch, the compiled ops (_extension) and the public API into this namespace."""
-    from . import _extension, distributed, models, ops, partial, reference, sampling, schedules  # noqa: F401
+    from . import _extension, distributed, local, models, ops, partial, reference, sampling, schedules  # noqa: F401
 
     globals().update({name: getattr(ops, name) for name in _OPS},
                      GaussianModel=models.GaussianModel, GaussianMixture=models.GaussianMixture,
                      MixturePartial=partial.MixturePartial, mixture_partial=partial.mixture_partial,
                      merge_partials=partial.merge_partials)
+    globals().update(LocalScoreMachine=local.LocalScoreMachine, local_denoise=local.local_denoise,
+                     local_score=local.local_score)  # issue 27 (gsa_kernels/local.py)
 
 
 # `python -m gsa_kernels ...` parses its command line before torch is imported (--help in well

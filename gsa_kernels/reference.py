@@ -242,9 +242,10 @@ def boundary_class(H, W, p, device=None):
 
 def _local_blocks(xd, images, p, mode, padding):
     """The candidates of every pixel, one block of training images at a time: yields
-    (d2 [B, HW, M], values [C, HW or 1, M]) in float64, d2 = +inf where (mode BBELS) a column is
-    not a candidate of that pixel. LS: M = the block's images at v = u; ELS / BBELS: one image, M =
-    its HW pixels v. d2 is summed from direct differences, one window offset at a time."""
+    (d2 [B, HW, M], values [C, HW or 1, M], padded) in float64, d2 = +inf where (mode BBELS) a
+    column is not a candidate of that pixel. LS: M = the block's images at v = u, padded [n, C,
+    H + 2p, W + 2p]; ELS / BBELS: one image, M = its HW pixels v, padded [C, H + 2p, W + 2p]. d2 is
+    summed from direct differences, one window offset at a time."""
     B, C, H, W = xd.shape
     HW, P = H * W, 2 * p + 1
     xp = _padded(xd, p, padding)
@@ -259,7 +260,7 @@ def _local_blocks(xd, images, p, mode, padding):
                 for ox in range(P):
                     diff = shifted_x(oy, ox)[:, None] - bp[None, :, :, oy:oy + H, ox:ox + W].reshape(1, -1, C, HW)
                     d2 += (diff * diff).sum(2).transpose(1, 2)
-            yield d2, block.reshape(-1, C, HW).permute(1, 2, 0)
+            yield d2, block.reshape(-1, C, HW).permute(1, 2, 0), bp
         return
     outside = None
     if mode == LocalMode.BBELS:
@@ -278,7 +279,7 @@ def _local_blocks(xd, images, p, mode, padding):
                     d2 += diff * diff
         if outside is not None:
             d2 = d2.masked_fill(outside, math.inf)
-        yield d2, img.reshape(C, 1, HW)
+        yield d2, img.reshape(C, 1, HW), ip
 
 
 def _local_posterior_f64(xd, images, sigma, patch_size, mode, padding):
@@ -290,7 +291,7 @@ def _local_posterior_f64(xd, images, sigma, patch_size, mode, padding):
     m = torch.full((B, H * W), -math.inf, dtype=torch.float64, device=xd.device)
     z = torch.zeros_like(m)
     acc = torch.zeros((B, C, H * W), dtype=torch.float64, device=xd.device)
-    for d2, values in _local_blocks(xd, images, patch_size // 2, mode, padding):
+    for d2, values, _ in _local_blocks(xd, images, patch_size // 2, mode, padding):
         logits = -d2 / (2 * s2)
         m_new = torch.maximum(m, logits.amax(-1))
         rescale = torch.exp(m - m_new)  # 0 on the first block (m = -inf)
@@ -319,3 +320,50 @@ def local_posterior(x, images, sigma, patch_size, mode, padding, kind):
         raise ValueError(f"local_posterior: kind must be DENOISE or SCORE, got {kind!r}")
     out = torch.where(torch.isnan(xd).flatten(1).any(1).reshape(B, 1, 1, 1), math.nan, out)
     return out.to(x.dtype)
+
+
+def local_posterior_vjp(x, images, sigma, patch_size, mode, padding, kind, grad):
+    """The vector-Jacobian product of local_posterior w.r.t. x: grad [B, C, H, W] -> [B, C, H, W]
+    in x's dtype, float64 inside. With den_u = sum_c w_c value_c and g_u the gradient reaching
+    den_u (grad, or grad / sigma^2 for the score), a_c = w_c g_u . (value_c - den_u) and, since
+    dlogit_c / dx_{u+o} = (phi_c(o) - x_{u+o}) / sigma^2 for the candidate's window phi_c,
+        grad x_q = sum over u, o with u + o = q of sum_c a_c phi_c(o) / sigma^2
+    (the x_{u+o} term drops: sum_c a_c = g_u . (den_u - den_u) = 0), folded back from the
+    padded frame onto the image (dropped outside it for zeros, wrapped for circular); the score
+    adds its direct term -grad / sigma^2. A second pass over the candidates with the forward's
+    logsumexp. NaN rows of x give NaN rows."""
+    mode, padding, kind = LocalMode(mode), LocalPadding(padding), SpectralKind(kind)
+    xd, g = _f64(x), _f64(grad)
+    B, C, H, W = xd.shape
+    HW, p = H * W, patch_size // 2
+    P = 2 * p + 1
+    s2 = sigma.to(torch.float64).reshape(B, 1, 1) ** 2
+    g_den = g / s2[..., None] if kind == SpectralKind.SCORE else g
+    diff, lse = _local_posterior_f64(xd, images, sigma, patch_size, mode, padding)
+    den = (xd.reshape(B, C, HW) + diff)[..., None]  # [B, C, HW, 1]
+    gu = g_den.reshape(B, C, HW, 1)
+    frame = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=torch.float64, device=xd.device)
+    for d2, values, padded in _local_blocks(xd, images, p, mode, padding):
+        w = torch.exp(-d2 / (2 * s2) - lse[..., None])  # [B, HW, M]
+        a = w * (gu * (values[None] - den)).sum(1)
+        for oy in range(P):
+            for ox in range(P):
+                if mode == LocalMode.LS:  # candidate n at v = u: its window pixel u + o
+                    phi = padded[:, :, oy:oy + H, ox:ox + W].reshape(-1, C, HW)  # [n, C, HW]
+                    part = torch.einsum("bun,ncu->bcu", a, phi)
+                else:  # candidate v: its window pixel v + o
+                    phi = padded[:, oy:oy + H, ox:ox + W].reshape(C, HW)  # [C, HW v]
+                    part = torch.einsum("buv,cv->bcu", a, phi)
+                frame[:, :, oy:oy + H, ox:ox + W] += part.reshape(B, C, H, W)
+    frame = frame / s2[..., None]
+    if padding == LocalPadding.ZEROS:
+        gx = frame[:, :, p:p + H, p:p + W].clone()
+    else:
+        rows = torch.arange(-p, H + p, device=xd.device) % H
+        cols = torch.arange(-p, W + p, device=xd.device) % W
+        gx = torch.zeros((B, C, H, W + 2 * p), dtype=torch.float64, device=xd.device).index_add_(2, rows, frame)
+        gx = torch.zeros_like(xd).index_add_(3, cols, gx)
+    if kind == SpectralKind.SCORE:
+        gx = gx - g / s2[..., None]
+    gx = torch.where(torch.isnan(xd).flatten(1).any(1).reshape(B, 1, 1, 1), math.nan, gx)
+    return gx.to(x.dtype)

@@ -283,8 +283,11 @@ class HybridDenoiser:
     overwrites the high-noise rows. `network_calls` / `analytic_calls` count evaluations."""
 
     def __init__(self, network: Denoiser, analytic, sigma_threshold: float, *, labels_key: Optional[str] = None):
-        if not isinstance(analytic, (GaussianModel, GaussianMixture)):
-            raise TypeError(f"analytic must be a GaussianModel or GaussianMixture, got {type(analytic).__name__}")
+        from .local import LocalDenoiser  # issue 27: a local score machine with its patch sizes
+
+        if not isinstance(analytic, (GaussianModel, GaussianMixture, LocalDenoiser)):
+            raise TypeError(f"analytic must be a GaussianModel, GaussianMixture or gsa_kernels.local.LocalDenoiser, "
+                            f"got {type(analytic).__name__}")
         if not sigma_threshold >= 0:
             raise ValueError(f"sigma_threshold must be >= 0, got {sigma_threshold}")
         if labels_key is not None and not isinstance(analytic, GaussianMixture):

@@ -525,7 +525,18 @@ def local_posterior_args(case):
     images = _local_images(case, gen)
     sigma = _row_sigma(case, gen)
     B = case.B
-    if case.extra.get("tie"):
+    if case.extra.get("tie") == "far":
+        # the two tied images are the darkest (-1 but the tie pixel) and x is image 0 - 3 but ~0 at
+        # the tie pixel: every logit ~ -9 C P^2 / (2 sigma^2) ~ -2e6, the two best ones ~1 apart
+        q = (case.H // 2, case.W // 3)
+        images[0] = -1.0
+        images[0, :, q[0], q[1]] = 0.0
+        images[1] = images[0]
+        images[1, 0, q[0], q[1]] += 1e-3
+        x = (images[0] - 3.0).expand(B, -1, -1, -1).clone()
+        x[:, :, q[0], q[1]] = 0.0  # near the two values there (0 and 1e-3): the weights show in the output
+        x[:, 0, q[0], q[1]] = 0.125  # squared distances ~2e3, 2.5e-4 apart: ~1 float32 ulp of them
+    elif case.extra.get("tie"):
         q = (case.H // 2, case.W // 3)
         images[0, :, q[0], q[1]] = 0.0  # values 0 and 1e-3 there: the weights are the output
         images[1] = images[0]
@@ -594,6 +605,9 @@ def local_posterior_cases():
             name = _local_name(4, 3, C, 6, 7, 3, mode, padding, SpectralKind.DENOISE) + f"_{_sigma_name(sigma)}_{_DT[dtype]}"
             cases.append(LocalCase("tie", name, 4, 3, C, 6, 7, 3, mode, padding, dtype=dtype, sigma=sigma,
                                    extra={"tie": True}))
+        # a near tie far from x: logits ~ -1e5 apart from the data, the exact recomputation's case
+        name = _local_name(2, 4, 3, 9, 10, 9, mode, padding, SpectralKind.DENOISE) + "_far_s0.011"
+        cases.append(LocalCase("tie", name, 2, 4, 3, 9, 10, 9, mode, padding, sigma=0.011, extra={"tie": "far"}))
         # MNIST-like images: exact ties among all-zero patches; dense posteriors at sigma 5
         for sigma in (0.05, 5.0):
             for kind in kinds:

@@ -231,7 +231,7 @@ def local_allowed(args64, truth):
     xu = x.reshape(B, C, H * W, 1)
     out_u = xu + diff[..., None]
     v_max, vx_max, spread = (torch.zeros((B, H * W), dtype=torch.float64) for _ in range(3))
-    for d2, values in reference._local_blocks(x, images, P // 2, mode, padding):
+    for d2, values, _ in reference._local_blocks(x, images, P // 2, mode, padding):
         support = torch.exp(-d2 / (2 * s2) - lse[..., None]) > 1e-12  # [B, HW, M]
         keep = lambda t, support=support: torch.where(support, t, 0.0).amax(-1)
         v_max = torch.maximum(v_max, keep(values.norm(dim=0).expand_as(support)))
