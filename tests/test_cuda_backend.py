@@ -148,6 +148,12 @@ def test_local_bad_arguments_raise_clear_errors():
             op(*bad)
     with pytest.raises(TypeError, match="images must be"):
         op(x, images.double(), s, 3, 0, 0, 0)
+    # zeros padding: a window past 2 max(H, W) - 1 only adds zeros (runs as that size); circular
+    # padding wraps it for real, so its work is bounded by a clear error
+    for mode in (0, 1, 2):
+        assert torch.equal(op(x, images, s, 2**40 + 1, mode, 0, 0), op(x, images, s, 9, mode, 0, 0))
+    with pytest.raises(ValueError, match="patch_size .* too large"):
+        op(x, images, s, 2**16 + 1, 1, 1, 0)
 
 
 @requires_emulation

@@ -194,6 +194,20 @@ def test_opcheck():
         opcheck(ops.local_posterior, (torch.rand(2, 2, 4, 5), images, torch.full((2,), 0.5), 3, mode, padding, mode % 2))
 
 
+@in_interpreter
+def test_local_patch_size_beyond_the_image():
+    """Zeros padding: a window past 2 max(H, W) - 1 only adds zeros (runs as that size); circular
+    padding wraps it for real, so its work is bounded by a clear error."""
+    from gsa_kernels.triton._library import ops
+
+    x, images, s = torch.rand(2, 1, 4, 5), torch.rand(3, 1, 4, 5), torch.ones(2)
+    for mode in (0, 2):
+        assert torch.equal(ops.local_posterior(x, images, s, 2**40 + 1, mode, 0, 1),
+                           ops.local_posterior(x, images, s, 9, mode, 0, 1))
+    with pytest.raises(ValueError, match="patch_size .* too large"):
+        ops.local_posterior(x, images, s, 2**16 + 1, 1, 1, 0)
+
+
 def test_triton_op_traces_with_fake_cuda_tensors():
     """The GPU registration (triton_op + wrap_triton; here, without TRITON_INTERPRET) runs its
     launchers under FakeTensorMode on CUDA-device fake tensors, as torch.compile does: no GPU needed."""

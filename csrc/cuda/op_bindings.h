@@ -15,6 +15,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -263,7 +264,7 @@ inline void check_local(const at::Tensor& x, const at::Tensor& images, const at:
                     images.sizes());
   check_param(x, sigma, "sigma", 1, op);
   TORCH_CHECK_VALUE(sigma.size(0) == x.size(0), op, ": sigma must be [B] = [", x.size(0), "], got ", sigma.sizes());
-  TORCH_CHECK_VALUE(patch_size >= 1 && patch_size % 2 == 1 && patch_size < (int64_t(1) << 30), op,
+  TORCH_CHECK_VALUE(patch_size >= 1 && patch_size % 2 == 1, op,
                     ": patch_size must be an odd int >= 1, got ", patch_size);
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, op, ": mode must be 0 (ls), 1 (els) or 2 (bbels), got ", mode);
   TORCH_CHECK_VALUE(padding == 0 || padding == 1, op, ": padding must be 0 (zeros) or 1 (circular), got ", padding);
@@ -281,6 +282,11 @@ at::Tensor local_posterior(const at::Tensor& x, const at::Tensor& images, const 
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK_VALUE(B * ceil_div(H * W, kLocalThreads) <= kLocalMaxGridX, op, ": B x ceil(H W / ", kLocalThreads,
                     ") must be <= ", kLocalMaxGridX, " blocks, got B = ", B, ", H W = ", H * W);
+  // zeros padding: window offsets of |dy| >= H or |dx| >= W read zeros on both sides, so P is cut to
+  // 2 max(H, W) - 1 (BB-ELS classes, clipped at p >= max(H, W) - 1, are unchanged)
+  const int64_t P = padding == 0 ? std::min<int64_t>(patch_size, 2 * std::max(H, W) - 1) : patch_size;
+  TORCH_CHECK_VALUE(C * P * P < (int64_t(1) << 31), op, ": patch_size ", patch_size,
+                    " is too large (C P^2 = ", C * P * P, " window entries per candidate >= 2^31)");
   typename L::Guard guard(x.device());
   at::Tensor out = L::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
@@ -288,7 +294,7 @@ at::Tensor local_posterior(const at::Tensor& x, const at::Tensor& images, const 
     using In = decltype(in_tag);
     using Acc = decltype(acc_tag);
     LocalParams<In, Acc> p{ptr<const In>(x), ptr<const Acc>(images), ptr<const Acc>(sigma), B, images.size(0), C, H, W,
-                           int(patch_size), int(mode), int(padding), int(kind), ptr<In>(out)};
+                           int(P), int(mode), int(padding), int(kind), ptr<In>(out)};
     L::local_posterior(p);
   });
   return out;

@@ -195,9 +195,15 @@ def local_posterior(x, images, sigma, patch_size: int, mode: int, padding: int, 
     out = torch.empty_like(x)
     if B == 0 or C * H * W == 0:
         return out
+    P = int(patch_size)
+    if padding == LocalPadding.ZEROS:  # offsets of |dy| >= H or |dx| >= W read zeros on both sides
+        P = min(P, 2 * max(H, W) - 1)  # (and BB-ELS classes clip at p >= max(H, W) - 1: unchanged)
+    if C * P * P >= 2**31:
+        raise ValueError(f"local_posterior: patch_size {patch_size} is too large for the triton kernel "
+                         f"(C P^2 = {C * P * P} window entries >= 2^31)")
     u_tiles = triton.cdiv(H * W, BLOCK_U)
     _launch(_local_posterior_kernel)[(B * u_tiles,)](
-        x, images, sigma, out, images.shape[0], C, H, W, int(patch_size), u_tiles,
+        x, images, sigma, out, images.shape[0], C, H, W, P, u_tiles,
         MODE=int(mode), CIRCULAR=padding == LocalPadding.CIRCULAR, SCORE=kind == SpectralKind.SCORE,
         BLOCK_U=BLOCK_U, BLOCK_V=BLOCK_N if mode == LocalMode.LS else BLOCK_V, BLOCK_K=BLOCK_K, C_PAD=triton.next_power_of_2(C), BLOCK_SCAN=BLOCK_SCAN,
         OUT_F64=x.dtype == torch.float64, num_warps=4)
