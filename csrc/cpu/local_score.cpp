@@ -90,8 +90,24 @@ inline bool any_lane(const M& m) {
   return acc != 0;
 }
 
+// the largest lane, by halving (a lane loop compiles to one extract per lane)
+inline float max_lane(const Float16& v) {
+  const Float16 a = v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+                        ? v : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Float16 b = a > __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+                        ? a : __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  const Float16 c = b > __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+                        ? b : __builtin_shufflevector(b, b, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return c[0] > c[1] ? c[0] : c[1];
+}
+inline double max_lane(const Double8& v) {
+  const Double8 a = v > __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3) ? v : __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  const Double8 b = a > __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5) ? a : __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5);
+  return b[0] > b[1] ? b[0] : b[1];
+}
+
 // exp(d) per lane for d <= 0, 0 where d <= -kNegligible (or NaN): Cody-Waite reduction
-// d = n ln2 + r, the Taylor polynomial of exp(r) (degree 7 in float: relative error ~1e-7;
+// d = n ln2 + r, the Taylor polynomial of exp(r) (degree 6 in float: relative error ~3e-7;
 // degree 12 in double), 2^n from the exponent bits.
 // (vectors by reference: a by-value vector argument or result has another ABI per instruction set)
 template <typename T>
@@ -99,7 +115,7 @@ inline void exp_lanes(const typename Lanes<T>::V& d, typename Lanes<T>::V& out) 
   using V = typename Lanes<T>::V;
   using I = typename Lanes<T>::I;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  constexpr int kDegree = kFloat ? 7 : 12;
+  constexpr int kDegree = kFloat ? 6 : 12;
   constexpr T kShift = kFloat ? T(0x1.8p23) : T(0x1.8p52);
   constexpr T kLn2Hi = kFloat ? T(0.693145751953125) : T(6.93147180369123816490e-01);
   constexpr T kLn2Lo = kFloat ? T(1.42860682030941723212e-6) : T(1.90821492927058770002e-10);
@@ -194,6 +210,7 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
   X* outp = out.data_ptr<X>();
   const double eps = std::numeric_limits<T>::epsilon() / 2;
   const double gamma = (2.0 * P + C + 4) * eps * 1.01;
+  const double far = kLogitTol / gamma;  // logits below -far may be off by more than kLogitTol
 
   std::vector<char> nan_row(B);
   for (int64_t b = 0; b < B; ++b)
@@ -283,42 +300,43 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
                 const int64_t i = sh.i0 + ii, j = sh.j0 + jj, u = i * W + j;
                 const V logit = lane_off + (zero - d2) * cT;
                 const double mu = m[u];
-                const T floor_t = static_cast<T>(mu - kNegligible);
-                // lanes that may be within kNegligible of the max, counting the error bound
-                const auto within = (logit * T(1 - gamma) >= floor_t) & lane_on;
-                if (!any_lane(within)) continue;
+                const T best = max_lane(logit);
+                // nothing within kNegligible of the max, counting the error bound: no exp
+                if (double(best) * (1 - gamma) < mu - kNegligible) continue;
                 const int64_t vr = i + sh.dy + p, vc = j + sh.dx + p;  // v's centre in the images frame
                 const V* vals = &ybuf[(vr * YW + vc) * C];
-                if (std::is_same_v<T, float> && any_lane(within & (logit * T(-gamma) > T(kLogitTol)))) {
-                  // exact: d2 from the differences in double, per lane that may matter
-                  for (int l = 0; l < lanes; ++l) {
-                    if (!within[l]) continue;
-                    double e2 = 0;
-                    for (int64_t c = 0; c < C; ++c)
-                      for (int64_t oy = 0; oy < P; ++oy)
-                        for (int64_t ox = 0; ox < P; ++ox) {
-                          const double d = double(xpad[(c * XH + i + oy) * XW + j + ox]) -
-                                           double(ybuf[((i + oy + sh.dy) * YW + j + ox + sh.dx) * C + c][l]);
-                          e2 += d * d;
-                        }
-                    const double lg = -e2 * c2;
-                    if (lg > m[u]) rescale(u, lg);
-                    if (lg - m[u] <= -kNegligible) continue;
-                    const double w = std::exp(lg - m[u]);
-                    double* zl = reinterpret_cast<double*>(&z[u * kChunks]);
-                    zl[l] += w;
-                    for (int64_t c = 0; c < C; ++c) {
-                      double* al = reinterpret_cast<double*>(&acc[(u * C + c) * kChunks]);
-                      al[l] += w * (double(vals[c][l]) - double(xb[c * HW + u]));
+                // lanes that may matter have logits >= mu - kNegligible - 1; their bound gamma |L| may
+                // exceed kLogitTol only when that is below -far
+                if (std::is_same_v<T, float> && std::min(mu, double(best)) - kNegligible - 1 < -far) {
+                  const T floor_t = static_cast<T>(mu - kNegligible);
+                  const auto within = (logit * T(1 - gamma) >= floor_t) & lane_on;
+                  if (any_lane(within & (logit * T(-gamma) > T(kLogitTol)))) {
+                    // exact: d2 from the differences in double, per lane that may matter
+                    for (int l = 0; l < lanes; ++l) {
+                      if (!within[l]) continue;
+                      double e2 = 0;
+                      for (int64_t c = 0; c < C; ++c)
+                        for (int64_t oy = 0; oy < P; ++oy)
+                          for (int64_t ox = 0; ox < P; ++ox) {
+                            const double d = double(xpad[(c * XH + i + oy) * XW + j + ox]) -
+                                             double(ybuf[((i + oy + sh.dy) * YW + j + ox + sh.dx) * C + c][l]);
+                            e2 += d * d;
+                          }
+                      const double lg = -e2 * c2;
+                      if (lg > m[u]) rescale(u, lg);
+                      if (lg - m[u] <= -kNegligible) continue;
+                      const double w = std::exp(lg - m[u]);
+                      double* zl = reinterpret_cast<double*>(&z[u * kChunks]);
+                      zl[l] += w;
+                      for (int64_t c = 0; c < C; ++c) {
+                        double* al = reinterpret_cast<double*>(&acc[(u * C + c) * kChunks]);
+                        al[l] += w * (double(vals[c][l]) - double(xb[c * HW + u]));
+                      }
                     }
+                    continue;
                   }
-                  continue;
                 }
-                if (any_lane(logit > static_cast<T>(mu))) {
-                  T best = logit[0];
-                  for (int l = 1; l < L; ++l) best = logit[l] > best ? logit[l] : best;
-                  if (double(best) > mu) rescale(u, double(best));
-                }
+                if (best > static_cast<T>(mu)) rescale(u, double(best));
                 const V shifted = logit - static_cast<T>(m[u]);
                 V w;
                 exp_lanes<T>(shifted, w);
