@@ -1,6 +1,7 @@
-// Op schemas of gsa_kernels, defined once. Backends register implementations with
-// TORCH_LIBRARY_IMPL(gsa_kernels, CPU | CUDA, m) in their own files; the fake (meta)
-// implementations live in gsa_kernels/_fake.py. Kernel-level contract (ops.py prepares it):
+// Op schemas of gsa_kernels, as the op registry (gsa_kernels/_contract.py) declares them.
+// Backends register implementations with TORCH_LIBRARY_IMPL(gsa_kernels, CPU | CUDA, m) in their
+// own files; the fakes and autograd rules are bound in _contract.py. Kernel-level contract
+// (gsa_kernels/_args.py prepares it):
 //   x: [B, D] contiguous, float16 | bfloat16 | float32 | float64
 //   model tensors and per-row sigma / scale tensors: contiguous, "compute dtype"
 //   (float64 if x is float64, else float32), same device as x

@@ -1,6 +1,6 @@
-"""Backward formulas of the kernel-level ops (torch.library.register_autograd), for every
-namespace that registers them: gsa_kernels:: (C++ CPU / CUDA), gsa_kernels::cuda_emu_* (the
-SIMT emulation) and gsa_kernels_triton:: (Triton). The reference backend is plain PyTorch and
+"""Backward formulas of the kernel-level ops: one rule per op of the registry (_contract.py
+registers them with torch.library.register_autograd for every namespace: gsa_kernels:: (C++
+CPU / CUDA), gsa_kernels::cuda_emu_* (the SIMT emulation) and gsa_kernels_triton:: (Triton)). The reference backend is plain PyTorch and
 needs none. The backward bodies are torch ops only, so torch.compile(fullgraph=True) traces them.
 
 Differentiable inputs: x of every op; mean and eigvals of the Gaussian ops; means, eigvals,
@@ -8,7 +8,7 @@ residual_var and log_weights of the mixture posterior. The rest (basis / bases, 
 scales; the Gaussian residual_var is a float) have no gradient: when one requires grad the op
 raises, naming it, instead of returning an output silently detached from it.
 
-Gaussian maps (DESIGN.md section 1): out = a y + b mu + U diag(f) U^T y with y = p x - q mu is
+Gaussian maps (docs/architecture.md, section 1): out = a y + b mu + U diag(f) U^T y with y = p x - q mu is
 affine in x with a symmetric linear part, so the vector-Jacobian product w.r.t. x is the same
 kernel applied to the output gradient with mean = 0 (which drops the constant term).
 
@@ -21,7 +21,7 @@ and, with D_k = x - s^2 C_k^-1 (x - mu_k) (C_k = Sigma_k + s^2 I, A_k = I - s^2 
     grad x     = sum_k a_k (D_k - x) / s^2 + w_k A_k gD
     grad mu_k  = sum_b a_k (x - D_k) / s^2 + w_k (I - A_k) gD
     grad lam_kj = sum_b a_k/2 (c_j^2/v_j^2 - 1/v_j) + w_k s^2 c_j (U_k^T gD)_j / v_j^2,  v = lam + s^2
-    grad lp_k  = sum_b a_k/2 (|P y|^2/vp^2 - (D-r)/vp) + w_k s^2/vp^2 gD.(P y),  vp = lp + s^2
+    grad residual_var_k = sum_b a_k/2 (|P y|^2/vp^2 - (D-r)/vp) + w_k s^2/vp^2 gD.(P y),  vp = residual_var_k + s^2
     grad log w_k = sum_b a_k
 (y = x - mu_k, c = U_k^T y, P = I - U_k U_k^T.) On CPU one kernel computes all of these
 (gsa_kernels::mixture_posterior_backward, csrc/cpu/mixture_backward.cpp); elsewhere
@@ -31,24 +31,9 @@ from __future__ import annotations
 
 import torch
 
-_GAUSSIAN_NO_GRAD = {2: "basis", 5: "sigma_from", 6: "sigma_to", 7: "scale_from", 8: "scale_to"}
-_TRAJECTORY_NO_GRAD = {2: "basis", 5: "sigmas"}
-_MIXTURE_NO_GRAD = {2: "bases", 6: "sigma"}
-_LABELED_NO_GRAD = {3: "bases", 6: "sigma_from", 7: "sigma_to", 8: "scale_from", 9: "scale_to"}
-_LABELED_TRAJECTORY_NO_GRAD = {3: "bases", 6: "sigmas"}
-KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2
+from ._args import SpectralKind, check_no_grad
 
-
-def check_no_grad(op: str, **tensors):
-    """Raise if, with grad mode on, a tensor that `op` does not differentiate requires grad."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise RuntimeError(
-                f"{op}: {name} requires grad, but gsa_kernels has no gradient w.r.t. {name} (differentiable: "
-                "x; Gaussian mean, eigvals; mixture means, eigvals, residual_var, log_weights); pass "
-                f"{name}.detach() to treat it as a constant")
+KIND_DENOISE, KIND_SCORE, KIND_FLOW = SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW
 
 
 def _check_inputs(op, inputs, no_grad):
@@ -73,9 +58,9 @@ def _gain_derivative(kind, lam, sigma_from, sigma_to, scale_to):
     return scale_to * torch.where(torch.isinf(sigma_from), 0.5 / torch.sqrt(vb), from_finite)
 
 
-def _map_setup(op_name):
+def _map_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _GAUSSIAN_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind = inputs[:10]
         ctx.save_for_backward(x, mean, basis, eigvals, sigma_from, sigma_to, scale_from, scale_to)
         ctx.residual_var, ctx.kind, ctx.layouts = residual_var, kind, inputs[10:]
@@ -117,9 +102,9 @@ def _map_backward(op):
     return backward
 
 
-def _trajectory_setup(op_name):
+def _trajectory_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _TRAJECTORY_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, mean, basis, eigvals, residual_var, sigmas = inputs[:6]
         ctx.save_for_backward(x, mean, basis, eigvals, sigmas)
         ctx.residual_var, ctx.layouts = residual_var, inputs[6:]
@@ -135,7 +120,7 @@ def _trajectory_backward(ctx, grad):
     x, mean, basis, eigvals, sigmas = ctx.saved_tensors
     cd = mean.dtype
     g = grad.to(cd)  # [T, B, D]
-    lp = ctx.residual_var
+    residual_var = ctx.residual_var
     need_x, need_mean, need_lam = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     sa2 = (sigmas[0] ** 2)[:, None]  # [B, 1]
     va = eigvals + sa2  # [B, r]
@@ -146,7 +131,7 @@ def _trajectory_backward(ctx, grad):
     for t in range(g.shape[0]):
         sb2 = (sigmas[t] ** 2)[:, None]
         vb = eigvals + sb2
-        h = torch.sqrt((lp + sb2) / (lp + sa2))  # [B, 1]
+        h = torch.sqrt((residual_var + sb2) / (residual_var + sa2))  # [B, 1]
         cg = g[t] @ basis  # [B, r]
         acc.addcmul_(torch.sqrt(vb / va) - h, cg)
         gx.addcmul_(h, g[t])
@@ -170,15 +155,15 @@ def _row_chunks(B, D, r):
     return [slice(b, min(B, b + step)) for b in range(0, B, step)]
 
 
-def _spectral_grads(labels, bases, eigvals, lp, y, g, deriv_of, need_lam, need_lp):
-    """(grad eigvals [K, r], grad residual_var [K]) of out = ... + U diag(gain(lam)) c + gain(lp) P y
-    summed over rows: per row, d/dlam_j = (U^T g)_j gain'(lam_j) (U^T y)_j and d/dlp = gain'(lp)
+def _spectral_grads(labels, bases, eigvals, residual_var, y, g, deriv_of, need_lam, need_residual_var):
+    """(grad eigvals [K, r], grad residual_var [K]) of out = ... + U diag(gain(lam)) c + gain(residual_var) P y
+    summed over rows: per row, d/dlam_j = (U^T g)_j gain'(lam_j) (U^T y)_j and d/d residual_var = gain'(residual_var)
     (g.y - (U^T g).(U^T y)) (no residual directions at full rank). y [B, D]; g [S, B, D] (S
     output steps); deriv_of(v, rows) -> gain' [S, n, *] at variances v [n, *] of chunk rows."""
     B, D = y.shape
     r = bases.shape[2]
     glam = torch.zeros_like(eigvals) if need_lam else None
-    glp = torch.zeros_like(lp) if need_lp else None
+    g_residual_var = torch.zeros_like(residual_var) if need_residual_var else None
     for ch in _row_chunks(B, D * g.shape[0], r):
         k = labels[ch]
         U = bases[k]  # [n, D, r]
@@ -186,15 +171,15 @@ def _spectral_grads(labels, bases, eigvals, lp, y, g, deriv_of, need_lam, need_l
         cg = torch.einsum("snd,ndr->snr", g[:, ch], U)
         if need_lam:
             glam.index_add_(0, k, (cg * deriv_of(eigvals[k], ch) * cy).sum(0))
-        if need_lp and r < D:
+        if need_residual_var and r < D:
             perp = (g[:, ch] * y[ch]).sum(-1) - (cg * cy).sum(-1)  # [S, n]: g . P y
-            glp.index_add_(0, k, (deriv_of(lp[k, None], ch)[..., 0] * perp).sum(0))
-    return glam, glp
+            g_residual_var.index_add_(0, k, (deriv_of(residual_var[k, None], ch)[..., 0] * perp).sum(0))
+    return glam, g_residual_var
 
 
-def _labeled_map_setup(op_name):
+def _labeled_map_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _LABELED_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         ctx.save_for_backward(*inputs[:10])
         ctx.kind = inputs[10]
 
@@ -203,15 +188,15 @@ def _labeled_map_setup(op_name):
 
 def _labeled_map_backward(op):
     def backward(ctx, grad):
-        x, labels, means, bases, eigvals, lp, sigma_from, sigma_to, scale_from, scale_to = ctx.saved_tensors
+        x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to = ctx.saved_tensors
         kind = ctx.kind
         n = ctx.needs_input_grad
-        need_x, need_mean, need_lam, need_lp = n[0], n[2], n[4], n[5]
-        gx = gmean = glam = glp = None
+        need_x, need_mean, need_lam, need_residual_var = n[0], n[2], n[4], n[5]
+        gx = gmean = glam = g_residual_var = None
         cd = means.dtype
         g = grad.to(cd).contiguous()
         if need_x or need_mean:
-            gx = op(g, labels, torch.zeros_like(means), bases, eigvals, lp, sigma_from, sigma_to, scale_from, scale_to, kind)
+            gx = op(g, labels, torch.zeros_like(means), bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
         if need_mean:  # per row as in _map_backward, summed into each row's component
             if kind == KIND_FLOW:
                 cm, cv = scale_to, torch.where(torch.isinf(sigma_from), torch.zeros_like(scale_from), scale_from)
@@ -219,7 +204,7 @@ def _labeled_map_backward(op):
                 cm = torch.ones_like(sigma_from) if kind == KIND_DENOISE else torch.zeros_like(sigma_from)
                 cv = torch.ones_like(sigma_from)
             gmean = torch.zeros_like(means).index_add_(0, labels, cm[:, None] * g - cv[:, None] * gx)
-        if need_lam or need_lp:
+        if need_lam or need_residual_var:
             mu = means[labels]
             y = x.to(cd)
             if kind == KIND_FLOW:
@@ -228,15 +213,15 @@ def _labeled_map_backward(op):
                 y = y - mu
             deriv = lambda v, ch: _gain_derivative(kind, v, sigma_from[ch, None], sigma_to[ch, None],
                                                    scale_to[ch, None])[None]
-            glam, glp = _spectral_grads(labels, bases, eigvals, lp, y, g[None], deriv, need_lam, need_lp)
-        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, glp, None, None, None, None, None
+            glam, g_residual_var = _spectral_grads(labels, bases, eigvals, residual_var, y, g[None], deriv, need_lam, need_residual_var)
+        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, g_residual_var, None, None, None, None, None
 
     return backward
 
 
-def _labeled_trajectory_setup(op_name):
+def _labeled_trajectory_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _LABELED_TRAJECTORY_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         ctx.save_for_backward(*inputs[:7])
 
     return setup_context
@@ -246,26 +231,26 @@ def _labeled_trajectory_backward(map_op):
     def backward(ctx, grad):
         """out[t] = mu + A_t (x - mu) per row: grad x = sum_t A_t g_t, each A_t g_t the labelled
         flow map of g_t from sigmas[0] to sigmas[t] with means = 0 (one launch per step)."""
-        x, labels, means, bases, eigvals, lp, sigmas = ctx.saved_tensors
+        x, labels, means, bases, eigvals, residual_var, sigmas = ctx.saved_tensors
         n = ctx.needs_input_grad
-        need_x, need_mean, need_lam, need_lp = n[0], n[2], n[4], n[5]
+        need_x, need_mean, need_lam, need_residual_var = n[0], n[2], n[4], n[5]
         cd = means.dtype
         g = grad.to(cd).contiguous()
-        gx = gmean = glam = glp = None
+        gx = gmean = glam = g_residual_var = None
         if need_x or need_mean:
             zeros, ones = torch.zeros_like(means), torch.ones_like(sigmas[0])
             gx = torch.zeros(g.shape[1:], dtype=cd, device=g.device)
             for t in range(g.shape[0]):
-                gx += map_op(g[t], labels, zeros, bases, eigvals, lp, sigmas[0], sigmas[t], ones, ones, KIND_FLOW)
+                gx += map_op(g[t], labels, zeros, bases, eigvals, residual_var, sigmas[0], sigmas[t], ones, ones, KIND_FLOW)
         if need_mean:
             gmean = torch.zeros_like(means).index_add_(0, labels, g.sum(0) - gx)
-        if need_lam or need_lp:
+        if need_lam or need_residual_var:
             y = x.to(cd) - means[labels]
             one = torch.ones_like(sigmas[0])
             deriv = lambda v, ch: _gain_derivative(KIND_FLOW, v[None], sigmas[0, ch][None, :, None], sigmas[:, ch, None],
                                                    one[ch][None, :, None])
-            glam, glp = _spectral_grads(labels, bases, eigvals, lp, y, g, deriv, need_lam, need_lp)
-        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, glp, None
+            glam, g_residual_var = _spectral_grads(labels, bases, eigvals, residual_var, y, g, deriv, need_lam, need_residual_var)
+        return (gx.to(x.dtype) if need_x else None), None, gmean, None, glam, g_residual_var, None
 
     return backward
 
@@ -273,9 +258,9 @@ def _labeled_trajectory_backward(map_op):
 # ----------------------------------------------------------------------------- mixture posterior
 
 
-def _mixture_setup(op_name):
+def _mixture_setup(op_name, no_grad):
     def setup_context(ctx, inputs, output):
-        _check_inputs(op_name, inputs, _MIXTURE_NO_GRAD)
+        _check_inputs(op_name, inputs, no_grad)
         x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights = inputs[:9]
         den, logp, weights = output
         ctx.save_for_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
@@ -296,7 +281,7 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
     for them), the rest from chunked GEMMs against the components: x and gD projected on
     [mu_k; U_k] (2 x B K (r + 1) D multiply-adds), back-projection for grad x and grad mu
     (another 2 x), so the backward costs about 3x a denoising forward on the GEMMs."""
-    need_x, need_mu, need_lam, need_lp, need_logw = needs
+    need_x, need_mu, need_lam, need_residual_var, need_logw = needs
     cd = means.dtype
     B, D = x.shape
     K, r = means.shape[0], bases.shape[2]
@@ -313,16 +298,16 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
         gDx = (gD * xc).sum(1)
         gD_den = (gD * den.to(cd)).sum(1)
     gx = torch.zeros_like(xc) if need_x else None
-    gmu, glam, glp, glogw = [], [], [], []
+    gmu, glam, g_residual_var, glogw = [], [], [], []
     for ck in _chunks(K, B, D, r):
-        M, U, lam, lp = means[ck], bases[ck], eigvals[ck], residual_var[ck]
+        M, U, lam, residual_var_k = means[ck], bases[ck], eigvals[ck], residual_var[ck]
         w = weights[:, ck]
         k = M.shape[0]
         Uflat = U.permute(1, 0, 2).reshape(D, k * r)
         c = (xc @ Uflat).view(B, k, r) - torch.einsum("kd,kdr->kr", M, U)  # U_k^T (x - mu_k)
         v = lam[None] + s2[:, :, None]  # [B, k, r]
-        vp = lp[None] + s2  # [B, k]
-        hp = lp[None] / vp
+        vp = residual_var_k[None] + s2  # [B, k]
+        hp = residual_var_k[None] / vp
         gain = lam[None] / v - hp[:, :, None]  # h - hp
         a = w * base[:, None]
         if gW is not None:
@@ -350,19 +335,19 @@ def _mixture_backward_composed(forward, x, means, bases, eigvals, residual_var, 
             if gD is not None:
                 gl = gl + w[:, :, None] * s2[:, :, None] * c * cg / v**2
             glam.append(gl.sum(0))
-        if need_lp:
+        if need_residual_var:
             # |P y|^2 from the differences: the expansion |x|^2 - 2 x.mu + |mu|^2 loses the
             # accuracy that a / vp^2 needs at small sigma
             sq = ((xc[:, None, :] - M[None]) ** 2).sum(-1)
-            resid = torch.zeros_like(sq) if r == D else (sq - (c * c).sum(-1)).clamp_min(0)
-            gp = 0.5 * a * (resid / vp**2 - (D - r) / vp)
+            perp_sq = torch.zeros_like(sq) if r == D else (sq - (c * c).sum(-1)).clamp_min(0)
+            gp = 0.5 * a * (perp_sq / vp**2 - (D - r) / vp)
             if gD is not None:
                 gp = gp + w * s2 / vp**2 * (gDx[:, None] - gm - (cg * c).sum(-1))
-            glp.append(gp.sum(0))
+            g_residual_var.append(gp.sum(0))
         if need_logw:
             glogw.append(a.sum(0))
     cat = lambda parts: torch.cat(parts) if parts else None
-    return gx, cat(gmu), cat(glam), cat(glp), cat(glogw)
+    return gx, cat(gmu), cat(glam), cat(g_residual_var), cat(glogw)
 
 
 def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights, gD, gL,
@@ -383,7 +368,7 @@ def _fused_mixture_backward(x, means, bases, eigvals, residual_var, log_weights,
         absent if gD is None else gD, absent if gW is None else gW, *needs, *layouts)
 
 
-def _fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
+def fused_backward_fake(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term, grad_den,
                          grad_weights, need_x, need_means, need_eigvals, need_residual_var, need_log_weights,
                          forward_panels=None, backward_panels=None):
     out = lambda need, t: x.new_empty(t.shape if need else (0,))
@@ -400,36 +385,62 @@ def _mixture_backward(forward, fused):
         gW = gW if ctx.need_weights and gW is not None else None
         args = (x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
         if fused is not None and x.device.type == "cpu":
-            gx, gmu, glam, glp, glogw = fused(*args, gD, gL, gW, needs, ctx.layouts)
-            gx, gmu, glam, glp, glogw = [t if need else None for t, need in zip((gx, gmu, glam, glp, glogw), needs)]
+            gx, gmu, glam, g_residual_var, glogw = fused(*args, gD, gL, gW, needs, ctx.layouts)
+            gx, gmu, glam, g_residual_var, glogw = [t if need else None for t, need in zip((gx, gmu, glam, g_residual_var, glogw), needs)]
         else:
-            gx, gmu, glam, glp, glogw = _mixture_backward_composed(forward, *args, gD, gL, gW, needs, ctx.layouts)
+            gx, gmu, glam, g_residual_var, glogw = _mixture_backward_composed(forward, *args, gD, gL, gW, needs, ctx.layouts)
         gx = gx.to(x.dtype) if gx is not None else None
-        return (gx, gmu, None, glam, glp, glogw, None, None, None, *[None] * len(ctx.layouts))
+        return (gx, gmu, None, glam, g_residual_var, glogw, None, None, None, *[None] * len(ctx.layouts))
 
     return backward
 
 
-# ----------------------------------------------------------------------------- registration
+# ----------------------------------------------------------------------------- rules
+# One per op of the registry (_contract.OPS): rule(lookup, qualname, no_grad, fused) ->
+# (backward, setup_context) for torch.library.register_autograd. lookup(name): the op `name` of
+# the same namespace and prefix; no_grad: {argument index: name} of the tensors without a
+# gradient (from the registry); fused: CPU tensors take the fused C++ mixture backward
+# (gsa_kernels::mixture_posterior_backward), else the gradients are composed from the forward
+# op and torch GEMMs, as for CUDA tensors.
 
 
-def register(namespace: str, prefix: str = "", fused_mixture_backward: bool = False):
-    """register_autograd for <namespace>::<prefix>{gaussian_map, gaussian_trajectory,
-    mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled}. fused_mixture_backward: CPU tensors take the kernel
-    gsa_kernels::mixture_posterior_backward (else the gradients are composed from the forward op
-    and torch GEMMs, as for CUDA tensors)."""
-    ops = getattr(torch.ops, namespace)
-    if fused_mixture_backward:
-        torch.library.register_fake("gsa_kernels::mixture_posterior_backward")(_fused_backward_fake)
-    for name, backward, setup in (
-        ("gaussian_map", _map_backward(getattr(ops, prefix + "gaussian_map")), _map_setup),
-        ("gaussian_trajectory", _trajectory_backward, _trajectory_setup),
-        ("mixture_posterior", _mixture_backward(getattr(ops, prefix + "mixture_posterior"),
-                                                _fused_mixture_backward if fused_mixture_backward else None),
-         _mixture_setup),
-        ("gaussian_map_labeled", _labeled_map_backward(getattr(ops, prefix + "gaussian_map_labeled")), _labeled_map_setup),
-        ("gaussian_trajectory_labeled", _labeled_trajectory_backward(getattr(ops, prefix + "gaussian_map_labeled")),
-         _labeled_trajectory_setup),
-    ):
-        qualname = f"{namespace}::{prefix}{name}"
-        torch.library.register_autograd(qualname, backward, setup_context=setup(qualname))
+def gaussian_map_rule(lookup, qualname, no_grad, fused):
+    return _map_backward(lookup("gaussian_map")), _map_setup(qualname, no_grad)
+
+
+def gaussian_trajectory_rule(lookup, qualname, no_grad, fused):
+    return _trajectory_backward, _trajectory_setup(qualname, no_grad)
+
+
+def mixture_posterior_rule(lookup, qualname, no_grad, fused):
+    backward = _mixture_backward(lookup("mixture_posterior"), _fused_mixture_backward if fused else None)
+    return backward, _mixture_setup(qualname, no_grad)
+
+
+def gaussian_map_labeled_rule(lookup, qualname, no_grad, fused):
+    return _labeled_map_backward(lookup("gaussian_map_labeled")), _labeled_map_setup(qualname, no_grad)
+
+
+def gaussian_trajectory_labeled_rule(lookup, qualname, no_grad, fused):
+    return _labeled_trajectory_backward(lookup("gaussian_map_labeled")), _labeled_trajectory_setup(qualname, no_grad)
+
+
+# ----------------------------------------------------------------------------- local score machines
+# Gradient w.r.t. x only (images and sigma raise when they require grad): the float64 PyTorch VJP
+# of reference.local_posterior_vjp, for every backend -- exact, not a fused kernel.
+
+
+def local_posterior_rule(lookup, qualname, no_grad, fused):
+    def setup_context(ctx, inputs, output):
+        _check_inputs(qualname, inputs, no_grad)
+        ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+        ctx.args = inputs[3:]
+
+    def backward(ctx, grad):
+        from . import reference
+
+        x, images, sigma = ctx.saved_tensors
+        gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None, None, None, None
+
+    return backward, setup_context

@@ -85,7 +85,7 @@ def _triton_status():
 
 TRITON = Backend(
     name="triton",
-    kernel=lambda op, device_type: getattr(_triton_module(), op),
+    kernel=lambda op, device_type: getattr(_triton_module().ops(), op),
     devices=lambda: {"cuda": (True, ""),
                      "cpu": (_interpreting(), "the triton backend takes CPU tensors only with TRITON_INTERPRET=1")},
     status=_triton_status,

@@ -1,86 +1,74 @@
-"""The kernel contract: what every backend implements, in one place (docs/architecture.md, section 3).
+"""The op registry: every kernel-level op, declared once (docs/architecture.md, sections 3 and 4).
 
-Six kernel-level ops. The public ops (ops.py) validate, flatten and cast, then call exactly one
-of them on one backend (_backends.py). Every backend takes the arguments in the order of
-ARGUMENTS below -- the schemas of csrc/ops.cpp, the Triton ops and the reference alike:
+The public ops (ops.py, and the modules built on it) validate, flatten and cast their arguments
+(_args.py), then call exactly one of these ops on one backend (_backends.py). Per op, one `Op`
+entry holds everything the Python side needs:
 
-    gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
-        -> out [B, D]. The spectral map of `kind` (SpectralKind): denoise and score read
-        sigma_from only (ops.py passes sigma for all four per-row tensors); flow reads all four,
-        sigma_from = +inf meaning x is unit noise.
-    gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
-        -> out [T, B, D]: x at sigmas[0] carried by the closed-form flow to every sigmas[t].
-    mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
-        -> (denoised [B, D] or [0], logp [B], weights [B, K] or [0]).
-    gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from,
-                         scale_to, kind)
-    gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
-        -> as gaussian_map / gaussian_trajectory, row b under component labels[b] of a mixture's
-        stacked Gaussians (class-conditional models): labels int64 [B] in [0, K), the model
-        tensors as the mixture's (means [K, D], bases [K, D, r], eigvals [K, r], residual_var
-        [K]; no log weights). Row b's output is exactly gaussian_map's for that row under the
-        Gaussian (means[k], bases[k], eigvals[k], residual_var[k]), k = labels[b].
-    local_posterior(x, images, sigma, patch_size, mode, padding, kind)
-        -> out [B, C, H, W] in x's dtype: the local score machines (Kamb & Ganguli, arXiv
-        2412.20292), a posterior over training patches per query pixel (see the section below).
+- `schema`: argument names, order and types, as csrc/ops.cpp defines them (the compiled ops),
+  the Triton ops are defined with (gsa_kernels/triton/_library.py) and the reference functions
+  take (gsa_kernels/reference.py);
+- `grads`: the arguments with a gradient (every other tensor argument raises when it requires
+  grad, naming it); `autograd`: the backward rule (gsa_kernels/_autograd.py);
+- `fake`: output shapes and dtypes (torch.compile, opcheck); `layouts`: optional trailing
+  arguments of the compiled CPU op (prepared layouts, gsa_kernels/_layouts.py);
+- where it is documented and tested: `math` (a section of docs/architecture.md), `kernels`
+  (each backend's kernel source), `conformance` (the test file running tests/conformance/cases.py's
+  `<name>_cases()` on every backend).
 
-Tensors: x [B, D] contiguous, float16 / bfloat16 / float32 / float64. Every other tensor
-(model tensors, per-row sigma_* / scale_* [B], sigmas [T, B]) is contiguous, on x's device, in
-the compute dtype of x (compute_dtype below); Gaussian residual_var is a Python float, mixture
-residual_var a [K] tensor (also in the labelled ops); labels int64 [B] on x's device. Outputs: out / denoised in x's dtype, logp and weights in the compute
-dtype. A kernel computes in the compute dtype whatever the storage dtype. NaN in x gives NaN in
-that row's outputs (never -inf, never another row).
+register(namespace, prefix) binds the fakes and the autograd rules of every op to a torch.library
+namespace -- the compiled gsa_kernels:: and gsa_kernels::cuda_emu_* ops (_extension.py) and the
+Triton gsa_kernels_triton:: ops (triton/_library.py) alike. Adding an op is one entry here, its
+kernels, its reference function, its autograd rule and its conformance cases (the list of files
+is in docs/architecture.md, section 4).
 
-Local score machines (local_posterior). x [B, C, H, W] contiguous (dtypes as above), images
-[N, C, H, W] contiguous in the compute dtype, N >= 1, sigma [B] > 0 in the compute dtype;
-patch_size P odd >= 1 (p = P // 2), any size (P > H or W is allowed: the window then reaches past
-the image on every side); mode LocalMode, padding LocalPadding, kind SpectralKind DENOISE or
-SCORE (FLOW is not an op of this family). The window Omega_u is the P x P pixels centred on u;
-pixels outside the image are 0 (ZEROS, queries and training images alike) or wrap (CIRCULAR,
-indices mod H and mod W, any number of times). A candidate c = (n, v) is images[n] windowed at
-pixel v; its value is images[n, :, v]. For row b and pixel u:
+Tensors: x [B, D] contiguous, float16 / bfloat16 / float32 / float64. Every other tensor (model
+tensors, per-row sigma_* / scale_* [B], sigmas [T, B]) is contiguous, on x's device, in the
+compute dtype of x (compute_dtype); Gaussian residual_var is a Python float, mixture and labelled
+residual_var a [K] tensor; labels int64 [B] on x's device. Outputs: out / denoised in x's dtype,
+logp and weights in the compute dtype. A kernel computes in the compute dtype whatever the
+storage dtype. NaN in x gives NaN in that row's outputs (never -inf, never another row).
+
+Local score machines (local_posterior(x, images, sigma, patch_size, mode, padding, kind) -> out
+[B, C, H, W] in x's dtype; Kamb & Ganguli, arXiv 2412.20292; docs/local_score.md). x [B, C, H, W]
+contiguous (dtypes as above), images [N, C, H, W] contiguous in the compute dtype, N >= 1, sigma
+[B] > 0 in the compute dtype; patch_size P odd >= 1 (p = P // 2), any size (P > H or W: the window
+reaches past the image on every side); mode LocalMode, padding LocalPadding, kind SpectralKind
+DENOISE or SCORE. The window Omega_u is the P x P pixels centred on u; pixels outside the image
+are 0 (ZEROS, queries and training images alike) or wrap (CIRCULAR, indices mod H and mod W, any
+number of times). A candidate c = (n, v) is images[n] windowed at pixel v; its value is
+images[n, :, v]. For row b and pixel u:
 
     d2(c | u) = sum over the window offsets o and channels of (x[b, :, u + o] - images[n, :, v + o])^2
     w(c | u)  = softmax over the candidates of u of -d2 / (2 sigma_b^2)
     DENOISE:  out[b, :, u] = x[b, :, u] + sum_c w(c | u) (images[n, :, v] - x[b, :, u])
     SCORE:    out[b, :, u] = sum_c w(c | u) (images[n, :, v] - x[b, :, u]) / sigma_b^2
 
-(the denoiser is sum_c w value_c; the difference form is the one that does not cancel, so the
-score stays accurate where out ~ x at small sigma). Candidates of u per mode: LS (n, v = u) for
-every n; ELS (n, v) for every n and pixel v; BBELS (ZEROS only) (n, v) with v in u's boundary
-class: (min(i, p), min(H-1-i, p), min(j, p), min(W-1-j, p)) equal for u = (i, j) and v.
-Exactness: d2 is a sum of squared differences, never |a|^2 - 2ab + |b|^2 unless an error bound
-separates the candidates (logits scale as 1/sigma^2); per pixel the weights are within total
-variation 1e-3 (float32 compute) / 1e-9 (float64) of the float64 truth at every sigma, near ties
-included. Streaming: no backend materialises the [N HW, HW] logits; an online softmax per
-(row, pixel). NaN: a NaN anywhere in x[b] makes the whole output row out[b] NaN (every pixel
-and channel; never -inf, never another row) -- a row-level rule, so that no backend has to
-agree on which windows reach the NaN pixel.
+(the denoiser is sum_c w value_c; the difference form does not cancel, so the score stays
+accurate where out ~ x at small sigma). Candidates of u per mode: LS (n, v = u) for every n; ELS
+(n, v) for every n and pixel v; BBELS (ZEROS only) (n, v) with v in u's boundary class:
+(min(i, p), min(H-1-i, p), min(j, p), min(W-1-j, p)) equal for u = (i, j) and v. Exactness: d2 is
+a sum of squared differences, never |a|^2 - 2ab + |b|^2 unless an error bound separates the
+candidates (logits scale as 1/sigma^2); per pixel the weights are within total variation 1e-3
+(float32 compute) / 1e-9 (float64) of the float64 truth at every sigma, near ties included.
+Streaming: no backend materialises the [N HW, HW] logits; an online softmax per (row, pixel).
+NaN: a NaN anywhere in x[b] makes the whole output row out[b] NaN (every pixel and channel; never
+-inf, never another row) -- a row-level rule, so that no backend has to agree on which windows
+reach the NaN pixel. Gradient: w.r.t. x only (reference.local_posterior_vjp).
 
-Prepared layouts: a model owns GEMM-ready layouts derived from its tensors (gsa_kernels/_layouts.py:
-U^T as `basis_rows`, a mixture's `forward_panels` / `backward_panels`) and hands them to the C++
-CPU kernels as optional trailing arguments (LAYOUT_ARGUMENTS, after the ones above, so every
-argument index above stays valid); other backends take none, fakes ignore them.
-
-Room left on purpose (keep the names and orders above stable):
-- Autograd (gsa_kernels/_autograd.py) registers on these same op names: `kind` and the need_*
-  flags stay plain int / bool arguments, never folded into the name.
-- The per-row `labels` variants of the Gaussian ops are separate op names with `labels` right
-  after x, so the ops above are unchanged (and a labels-less call can never reach them).
+Stable on purpose: `kind` and the need_* flags stay plain int / bool arguments, never folded into
+an op name (autograd registers on these names); the labelled variants are separate ops with
+`labels` right after x, so a labels-less call can never reach them.
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-
-class SpectralKind(enum.IntEnum):
-    """The `kind` argument of gaussian_map; values are gsa::SpectralKind (csrc/include/gsa/spectral.h)."""
-
-    DENOISE = 0
-    SCORE = 1
-    FLOW = 2
+from . import _autograd
+from ._args import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype  # noqa: F401  (the contract's names)
 
 
 class LocalMode(enum.IntEnum):
@@ -96,31 +84,6 @@ class LocalPadding(enum.IntEnum):
 
     ZEROS = 0
     CIRCULAR = 1
-
-
-# Op names and their argument names, in kernel argument order (csrc/ops.cpp defines the same).
-ARGUMENTS = {
-    "gaussian_map": ("x", "mean", "basis", "eigvals", "residual_var", "sigma_from", "sigma_to", "scale_from",
-                     "scale_to", "kind"),
-    "gaussian_trajectory": ("x", "mean", "basis", "eigvals", "residual_var", "sigmas"),
-    "mixture_posterior": ("x", "means", "bases", "eigvals", "residual_var", "log_weights", "sigma", "need_denoised",
-                          "need_weights"),
-    "gaussian_map_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigma_from", "sigma_to",
-                             "scale_from", "scale_to", "kind"),
-    "gaussian_trajectory_labeled": ("x", "labels", "means", "bases", "eigvals", "residual_var", "sigmas"),
-    "local_posterior": ("x", "images", "sigma", "patch_size", "mode", "padding", "kind"),
-}
-OPS = tuple(ARGUMENTS)
-# optional trailing arguments of the compiled CPU ops (csrc/ops.cpp), default None
-LAYOUT_ARGUMENTS = {"gaussian_map": ("basis_rows",), "gaussian_trajectory": ("basis_rows",),
-                    "mixture_posterior": ("forward_panels", "backward_panels"),
-                    "gaussian_map_labeled": (), "gaussian_trajectory_labeled": (), "local_posterior": ()}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel computes in for x of `dtype`: float64 stays float64, every other
-    floating dtype (float16, bfloat16, float32) computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- fake (meta) kernels
@@ -158,9 +121,84 @@ def fake_local_posterior(x, images, sigma, patch_size, mode, padding, kind):
     return torch.empty_like(x)
 
 
-FAKES = {"gaussian_map": fake_gaussian_map, "gaussian_trajectory": fake_gaussian_trajectory,
-         "mixture_posterior": fake_mixture_posterior, "gaussian_map_labeled": fake_gaussian_map_labeled,
-         "gaussian_trajectory_labeled": fake_gaussian_trajectory_labeled, "local_posterior": fake_local_posterior}
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    schema: str  # "(Tensor x, ...) -> Tensor": names, order and types of the arguments, without layouts
+    grads: tuple  # argument names with a gradient
+    fake: Callable
+    autograd: Callable  # _autograd rule: (lookup, qualname, no_grad, fused) -> (backward, setup_context)
+    math: str  # section of docs/architecture.md with the op's mathematics
+    kernels: dict  # backend -> kernel source file (the reference is gsa_kernels/reference.py::<name>)
+    conformance: str  # test file of the conformance suite
+    layouts: tuple = ()  # optional trailing Tensor? arguments of the compiled CPU op
+
+    def _arguments(self):
+        return torch._C.parse_schema(self.name + self.schema).arguments
+
+    @property
+    def arguments(self) -> tuple:
+        return tuple(a.name for a in self._arguments())
+
+    @property
+    def no_grad(self) -> dict:
+        """{index: name} of the tensor arguments without a gradient."""
+        return {i: a.name for i, a in enumerate(self._arguments())
+                if str(a.type) == "Tensor" and a.name not in self.grads}
+
+
+_GAUSSIAN_KERNELS = {"cpu": "csrc/cpu/gaussian.cpp", "cuda": "csrc/cuda/gaussian_kernels.cuh",
+                     "triton": "gsa_kernels/triton/gaussian.py"}
+_LABELED_KERNELS = {"cpu": "csrc/cpu/labeled.cpp", "cuda": "csrc/cuda/gaussian_kernels.cuh",
+                    "triton": "gsa_kernels/triton/gaussian.py"}
+_MAP_TAIL = "Tensor sigma_from, Tensor sigma_to, Tensor scale_from, Tensor scale_to, int kind) -> Tensor"
+
+REGISTRY = {op.name: op for op in (
+    Op("gaussian_map",
+       "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, " + _MAP_TAIL,
+       grads=("x", "mean", "eigvals"), fake=fake_gaussian_map, autograd=_autograd.gaussian_map_rule,
+       math="1.1", kernels=_GAUSSIAN_KERNELS, conformance="tests/conformance/test_conformance.py",
+       layouts=("basis_rows",)),
+    Op("gaussian_trajectory",
+       "(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, float residual_var, Tensor sigmas) -> Tensor",
+       grads=("x", "mean", "eigvals"), fake=fake_gaussian_trajectory, autograd=_autograd.gaussian_trajectory_rule,
+       math="1.2", kernels=_GAUSSIAN_KERNELS, conformance="tests/conformance/test_conformance.py",
+       layouts=("basis_rows",)),
+    Op("mixture_posterior",
+       "(Tensor x, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, Tensor log_weights, "
+       "Tensor sigma, bool need_denoised, bool need_weights) -> (Tensor, Tensor, Tensor)",
+       grads=("x", "means", "eigvals", "residual_var", "log_weights"), fake=fake_mixture_posterior,
+       autograd=_autograd.mixture_posterior_rule, math="1.3",
+       kernels={"cpu": "csrc/cpu/mixture.cpp", "cuda": "csrc/cuda/mixture_kernels.cuh",
+                "triton": "gsa_kernels/triton/mixture.py"},
+       conformance="tests/conformance/test_conformance.py", layouts=("forward_panels", "backward_panels")),
+    Op("gaussian_map_labeled",
+       "(Tensor x, Tensor labels, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, " + _MAP_TAIL,
+       grads=("x", "means", "eigvals", "residual_var"), fake=fake_gaussian_map_labeled,
+       autograd=_autograd.gaussian_map_labeled_rule, math="1.4", kernels=_LABELED_KERNELS,
+       conformance="tests/conformance/test_labels.py"),
+    Op("gaussian_trajectory_labeled",
+       "(Tensor x, Tensor labels, Tensor means, Tensor bases, Tensor eigvals, Tensor residual_var, "
+       "Tensor sigmas) -> Tensor",
+       grads=("x", "means", "eigvals", "residual_var"), fake=fake_gaussian_trajectory_labeled,
+       autograd=_autograd.gaussian_trajectory_labeled_rule, math="1.4", kernels=_LABELED_KERNELS,
+       conformance="tests/conformance/test_labels.py"),
+    Op("local_posterior",
+       "(Tensor x, Tensor images, Tensor sigma, int patch_size, int mode, int padding, int kind) -> Tensor",
+       grads=("x",), fake=fake_local_posterior, autograd=_autograd.local_posterior_rule, math="1.6",
+       kernels={"cpu": "csrc/cpu/local_score.cpp", "cuda": "csrc/cuda/local_kernels.cuh",
+                "triton": "gsa_kernels/triton/local.py"},
+       conformance="tests/conformance/test_conformance.py"),
+)}
+
+OPS = tuple(REGISTRY)
+# derived views, for the callers that need only one field
+ARGUMENTS = {name: op.arguments for name, op in REGISTRY.items()}
+LAYOUT_ARGUMENTS = {name: op.layouts for name, op in REGISTRY.items()}
+FAKES = {name: op.fake for name, op in REGISTRY.items()}
 
 
 def fake_basis_rows(basis):
@@ -176,28 +214,25 @@ def fake_mixture_panels(means, bases):
 LAYOUT_FAKES = {"basis_rows": fake_basis_rows, "mixture_panels": fake_mixture_panels}
 
 
-def register_fakes(namespace: str, prefix: str = "", layouts: bool = False):
-    """register_fake for every op `namespace::<prefix><op>` (ops defined elsewhere, e.g. in C++),
-    and with `layouts` for the layout builders too."""
-    for name, fake in {**FAKES, **(LAYOUT_FAKES if layouts else {})}.items():
-        if not torch._C._dispatch_has_kernel(f"{namespace}::{prefix}{name}") and name == "local_posterior":
-            continue  # issue 27: the emulated cuda_emu_local_posterior comes on its own branch
-        torch.library.register_fake(f"{namespace}::{prefix}{name}")(fake)
+# ----------------------------------------------------------------------------- registration
 
 
-# ----------------------------------------------------------------------------- model operands
-
-
-class GaussianOperand:
-    """What the Gaussian ops read from a model: `mean` [D], `basis` [D, r], `eigvals` [r] tensors
-    and a float `residual_var`. GaussianModel is one; ops.py accepts any subclass instance."""
-
-    TENSORS = ("mean", "basis", "eigvals")
-
-
-class MixtureOperand:
-    """What the mixture ops read from a model: `means` [K, D], `bases` [K, D, r], `eigvals` [K, r],
-    `residual_var` [K], `log_weights` [K] (normalised). GaussianMixture is one."""
-
-    TENSORS = ("means", "bases", "eigvals", "residual_var", "log_weights")
-    LABELED_TENSORS = TENSORS[:4]  # what the labelled Gaussian ops read: no log weights
+def register(namespace: str, prefix: str = "", *, fakes: bool = True, layouts: bool = False,
+             fused_mixture_backward: bool = False):
+    """Bind every registered op `namespace::<prefix><name>` (defined elsewhere: in C++, or by
+    triton/_library.py) to its fake (unless fakes=False: a triton_op traces its launcher instead)
+    and its autograd rule. layouts: also the fakes of the CPU layout builders;
+    fused_mixture_backward: CPU tensors take gsa_kernels::mixture_posterior_backward."""
+    ops = getattr(torch.ops, namespace)
+    lookup = lambda name: getattr(ops, prefix + name)  # noqa: E731
+    if layouts:
+        for name, fake in LAYOUT_FAKES.items():
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+    if fused_mixture_backward:
+        torch.library.register_fake(f"{namespace}::mixture_posterior_backward")(_autograd.fused_backward_fake)
+    for op in REGISTRY.values():
+        qualname = f"{namespace}::{prefix}{op.name}"
+        if fakes:
+            torch.library.register_fake(qualname)(op.fake)
+        backward, setup_context = op.autograd(lookup, qualname, op.no_grad, fused_mixture_backward)
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)

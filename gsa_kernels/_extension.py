@@ -2,6 +2,8 @@
 when the extension is missing, `error` says why and the compiled backends are unavailable."""
 import torch
 
+from . import _contract
+
 error = None
 try:
     from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
@@ -12,23 +14,15 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
     error = f"{type(e).__name__}: {e}"
 
 if loaded:  # a stale build (older than the contract) would fail below: the backends say why instead
-    from . import _contract
-
     missing = [op for op in _contract.OPS if not torch._C._dispatch_has_kernel(f"gsa_kernels::{op}")]
     if missing:
         loaded = False
         error = (f"the compiled extension is older than the sources (no gsa_kernels::{missing[0]}): rebuild it "
                  "(python setup.py build_ext --inplace, or bash scripts/install.sh)")
 
-if loaded:  # fake / meta kernels for torch.compile and opcheck, also of the emulated cuda_emu_* ops
-    from . import _contract
-
-    _contract.register_fakes("gsa_kernels", layouts=True)  # fake / meta kernels for torch.compile and opcheck
-    _contract.register_fakes("gsa_kernels", prefix="cuda_emu_")
-    from . import _autograd
-
-    _autograd.register("gsa_kernels", fused_mixture_backward=True)  # backward formulas (gsa_kernels/_autograd.py)
-    _autograd.register("gsa_kernels", prefix="cuda_emu_")
+if loaded:  # fakes (torch.compile, opcheck) and backward rules of the compiled and the emulated cuda_emu_* ops
+    _contract.register("gsa_kernels", layouts=True, fused_mixture_backward=True)
+    _contract.register("gsa_kernels", prefix="cuda_emu_")
 
 
 @torch.compiler.assume_constant_result  # registrations do not change: no graph break under torch.compile

@@ -33,8 +33,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import fitting, ops
-from .partial import _merge, compute_dtype, mixture_partial
+from . import _args, fitting
+from ._args import FLOAT_DTYPES, compute_dtype, flatten
+from .models import GaussianMixture, GaussianModel
+from .partial import merge_stacked, mixture_partial
 
 _stats: dict = {}
 
@@ -129,24 +131,22 @@ def _device(group):
 
 def _sharded(x, sigma, shard, group, backend, op):
     """(this rank's merged MixturePartial, x2 [B, D], sigma [B]) for the whole mixture."""
-    from .models import GaussianMixture
-
     comm = _Comm(group, op)
     error = None
     try:
         if not isinstance(shard, GaussianMixture):
             raise TypeError(f"gk.distributed.{op}: shard must be a gsa_kernels.GaussianMixture, got {type(shard).__name__}")
-        x2 = ops._flatten(x, shard.dim, op)
+        x2 = flatten(x, shard.dim, op)
         cd = compute_dtype(x2.dtype)
-        s = ops._rows(sigma, x2.shape[0], x2, "sigma", op)
-        header = (x2.shape[0], shard.dim, fitting._DTYPES.index(cd))
+        s = _args.rows(sigma, x2.shape[0], x2, "sigma", op)
+        header = (x2.shape[0], shard.dim, FLOAT_DTYPES.index(cd))
     except (TypeError, ValueError) as e:
         error, header = e, (0, 0, 0)
     table = comm.agree(error, header)
     sizes = table[:, 0].tolist()
     if len(set(table[:, 1].tolist())) > 1 or len(set(table[:, 2].tolist())) > 1:
         raise ValueError(f"gk.distributed.{op}: ranks disagree on D {table[:, 1].tolist()} or on the compute dtype "
-                         f"{[str(fitting._DTYPES[i]) for i in table[:, 2].tolist()]} (float64 x on every rank, or on none)")
+                         f"{[str(FLOAT_DTYPES[i]) for i in table[:, 2].tolist()]} (float64 x on every rank, or on none)")
     B, D, rows = x2.shape[0], shard.dim, max(sizes)
     # one padded [rows, D + 1] block per rank: its queries and their sigmas
     block = torch.zeros(rows, D + 1, dtype=cd, device=x2.device)
@@ -165,7 +165,7 @@ def _sharded(x, sigma, shard, group, backend, op):
         raise error
     if not bool((mine[:, :, 2] == 1).all()):
         raise RuntimeError(f"gk.distributed.{op}: another rank failed computing its shard's partials (its own error says why)")
-    merged = _merge(mine[:, :, 0], mine[:, :, 1], mine[:, :, 3:], x.shape[1:], x.dtype)
+    merged = merge_stacked(mine[:, :, 0], mine[:, :, 1], mine[:, :, 3:], x.shape[1:], x.dtype)
     comm.finish(rows=B, rows_total=queries.shape[0], components=shard.num_components)
     return merged, x2, s
 
@@ -206,7 +206,7 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
             raise ValueError("give rank or energy, not both")
         passes = fitting.Passes(data)
         D, dtype, device = passes.peek()
-        header = (-1 if D is None else D, -1 if dtype is None else fitting._DTYPES.index(dtype), passes.kind == "one-shot")
+        header = (-1 if D is None else D, -1 if dtype is None else FLOAT_DTYPES.index(dtype), passes.kind == "one-shot")
     except (TypeError, ValueError, RuntimeError) as e:
         error, header = e, (-1, -1, 0)
     table = comm.agree(error, header)
@@ -215,8 +215,8 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
         raise ValueError("gk.distributed.fit_gaussian: no rank has any data")
     if len(set(known[:, 0].tolist())) > 1 or len(set(known[:, 1].tolist())) > 1:
         raise ValueError(f"gk.distributed.fit_gaussian: ranks disagree on D {known[:, 0].tolist()} or dtype "
-                         f"{[str(fitting._DTYPES[i]) for i in known[:, 1].tolist()]}")
-    D, dtype = int(known[0, 0]), fitting._DTYPES[int(known[0, 1])]
+                         f"{[str(FLOAT_DTYPES[i]) for i in known[:, 1].tolist()]}")
+    D, dtype = int(known[0, 0]), FLOAT_DTYPES[int(known[0, 1])]
     device = device if device is not None else _device(group)
     if method == "auto":
         method = "exact" if 8 * D * D <= fitting.EXACT_FIT_BUDGET_BYTES else "randomized"
@@ -251,8 +251,6 @@ def fit_gaussian(data, rank=None, energy=None, group=None, method: str = "auto")
 def _broadcast_model(comm, g, D, dtype, device, error=None):
     """The group's first rank's model on every rank (bitwise the same everywhere); if that rank
     failed (error), every rank raises."""
-    from .models import GaussianModel
-
     f64 = dict(dtype=torch.float64, device=device)
     head = torch.tensor([float(g.rank), g.residual_var] if g is not None else [-1.0, 0.0], **f64)
     comm.broadcast(head)

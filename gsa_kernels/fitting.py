@@ -1,7 +1,7 @@
 """Fitting a Gaussian without a D x D matrix, and the moment algebra shared with gk.distributed.
 
 `GaussianModel.fit(data, rank=r, method=...)`:
-- "exact": the float64 D x D scatter matrix (summed in models.py) and a full eigendecomposition
+- "exact": the float64 D x D scatter matrix (summed in fit_gaussian) and a full eigendecomposition
   (exact_from_scatter), one pass.
 - "randomized": a streamed randomized range finder (Halko, Martinsson & Tropp 2011, alg. 4.4/5.5)
   with POWER_ITERS = 2 power iterations and a stabilised Nystrom finish (Tropp et al. 2017):
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections.abc
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,18 @@ OVERSAMPLE_MIN = 10
 POWER_ITERS = 2
 CHUNK_ELEMS = 1 << 23     # rows are converted and multiplied in chunks of ~8M elements
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # codes for gk.distributed
+
+class GaussianFit(NamedTuple):
+    """A fitted Gaussian's tensors, as GaussianModel(*fit) takes them."""
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    eigvals: torch.Tensor
+    residual_var: float
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
 
 
 def _identity(t):
@@ -252,8 +263,6 @@ def select_rank(evals, n, rank, energy, D):
 def exact_from_scatter(n, mean, scatter, rank, energy, dtype, device):
     """The exact fit from the centred scatter sum (x - mean)(x - mean)^T [D, D] of n rows: the
     end of GaussianModel.fit's exact path and of gk.distributed's."""
-    from .models import GaussianModel
-
     if n < 2:
         raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
     cov = scatter / (n - 1)
@@ -262,12 +271,12 @@ def exact_from_scatter(n, mean, scatter, rank, energy, dtype, device):
     D = evals.shape[0]
     r = select_rank(evals, n, rank, energy, D)
     residual = evals[r:].mean().item() if r < D else 0.0
-    return GaussianModel(mean.to(dtype).to(device), evecs[:, :r].to(dtype).to(device), evals[:r].to(dtype).to(device), residual)
+    return GaussianFit(mean.to(dtype).to(device), evecs[:, :r].to(dtype).to(device), evals[:r].to(dtype).to(device), residual)
 
 
 def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversample: Optional[int] = None, seed: int = 0,
                    reduce: Callable = _identity, agreed: Optional[tuple] = None):
-    """The randomized fit (module docstring): GaussianModel with the top `rank` directions.
+    """The randomized fit (module docstring): the GaussianFit with the top `rank` directions.
     data: anything Passes accepts, or a Passes. gk.distributed supplies reduce(t) -> t summed
     over ranks and agreed = (D, dtype, device) of the whole group; the defaults serve one
     process. The test matrix comes from `seed`, so every rank draws the same one."""
@@ -303,13 +312,11 @@ def fit_randomized(data, rank: int, *, power_iters: int = POWER_ITERS, oversampl
 def _sketched_model(n, mean, trace, Q, Y, rank, dtype):
     """The end of the randomized fit: the top `rank` eigenpairs from the sketch Y = S Q of the
     scatter S of n rows (trace: S's exact trace), the rest as isotropic residual_var."""
-    from .models import GaussianModel
-
     D = mean.shape[0]
     evals, U = nystrom(Q, Y) if rank else (Y.new_zeros(0), Y.new_zeros(D, 0))
     evals, U = evals[:rank] / (n - 1), U[:, :rank]
     residual = max(trace / (n - 1) - evals.sum().item(), 0.0) / (D - rank) if rank < D else 0.0
-    return GaussianModel(mean.to(dtype), U.to(dtype), evals.to(dtype), residual)
+    return GaussianFit(mean.to(dtype), U.to(dtype), evals.to(dtype), residual)
 
 
 def fit_randomized_per_class(pairs: Callable, rank: int, *, power_iters: int = POWER_ITERS,
@@ -318,7 +325,7 @@ def fit_randomized_per_class(pairs: Callable, rank: int, *, power_iters: int = P
     over the data updates every class's sketch, so the data is read power_iters + 1 times in
     all, whatever the number of classes K. pairs(): a fresh iterable of (x [n, D], y [n] int64)
     per pass. Class k's test matrix comes from seed + k; memory O(K D l), never D x D.
-    Returns {class: (GaussianModel, rows)}."""
+    Returns {class: (GaussianFit, rows)}."""
     Q, anchors, rows = {}, {}, None
     D = width = dtype = device = None
     for it in range(power_iters + 1 if rank else 1):
@@ -375,3 +382,241 @@ def nystrom(Q, Y):
     F = torch.linalg.solve_triangular(L, Ys.T, upper=False).T  # Ys L^-T: F F^T = Ys B^-1 Ys^T
     U, sv, _ = torch.linalg.svd(F, full_matrices=False)
     return (sv * sv - shift).clamp_min(0), U
+
+
+# ----------------------------------------------------------------------------- the models' fits
+# GaussianModel.fit, GaussianMixture.fit and .fit_per_class (models.py) validate their
+# arguments' types and build the model from what these return: GaussianFit, or the tensors of a
+# GaussianMixture (means, bases, eigvals, residual_var, log_weights).
+
+
+def _batches(data):
+    if isinstance(data, torch.Tensor):
+        yield data
+    else:
+        yield from data
+
+
+def _labelled_batches(data, labels, num_classes):
+    """(x [n, D], y [n] int64) batches of fit_per_class: data with labels, or (x, y) pairs."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        if labels is None:
+            raise TypeError("fit_per_class: give labels [N] with data [N, ...] (or stream (x, y) batches)")
+        pairs = [(data, labels)]
+    else:
+        if labels is not None:
+            raise TypeError("fit_per_class: streamed data carries its labels, as (x, y) batches; labels must be None")
+        pairs = data() if callable(data) and not isinstance(data, collections.abc.Iterable) else data
+        if not isinstance(pairs, collections.abc.Iterable):
+            raise TypeError(f"fit_per_class: data must be a tensor, an iterable of (x, y) batches or a callable "
+                            f"returning one, got {type(data).__name__}")
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"fit_per_class: streamed batches must be (x, y) pairs, got {type(pair).__name__}")
+        x, y = (torch.as_tensor(t) for t in pair)
+        if x.dim() < 2:
+            raise ValueError(f"fit_per_class: data batches must be [N, ...] with N samples, got shape {tuple(x.shape)}")
+        if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+            raise TypeError(f"fit_per_class: labels must be integer class indices, got {y.dtype}")
+        if y.shape != x.shape[:1]:
+            raise ValueError(f"fit_per_class: labels must be [N] = [{x.shape[0]}] for data of shape {tuple(x.shape)}, "
+                             f"got shape {tuple(y.shape)}")
+        if y.numel() and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+            bound = "" if num_classes is None else f" < num_classes = {num_classes}"
+            raise ValueError(f"fit_per_class: labels must be class indices >= 0{bound}, got min {y.min().item()}, "
+                             f"max {y.max().item()}")
+        yield x.reshape(x.shape[0], math.prod(x.shape[1:])), y.long()
+
+
+def fit_gaussian(data, rank: Optional[int], energy: Optional[float], method: str) -> GaussianFit:
+    """GaussianModel.fit (its docstring): the exact fit sums the float64 scatter here."""
+    method, data = plan(data, rank, energy, method)
+    if method == "randomized":
+        if energy is not None:
+            raise ValueError("the randomized fit takes rank, not energy")
+        return fit_randomized(data, rank)
+    if rank is not None and energy is not None:
+        raise ValueError("give rank or energy, not both")
+    n, s, ss, dtype, device = 0, None, None, None, None
+    for batch in _batches(data):
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.as_tensor(batch)
+        if batch.dim() < 2:
+            raise ValueError(f"data batches must be [N, ...] with N samples, got shape {tuple(batch.shape)}")
+        x = batch.reshape(batch.shape[0], math.prod(batch.shape[1:])).double()
+        if s is None:
+            D = x.shape[1]
+            s, ss = torch.zeros(D, dtype=torch.float64, device=x.device), torch.zeros(D, D, dtype=torch.float64, device=x.device)
+            dtype = batch.dtype if batch.is_floating_point() else torch.float32
+            device = batch.device
+        elif x.shape[1] != s.shape[0]:
+            raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {s.shape[0]}")
+        if not torch.isfinite(x).all():
+            raise ValueError("data contains NaN or inf")
+        if n == 0:  # centre on the first batch's mean: keeps the float64 scatter accurate
+            anchor = x.mean(0)
+        xc = x - anchor
+        s += xc.sum(0)
+        ss += xc.T @ xc
+        n += x.shape[0]
+    if n < 2:
+        raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
+    mean_c = s / n
+    return exact_from_scatter(n, anchor + mean_c, ss - n * torch.outer(mean_c, mean_c), rank, energy, dtype, device)
+
+
+def fit_mixture(data, n_components: int, rank: int, iters: int, seed: int):
+    """GaussianMixture.fit (its docstring) of checked data [N, ...]: the mixture's tensors."""
+    x = data.reshape(data.shape[0], math.prod(data.shape[1:])).double()
+    N, D = x.shape
+    if not 1 <= n_components <= N:
+        raise ValueError(f"n_components must be in [1, N = {N}], got {n_components}")
+    if not 0 <= rank <= D:
+        raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
+    labels = kmeans(x, n_components, iters=iters, seed=seed)[1]
+    means, bases, eigvals, residual_vars, log_weights = [], [], [], [], []
+    for k in range(n_components):
+        xk = x[labels == k]
+        if xk.shape[0] >= 2:
+            g = fit_gaussian(xk, min(rank, xk.shape[0] - 1), None, "auto")
+            mean, basis, eig, residual_var = g.mean, g.basis, g.eigvals, g.residual_var
+        else:  # a singleton cluster: a point mass
+            mean, basis, eig, residual_var = xk[0], x.new_zeros(D, 0), x.new_zeros(0), 0.0
+        pad = rank - basis.shape[1]  # small clusters: pad the basis with zero-variance directions
+        if pad:
+            basis, eig = _complete_basis(basis, rank), torch.cat([eig, eig.new_full((pad,), residual_var)])
+        means.append(mean)
+        bases.append(basis)
+        eigvals.append(eig)
+        residual_vars.append(residual_var)
+        log_weights.append(math.log(xk.shape[0] / N))
+    dt = data.dtype
+    return (torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
+            torch.tensor(residual_vars, dtype=dt), torch.tensor(log_weights, dtype=dt))
+
+
+def fit_per_class(data, labels, rank, energy, num_classes, method):
+    """GaussianMixture.fit_per_class (its docstring): the mixture's tensors."""
+    if rank is not None and energy is not None:
+        raise ValueError("give rank or energy, not both")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if method not in ("auto", "exact", "randomized"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    reiterable = not isinstance(data, collections.abc.Iterator)
+    if method == "randomized":
+        if energy is not None or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"fit_per_class(method='randomized') needs rank = an int >= 0 (not energy), got {rank!r}")
+        if not reiterable:
+            raise ValueError("fit_per_class(method='randomized') reads the data 3 times, but data is a one-shot iterator "
+                             "(e.g. a generator object): pass a tensor, a list of batches, a DataLoader or a callable "
+                             "returning a fresh iterator")
+        return _from_class_fits(fit_randomized_per_class(
+            lambda: _labelled_batches(data, labels, num_classes), rank), num_classes)
+    moments, D = {}, None
+    for x, y in _labelled_batches(data, labels, num_classes):
+        if D is None:
+            D, device = x.shape[1], x.device
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+        elif x.shape[1] != D:
+            raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {D}")
+        y = y.to(x.device)
+        for k in torch.unique(y).tolist():
+            if k not in moments and (len(moments) + 1) * 8 * D * D > EXACT_FIT_BUDGET_BYTES:
+                if method == "auto" and rank is not None and energy is None and reiterable:
+                    return fit_per_class(data, labels, rank, None, num_classes, "randomized")
+                raise ValueError(f"fit_per_class: {len(moments) + 1} classes of D = {D} need {len(moments) + 1} "
+                                 f"float64 D x D matrices, over the {EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB "
+                                 "budget: give rank=r (and re-iterable data) for method='randomized'")
+            moments.setdefault(k, Moments()).add(x[y == k])
+    if D is None:
+        raise ValueError("fit_per_class: the data has no rows")
+    fits = {}
+    for k, mom in moments.items():
+        if mom.n < 2:
+            fits[k] = (None, mom.n)
+            continue
+        n, mean, _, scatter = centred(mom, D, device, None, _identity)
+        fits[k] = (exact_from_scatter(n, mean, scatter, rank, energy, dtype, device), n)
+    return _from_class_fits(fits, num_classes)
+
+
+def _from_class_fits(class_fits, num_classes):
+    """The mixture of fit_per_class from {class: (GaussianFit or None, rows)}: every class
+    0..K-1 present with 2 rows or more, one shared rank, log weights the class frequencies."""
+    K = num_classes if num_classes is not None else max(class_fits) + 1
+    short = [k for k in range(K) if k not in class_fits or class_fits[k][1] < 2]
+    if short:
+        raise ValueError(f"fit_per_class: every class 0..{K - 1} needs at least 2 rows; classes {short} have "
+                         f"{[class_fits[k][1] if k in class_fits else 0 for k in short]}")
+    fits = [class_fits[k][0] for k in range(K)]
+    counts = torch.tensor([class_fits[k][1] for k in range(K)], dtype=torch.float64)
+    dtype, device = fits[0].mean.dtype, fits[0].mean.device
+    r = max(g.rank for g in fits)
+    bases = [g.basis if g.rank == r else _complete_basis(g.basis, r) for g in fits]
+    eigvals = [torch.cat([g.eigvals, g.eigvals.new_full((r - g.rank,), g.residual_var)]) for g in fits]
+    return (torch.stack([g.mean for g in fits]), torch.stack(bases), torch.stack(eigvals),
+               torch.tensor([g.residual_var for g in fits], dtype=dtype, device=device),
+               (counts / counts.sum()).log().to(dtype=dtype, device=device))
+
+
+def _complete_basis(b: torch.Tensor, r: int) -> torch.Tensor:
+    """Extend orthonormal columns b [D, r0] to r orthonormal columns."""
+    D, r0 = b.shape
+    g = torch.Generator().manual_seed(r0)
+    extra = torch.randn(D, r - r0, dtype=torch.float64, generator=g).to(b)
+    extra = extra - b @ (b.T @ extra)
+    q, _ = torch.linalg.qr(torch.cat([b, extra], 1))
+    return torch.cat([b, q[:, r0:]], 1)
+
+
+def _assign_nonempty(x, centers):
+    """Labels of the nearest center, after re-seeding each empty cluster with the point farthest
+    from its center (which then is its own nearest center). With fewer distinct points than
+    centers no re-seeding helps: a clear error."""
+    k = centers.shape[0]
+    exact = False  # exact differences once re-seeding: coinciding points at distance exactly 0
+    for _ in range(k + 2):  # each re-seed puts one more center on a data point: <= k of them
+        mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+        dist = torch.cdist(x, centers, compute_mode=mode)
+        labels = dist.argmin(1)
+        empty = (torch.bincount(labels, minlength=k) == 0).nonzero()
+        if empty.numel() == 0:
+            return labels
+        if not exact:
+            exact = True
+            continue
+        j = int(empty[0])
+        far = dist.gather(1, labels[:, None])[:, 0]
+        i = int(far.argmax())
+        if far[i] == 0:
+            n = torch.unique(x, dim=0).shape[0]
+            raise ValueError(f"GaussianMixture.fit: the data has {n} distinct points, fewer than "
+                             f"n_components = {k}")
+        centers[j] = x[i]
+    raise RuntimeError("k-means re-seeding did not converge")  # unreachable (see the loop bound)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
+    """Lloyd's k-means with k-means++ seeding on rows of x [N, D]. Returns (centers [k, D],
+    labels [N]). Deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    N = x.shape[0]
+    centers = x[torch.randint(N, (1,), generator=g)]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / N)
+        nxt = x[torch.multinomial(p.cpu(), 1, generator=g)]
+        centers = torch.cat([centers, nxt])
+        d2 = torch.minimum(d2, ((x - nxt) ** 2).sum(1))
+    labels = None
+    for _ in range(iters):
+        new = _assign_nonempty(x, centers)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            mask = labels == j
+            if mask.any():
+                centers[j] = x[mask].mean(0)
+    return centers, labels

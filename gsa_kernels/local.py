@@ -27,9 +27,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import _backends, _extension, reference
-from ._autograd import check_no_grad
-from ._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
+from . import _backends
+from ._args import check_no_grad, compute_dtype, rows
+from ._contract import LocalMode, LocalPadding, SpectralKind
 
 MODES = {"ls": LocalMode.LS, "els": LocalMode.ELS, "bbels": LocalMode.BBELS}
 PADDINGS = {"zeros": LocalPadding.ZEROS, "circular": LocalPadding.CIRCULAR}
@@ -163,8 +163,6 @@ def _check_patch_size(patch_size, op):
 
 
 def _local(x, sigma, m, patch_size, kind, backend, op):
-    from .ops import _rows  # sigma: float, 0-d or [B], checked as every op checks it
-
     if not isinstance(m, LocalScoreMachine):
         raise TypeError(f"{op}: expected a gsa_kernels.LocalScoreMachine, got {type(m).__name__}")
     _check_patch_size(patch_size, op)
@@ -178,7 +176,7 @@ def _local(x, sigma, m, patch_size, kind, backend, op):
     if m.device != x.device:
         raise ValueError(f"{op}: the machine is on {m.device} but x is on {x.device}; call m.to({str(x.device)!r})")
     B = x.shape[0]
-    sigma = _rows(sigma, B, x, "sigma", op)
+    sigma = rows(sigma, B, x, "sigma", op)  # float, 0-d or [B], checked as every op checks it
     check_no_grad(op, images=m.images, sigma=sigma)
     if B == 0:
         return x.new_empty(x.shape)
@@ -203,31 +201,8 @@ def local_score(x, sigma: Union[float, torch.Tensor], m: LocalScoreMachine, patc
     return _local(x, sigma, m, patch_size, SpectralKind.SCORE, backend, "local_score")
 
 
-# ----------------------------------------------------------------------------- autograd (compiled ops)
-# Gradient w.r.t. x (reference.local_posterior_vjp gives the math). The compiled CPU op's backward
-# is that float64 PyTorch code: exact, but not a fused kernel.
-
-
-def _setup(ctx, inputs, output):
-    with torch.enable_grad():
-        check_no_grad("local_posterior", images=inputs[1], sigma=inputs[2])
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
-    ctx.args = inputs[3:]
-
-
-def _backward(ctx, grad):
-    x, images, sigma = ctx.saved_tensors
-    gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None
-    return gx, None, None, None, None, None, None
-
-
-def register_autograd(qualname: str):
-    """The backward of a local_posterior op (e.g. "gsa_kernels::local_posterior")."""
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup)
-
-
-if _extension.loaded and _extension.has_kernel("local_posterior", "CPU"):
-    register_autograd("gsa_kernels::local_posterior")
+# Autograd: the registry's rule (_contract.REGISTRY["local_posterior"], _autograd.local_posterior_rule):
+# the gradient w.r.t. x is reference.local_posterior_vjp, float64 PyTorch, for the compiled ops too.
 
 
 # ----------------------------------------------------------------------------- sampling

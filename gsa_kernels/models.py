@@ -3,16 +3,20 @@
 GaussianModel:   N(mean, U diag(eigvals) U^T + residual_var (I - U U^T)),  U = basis [D, r].
 GaussianMixture: sum_k w_k N(means_k, U_k diag(eigvals_k) U_k^T + residual_var_k (I - U_k U_k^T)).
 Both are validated on construction; fitted eigenvalues come sorted in descending order.
+The fits are in fitting.py, the file format in _format.py.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable, Optional, Union
 
+import numpy as np
 import torch
 
-from . import ops
-from ._contract import GaussianOperand, MixtureOperand
+from . import _format, fitting, ops
+from ._args import GaussianOperand, MixtureOperand
+from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -59,74 +63,9 @@ def _check_points(t, name, where):
         raise ValueError(f"{where}: {name} has no points (N = 0)")
 
 
-def _load_file(path, device, kind, keys):
-    """The tensors of a file saved by `kind`.save, or a clear error for another kind of file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        saved_as = (f.metadata() or {}).get("gsa_kernels")
-        if saved_as is not None and saved_as != kind:
-            raise ValueError(f"{path} holds a {saved_as}, not a {kind}: load it with gsa_kernels.{saved_as}.load")
-        missing = [k for k in keys if k not in f.keys()]
-        if missing:
-            raise ValueError(f"{path} is not a saved {kind}: it lacks {', '.join(missing)}")
-        return {k: f.get_tensor(k) for k in keys}
-
-
-def _save_file(path, tensors, kind, **metadata):
-    """Save tensors as safetensors (portable, no pickle), tagged as `kind` for _load_file; string
-    metadata besides."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"gsa_kernels": kind, **metadata})
-
-
 def _getstate(model):
     """Pickle / deepcopy state: the model's tensors, not its derived layouts (_layouts.py)."""
     return {k: v for k, v in model.__dict__.items() if k != "_layouts"}
-
-
-def _batches(data: Data):
-    if isinstance(data, torch.Tensor):
-        yield data
-    else:
-        yield from data
-
-
-def _labelled_batches(data, labels, num_classes):
-    """(x [n, D], y [n] int64) batches of fit_per_class: data with labels, or (x, y) pairs."""
-    import collections.abc
-
-    import numpy as np
-
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        if labels is None:
-            raise TypeError("fit_per_class: give labels [N] with data [N, ...] (or stream (x, y) batches)")
-        pairs = [(data, labels)]
-    else:
-        if labels is not None:
-            raise TypeError("fit_per_class: streamed data carries its labels, as (x, y) batches; labels must be None")
-        pairs = data() if callable(data) and not isinstance(data, collections.abc.Iterable) else data
-        if not isinstance(pairs, collections.abc.Iterable):
-            raise TypeError(f"fit_per_class: data must be a tensor, an iterable of (x, y) batches or a callable "
-                            f"returning one, got {type(data).__name__}")
-    for pair in pairs:
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise TypeError(f"fit_per_class: streamed batches must be (x, y) pairs, got {type(pair).__name__}")
-        x, y = (torch.as_tensor(t) for t in pair)
-        if x.dim() < 2:
-            raise ValueError(f"fit_per_class: data batches must be [N, ...] with N samples, got shape {tuple(x.shape)}")
-        if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-            raise TypeError(f"fit_per_class: labels must be integer class indices, got {y.dtype}")
-        if y.shape != x.shape[:1]:
-            raise ValueError(f"fit_per_class: labels must be [N] = [{x.shape[0]}] for data of shape {tuple(x.shape)}, "
-                             f"got shape {tuple(y.shape)}")
-        if y.numel() and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
-            bound = "" if num_classes is None else f" < num_classes = {num_classes}"
-            raise ValueError(f"fit_per_class: labels must be class indices >= 0{bound}, got min {y.min().item()}, "
-                             f"max {y.max().item()}")
-        yield x.reshape(x.shape[0], math.prod(x.shape[1:])), y.long()
 
 
 class GaussianModel(GaussianOperand):
@@ -193,41 +132,7 @@ class GaussianModel(GaussianOperand):
         (float32 for integer data). method: "exact" (a D x D matrix), "randomized" (needs rank;
         several passes, no D x D matrix) or "auto" (exact while D x D float64 fits 1 GiB);
         see gsa_kernels/fitting.py."""
-        from . import fitting
-
-        method, data = fitting.plan(data, rank, energy, method)
-        if method == "randomized":
-            if energy is not None:
-                raise ValueError("the randomized fit takes rank, not energy")
-            return fitting.fit_randomized(data, rank)
-        if rank is not None and energy is not None:
-            raise ValueError("give rank or energy, not both")
-        n, s, ss, dtype, device = 0, None, None, None, None
-        for batch in _batches(data):
-            if not isinstance(batch, torch.Tensor):
-                batch = torch.as_tensor(batch)
-            if batch.dim() < 2:
-                raise ValueError(f"data batches must be [N, ...] with N samples, got shape {tuple(batch.shape)}")
-            x = batch.reshape(batch.shape[0], math.prod(batch.shape[1:])).double()
-            if s is None:
-                D = x.shape[1]
-                s, ss = torch.zeros(D, dtype=torch.float64, device=x.device), torch.zeros(D, D, dtype=torch.float64, device=x.device)
-                dtype = batch.dtype if batch.is_floating_point() else torch.float32
-                device = batch.device
-            elif x.shape[1] != s.shape[0]:
-                raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {s.shape[0]}")
-            if not torch.isfinite(x).all():
-                raise ValueError("data contains NaN or inf")
-            if n == 0:  # centre on the first batch's mean: keeps the float64 scatter accurate
-                anchor = x.mean(0)
-            xc = x - anchor
-            s += xc.sum(0)
-            ss += xc.T @ xc
-            n += x.shape[0]
-        if n < 2:
-            raise ValueError(f"fitting a Gaussian needs at least 2 samples, got {n}")
-        mean_c = s / n
-        return fitting.exact_from_scatter(n, anchor + mean_c, ss - n * torch.outer(mean_c, mean_c), rank, energy, dtype, device)
+        return cls(*fitting.fit_gaussian(data, rank, energy, method))
 
     # ------------------------------------------------------------------ conversion / io
     def to(self, device=None, dtype=None) -> "GaussianModel":
@@ -246,11 +151,11 @@ class GaussianModel(GaussianOperand):
 
     def save(self, path):
         """Save as safetensors (portable, no pickle)."""
-        _save_file(path, self.state_dict(), "GaussianModel")
+        _format.save(path, self.state_dict(), "GaussianModel")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianModel":
-        d = _load_file(path, device, "GaussianModel", ("mean", "basis", "eigvals", "residual_var"))
+        d = _format.load(path, device, "GaussianModel", ("mean", "basis", "eigvals", "residual_var"))
         return cls(d["mean"], d["basis"], d["eigvals"], float(d["residual_var"]))
 
     # ------------------------------------------------------------------ ops
@@ -357,13 +262,7 @@ class GaussianMixture(MixtureOperand):
         (`key`: which tensor of a .safetensors file). Those stay in the file and the ops stream
         them in blocks (gsa_kernels/streamed.py): the result is a StreamedMixture, with
         `block_bytes` (default 256 MiB) of anonymous memory for the points whatever N is."""
-        import os
-
-        import numpy as np
-
         if isinstance(points, (np.memmap, str, os.PathLike)):
-            from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
-
             return StreamedMixture(points, log_weights, DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes, key)
         if isinstance(points, np.ndarray):
             points = torch.from_numpy(points)
@@ -380,32 +279,7 @@ class GaussianMixture(MixtureOperand):
         mean of its remaining eigenvalues). Weights are the cluster fractions."""
         _check_float(data, "data")
         _check_points(data, "data", "GaussianMixture.fit")
-        x = data.reshape(data.shape[0], math.prod(data.shape[1:])).double()
-        N, D = x.shape
-        if not 1 <= n_components <= N:
-            raise ValueError(f"n_components must be in [1, N = {N}], got {n_components}")
-        if not 0 <= rank <= D:
-            raise ValueError(f"rank must be in [0, D = {D}], got {rank}")
-        labels = kmeans(x, n_components, iters=iters, seed=seed)[1]
-        means, bases, eigvals, residual_vars, log_weights = [], [], [], [], []
-        for k in range(n_components):
-            xk = x[labels == k]
-            if xk.shape[0] >= 2:
-                g = GaussianModel.fit(xk, rank=min(rank, xk.shape[0] - 1))
-                mean, basis, eig, residual_var = g.mean, g.basis, g.eigvals, g.residual_var
-            else:  # a singleton cluster: a point mass
-                mean, basis, eig, residual_var = xk[0], x.new_zeros(D, 0), x.new_zeros(0), 0.0
-            pad = rank - basis.shape[1]  # small clusters: pad the basis with zero-variance directions
-            if pad:
-                basis, eig = _complete_basis(basis, rank), torch.cat([eig, eig.new_full((pad,), residual_var)])
-            means.append(mean)
-            bases.append(basis)
-            eigvals.append(eig)
-            residual_vars.append(residual_var)
-            log_weights.append(math.log(xk.shape[0] / N))
-        dt = data.dtype
-        return cls(torch.stack(means).to(dt), torch.stack(bases).to(dt), torch.stack(eigvals).to(dt),
-                   torch.tensor(residual_vars, dtype=dt), torch.tensor(log_weights, dtype=dt))
+        return cls(*fitting.fit_mixture(data, n_components, rank, iters, seed))
 
     @classmethod
     def fit_per_class(cls, data, labels=None, rank: Optional[int] = None, energy: Optional[float] = None, *,
@@ -432,71 +306,7 @@ class GaussianMixture(MixtureOperand):
         re-iterable data, memory O(K D rank), no D x D; fitting.fit_randomized_per_class) or
         "auto": exact until the classes met need more than the budget, then, given rank and
         re-iterable data, the randomized fit from the start (the first pass is not reused)."""
-        import collections.abc
-
-        from . import fitting
-
-        if rank is not None and energy is not None:
-            raise ValueError("give rank or energy, not both")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-        if method not in ("auto", "exact", "randomized"):
-            raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
-        reiterable = not isinstance(data, collections.abc.Iterator)
-        if method == "randomized":
-            if energy is not None or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-                raise ValueError(f"fit_per_class(method='randomized') needs rank = an int >= 0 (not energy), got {rank!r}")
-            if not reiterable:
-                raise ValueError("fit_per_class(method='randomized') reads the data 3 times, but data is a one-shot iterator "
-                                 "(e.g. a generator object): pass a tensor, a list of batches, a DataLoader or a callable "
-                                 "returning a fresh iterator")
-            return cls._from_class_fits(fitting.fit_randomized_per_class(
-                lambda: _labelled_batches(data, labels, num_classes), rank), num_classes)
-        moments, D = {}, None
-        for x, y in _labelled_batches(data, labels, num_classes):
-            if D is None:
-                D, device = x.shape[1], x.device
-                dtype = x.dtype if x.is_floating_point() else torch.float32
-            elif x.shape[1] != D:
-                raise ValueError(f"data batches disagree on D: {x.shape[1]} vs {D}")
-            y = y.to(x.device)
-            for k in torch.unique(y).tolist():
-                if k not in moments and (len(moments) + 1) * 8 * D * D > fitting.EXACT_FIT_BUDGET_BYTES:
-                    if method == "auto" and rank is not None and energy is None and reiterable:
-                        return cls.fit_per_class(data, labels, rank, num_classes=num_classes, method="randomized")
-                    raise ValueError(f"fit_per_class: {len(moments) + 1} classes of D = {D} need {len(moments) + 1} "
-                                     f"float64 D x D matrices, over the {fitting.EXACT_FIT_BUDGET_BYTES / 2**30:g} GiB "
-                                     "budget: give rank=r (and re-iterable data) for method='randomized'")
-                moments.setdefault(k, fitting.Moments()).add(x[y == k])
-        if D is None:
-            raise ValueError("fit_per_class: the data has no rows")
-        fits = {}
-        for k, mom in moments.items():
-            if mom.n < 2:
-                fits[k] = (None, mom.n)
-                continue
-            n, mean, _, scatter = fitting.centred(mom, D, device, None, fitting._identity)
-            fits[k] = (fitting.exact_from_scatter(n, mean, scatter, rank, energy, dtype, device), n)
-        return cls._from_class_fits(fits, num_classes)
-
-    @classmethod
-    def _from_class_fits(cls, class_fits, num_classes):
-        """The mixture of fit_per_class from {class: (GaussianModel or None, rows)}: every class
-        0..K-1 present with 2 rows or more, one shared rank, log weights the class frequencies."""
-        K = num_classes if num_classes is not None else max(class_fits) + 1
-        short = [k for k in range(K) if k not in class_fits or class_fits[k][1] < 2]
-        if short:
-            raise ValueError(f"fit_per_class: every class 0..{K - 1} needs at least 2 rows; classes {short} have "
-                             f"{[class_fits[k][1] if k in class_fits else 0 for k in short]}")
-        fits = [class_fits[k][0] for k in range(K)]
-        counts = torch.tensor([class_fits[k][1] for k in range(K)], dtype=torch.float64)
-        dtype, device = fits[0].mean.dtype, fits[0].mean.device
-        r = max(g.rank for g in fits)
-        bases = [g.basis if g.rank == r else _complete_basis(g.basis, r) for g in fits]
-        eigvals = [torch.cat([g.eigvals, g.eigvals.new_full((r - g.rank,), g.residual_var)]) for g in fits]
-        return cls(torch.stack([g.mean for g in fits]), torch.stack(bases), torch.stack(eigvals),
-                   torch.tensor([g.residual_var for g in fits], dtype=dtype, device=device),
-                   (counts / counts.sum()).log().to(dtype=dtype, device=device))
+        return cls(*fitting.fit_per_class(data, labels, rank, energy, num_classes, method))
 
     def shard(self, index: int, count: int) -> "GaussianMixture":
         """The index-th of `count` near-equal contiguous slices of the components (the first
@@ -530,19 +340,14 @@ class GaussianMixture(MixtureOperand):
                 "residual_var": self.residual_var, "log_weights": self.log_weights}
 
     def save(self, path):
-        _save_file(path, self.state_dict(), "GaussianMixture")
+        _format.save(path, self.state_dict(), "GaussianMixture")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = _format.metadata(path)
         if meta.get("gsa_kernels") == "StreamedMixture":  # refers to its points file
-            from .streamed import StreamedMixture
-
-            return StreamedMixture.from_saved(_load_file(path, device, "StreamedMixture", ("log_weights",)), meta).to(device)
-        d = _load_file(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
+            return StreamedMixture.from_saved(_format.load(path, device, "StreamedMixture", ("log_weights",)), meta).to(device)
+        d = _format.load(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
         return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
 
     # ------------------------------------------------------------------ ops
@@ -572,65 +377,3 @@ class GaussianMixture(MixtureOperand):
         in_span = torch.einsum("nr,ndr->nd", c, U)
         return (self.means[k] + torch.einsum("nr,ndr->nd", c * self.eigvals[k].sqrt(), U)
                 + self.residual_var[k, None].sqrt() * (eps - in_span))
-
-
-def _complete_basis(b: torch.Tensor, r: int) -> torch.Tensor:
-    """Extend orthonormal columns b [D, r0] to r orthonormal columns."""
-    D, r0 = b.shape
-    g = torch.Generator().manual_seed(r0)
-    extra = torch.randn(D, r - r0, dtype=torch.float64, generator=g).to(b)
-    extra = extra - b @ (b.T @ extra)
-    q, _ = torch.linalg.qr(torch.cat([b, extra], 1))
-    return torch.cat([b, q[:, r0:]], 1)
-
-
-def _assign_nonempty(x, centers):
-    """Labels of the nearest center, after re-seeding each empty cluster with the point farthest
-    from its center (which then is its own nearest center). With fewer distinct points than
-    centers no re-seeding helps: a clear error."""
-    k = centers.shape[0]
-    exact = False  # exact differences once re-seeding: coinciding points at distance exactly 0
-    for _ in range(k + 2):  # each re-seed puts one more center on a data point: <= k of them
-        mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
-        dist = torch.cdist(x, centers, compute_mode=mode)
-        labels = dist.argmin(1)
-        empty = (torch.bincount(labels, minlength=k) == 0).nonzero()
-        if empty.numel() == 0:
-            return labels
-        if not exact:
-            exact = True
-            continue
-        j = int(empty[0])
-        far = dist.gather(1, labels[:, None])[:, 0]
-        i = int(far.argmax())
-        if far[i] == 0:
-            n = torch.unique(x, dim=0).shape[0]
-            raise ValueError(f"GaussianMixture.fit: the data has {n} distinct points, fewer than "
-                             f"n_components = {k}")
-        centers[j] = x[i]
-    raise RuntimeError("k-means re-seeding did not converge")  # unreachable (see the loop bound)
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 100, seed: int = 0):
-    """Lloyd's k-means with k-means++ seeding on rows of x [N, D]. Returns (centers [k, D],
-    labels [N]). Deterministic for a seed."""
-    g = torch.Generator().manual_seed(seed)
-    N = x.shape[0]
-    centers = x[torch.randint(N, (1,), generator=g)]
-    d2 = ((x - centers[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / N)
-        nxt = x[torch.multinomial(p.cpu(), 1, generator=g)]
-        centers = torch.cat([centers, nxt])
-        d2 = torch.minimum(d2, ((x - nxt) ** 2).sum(1))
-    labels = None
-    for _ in range(iters):
-        new = _assign_nonempty(x, centers)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            mask = labels == j
-            if mask.any():
-                centers[j] = x[mask].mean(0)
-    return centers, labels

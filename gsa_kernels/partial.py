@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import ops
-from ._contract import compute_dtype
+from ._args import MixtureOperand, compute_dtype, flatten, rows
 
 
 class MixturePartial:
@@ -58,18 +58,16 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     (float, 0-d or [B]). One kernel launch through the usual backend dispatch; a shard with no
     components (m.shard(i, n) with n > K) gives the empty state without a launch."""
     op = "mixture_partial"
-    from .models import GaussianMixture
-
-    if not isinstance(m, GaussianMixture):
+    if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
-    x2 = ops._flatten(x, m.dim, op)
+    x2 = flatten(x, m.dim, op)
     # partials are merged in the compute dtype: a float16 denoised would be rounded twice
     xc = x2.to(compute_dtype(x2.dtype))
     B = xc.shape[0]
     if m.num_components == 0:
-        ops._rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
+        rows(sigma, B, xc, "sigma", op)  # same argument checks as a launch
         return _empty(B, m.dim, xc.dtype, xc.device, x.shape[1:], x.dtype)
-    den, logp, _, _ = ops._mixture(xc, sigma, m, True, False, backend, op)
+    den, logp, _, _ = ops.posterior(xc, sigma, m, True, False, backend, op)
     return from_posterior(den, logp, x.shape[1:], x.dtype)
 
 
@@ -106,11 +104,11 @@ def merge_partials(partials: Sequence[MixturePartial]) -> MixturePartial:
                              f"partials[0] {first.weighted.dtype} on {first.weighted.device}")
     if len(partials) == 1:
         return first
-    return _merge(torch.stack([p.max_logit for p in partials]), torch.stack([p.sum_exp for p in partials]),
+    return merge_stacked(torch.stack([p.max_logit for p in partials]), torch.stack([p.sum_exp for p in partials]),
                   torch.stack([p.weighted for p in partials]), first.shape, first.dtype)
 
 
-def _merge(max_logit, sum_exp, weighted, shape, dtype) -> MixturePartial:
+def merge_stacked(max_logit, sum_exp, weighted, shape, dtype) -> MixturePartial:
     """Merge stacked states: max_logit, sum_exp [P, B], weighted [P, B, D] -> one state."""
     top = max_logit.max(0).values
     # rows where every part is empty keep M = -inf; exp(-inf - -inf) would be NaN

@@ -84,8 +84,8 @@ def _flow(y, sigma_from, sigma_to, basis, eigvals, residual_var):
     c = y @ basis
     out = (c * gain(eigvals)) @ basis.mT
     perp = _off_span(y, c, basis)
-    lp = residual_var if isinstance(residual_var, torch.Tensor) else torch.tensor(residual_var, dtype=y.dtype, device=y.device)
-    return out if perp is None else out + gain(lp) * perp
+    residual_var = residual_var if isinstance(residual_var, torch.Tensor) else torch.tensor(residual_var, dtype=y.dtype, device=y.device)
+    return out if perp is None else out + gain(residual_var) * perp
 
 
 def _spectral(xc, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
@@ -156,8 +156,9 @@ def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, 
     xc, sigmas = x.to(cd), sigmas.to(cd)
     parts = []
     for ch in _row_chunks(B, D * sigmas.shape[0], bases.shape[2]):
-        mean, basis, lam, lp = _row_models(labels[ch], means, bases, eigvals, residual_var)
-        steps = _flow(xc[ch, None] - mean, sigmas[0, ch, None, None], sigmas[:, ch, None, None], basis, lam, lp)
+        mean, basis, lam, row_residual_var = _row_models(labels[ch], means, bases, eigvals, residual_var)
+        steps = _flow(xc[ch, None] - mean, sigmas[0, ch, None, None], sigmas[:, ch, None, None], basis, lam,
+                      row_residual_var)
         parts.append((mean + steps)[:, :, 0])
     return (torch.cat(parts, 1) if parts else xc.new_empty((sigmas.shape[0], 0, D))).to(x.dtype)
 

@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _backends, partial
+from . import _format, ops, partial
+from ._args import PosteriorOperand
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # both block buffers together
 
@@ -88,7 +89,7 @@ def reopen(source: dict):
     return open_points(source["path"], source.get("key"))[0]
 
 
-class StreamedMixture:
+class StreamedMixture(PosteriorOperand):
     """An empirical mixture over points in a file (see the module docstring). Built by
     GaussianMixture.from_points; the ops and the model methods (denoise, score, logp, save)
     work as for an in-memory mixture. block_bytes: anonymous memory for the two point blocks."""
@@ -159,9 +160,7 @@ class StreamedMixture:
     def save(self, path):
         """A small safetensors file (log weights, in the model's dtype) that refers to the points
         file: no copy. GaussianMixture.load reads it back."""
-        from .models import _save_file
-
-        _save_file(path, {"log_weights": self.log_weights}, "StreamedMixture",
+        _format.save(path, {"log_weights": self.log_weights}, "StreamedMixture",
                    source=json.dumps(self.source), block_bytes=str(self.block_bytes))
 
     @classmethod
@@ -178,22 +177,24 @@ class StreamedMixture:
 
     # ------------------------------------------------------------------ ops
     def denoise(self, x, sigma, return_weights=False, backend="auto"):
-        from . import ops
-
         return ops.mixture_denoise(x, sigma, self, return_weights=return_weights, backend=backend)
 
     def score(self, x, sigma, backend="auto"):
-        from . import ops
-
         return ops.mixture_score(x, sigma, self, backend=backend)
 
     def logp(self, x, sigma, backend="auto"):
-        from . import ops
-
         return ops.mixture_logp(x, sigma, self, backend=backend)
 
     def __call__(self, x, sigma):
         return self.denoise(x, sigma)
+
+    def posterior_args(self, x2, sigma, op):
+        if x2.device.type != "cpu":
+            raise ValueError(f"{op}: a file-backed mixture streams its points on the CPU; x is on {x2.device}")
+        return None  # no model tensors: the points are read block by block
+
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
+        return mixture_posterior(x2, sigma, self, need_denoised, need_weights, backend)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None):
         """n training points drawn by weight, [n, D] (the delta mixture's samples)."""
@@ -250,14 +251,14 @@ def _blocks(points: np.ndarray, bufs):
 
 
 def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights, backend):
-    """The kernel-level mixture_posterior (see _backends) of a streamed mixture: x2 [B, D]
-    contiguous, sigma [B] in the compute dtype. Each block goes to the chosen backend as an
+    """The kernel-level mixture_posterior of a streamed mixture on `backend` (a _backends.Backend
+    row, resolved by ops.py): x2 [B, D] contiguous, sigma [B] in the compute dtype. Each block goes to the chosen backend as an
     r = 0 mixture with the block's (globally normalised) log weights; its posterior is a partial
     state, merged into the running one with gk.merge_partials."""
     cd = sigma.dtype
     out_dtype, x2 = x2.dtype, x2.to(cd)  # half-precision x: blocks' outputs in the compute dtype until the merge
     B, D = x2.shape
-    kernel = _backends.resolve(backend, x2.device, "mixture_posterior")
+    kernel = backend.kernel("mixture_posterior", x2.device.type)
     logw = m.log_weights.to(cd)
     state, parts = None, []  # parts: (block weights, block logp) for return_weights
     bufs = m._take_buffers(cd)

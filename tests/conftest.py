@@ -13,9 +13,41 @@ def _seed():
     torch.manual_seed(0)
 
 
-def requires_backend(name):
-    """Skip marker for a backend that is not usable here, with the reason."""
-    from gsa_kernels import _backends
+# ----------------------------------------------------------------------------- the slow tier
+# `pytest -m "not slow"` is the fast tier (tests/README.md). What is slow is listed here, in one
+# place: whole modules, single tests (node ids, parameters included or not), and the conformance
+# items of the backends that run through the Triton interpreter or the CUDA emulation.
+SLOW_MODULES = {
+    "test_triton_backend.py",  # the interpreter suite and the sm_80 / sm_90 compiles
+    "test_cuda_backend.py",  # the emulation, nvcc-built self-tests, PTX checks
+    "test_kernel_regressions.py",  # large shapes on every backend, interpreter child
+    "test_sanitizers.py", "test_gpu_check.py",  # compiles, the GPU check's dry run
+    "test_demo.py",  # trains and samples the MNIST networks
+    "test_fuzz.py",  # hypothesis
+    "test_isa_dispatch.py", "test_gemm_engines.py",  # a probe process per setting
+}
+SLOW_TESTS = {
+    "test_autograd.py::test_triton_interpreter", "test_autograd.py::test_gradient_ascent_recovers_mixture",
+    "test_distributed.py::test_sharded_mixture_matches_single_process",  # 3-rank process groups
+    "test_distributed.py::test_readme_torchrun_example_runs",
+}
+SLOW_CONFORMANCE_BACKENDS = {"triton", "cuda"}
 
-    ok, why = _backends.BACKENDS[name].status()
-    return pytest.mark.skipif(not ok, reason=f"backend {name!r} unavailable: {why}")
+
+def _is_slow(item):
+    path = item.path.name
+    if path in SLOW_MODULES:
+        return True
+    base = f"{path}::{item.originalname}" if hasattr(item, "originalname") else f"{path}::{item.name}"
+    if base in SLOW_TESTS or f"{path}::{item.name}" in SLOW_TESTS:
+        return True
+    spec = getattr(item, "callspec", None)
+    return ("conformance" in item.path.parts and spec is not None
+            and spec.params.get("backend") in SLOW_CONFORMANCE_BACKENDS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the conformance conftest starts its child after both
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)

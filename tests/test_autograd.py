@@ -15,11 +15,7 @@ perturbs its inputs in place through .data (no version bump), which the CPU kern
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,26 +23,12 @@ import torch
 from torch.autograd import gradcheck
 
 import gsa_kernels as gk
-from gsa_kernels import _backends, _extension
+from tests._helpers import backend_param, orthonormal, rerun_under_interpreter
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 F64 = torch.float64
 
 
-def _backend_param(name):
-    if name == "triton":
-        why = ("triton is not installed" if importlib.util.find_spec("triton") is None
-               else "runs in the TRITON_INTERPRET=1 subprocess of test_triton_interpreter")
-        return pytest.param(name, marks=pytest.mark.skipif(not INTERPRET or importlib.util.find_spec("triton") is None,
-                                                           reason=why))
-    if name == "cuda":
-        return pytest.param(name, marks=pytest.mark.skipif(
-            not _extension.has_kernel("cuda_emu_gaussian_map", "CPU"), reason="no emulated CUDA kernels in the build"))
-    ok, why = _backends.BACKENDS[name].status()
-    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=why))
-
-
-BACKENDS = [_backend_param(b) for b in ("reference", "cpu", "cuda", "triton")]
+BACKENDS = [backend_param(b) for b in ("reference", "cpu", "cuda", "triton")]
 
 
 @pytest.fixture(autouse=True)
@@ -57,20 +39,16 @@ def _emulate(monkeypatch):
 # ----------------------------------------------------------------------------- models
 
 
-def _orthonormal(D, r, gen):
-    return torch.linalg.qr(torch.randn(D, D, dtype=F64, generator=gen))[0][:, :r].contiguous()
-
-
 def gaussian_tensors(D=6, r=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(D, dtype=F64, generator=gen), _orthonormal(D, r, gen), torch.rand(r, dtype=F64, generator=gen) * 2 + 0.1
+    return torch.randn(D, dtype=F64, generator=gen), orthonormal(D, r, gen), torch.rand(r, dtype=F64, generator=gen) * 2 + 0.1
 
 
 def mixture_tensors(K=3, D=6, r=2, seed=0):
     """means, bases, eigvals, residual_var, log_weights; r = 0 gives a delta-like isotropic mixture."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(K, D, dtype=F64, generator=gen) * 0.8
-    bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=F64)
+    bases = torch.stack([orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=F64)
     eigvals = torch.rand(K, r, dtype=F64, generator=gen) * 2 + 0.1
     lp = torch.rand(K, dtype=F64, generator=gen) * 0.5 + 0.05
     return means, bases, eigvals, lp, torch.randn(K, dtype=F64, generator=gen)
@@ -397,19 +375,7 @@ def test_gaussian_residual_var_has_no_gradient():
 
 def test_triton_interpreter():
     """This module's triton cases, in a subprocess with TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 is set: the triton cases run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-k", "triton",
-           str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=900)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-    assert proc.returncode == 0, f"triton interpreter gradient tests failed:\n{tail}"
-    assert " passed" in tail and "failed" not in tail
-    print(tail)
+    print(rerun_under_interpreter(__file__, "-k", "triton"))
 
 
 def test_readme_gradient_example():

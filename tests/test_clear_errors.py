@@ -58,7 +58,7 @@ def test_mixture_fit_with_too_few_distinct_points_is_a_clear_error():
 def test_empty_cluster_is_reseeded():
     """Two centers on one point: the second one's cluster is empty until it is re-seeded on the
     point farthest from its center."""
-    from gsa_kernels.models import _assign_nonempty
+    from gsa_kernels.fitting import _assign_nonempty
 
     x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
     centers = x[[0, 0, 2]].clone()

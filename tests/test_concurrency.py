@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from tests._helpers import random_gaussian, random_mixture
-from tests.conftest import requires_backend
+from tests._helpers import random_gaussian, random_mixture, requires_backend
 
 pytestmark = requires_backend("cpu")
 

@@ -6,20 +6,15 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels._contract import compute_dtype
-from tests.conftest import requires_backend
+from tests._helpers import orthonormal, requires_backend
 
 pytestmark = requires_backend("cpu")
-
-
-def _orthonormal(D, r, gen):
-    q, _ = torch.linalg.qr(torch.randn(D, max(r, 1), dtype=torch.float64, generator=gen))
-    return q[:, :r]
 
 
 def make_gaussian(D, r, residual_var, seed=0):
     """A float32 GaussianModel with eigenvalues spread over 1e-3..10."""
     gen = torch.Generator().manual_seed(seed)
-    basis = _orthonormal(D, r, gen).float()
+    basis = orthonormal(D, r, gen).float()
     eigvals = (10.0 ** (torch.rand(r, generator=gen) * 4 - 3)).float()
     mean = torch.randn(D, generator=gen).float()
     return gk.GaussianModel(mean, basis, eigvals, residual_var)
@@ -28,7 +23,7 @@ def make_gaussian(D, r, residual_var, seed=0):
 def make_mixture(K, D, r, residual_var, seed=0):
     """A float32 mixture with well separated means, eigenvalues in 0.01..3, random weights."""
     gen = torch.Generator().manual_seed(seed)
-    bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]).float()
+    bases = torch.stack([orthonormal(D, r, gen) for _ in range(K)]).float()
     eigvals = (torch.rand(K, r, generator=gen) * 3 + 0.01).float()
     means = (torch.randn(K, D, generator=gen) * 2).float()
     residual_vars = (torch.rand(K, generator=gen) * residual_var).float()

@@ -197,7 +197,7 @@ def test_committed_conditional_denoiser_uses_its_labels(heldout):
     with torch.no_grad():  # at sigma = 5 the class is not yet decided by the image: the label must help
         right = (net(noisy, 5.0, y) - x).pow(2).mean().item()
         wrong = (net(noisy, 5.0, (y + 1) % 10) - x).pow(2).mean().item()
-    assert right < 0.92 * wrong, (right, wrong)  # measured 0.85 (the label helps, but modestly: README)
+    assert right < 0.92 * wrong, (right, wrong)  # measured 0.85 (the label helps, but modestly: docs/demo_results.md)
     assert heldout_denoiser_loss(net) == pytest.approx(float(meta["heldout_loss_ema"]), rel=1e-4)
     with pytest.raises(ValueError, match="class-conditional"):
         net(x[:2], 1.0)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
+from tests._helpers import orthonormal
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -86,17 +87,13 @@ def sigma_values(draw, B, lo=1e-4, hi=1e4):
     return t, t.double()
 
 
-def _orthonormal(D, r, gen):
-    return torch.linalg.qr(torch.randn(D, max(r, 1), generator=gen, dtype=torch.float64))[0][:, :r]
-
-
 @st.composite
 def gaussians(draw, D):
     r = draw(st.sampled_from(sorted({0, 1, D // 2, D})))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     rv = 0.0 if r == D else draw(st.sampled_from([0.0, 1e-3, 0.7]))
     eig = torch.exp(torch.rand(r, generator=gen, dtype=torch.float64) * 8 - 4)
-    g = gk.GaussianModel(torch.randn(D, generator=gen, dtype=torch.float64), _orthonormal(D, r, gen), eig, rv)
+    g = gk.GaussianModel(torch.randn(D, generator=gen, dtype=torch.float64), orthonormal(D, r, gen), eig, rv)
     return g, draw(st.sampled_from([torch.float32, torch.float64]))
 
 
@@ -106,7 +103,7 @@ def mixtures(draw, D):
     r = draw(st.sampled_from(sorted({0, 1, min(D, 3)})))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     means = torch.randn(K, D, generator=gen, dtype=torch.float64) * draw(st.sampled_from([0.5, 3.0]))
-    bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=torch.float64)
+    bases = torch.stack([orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=torch.float64)
     eig = torch.exp(torch.rand(K, r, generator=gen, dtype=torch.float64) * 4 - 2)
     rv = torch.full((K,), draw(st.sampled_from([0.0, 0.3])), dtype=torch.float64)
     if r == D:

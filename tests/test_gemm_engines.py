@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from tests._dispatch import probe
-from tests._helpers import rel_err
-from tests.conftest import requires_backend
+from tests._helpers import rel_err, requires_backend
 
 pytestmark = requires_backend("cpu")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests._dispatch import cpu_flags, probe
-from tests.conftest import requires_backend
+from tests._helpers import requires_backend
 
 pytestmark = requires_backend("cpu")
 

@@ -11,36 +11,22 @@ inputs:
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from gsa_kernels import _backends, _extension, reference
+from tests._helpers import backend_param, rerun_under_interpreter
+from tests.conformance.harness import WEIGHTS_TV
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TV_MAX = 1e-3  # total variation of the weights from the float64 truth (issue 11)
+TV_MAX = WEIGHTS_TV[torch.float32]  # total variation of the weights from the float64 truth (issue 11)
 
 
-def _backend_param(name):
-    if name == "triton":
-        return pytest.param(name, marks=pytest.mark.skipif(
-            not INTERPRET or importlib.util.find_spec("triton") is None,
-            reason="runs in the TRITON_INTERPRET=1 subprocess started by test_triton_interpreter"))
-    if name == "cuda":
-        return pytest.param(name, marks=pytest.mark.skipif(
-            not _extension.has_kernel("cuda_emu_mixture_posterior", "CPU"), reason="extension without the emulated CUDA kernels"))
-    return pytest.param(name, marks=pytest.mark.skipif(not _extension.loaded, reason="compiled extension not loaded"))
-
-
-BACKENDS = [_backend_param(b) for b in ("cpu", "cuda", "triton")]
+BACKENDS = [backend_param(b) for b in ("cpu", "cuda", "triton")]
 
 
 @pytest.fixture(autouse=True)
@@ -50,15 +36,7 @@ def _emulate(monkeypatch):
 
 def test_triton_interpreter():
     """This module's triton cases, in a subprocess with TRITON_INTERPRET=1."""
-    if INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 is set: the triton cases run in this process")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-k", "triton", str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-    assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
+    print(rerun_under_interpreter(__file__, "-k", "triton"))
 
 
 def _posterior(backend, x, means, bases, eigvals, residual_var, log_weights, sigma):

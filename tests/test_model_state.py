@@ -1,4 +1,4 @@
-"""Model state (README "Model state"): the CPU kernels use GEMM-ready layouts that the model
+"""Model state (docs/cpu_backend.md, "Model state"): the CPU kernels use GEMM-ready layouts that the model
 keeps beside its tensors. A change to a model's tensors through any route must be seen by the
 next call: after each mutation the cpu backend must agree with the reference backend, which
 reads the model's tensors afresh. And a model's memory must go when the model goes."""
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from tests.conftest import requires_backend
+from tests._helpers import orthonormal, requires_backend
 
 pytestmark = requires_backend("cpu")
 
@@ -26,21 +26,17 @@ def _keep_every_layout(monkeypatch):
 D, R, K = 37, 5, 6
 
 
-def _orthonormal(rows, cols, gen):
-    return torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=gen))[0].contiguous()
-
-
 def _gaussian_arrays(seed, r=R):
     gen = torch.Generator().manual_seed(seed)
     return {"mean": (torch.randn(D, dtype=torch.float64, generator=gen) * 2).numpy(),
-            "basis": _orthonormal(D, r, gen).numpy(),
+            "basis": orthonormal(D, r, gen).numpy(),
             "eigvals": torch.linspace(3.0, 0.2, r, dtype=torch.float64).numpy()}
 
 
 def _mixture_arrays(seed, r=R):
     gen = torch.Generator().manual_seed(seed)
     return {"means": (torch.randn(K, D, dtype=torch.float64, generator=gen) * 0.7).numpy(),
-            "bases": torch.stack([_orthonormal(D, r, gen) for _ in range(K)]).numpy(),
+            "bases": torch.stack([orthonormal(D, r, gen) for _ in range(K)]).numpy(),
             "eigvals": (torch.rand(K, r, dtype=torch.float64, generator=gen) * 2 + 0.1).numpy()}
 
 

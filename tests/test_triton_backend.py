@@ -12,10 +12,6 @@ tests below only run inside that subprocess (or when CI sets the variable global
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +19,9 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels import reference
+from tests._helpers import HAS_TRITON, INTERPRET, orthonormal, rerun_under_interpreter
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 in_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess started by test_interpreter_suite")
 REPO = Path(__file__).resolve().parents[1]
@@ -33,21 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_interpreter_suite():
     """Run this module's kernel tests in a subprocess with TRITON_INTERPRET=1."""
-    if INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 is set: the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-    assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
-    print(tail)
+    print(rerun_under_interpreter(__file__))
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _orthonormal(D, r, gen):
-    return torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=gen))[0][:, :r].contiguous()
 
 
 def gaussian_model(D, r, residual_var, seed=0):
@@ -55,7 +40,7 @@ def gaussian_model(D, r, residual_var, seed=0):
     gen = torch.Generator().manual_seed(seed)
     mean = torch.randn(D, dtype=torch.float64, generator=gen)
     eigvals = torch.rand(r, dtype=torch.float64, generator=gen) * 4 + 0.01
-    return gk.GaussianModel(mean.float(), _orthonormal(D, r, gen).float(), eigvals.float(), residual_var)
+    return gk.GaussianModel(mean.float(), orthonormal(D, r, gen).float(), eigvals.float(), residual_var)
 
 
 def mixture_model(K, D, r, residual_var=None, seed=0):
@@ -63,7 +48,7 @@ def mixture_model(K, D, r, residual_var=None, seed=0):
     the empirical delta mixture)."""
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(K, D, dtype=torch.float64, generator=gen)
-    bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=torch.float64)
+    bases = torch.stack([orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=torch.float64)
     eigvals = torch.rand(K, r, dtype=torch.float64, generator=gen) * 4 + 0.01
     if residual_var is None:
         residual_var = torch.rand(K, dtype=torch.float64, generator=gen) * 0.5

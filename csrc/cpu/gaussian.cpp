@@ -1,4 +1,4 @@
-// CPU kernels of the Gaussian spectral map and the closed-form trajectory (DESIGN.md section 1,
+// CPU kernels of the Gaussian spectral map and the closed-form trajectory (docs/architecture.md sections 1.1-1.2,
 // math in include/gsa/spectral.h). Per block of rows, fused:
 //   pass 1   y = p x - q mu                  (reads x once; y stays in cache)
 //   GEMM 1   c = y U                         ([rows, r], gemm_nt against U^T: the model's

@@ -3,7 +3,7 @@
     gaussian.py   fused spectral map (denoise / score / flow) and the trajectory, also labelled
     mixture.py    mixture posterior: flash-attention-style streaming over components
     local.py      local score machines (LS / ELS / BB-ELS): online softmax over training patches
-    _library.py   registration as torch ops gsa_kernels_triton::*
+    _library.py   registration as torch ops gsa_kernels_triton::* (schemas from gsa_kernels/_contract.py)
     _config.py    interpreter detection, dot precision, autotune configs
 
 CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (tests). Inputs float16 / bfloat16 /
@@ -21,7 +21,7 @@ import os
 def status():
     """(usable, reason) for the triton backend on this machine."""
     try:
-        import triton
+        import triton  # here, not at import of the package: a missing triton is a status, not an error
     except Exception as e:  # missing or broken install
         return False, f"triton not importable ({type(e).__name__}: {e})"
     import torch
@@ -33,39 +33,9 @@ def status():
     return True, f"Triton {triton.__version__} kernels (gsa_kernels/triton)"
 
 
-def _ops():
-    from ._library import ops
+def ops():
+    """torch.ops.gsa_kernels_triton: every op of the registry (gsa_kernels/_contract.py),
+    registered on first use (_library.py imports the kernel modules)."""
+    from ._library import ops as registered  # lazily: the kernel modules read TRITON_INTERPRET at import
 
-    return ops
-
-
-def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
-    """[B, D] -> [B, D] spectral map of `kind` (0 denoise, 1 score, 2 flow)."""
-    return _ops().gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
-
-
-def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
-    """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t]."""
-    return _ops().gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
-
-
-def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to,
-                         kind):
-    """gaussian_map with row b under component labels[b] of the stacked Gaussians."""
-    return _ops().gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from,
-                                       scale_to, kind)
-
-
-def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
-    """gaussian_trajectory with row b under component labels[b]."""
-    return _ops().gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
-
-
-def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights):
-    """(denoised [B, D] or [0], logp [B], weights [B, K] or [0]) of the mixture posterior."""
-    return _ops().mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
-
-
-def local_posterior(x, images, sigma, patch_size, mode, padding, kind):
-    """[B, C, H, W] -> [B, C, H, W]: the local score machine's denoiser or score (_contract.py)."""
-    return _ops().local_posterior(x, images, sigma, patch_size, mode, padding, kind)
+    return registered

@@ -1,5 +1,7 @@
-"""The Triton kernels as torch ops gsa_kernels_triton::{gaussian_map, gaussian_trajectory,
-mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled, local_posterior} (own namespace: never clashes with the compiled extension's gsa_kernels::).
+"""The Triton kernels as torch ops gsa_kernels_triton::<op> for every op of the registry
+(gsa_kernels/_contract.py; own namespace: never clashes with the compiled extension's
+gsa_kernels::). Each op is defined with the registry's schema on the function `<op>` of the
+registry's Triton kernel file (gaussian.py, mixture.py, local.py): no wrappers to keep in step.
 
 Registration is picked per case (checked here, see tests/test_triton_backend.py):
 - GPU: torch.library.triton_op, with every kernel launched through wrap_triton, so that
@@ -11,64 +13,27 @@ Registration is picked per case (checked here, see tests/test_triton_backend.py)
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import importlib
+from pathlib import PurePosixPath
 
-from .. import _autograd
-from .._contract import FAKES
-from . import _config, gaussian, local, mixture
+import torch
+
+from .. import _contract
+from . import _config
 
 NAMESPACE = "gsa_kernels_triton"
 
 
-def _gaussian_map(x: Tensor, mean: Tensor, basis: Tensor, eigvals: Tensor, residual_var: float, sigma_from: Tensor,
-                  sigma_to: Tensor, scale_from: Tensor, scale_to: Tensor, kind: int) -> Tensor:
-    return gaussian.gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind)
+def implementation(op: _contract.Op):
+    """The launcher of `op` in its Triton kernel file (imports that module)."""
+    module = importlib.import_module(f"{__package__}.{PurePosixPath(op.kernels['triton']).stem}")
+    return getattr(module, op.name)
 
 
-def _gaussian_trajectory(x: Tensor, mean: Tensor, basis: Tensor, eigvals: Tensor, residual_var: float,
-                         sigmas: Tensor) -> Tensor:
-    return gaussian.gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas)
+for _op in _contract.REGISTRY.values():
+    _define = torch.library.custom_op if _config.INTERPRET else torch.library.triton_op
+    _define(f"{NAMESPACE}::{_op.name}", implementation(_op), mutates_args=(), schema=_op.schema)
 
-
-def _mixture_posterior(x: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor, residual_var: Tensor,
-                       log_weights: Tensor, sigma: Tensor, need_denoised: bool,
-                       need_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return mixture.mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma, need_denoised, need_weights)
-
-
-def _gaussian_map_labeled(x: Tensor, labels: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
-                          residual_var: Tensor, sigma_from: Tensor, sigma_to: Tensor, scale_from: Tensor,
-                          scale_to: Tensor, kind: int) -> Tensor:
-    return gaussian.gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to,
-                                         scale_from, scale_to, kind)
-
-
-def _gaussian_trajectory_labeled(x: Tensor, labels: Tensor, means: Tensor, bases: Tensor, eigvals: Tensor,
-                                 residual_var: Tensor, sigmas: Tensor) -> Tensor:
-    return gaussian.gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas)
-
-
-def _local_posterior(x: Tensor, images: Tensor, sigma: Tensor, patch_size: int, mode: int, padding: int,
-                     kind: int) -> Tensor:
-    return local.local_posterior(x, images, sigma, patch_size, mode, padding, kind)
-
-
-_OPS = (
-    ("gaussian_map", _gaussian_map),
-    ("gaussian_trajectory", _gaussian_trajectory),
-    ("mixture_posterior", _mixture_posterior),
-    ("gaussian_map_labeled", _gaussian_map_labeled),
-    ("gaussian_trajectory_labeled", _gaussian_trajectory_labeled),
-    ("local_posterior", _local_posterior),
-)
-
-for _name, _impl in _OPS:
-    if _config.INTERPRET:
-        _op = torch.library.custom_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
-        _op.register_fake(FAKES[_name])
-    else:
-        torch.library.triton_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=())
-
-_autograd.register(NAMESPACE)  # backward formulas (gsa_kernels/_autograd.py)
+# fakes only for the opaque custom ops; backward formulas for both (gsa_kernels/_autograd.py)
+_contract.register(NAMESPACE, fakes=_config.INTERPRET)
 ops = getattr(torch.ops, NAMESPACE)

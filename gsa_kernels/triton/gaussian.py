@@ -4,7 +4,7 @@ One kernel serves both ops. Per row b (csrc/include/gsa/spectral.h, mirrored bel
     y      = p x - q mu                                  (p, q: per-row input coefficients)
     c      = y U                                          stage 1, tl.dot over D tiles
     out[t] = a_t y + b_t mu + (c * f_t(lam)) U^T          stage 2, tl.dot over r tiles
-The residual term a_t y covers lam_perp P_perp y without forming P_perp (f_t holds the
+The residual term a_t y covers residual_var P_perp y without forming P_perp (f_t holds the
 in-span difference). At full rank (r = D, P_perp = 0) a_t = 0 and f_t is the whole in-span
 gain, which avoids a cancellation of two 1/sigma^2 terms in the score. The map is T = 1; the
 trajectory computes c once and writes T outputs (flow from sigmas[0, b] to sigmas[t, b], scales 1).
@@ -30,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import SpectralKind
 from . import _config
 from ._dot import dot
 
-KIND_DENOISE, KIND_SCORE, KIND_FLOW = 0, 1, 2  # gsa::SpectralKind
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64  # small in the interpreter: tests cover both paths
 # rows of one label per tile: a multiple of every BLOCK_B below (in the interpreter, its one BLOCK_B:
 # each program costs tens of ms there, and a padded tile is whole programs)
@@ -330,7 +330,7 @@ def gaussian_map(x, mean, basis, eigvals, residual_var, sigma_from, sigma_to, sc
 
 def gaussian_trajectory(x, mean, basis, eigvals, residual_var, sigmas):
     """x [B, D] at sigmas[0] -> [T, B, D] at every sigmas[t] (closed-form flow, scales 1)."""
-    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW)
+    return spectral_map(x, mean, basis, eigvals, residual_var, sigmas[0], None, sigmas, None, int(SpectralKind.FLOW))
 
 
 def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_from, sigma_to, scale_from, scale_to, kind):
@@ -342,4 +342,4 @@ def gaussian_map_labeled(x, labels, means, bases, eigvals, residual_var, sigma_f
 
 def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, sigmas):
     """gaussian_trajectory with row b under component labels[b]."""
-    return spectral_map(x, means, bases, eigvals, residual_var, sigmas[0], None, sigmas, None, KIND_FLOW, labels)
+    return spectral_map(x, means, bases, eigvals, residual_var, sigmas[0], None, sigmas, None, int(SpectralKind.FLOW), labels)

@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 
 from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
+from tests._helpers import orthonormal as _orthonormal
 
 F64 = torch.float64
 EDM = (0.002, 80.0)  # the EDM sigma range
@@ -90,10 +91,6 @@ class Case:
 
 def _gen(case):
     return torch.Generator().manual_seed(1000 + case.seed)
-
-
-def _orthonormal(D, r, gen):
-    return torch.linalg.qr(torch.randn(D, max(r, 1), dtype=F64, generator=gen))[0][:, :r].contiguous()
 
 
 def _log_uniform(n, lo, hi, gen):

@@ -49,6 +49,7 @@ def _proxied(item):
             and os.environ.get(CHILD_RESULTS) is None)
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the child runs only the selected triton items
 def pytest_collection_modifyitems(session, config, items):
     ids_file = os.environ.get(CHILD_IDS)
     if ids_file is not None:  # the child: only the parent's triton items

@@ -18,14 +18,24 @@ def _params(fn):
     return tuple(inspect.signature(fn).parameters)
 
 
+def _defined_params(path, name):
+    """The parameter names of the top-level function `name` in a source file, read without
+    importing it (the Triton kernel modules read TRITON_INTERPRET when imported)."""
+    for node in ast.parse((REPO / path).read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return tuple(a.arg for a in node.args.args)
+    raise AssertionError(f"{path} defines no function {name}")
+
+
 @pytest.mark.parametrize("op", _contract.OPS)
 def test_python_implementations_take_the_contract_order(op):
-    import gsa_kernels.triton as triton_backend  # the entry points only: no kernel is imported
-
-    assert _params(getattr(reference, op)) == _contract.ARGUMENTS[op]
-    assert _params(getattr(triton_backend, op)) == _contract.ARGUMENTS[op]
+    args = _contract.ARGUMENTS[op]
+    assert _params(getattr(reference, op)) == args
+    # the Triton op is defined on this launcher with the registry's schema; it may take more
+    # tuning parameters after the contract's (with defaults)
+    assert _defined_params(_contract.REGISTRY[op].kernels["triton"], op)[:len(args)] == args
     # the fakes serve the CPU ops too, which take the model's prepared layouts last
-    assert _params(_contract.FAKES[op]) == _contract.ARGUMENTS[op] + _contract.LAYOUT_ARGUMENTS[op]
+    assert _params(_contract.FAKES[op]) == args + _contract.LAYOUT_ARGUMENTS[op]
 
 
 @pytest.mark.skipif(not _extension.loaded, reason=f"compiled extension not loaded: {_extension.error}")
@@ -67,20 +77,224 @@ def test_auto_never_picks_an_interpreted_or_emulated_backend(monkeypatch):
     assert _backends._resolve_name("auto", "cpu") in ("cpu", "reference")
 
 
-def _imports(module_path):
-    tree = ast.parse(Path(module_path).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return names
+# ----------------------------------------------------------------------------- the registry
+
+
+def _cases_module():
+    from tests.conformance import cases
+
+    return cases
+
+
+@pytest.mark.parametrize("op", _contract.OPS)
+def test_every_registered_op_is_complete(op):
+    """Each registry entry has a fake, an autograd rule, a reference function, kernels for every
+    compiled backend, conformance cases, and a conformance test file that runs them."""
+    entry = _contract.REGISTRY[op]
+    assert callable(entry.fake) and callable(entry.autograd)
+    assert callable(getattr(reference, op, None)), f"reference.{op} missing"
+    assert set(entry.kernels) == {"cpu", "cuda", "triton"}
+    for path in entry.kernels.values():
+        assert (REPO / path).is_file(), path
+    cases = _cases_module()
+    assert len(getattr(cases, f"{op}_cases")()) > 0 and callable(getattr(cases, f"{op}_args"))
+    assert f'"{op}"' in (REPO / entry.conformance).read_text() or f"{op}_cases" in (REPO / entry.conformance).read_text()
+    # every argument with a gradient exists; every tensor without one is checked by the rule
+    assert set(entry.grads) <= set(entry.arguments)
+    assert set(entry.no_grad.values()).isdisjoint(entry.grads)
+    # the autograd rule builds for a namespace where the op is registered
+    if _extension.loaded:
+        backward, setup = entry.autograd(lambda name: getattr(torch.ops.gsa_kernels, name), f"gsa_kernels::{op}",
+                                         entry.no_grad, False)
+        assert callable(backward) and callable(setup)
+
+
+def test_registered_gradients_match_the_compiled_autograd():
+    """The registry's no-gradient arguments are the ones the registered rule refuses."""
+    if not _extension.loaded:
+        pytest.skip(f"compiled extension not loaded: {_extension.error}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64)).Q.contiguous().requires_grad_()
+    args = (x, torch.zeros(4, dtype=torch.float64), basis, torch.ones(2, dtype=torch.float64), 0.5,
+            *[torch.ones(3, dtype=torch.float64)] * 4, 0)
+    with pytest.raises(RuntimeError, match="basis requires grad"):
+        torch.ops.gsa_kernels.gaussian_map(*args)
+
+
+# ----------------------------------------------------------------------------- the import graph
+
+
+def _package_modules():
+    """{module name: path} of every module of gsa_kernels."""
+    root = REPO / "gsa_kernels"
+    out = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _resolve(module, level, name, is_package):
+    if level == 0:
+        return name
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def _package_imports(module, path, modules):
+    """(module-level imports, function-local imports) of package modules by `module`: sets of
+    module names. `from . import x` counts as importing the module x."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    top, local = set(), set()
+
+    def targets(node):
+        if isinstance(node, ast.Import):
+            return {a.name for a in node.names}
+        base = _resolve(module, node.level, node.module or "", is_package)
+        names = {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" != "gsa_kernels._C"}  # compiled
+        return {n if n in modules else base for n in names}
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found = {t for t in targets(child) if t in modules and t != module}
+                (local if in_function else top).update(found)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, False)
+    return top, local
+
+
+# Function-local imports of package modules, each with its reason; every other import is at
+# module level, so the graph below is the whole dependency structure.
+LAZY_IMPORTS = {
+    # PEP 562: `python -m gsa_kernels --help` parses before torch and the API load
+    ("gsa_kernels", "gsa_kernels._extension"), ("gsa_kernels", "gsa_kernels.distributed"),
+    ("gsa_kernels", "gsa_kernels.models"), ("gsa_kernels", "gsa_kernels.ops"), ("gsa_kernels", "gsa_kernels.partial"),
+    ("gsa_kernels", "gsa_kernels.reference"), ("gsa_kernels", "gsa_kernels.sampling"),
+    ("gsa_kernels", "gsa_kernels.schedules"), ("gsa_kernels", "gsa_kernels.local"),
+    # the local machines (issue 27): HybridDenoiser accepts a LocalDenoiser; the x-gradient of
+    # every backend is the reference's VJP
+    ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._autograd", "gsa_kernels.reference"),
+    ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._backends"),
+    ("gsa_kernels.__main__", "gsa_kernels._extension"), ("gsa_kernels.__main__", "gsa_kernels.demo.cli"),
+    # importing triton is slow and optional; its kernel modules read TRITON_INTERPRET at import
+    ("gsa_kernels._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
+}
+
+
+def _graph():
+    modules = _package_modules()
+    graph, local = {}, set()
+    for name, path in modules.items():
+        top, inner = _package_imports(name, path, modules)
+        graph[name] = top
+        local |= {(name, t) for t in inner}
+    return graph, local
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph, _ = _graph()
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_function_local_imports_are_only_the_listed_lazy_ones():
+    _, local = _graph()
+    local = {(a, b) for a, b in local if not a.startswith(("gsa_kernels.demo", "gsa_kernels.bench"))}
+    assert local <= LAZY_IMPORTS, f"function-local imports of package modules: {sorted(local - LAZY_IMPORTS)}"
 
 
 def test_layers_import_one_way():
-    """models -> ops -> contract -> backends: the public ops never import the models (no cycle),
-    the contract imports nothing of the package."""
-    assert not {"models", "gsa_kernels.models"} & _imports(REPO / "gsa_kernels/ops.py")
-    assert not any(n.startswith(("gsa_kernels", ".")) or n in ("ops", "models", "_backends") for n in _imports(REPO / "gsa_kernels/_contract.py"))
+    """The core layers (docs/architecture.md, section 5), lowest first: a module imports only
+    modules of its own or lower layers. The tools (bench, demo) and the adapters are above all."""
+    layers = [
+        {"gsa_kernels._layouts", "gsa_kernels._format", "gsa_kernels.schedules"},
+        {"gsa_kernels._args"},
+        {"gsa_kernels._autograd"},
+        {"gsa_kernels._contract", "gsa_kernels.reference"},
+        {"gsa_kernels._extension", "gsa_kernels.triton", "gsa_kernels.triton._library", "gsa_kernels.triton._config",
+         "gsa_kernels.triton._dot", "gsa_kernels.triton.gaussian", "gsa_kernels.triton.mixture"},
+        {"gsa_kernels._backends"},
+        {"gsa_kernels.ops"},
+        {"gsa_kernels.partial", "gsa_kernels.fitting"},
+        {"gsa_kernels.streamed"},
+        {"gsa_kernels.models"},
+        {"gsa_kernels.sampling", "gsa_kernels.distributed"},
+    ]
+    level = {m: i for i, layer in enumerate(layers) for m in layer}
+    graph, _ = _graph()
+    for module, imported in graph.items():
+        if module not in level:
+            continue
+        for t in imported:
+            assert t in level, f"{module} imports {t}, which is above the core layers"
+            assert level[t] <= level[module], f"{module} (layer {level[module]}) imports {t} (layer {level[t]})"
+    # the public ops know no model type, the registry no backend
+    assert not {"gsa_kernels.models", "gsa_kernels.streamed"} & graph["gsa_kernels.ops"]
+    assert not {"gsa_kernels._backends", "gsa_kernels.ops"} & graph["gsa_kernels._contract"]
+
+
+# ----------------------------------------------------------------------------- docs/architecture.md
+
+
+def _doc_table(marker):
+    """The rows (lists of cells) of the markdown table between <!-- marker --> and <!-- /marker -->."""
+    text = (REPO / "docs/architecture.md").read_text()
+    body = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.strip().splitlines()]
+    return rows[2:]  # past the header and the --- line
+
+
+def test_the_op_map_is_the_registry():
+    doc = (REPO / "docs/architecture.md").read_text()
+    rows = {r[0]: r[1:] for r in _doc_table("op-map")}
+    assert set(rows) == set(_contract.OPS)
+    for name, entry in _contract.REGISTRY.items():
+        math, ref, cpu, cuda, triton, conformance = rows[name]
+        assert math == entry.math and f"### {math} " in doc, name
+        assert ref == f"reference.{name}"
+        assert (cpu, cuda, triton) == tuple(entry.kernels[b] for b in ("cpu", "cuda", "triton")), name
+        assert conformance == entry.conformance, name
+
+
+def test_every_public_function_is_in_the_public_map():
+    import gsa_kernels as gk
+    from gsa_kernels import distributed, sampling
+
+    mapped = {name for r in _doc_table("public-map") for name in re.findall(r"`([\w.]+)`", r[0])}
+    public = {n for n in gk.__all__ if inspect.isfunction(getattr(gk, n))}
+    public |= {f"distributed.{n}" for n in ("mixture_denoise", "mixture_score", "mixture_logp", "fit_gaussian")}
+    public |= {f"sampling.{n}" for n in ("teleport", "sample")}
+    assert callable(distributed.fit_gaussian) and callable(sampling.teleport)
+    assert public <= mapped, f"not in docs/architecture.md's public map: {sorted(public - mapped)}"
+
+
+def test_cited_repository_files_exist():
+    """Comments and docs cite files by their repository path: every such path exists."""
+    cited = re.compile(r"\b((?:gsa_kernels|csrc|tests|docs|scripts|benchmarks)/[\w./-]+\.(?:py|md|h|cpp|cu|cuh|sh))\b")
+    missing = set()
+    for pattern in ("gsa_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "docs/*.md", "scripts/*", "benchmarks/**/*.md",
+                    "README.md", "tests/README.md"):
+        for path in REPO.glob(pattern):
+            if path.is_file() and path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh"):
+                for ref in cited.findall(path.read_text(errors="replace")):
+                    if not (REPO / ref).exists():
+                        missing.add(f"{path.relative_to(REPO)} cites {ref}")
+    assert not missing, sorted(missing)
