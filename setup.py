@@ -4,15 +4,41 @@ C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) and the host-side SIMT emulation 
 kernels (csrc/emu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added when the
 installed torch is CUDA-enabled and nvcc is found; GSA_KERNELS_CUDA=0|1 forces that off/on.
 Install with `pip install --no-build-isolation .` so the build uses the torch you have.
+
+A build is bound to that torch (its C++ ABI): the wheel requires exactly that torch release
+(Requires-Dist torch==X.Y.Z) and carries the variant in its version's local label
+(0.1.0+torch2.14.1.cu130, ...+cpu); gsa_kernels/_build_info.json records it for the import-time
+check (gsa_kernels/_extension.py). An sdist keeps the supported range TORCH_SUPPORTED.
 """
 import glob
+import json
 import os
+import re
 import shutil
 import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the torch range the sources support (scripts/install.sh reads this line); a built wheel pins one release
+TORCH_SUPPORTED = "torch>=2.13"
+DEPENDENCIES = ["numpy", "tqdm", "safetensors"]
+VERSION = re.search(r'^__version__ = "([^"]+)"', open(os.path.join(HERE, "gsa_kernels", "__init__.py")).read(), re.M).group(1)
+
+
+def torch_variant(torch):
+    """'cu130' for a CUDA 13.0 torch, 'rocm6.2' for ROCm, 'cpu' for a CPU-only one."""
+    if torch.version.cuda:
+        return "cu" + torch.version.cuda.replace(".", "")
+    if getattr(torch.version, "hip", None):
+        return "rocm" + ".".join(torch.version.hip.split(".")[:2])
+    return "cpu"
+
+
+def bound_metadata(torch_version, variant):
+    """(version, dependencies) of a build bound to torch `torch_version` (its local label dropped)."""
+    release = torch_version.split("+")[0]
+    return f"{VERSION}+torch{release}.{variant}", [f"torch=={release}"] + DEPENDENCIES
 
 
 def _find_cuda_home():
@@ -47,7 +73,7 @@ build cannot import torch: either torch is not installed, or pip is building in 
 environment (its default), which hides your torch. Install torch first, then build without
 isolation:
 
-    pip install torch "setuptools>=64,<81" wheel ninja
+    pip install torch "setuptools>=77,<81" wheel ninja
     pip install --no-build-isolation .        (or -e . , or git+<url>)
 
 or run `bash scripts/install.sh` from a clone, which does both.
@@ -64,6 +90,12 @@ def _extensions():
     if use_cuda:
         os.environ["CUDA_HOME"] = _find_cuda_home()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # cpp_extension warns "No CUDA runtime is found" on every machine without a GPU: expected when
+    # building, and nothing to do with whether the CUDA kernels compile (that needs nvcc only)
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
     # imported only now: cpp_extension reads CUDA_HOME at import time
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -92,11 +124,28 @@ def _extensions():
     else:
         ext = CppExtension("gsa_kernels._C", sources, include_dirs=include_dirs,
                            extra_compile_args=extra, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildBound(BuildExtension.with_options(use_ninja=True)):
+        """build_ext that also records the torch it built against, next to _C (in place or in the wheel)."""
+
+        def run(self):
+            super().run()
+            info = {"torch": torch.__version__, "variant": torch_variant(torch), "cuda": torch.version.cuda}
+            with open(os.path.join(os.path.dirname(self.get_ext_fullpath("gsa_kernels._C")), "_build_info.json"), "w") as f:
+                json.dump(info, f)
+
+    return [ext], {"build_ext": BuildBound}
 
 
-if os.environ.get("GSA_KERNELS_PREBUILT") == "1":  # scripts/install.sh built _C in place already:
-    ext_modules, cmdclass = [], {}  # pip install -e would compile it all again in a temporary folder
+if "sdist" in sys.argv:  # sources: not bound to any torch
+    ext_modules, cmdclass, version, dependencies = [], {}, VERSION, [TORCH_SUPPORTED] + DEPENDENCIES
 else:
-    ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    if os.environ.get("GSA_KERNELS_PREBUILT") == "1":  # scripts/install.sh built _C in place already:
+        ext_modules, cmdclass = [], {}  # pip install -e would compile it all again in a temporary folder
+    else:
+        ext_modules, cmdclass = _extensions()
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.exit(NO_TORCH)
+    version, dependencies = bound_metadata(torch.__version__, torch_variant(torch))
+setup(ext_modules=ext_modules, cmdclass=cmdclass, version=version, install_requires=dependencies)

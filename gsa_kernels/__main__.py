@@ -1,4 +1,4 @@
-"""python -m gsa_kernels {info, demo, explain, train-demo-model, bench} [options]
+"""python -m gsa_kernels {info, fit, demo, explain, train-demo-model, bench} [options]
 
 The command line is parsed before torch is imported, so `--help` answers at once.
 """
@@ -9,6 +9,8 @@ import sys
 
 COMMANDS = {  # name -> (module, help)
     "info": ("gsa_kernels.__main__", "versions, and which backends are usable here and why the others are not"),
+    "fit": ("gsa_kernels.fit_cli", "fit teleport statistics (Gaussian, per class, mixture) from an image folder, .npy or "
+                                   ".safetensors, streamed, into a .safetensors file"),
     "demo": ("gsa_kernels.demo.demo", "MNIST teleportation demo: samples, Frechet distances (lower is better), plots"),
     "explain": ("gsa_kernels.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta "
                                             "models"),
@@ -34,6 +36,10 @@ def info():
     except Exception as e:
         print(f"triton: not importable ({type(e).__name__}: {e})")
     print(f"compiled extension: {'loaded' if _extension.loaded else 'not loaded: ' + str(_extension.error)}")
+    built = _extension.build_info()
+    if built is not None:
+        print(f"  built for torch {built.get('torch')} ({built.get('variant')}); this torch {torch.__version__}"
+              + (": MISMATCH, rebuild: " + _extension.REBUILD if _extension.mismatch(built) else ""))
     for name, (ok, why) in _backends.status().items():
         print(f"  {name:10s} {'available  ' if ok else 'unavailable'}  {why}")
     return 0
@@ -69,6 +75,11 @@ def main(argv=None):
     if command == "info":
         argparse.ArgumentParser(prog="python -m gsa_kernels info", description=COMMANDS["info"][1]).parse_args(rest)
         return info()
+    if command == "fit":
+        from gsa_kernels import fit_cli
+
+        fit_cli.parser().parse_args(rest)
+        return fit_cli.main(rest)
     from gsa_kernels.demo import cli  # every command's options are defined without torch: parse them first
 
     parser = {"demo": cli.demo_parser, "explain": cli.explain_parser, "train-demo-model": cli.train_parser,

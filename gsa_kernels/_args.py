@@ -139,16 +139,46 @@ def check_no_grad(op: str, **tensors):
 # ----------------------------------------------------------------------------- model operands
 
 
+# the shapes of the model tensors, by letter: D from x, K and r from the first tensor that has them
+# (a mixture's eigvals are [K, r])
+_MODEL_SHAPES = {"mean": "D", "basis": "Dr", "eigvals": "r", "means": "KD", "bases": "KDr", "residual_var": "K",
+                 "log_weights": "K"}
+
+
 def model_tensors(model, x, names, op):
-    """The model's tensors in x's compute dtype; a clear error if they live on another device."""
+    """The model's tensors in x's compute dtype; a clear error if they live on another device.
+    Each is read once, as a new reference to its storage (another thread replacing the model's
+    tensor, or its .data, mid-call leaves the kernel's inputs alone), and the shapes are checked
+    together once: a model reshaped between reads is an error, not an out-of-bounds read."""
     cd = compute_dtype(x.dtype)
-    out = []
+    out, dims = [], {"D": x.shape[1]}
     for n in names:
         t = getattr(model, n)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: the model's {n} is a {type(t).__name__}, not a tensor")
+        t = t.view_as(t)  # the snapshot: its own TensorImpl on the same storage
         if t.device != x.device:
             raise ValueError(f"{op}: the model is on {t.device} but x is on {x.device}; call model.to({str(x.device)!r})")
+        letters = "Kr" if n == "eigvals" and "means" in names else _MODEL_SHAPES[n]
+        if t.dim() != len(letters) or any(dims.setdefault(c, s) != s for c, s in zip(letters, t.shape)):
+            raise ValueError(f"{op}: the model's {n} has shape {tuple(t.shape)}, inconsistent with the other tensors "
+                             f"and x ({dims}): was the model changed during the call?")
+        _check_storage(t, n, op)
         out.append(t.to(cd).contiguous())
     return out
+
+
+def _check_storage(t, name, op):
+    """A tensor whose storage was freed or shrunk (the FSDP idiom t.untyped_storage().resize_(0))
+    still reports its shape; reading it would read freed memory."""
+    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():  # traced: no storage to read
+        return
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    need = (t.storage_offset() + extent) * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if have < need:
+        raise ValueError(f"{op}: the model's {name} has no data behind it (its storage holds {have} bytes, it needs "
+                         f"{need}): freed or resized (e.g. untyped_storage().resize_(0)); restore it before the call")
 
 
 class GaussianOperand:
@@ -238,3 +268,16 @@ def mixture_args(m, x, op):
         raise ValueError(f"{op}: the mixture has no components (an empty shard, m.shard(i, n) with n > K): "
                          "use gk.mixture_partial and gk.merge_partials")
     return model_tensors(m, x, MixtureOperand.TENSORS, op)
+
+
+def to_args(args, kwargs, who):
+    """(device, dtype) of the torch idioms .to(dtype), .to(device), .to(tensor), .to(device, dtype)
+    and the keywords device= / dtype=."""
+    try:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        raise TypeError(f"{who}.to: expected a device, a dtype, a tensor or (device, dtype), got "
+                        f"{args!r} {kwargs!r} ({e})") from None
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{who}.to: a model's dtype must be floating point, got {dtype}")
+    return device, dtype

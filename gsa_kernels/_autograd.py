@@ -384,7 +384,9 @@ def _mixture_backward(forward, fused):
         gD = gD if ctx.need_denoised and gD is not None else None
         gW = gW if ctx.need_weights and gW is not None else None
         args = (x, means, bases, eigvals, residual_var, log_weights, sigma, den, logp, weights)
-        if fused is not None and x.device.type == "cpu":
+        # the fused kernel has no derivative of its own: under create_graph (double backward,
+        # HVPs) the composed torch-op backward, which autograd can differentiate again
+        if fused is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
             gx, gmu, glam, g_residual_var, glogw = fused(*args, gD, gL, gW, needs, ctx.layouts)
             gx, gmu, glam, g_residual_var, glogw = [t if need else None for t, need in zip((gx, gmu, glam, g_residual_var, glogw), needs)]
         else:

@@ -1,8 +1,37 @@
 """Loads the optional compiled extension gsa_kernels._C. Importing the package never fails:
-when the extension is missing, `error` says why and the compiled backends are unavailable."""
+when the extension is missing, `error` says why and the compiled backends are unavailable.
+An extension that is there but does not load (typically: built against another torch, whose
+C++ ABI it needs) warns once, naming the torch it was built for (_build_info.json, written by
+setup.py's build_ext) and the torch found, and how to rebuild."""
+import glob
+import json
+import os
+import warnings
+
 import torch
 
 from . import _contract
+
+REBUILD = ("pip install --no-build-isolation --force-reinstall gsa_kernels (from its source), "
+           "or in a clone: python setup.py build_ext --inplace (or bash scripts/install.sh)")
+
+
+def build_info():
+    """{"torch": version, "variant": "cu130" | "cpu" | ..., "cuda": ...} of the build here, or None."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def mismatch(info, found=None):
+    """A sentence when the build's torch differs from the torch found, else None."""
+    found = torch.__version__ if found is None else found
+    if info is None or info.get("torch") == found:
+        return None
+    return f"gsa_kernels' compiled extension was built for torch {info.get('torch')}, but torch {found} is installed"
+
 
 error = None
 try:
@@ -12,6 +41,12 @@ try:
 except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
     loaded = False
     error = f"{type(e).__name__}: {e}"
+    if glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")) or glob.glob(
+            os.path.join(os.path.dirname(__file__), "_C*.pyd")):  # there, but it does not load
+        why = mismatch(build_info()) or "the compiled extension does not load"
+        error = f"{why} ({error}); rebuild it: {REBUILD}"
+        warnings.warn(f"{error}. The compiled backends are off: every op runs on the reference or Triton backend.",
+                      RuntimeWarning, stacklevel=2)
 
 if loaded:  # a stale build (older than the contract) would fail below: the backends say why instead
     missing = [op for op in _contract.OPS if not torch._C._dispatch_has_kernel(f"gsa_kernels::{op}")]

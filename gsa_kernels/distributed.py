@@ -137,6 +137,7 @@ def _sharded(x, sigma, shard, group, backend, op):
         if not isinstance(shard, GaussianMixture):
             raise TypeError(f"gk.distributed.{op}: shard must be a gsa_kernels.GaussianMixture, got {type(shard).__name__}")
         x2 = flatten(x, shard.dim, op)
+        _check_no_grad(op, x, sigma, shard)
         cd = compute_dtype(x2.dtype)
         s = _args.rows(sigma, x2.shape[0], x2, "sigma", op)
         header = (x2.shape[0], shard.dim, FLOAT_DTYPES.index(cd))
@@ -152,22 +153,38 @@ def _sharded(x, sigma, shard, group, backend, op):
     block = torch.zeros(rows, D + 1, dtype=cd, device=x2.device)
     block[:B, :D], block[:B, D] = x2, s
     queries = torch.cat([b[:n] for b, n in zip(comm.all_gather(block), sizes)])
-    # state rows [max_logit, sum_exp, ok, weighted (D)], sent to each row's owner; ok = 0 tells
-    # the owners that this rank's kernel failed (its own error is raised after the exchange)
+    # state rows [max_logit, sum_exp, ok, max_logit_lo, weighted (D)], float64 (partial.py: exact merges), sent
+    # to each row's owner; ok = 0 tells the owners that this rank's kernel failed (its own error
+    # is raised after the exchange)
     try:
         p = comm.local(mixture_partial, queries[:, :D], queries[:, D], shard, backend)
-        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None], p.weighted], 1)
+        state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None],
+                           p.max_logit_lo[:, None], p.weighted], 1)
         error = None
     except (TypeError, ValueError, RuntimeError) as e:
-        state, error = queries.new_zeros(queries.shape[0], D + 3), e
-    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 3)
+        state, error = queries.new_zeros(queries.shape[0], D + 4, dtype=torch.float64), e
+    mine = comm.all_to_all(state, sizes, [B] * comm.world).reshape(comm.world, B, D + 4)
     if error is not None:
         raise error
     if not bool((mine[:, :, 2] == 1).all()):
         raise RuntimeError(f"gk.distributed.{op}: another rank failed computing its shard's partials (its own error says why)")
-    merged = merge_stacked(mine[:, :, 0], mine[:, :, 1], mine[:, :, 3:], x.shape[1:], x.dtype)
+    merged = merge_stacked(mine[:, :, 0], mine[:, :, 1], mine[:, :, 4:], x.shape[1:], x.dtype, mine[:, :, 3])
     comm.finish(rows=B, rows_total=queries.shape[0], components=shard.num_components)
     return merged, x2, s
+
+
+def _check_no_grad(op, x, sigma, shard):
+    """The exchange (all_gather / all_to_all) carries no autograd graph: a gradient w.r.t. x,
+    sigma or the shard would silently miss the other ranks' terms, so asking for one is an error."""
+    if not torch.is_grad_enabled():
+        return
+    named = [("x", x), ("sigma", sigma)] + [(n, getattr(shard, n)) for n in ("means", "bases", "eigvals", "residual_var",
+                                                                            "log_weights")]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise TypeError(f"gk.distributed.{op}: {name} requires grad, but the cross-rank exchange is not differentiable "
+                            f"(the result would be detached from it); call it under torch.no_grad() or detach {name}, "
+                            "or differentiate the single-process op / gk.merge_partials of gk.mixture_partial instead")
 
 
 def mixture_denoise(x, sigma, shard, group=None, backend: str = "auto"):
@@ -180,8 +197,10 @@ def mixture_denoise(x, sigma, shard, group=None, backend: str = "auto"):
 def mixture_score(x, sigma, shard, group=None, backend: str = "auto"):
     """The whole mixture's score (D(x) - x) / sigma^2 for this rank's queries x [B, *shape]."""
     merged, x2, s = _sharded(x, sigma, shard, group, backend, "mixture_score")
-    den = merged.denoised().reshape(x2.shape).to(s.dtype)
-    return ((den - x2.to(s.dtype)) / (s * s)[:, None]).to(x.dtype).reshape(x.shape)
+    # (D - x) / sigma^2 in float64 from the merged state: a denoised rounded to a 16-bit x's
+    # dtype first would be amplified by 1 / sigma^2
+    s64 = s.double()
+    return ((merged.denoised_exact() - x2.double()) / (s64 * s64)[:, None]).to(x.dtype).reshape(x.shape)
 
 
 def mixture_logp(x, sigma, shard, group=None, backend: str = "auto"):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _format, fitting, ops
-from ._args import GaussianOperand, MixtureOperand
+from ._args import GaussianOperand, MixtureOperand, to_args
 from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
@@ -135,7 +135,10 @@ class GaussianModel(GaussianOperand):
         return cls(*fitting.fit_gaussian(data, rank, energy, method))
 
     # ------------------------------------------------------------------ conversion / io
-    def to(self, device=None, dtype=None) -> "GaussianModel":
+    def to(self, *args, **kwargs) -> "GaussianModel":
+        """A copy on another device / in another dtype: .to(dtype), .to(device), .to(tensor),
+        .to(device, dtype), .to(device=..., dtype=...)."""
+        device, dtype = to_args(args, kwargs, "GaussianModel")
         t = lambda v: v.to(device=device, dtype=dtype)
         return GaussianModel.__new_unchecked(t(self.mean), t(self.basis), t(self.eigvals), self.residual_var)
 
@@ -328,7 +331,9 @@ class GaussianMixture(MixtureOperand):
         return m
 
     # ------------------------------------------------------------------ conversion / io
-    def to(self, device=None, dtype=None) -> "GaussianMixture":
+    def to(self, *args, **kwargs) -> "GaussianMixture":
+        """A copy on another device / in another dtype (the torch idioms, as GaussianModel.to)."""
+        device, dtype = to_args(args, kwargs, "GaussianMixture")
         t = lambda v: v.to(device=device, dtype=dtype)
         m = GaussianMixture.__new__(GaussianMixture)
         m.means, m.bases, m.eigvals = t(self.means), t(self.bases), t(self.eigvals)
@@ -340,7 +345,9 @@ class GaussianMixture(MixtureOperand):
                 "residual_var": self.residual_var, "log_weights": self.log_weights}
 
     def save(self, path):
-        _format.save(path, self.state_dict(), "GaussianMixture")
+        # log weights stored as they are: a shard's (m.shard(i, n)) sum to less than 1, and
+        # load() must not renormalise them
+        _format.save(path, self.state_dict(), "GaussianMixture", log_weights="as_saved")
 
     @classmethod
     def load(cls, path, device="cpu") -> "GaussianMixture":
@@ -348,7 +355,14 @@ class GaussianMixture(MixtureOperand):
         if meta.get("gsa_kernels") == "StreamedMixture":  # refers to its points file
             return StreamedMixture.from_saved(_format.load(path, device, "StreamedMixture", ("log_weights",)), meta).to(device)
         d = _format.load(path, device, "GaussianMixture", ("means", "bases", "eigvals", "residual_var", "log_weights"))
-        return cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
+        m = cls(d["means"], d["bases"], d["eigvals"], d["residual_var"], d["log_weights"])
+        if meta.get("log_weights") == "as_saved":  # a shard keeps its share of the whole mixture's weight
+            lw = d["log_weights"].to(m.dtype)
+            if torch.logsumexp(lw.double(), 0).item() > 1e-4:
+                raise ValueError(f"{path}: log_weights sum to more than 1 (logsumexp "
+                                 f"{torch.logsumexp(lw.double(), 0).item():.3g} > 0): not a mixture or a shard of one")
+            m.log_weights = lw.contiguous()
+        return m
 
     # ------------------------------------------------------------------ ops
     def denoise(self, x, sigma, return_weights=False, backend="auto"):

@@ -86,14 +86,14 @@ def main():
         m = gk.GaussianMixture.from_points(path, block_bytes=args.block_mb * 2**20)
         drop_cache(path)
         t0 = time.perf_counter()
-        for _ in streamed._blocks(m._points, m.rows_per_block(torch.float32), torch.float32):
+        for _ in streamed._blocks(m._points, m._take_buffers(torch.float32)):
             pass
         t = time.perf_counter() - t0
         print(f"streaming reader alone (cold): {t:.2f} s, {size / t / 1e9:.2f} GB/s")
 
         gen = torch.Generator().manual_seed(1)
         idx = torch.randint(0, N, (B,), generator=gen).sort().values.numpy()
-        x0 = torch.from_numpy(np.ascontiguousarray(m._points[idx]))
+        x0 = torch.from_numpy(m._points.take(idx, np.float32))
         base = rss_anon()
         print(f"RssAnon before the queries: {base / 2**20:.0f} MiB")
         for s in [float(v) for v in args.sigmas.split(",")]:

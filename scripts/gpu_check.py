@@ -14,6 +14,12 @@ recorded and the next one runs:
   bench         benchmarks/bench_gpu.py (pytest-benchmark, CUDA events) vs eager and compiled
 Then OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.json.
 
+A run cannot report another run's results: it first removes its own outputs from OUT_DIR (the
+files named in OUTPUTS) and reads a part's result file only if this run wrote it. Without
+--dry-run and without a CUDA device visible to torch it stops at once with exit status 2 (the
+CPU stand-ins would otherwise "pass" the GPU parts). A relative OUT_DIR is taken relative to the
+caller's directory (gpu_check.sh passes it in GSA_GPU_CHECK_CALLER_DIR).
+
 The dry run uses CPU tensors (Triton interpreter, CUDA SIMT emulation), reduced sizes, one timed
 repetition, and builds into a scratch directory (the installed extension is left alone). Nothing
 here needs the network, diffusers, k-diffusion or mlxtend.
@@ -39,6 +45,15 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {"environment": (20, 60), "build": (120, 600), "conformance": (110, 420), "compile": (75, 240),
            "sanitizer": (45, 120), "bench": (100, 300)}
 TOTAL_BUDGET = 470
+# every file a run writes into OUT_DIR: removed before a run starts
+OUTPUTS = ("gpu_check.md", "gpu_check.json", "build.log", "conformance.xml", "conformance.log", "compile.json",
+           "compile.log", "sanitizer.log", "sanitizer_memcheck.log", "sanitizer_racecheck.log", "sanitizer_synccheck.log",
+           "bench.json", "bench.log")
+
+
+def _written_since(path, since):
+    """path exists and this run wrote it (not left from an earlier run)."""
+    return path.exists() and path.stat().st_mtime >= since - 1
 
 
 def run(cmd, budget, env=None, log=None):
@@ -167,9 +182,10 @@ def part_conformance(args, out):
     env = dict(device_env(args.dry_run))
     if args.dry_run:
         env.pop("TRITON_INTERPRET")  # the suite starts its own interpreter subprocess
+    t0 = time.time()
     status, secs, tail = run(cmd, args.budget("conformance"), env, out / "conformance.log")
     info = {"command": " ".join(cmd), "seconds": round(secs, 1)}
-    if xml.exists():
+    if _written_since(xml, t0):
         info["counts"], info["failures"] = _counts_from_junit(xml)
     else:
         info["tail"] = tail
@@ -182,9 +198,10 @@ def part_compile(args, out):
     cmd = [sys.executable, str(Path(__file__)), "_compile_cases", "--out", str(out / "compile.json")]
     if args.dry_run:
         cmd.append("--dry-run")
+    t0 = time.time()
     status, secs, tail = run(cmd, args.budget("compile"), device_env(args.dry_run), out / "compile.log")
     info = {"seconds": round(secs, 1)}
-    if (out / "compile.json").exists():
+    if _written_since(out / "compile.json", t0):
         info["results"] = json.loads((out / "compile.json").read_text())
     else:
         info["tail"] = tail
@@ -217,6 +234,7 @@ def part_bench(args, out):
            f"--benchmark-json={js}", "--benchmark-disable-gc"]
     budget = args.budget("bench")
     pk = [sys.executable, "benchmarks/bench_gpu.py"]  # the device's peaks, measured now
+    t0 = time.time()
     st2, secs2, tail2 = run(pk, min(30, budget // 4), device_env(args.dry_run))
     status, secs, tail = run(cmd, max(5, int(budget - secs2)), device_env(args.dry_run), out / "bench.log")
     info = {"command": " ".join(cmd), "seconds": round(secs, 1)}
@@ -224,7 +242,7 @@ def part_bench(args, out):
         info["peaks"] = json.loads(tail2[tail2.index("{"):])
     except ValueError:
         info["peaks_error"] = tail2
-    if js.exists():
+    if _written_since(js, t0):
         info["rows"] = [b["extra_info"] for b in json.loads(js.read_text())["benchmarks"]]
     else:
         info["tail"] = tail
@@ -458,8 +476,20 @@ def main(argv):
         args.budget = lambda name: BUDGETS[name][1]
     else:
         args.budget = lambda name: max(5, int(min(BUDGETS[name][0], TOTAL_BUDGET - (time.time() - start))))
-    out = Path(args.out_dir).resolve()
+    out = (Path(os.environ.get("GSA_GPU_CHECK_CALLER_DIR") or os.getcwd()) / args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # an earlier run's results must not read as this run's
+        (out / name).unlink(missing_ok=True)
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("[gpu_check] FAILED: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+                  "on a machine without a GPU use --dry-run", file=sys.stderr, flush=True)
+            parts = {"environment": {"status": "failed (no CUDA device visible to torch)", "seconds": time.time() - start,
+                                     "info": part_environment(args, out)[1]}}
+            write_report(out, args, parts)
+            return 2
     parts = {}
     for name in [n for n in args.parts.split(",") if n]:
         t0 = time.time()

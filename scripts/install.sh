@@ -15,8 +15,8 @@ started=$SECONDS
 phase() { printf '\n==> [%s/5] %s  (%ds so far)\n' "$1" "$2" "$((SECONDS - started))"; }
 pip_install() { python -m pip install --no-warn-conflicts --progress-bar off "$@"; }
 
-# The supported torch range is written once, in pyproject.toml's dependencies.
-torch_spec=$(sed -n 's/^dependencies = \[.*"\(torch[^"]*\)".*/\1/p' pyproject.toml)
+# The supported torch range is written once, in setup.py (TORCH_SUPPORTED).
+torch_spec=$(sed -n 's/^TORCH_SUPPORTED = "\(torch[^"]*\)".*/\1/p' setup.py)
 
 phase 1 "torch ($torch_spec): an installed torch in this range is kept"
 if ! python -c "import torch" 2>/dev/null; then
@@ -24,7 +24,9 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "3 GB with its CUDA libraries). For a CPU-only or another CUDA build, install that torch"
   echo "first and run this script again."
 fi
-pip_install "$torch_spec"
+# numpy with torch: every later `import torch` (the probes below, setup.py) otherwise prints a
+# false "Failed to initialize NumPy" warning
+pip_install "$torch_spec" numpy
 torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")  # a local label (+cu130, +cpu) matches no index entry
 # every later pip call keeps this torch (torchvision, a k-diffusion dependency, would replace it)
 constraints=$(mktemp)
@@ -32,7 +34,7 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 
 phase 2 "build tools"
-pip_install -c "$constraints" "setuptools>=64,<81" wheel ninja
+pip_install -c "$constraints" "setuptools>=77,<81" wheel ninja
 
 cuda=$(python - <<'EOF'
 import os, shutil, torch
@@ -44,7 +46,11 @@ else:
     print("off: " + ("no nvcc on PATH" if torch.version.cuda else "torch is a CPU-only build"))
 EOF
 )
-phase 3 "compiling the extension gsa_kernels._C (C++ CPU kernels + emulated CUDA kernels)"
+if [[ $cuda == on* ]]; then
+  phase 3 "compiling the extension gsa_kernels._C (C++ CPU kernels, real CUDA kernels, their CPU emulation)"
+else
+  phase 3 "compiling the extension gsa_kernels._C (C++ CPU kernels + emulated CUDA kernels; no real CUDA kernels)"
+fi
 echo "CUDA kernels $cuda."
 echo "Estimate from scratch: the C++ kernels take about 3 CPU-minutes (2 min on 2 idle cores, much longer on a busy machine)$([[ $cuda == on* ]] && echo "; the CUDA kernels add several minutes more (skip them with GSA_KERNELS_CUDA=0 bash scripts/install.sh)"); unchanged sources are not compiled again."
 echo "ninja prints one line per compiled file:"

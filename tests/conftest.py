@@ -30,6 +30,19 @@ SLOW_TESTS = {
     "test_autograd.py::test_triton_interpreter", "test_autograd.py::test_gradient_ascent_recovers_mixture",
     "test_distributed.py::test_sharded_mixture_matches_single_process",  # 3-rank process groups
     "test_distributed.py::test_readme_torchrun_example_runs",
+    "test_distributed.py::test_sharded_mixture_counts_bytes",  # a 3-rank group
+    "test_model_state.py::test_memory_returns_after_dropping_models",  # 5 min of wall time on a loaded host
+    "test_cli.py::test_bench_command_runs_one_workload",  # a bench subprocess
+    "test_concurrency.py::test_ops_under_spawn",  # spawned workers import torch
+    "test_empirical_streaming.py::test_anonymous_memory_stays_under_the_block_budget",  # RSS sampling
+    "test_diffusers_pipeline.py::test_pipeline_switch",  # tiny real pipelines, 3 runs each
+    "test_diffusers_pipeline.py::test_prepare_latents_pipeline_with_guidance",
+    "test_fit_one_pass.py::test_one_pass_fit_of_a_generator_at_d4096",
+    "test_fit_cli.py::test_fitted_stats_switch_a_pipeline_and_refuse_another_shape",
+    "test_packaging.py::test_setup_py_reports_the_bound_version",  # a python process importing cpp_extension
+    "test_scaleout_hardening.py::test_distributed_tie_across_ranks_and_16bit_scores",  # 2-rank process group
+    "test_scaleout_hardening.py::test_distributed_refuses_grad_instead_of_detaching",
+    "test_scaleout_hardening.py::test_concurrent_model_swaps_never_crash_or_corrupt",  # a subprocess, 800 calls
 }
 SLOW_CONFORMANCE_BACKENDS = {"triton", "cuda"}
 

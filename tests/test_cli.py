@@ -46,7 +46,7 @@ def test_every_option_has_help_and_shows_its_default(parser):
     assert isinstance(p.formatter_class, type) and issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     for action in p._actions:
         assert action.help, f"{action.option_strings} has no help text"
-    assert "(default: 500)" in cli.demo_parser().format_help()
+    assert "(None: 500;" in cli.demo_parser().format_help()  # None: filled after parsing, aware of --quick
 
 
 def test_demo_run_specs():

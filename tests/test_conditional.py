@@ -165,8 +165,12 @@ def test_fit_per_class_auto_turns_randomized_over_the_budget(monkeypatch):
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, x.shape[0], 16)]
     with pytest.raises(ValueError, match="over the .* budget"):  # a one-shot stream cannot be read again
         gk.GaussianMixture.fit_per_class((b for b in batches), rank=3)
-    with pytest.raises(ValueError, match="one-shot iterator"):
-        gk.GaussianMixture.fit_per_class((b for b in batches), rank=3, method="randomized")
+    # a one-shot stream with method='randomized': every class in one pass (fitting.fit_one_pass_per_class);
+    # its sketch (3 r + 16 rows) spans D = 20 here, so nothing is discarded: the exact fit
+    one_pass = gk.GaussianMixture.fit_per_class((b for b in batches), rank=3, method="randomized")
+    torch.testing.assert_close(one_pass.log_weights, auto.log_weights, rtol=0, atol=1e-14)
+    for k in range(3):
+        assert_same_gaussian(component(one_pass, k), gk.GaussianModel.fit(x[y == k], rank=3, method="exact"), tol=1e-9)
     with pytest.raises(ValueError, match="needs rank"):
         gk.GaussianMixture.fit_per_class(x, y, energy=0.9, method="randomized")
     with pytest.raises(ValueError, match="method must be"):

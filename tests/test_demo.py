@@ -148,6 +148,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "LOWER IS BETTER" in out and "dFD" in out and "heun6" not in out  # readable labels, not ids
     assert "Heun, 6 steps: teleporting 2 steps saves 4 of 11 NFE" in out
     assert "s per NFE" in out
+    assert out.startswith("SMOKE TEST (--quick): 48 samples") and "within the noise" in out
+    sds = [float(r["fd_features_vs_full_sd"]) for r in rows if r["fd_features_vs_full_pct"] != ""]
+    assert len(sds) == 6 and all(sd > 0 for sd in sds)  # every dFD carries its bootstrap spread
+    assert sum("±" in line for line in out.splitlines()) >= 6
 
 
 def test_demo_settings_and_run_specs():
@@ -238,3 +242,43 @@ def test_demo_conditional_quick_end_to_end(tmp_path, capsys):
     assert acc["training_data"] > 0.9  # the floor: the classifier on real digits with their labels
     out = capsys.readouterr().out
     assert "LOWER IS BETTER" in out and "HIGHER IS BETTER" in out and "teleport global" in out
+    assert out.startswith("SMOKE TEST (--quick): 40 samples") and "FD all" in out and "±" in out
+
+
+def test_quick_never_overrides_explicit_options_and_usage_errors(capsys):
+    args = demo.parse_args(["--quick", "--num-samples", "64", "--runs", "heun:4:0.25"])
+    assert args.num_samples == 64 and args.batch_size == 64 and args.runs == [("heun", 4, [0.25])]
+    assert args.bootstrap == 20
+    args = demo.parse_args(["--quick"])
+    assert args.num_samples == 48 and args.bootstrap == 20
+    args = demo.parse_args([])
+    assert args.num_samples == 500 and args.batch_size == 500 and args.bootstrap == 100
+    args = explain.parse_args(["--quick", "--num-samples", "10"])
+    assert (args.num_samples, args.num_sigmas, args.splits) == (10, 4, ["heldout"])
+    assert "SMOKE TEST" in capsys.readouterr().out
+    for argv in (["--batch-size", "0"], ["--num-samples", "1"], ["--mixture-components", "0"], ["--threads", "-2"]):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+        assert "must be >=" in capsys.readouterr().err
+    from gsa_kernels.demo.cli import bench_parser
+
+    with pytest.raises(SystemExit):
+        bench_parser().parse_args(["--repeats", "0"])
+
+
+def test_bootstrap_fd_is_paired_and_its_spread_is_honest():
+    from gsa_kernels.demo.metrics import bootstrap_fd
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64) + 0.3
+    boot = bootstrap_fd({"a": a, "same": a.clone(), "b": a + 0.01}, ref, 40, seed=1)
+    assert torch.equal(boot["a"], boot["same"])  # one index draw per resample, used for every set
+    # paired: a tiny shift of every sample moves each resample's FD alike, so the difference's
+    # spread is far below that of the FD itself
+    assert (boot["b"] - boot["a"]).std() < 0.1 * boot["a"].std()
+    # the spread of FD over resamples is close to that over fresh sample sets of the same size
+    fresh = torch.tensor([frechet_distance(torch.randn(200, 6, generator=g, dtype=torch.float64) + 0.3, ref)
+                          for _ in range(40)])
+    assert 0.4 < boot["a"].std() / fresh.std() < 2.5
+    assert demo.with_noise(1.6, 2.0) == "+1.6±2.0%~" and demo.with_noise(-5.0, 1.0) == "-5.0±1.0% "

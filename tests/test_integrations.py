@@ -190,7 +190,7 @@ def test_diffusers_matches_library_sampler(gauss, name, ours):
 
 
 def test_diffusers_errors(gauss):
-    s = diffusers.DDIMScheduler(**VP)
+    s = diffusers.LMSDiscreteScheduler(**VP)  # DDIM / DDPM are supported (tests/test_diffusers_pipeline.py)
     s.set_timesteps(10)
     with pytest.raises(TypeError, match="unsupported scheduler"):
         gd.teleport_latents(s, gauss, torch.randn(2, 16), skip_fraction=0.2)

@@ -69,6 +69,14 @@ uint64_t hash_chunk(const unsigned char* p, int64_t n, uint64_t seed) {
 int64_t content_hash(const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "gsa_kernels::content_hash: expected a CPU tensor, got ",
                     t.device());
+  // a tensor whose storage was freed or shrunk (untyped_storage().resize_(0), the FSDP idiom)
+  // keeps its sizes; t.contiguous() would return it and the loop below read freed memory
+  const int64_t needed = t.numel() == 0 ? 0 : (t.storage_offset() + t.numel()) * t.element_size();
+  TORCH_CHECK_VALUE(t.numel() == 0 || (t.has_storage() && t.storage().data() != nullptr &&
+                                        static_cast<int64_t>(t.storage().nbytes()) >= needed),
+                    "gsa_kernels::content_hash: the tensor's storage holds ",
+                    t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0, " bytes but its ", t.numel(),
+                    " elements need ", needed, " (freed or resized, e.g. untyped_storage().resize_(0))");
   const at::Tensor c = t.contiguous();
   const auto* p = static_cast<const unsigned char*>(c.data_ptr());
   const int64_t nbytes = c.numel() * c.element_size();

@@ -28,7 +28,7 @@ import gsa_kernels as gk
 from .classifier import load_classifier
 from .cli import CONDITIONAL_RUNS, DEFAULT_RUNS, QUICK_CONDITIONAL_RUNS, QUICK_RUNS, demo_parser, run_spec
 from .data import mnist_split
-from .metrics import classifier_features, frechet_distance
+from .metrics import bootstrap_fd, classifier_features, frechet_distance
 from .net import load_denoiser
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
@@ -39,13 +39,17 @@ VARIANTS = ("full", "teleport", "fewer steps", "truncated")
 def parse_args(argv):
     p = demo_parser()
     args = p.parse_args(argv)
-    if args.quick:
-        args.num_samples, args.batch_size = (40, 40) if args.conditional else (48, 48)
-        args.runs = [run_spec(r) for r in (QUICK_CONDITIONAL_RUNS if args.conditional else QUICK_RUNS)]
-    elif args.runs is None:
-        args.runs = [run_spec(r) for r in (CONDITIONAL_RUNS if args.conditional else DEFAULT_RUNS)]
-    if args.num_samples < 2:
-        p.error("--num-samples must be >= 2")
+    # --quick fills only what was not given (issue 25: it used to override --num-samples)
+    if args.num_samples is None:
+        args.num_samples = (40 if args.conditional else 48) if args.quick else 500
+    if args.batch_size is None:
+        args.batch_size = min(args.num_samples, 500)
+    if args.bootstrap is None:
+        args.bootstrap = 20 if args.quick else 100
+    if args.runs is None:
+        runs = (QUICK_CONDITIONAL_RUNS if args.conditional else QUICK_RUNS) if args.quick else (
+            CONDITIONAL_RUNS if args.conditional else DEFAULT_RUNS)
+        args.runs = [run_spec(r) for r in runs]
     if args.conditional and args.num_samples < 20:
         p.error("--num-samples must be >= 20 with --conditional (2 per class for the per-class Frechet distances)")
     return args
@@ -226,10 +230,36 @@ COLUMNS = {  # CSV column -> what it is (demo_table_columns.txt)
     "nfe": "network evaluations per sample: the cost (lower is cheaper)",
     "fd_features": "Frechet distance to the held-out digits in the classifier's 128-d feature space (lower is better)",
     "fd_pixels": "Frechet distance to the held-out digits in pixel space, 784-d (lower is better)",
+    "fd_features_vs_full_sd": "standard deviation of fd_features_vs_full_pct over a paired bootstrap of the generated "
+                              "samples (same resampled indices for every setting; held-out digits fixed)",
+    "fd_pixels_vs_full_sd": "the same for fd_pixels_vs_full_pct",
     "fd_features_vs_full_pct": "change of fd_features against the full run of the same sampler and steps, % "
                                "(negative = better than the full run; lower is better)",
     "fd_pixels_vs_full_pct": "the same for fd_pixels",
 }
+
+
+def add_uncertainties(rows, heldout_feat, heldout, resamples, seed):
+    """r[key + "_vs_full_sd"]: the standard deviation of each dFD over a paired bootstrap of the
+    generated samples (metrics.bootstrap_fd; the held-out digits fixed)."""
+    sampled = [r for r in rows if r["variant"] in VARIANTS]
+    if resamples < 2 or not sampled:
+        return
+    for key, what, ref in (("fd_features", "features", heldout_feat), ("fd_pixels", "samples", heldout)):
+        boot = bootstrap_fd({r["name"]: r[what] for r in sampled}, ref, resamples, seed)
+        for r in sampled:
+            full = next(f for f in sampled if f["run"] == r["run"] and f["variant"] == "full")
+            if r is not full:
+                r[f"{key}_vs_full_sd"] = (100 * (boot[r["name"]] / boot[full["name"]] - 1)).std().item()
+
+
+def with_noise(value, sd):
+    """'+1.6±2.0%~': a dFD, its bootstrap sd, and '~' when |dFD| < 2 sd (within the noise)."""
+    if value == "":
+        return ""
+    if sd == "":
+        return f"{value:+.1f}%"
+    return f"{value:+.1f}±{sd:.1f}%" + ("~" if abs(value) < 2 * sd else " ")
 
 
 def format_table(rows, num_samples, num_heldout):
@@ -239,15 +269,16 @@ def format_table(rows, num_samples, num_heldout):
         "  FD feat / FD pix: FD in the classifier's 128-d feature space (like FID) / in pixel space (784-d)",
         "  dFD: change of FD against the full schedule of the same sampler (first row of each run), in %; "
         "negative = better",
+        "  ±: standard deviation of dFD over a paired bootstrap of the generated samples (the same resampled indices "
+        "for every setting; held-out digits fixed); ~: within noise (|dFD| < 2 sd)",
         "  NFE: network evaluations per sample (the cost); skip: steps not run by the network; "
         "sigma0: where the network starts (80 = pure noise)",
         "  teleport: skipped steps replaced by the closed-form Gaussian jump; fewer steps: the same range in fewer "
         "steps; truncated: cut off, plain noise at sigma0",
     ]
-    head = (f"{'run':24s} {'setting':12s} {'skip':>6s} {'NFE':>4s} {'sigma0':>7s} {'FD feat':>8s} {'dFD feat':>9s} "
-            f"{'FD pix':>8s} {'dFD pix':>8s}")
+    head = (f"{'run':24s} {'setting':12s} {'skip':>6s} {'NFE':>4s} {'sigma0':>7s} {'FD feat':>8s} {'dFD feat':>14s} "
+            f"{'FD pix':>8s} {'dFD pix':>14s}")
     lines += [head, "-" * len(head)]
-    pct = lambda v: "" if v == "" else f"{v:+.1f}%"
     previous = None
     for r in rows:
         run = r["run"] if r["run"] != previous else ""
@@ -256,7 +287,8 @@ def format_table(rows, num_samples, num_heldout):
         nfe = f"{r['nfe']:4d}" if r["variant"] in VARIANTS else "   -"
         sigma0 = f"{r['sigma_start']:7.3g}" if r["variant"] in VARIANTS else "      -"
         lines.append(f"{run:24s} {r['variant']:12s} {skip:>6s} {nfe} {sigma0} {r['fd_features']:8.2f} "
-                     f"{pct(r['fd_features_vs_full_pct']):>9s} {r['fd_pixels']:8.1f} {pct(r['fd_pixels_vs_full_pct']):>8s}")
+                     f"{with_noise(r['fd_features_vs_full_pct'], r['fd_features_vs_full_sd']):>14s} {r['fd_pixels']:8.1f} "
+                     f"{with_noise(r['fd_pixels_vs_full_pct'], r['fd_pixels_vs_full_sd']):>14s}")
     return "\n".join(lines)
 
 
@@ -268,16 +300,21 @@ def summarise(rows):
             continue
         same = {b["variant"]: b for b in rows if (b["run"], b["skipped_steps"]) == (r["run"], r["skipped_steps"])}
         full = next(b for b in rows if b["run"] == r["run"] and b["variant"] == "full")
-        others = ", ".join(f"{v} {same[v]['fd_features_vs_full_pct']:+.1f}%" for v in ("fewer steps", "truncated")
-                           if v in same)
+        d = lambda b: with_noise(b["fd_features_vs_full_pct"], b["fd_features_vs_full_sd"]).strip()
+        others = ", ".join(f"{v} {d(same[v])}" for v in ("fewer steps", "truncated") if v in same)
         lines.append(f"{r['run']}: teleporting {r['skipped_steps']} step{'s' * (r['skipped_steps'] > 1)} saves {full['nfe'] - r['nfe']} of "
-                     f"{full['nfe']} NFE and changes feature FD by {r['fd_features_vs_full_pct']:+.1f}%"
+                     f"{full['nfe']} NFE and changes feature FD by {d(r)}"
                      + (f" (at the same NFE without the jump: {others})" if others else ""))
+    if lines:
+        lines.append("(~: within the noise of this many samples, |dFD| < 2 bootstrap sd)")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.quick:
+        print(f"SMOKE TEST (--quick): {args.num_samples} samples per setting, a few steps: the Frechet distances below "
+              "check that everything runs, they are not a result (run without --quick)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.conditional:
@@ -309,16 +346,20 @@ def main(argv=None):
 
     heldout_feat = classifier_features(clf, heldout)
     for r in results:
-        r["fd_features"] = frechet_distance(classifier_features(clf, r["samples"]), heldout_feat)
+        r["features"] = classifier_features(clf, r["samples"])
+        r["fd_features"] = frechet_distance(r["features"], heldout_feat)
         r["fd_pixels"] = frechet_distance(r["samples"], heldout)
     for r in results:
         full = next((f for f in results if f["run"] == r["run"] and f["variant"] == "full"), None)
         for key in ("fd_features", "fd_pixels"):
             r[f"{key}_vs_full_pct"] = 100 * (r[key] / full[key] - 1) if full and r is not full else ""
+            r[f"{key}_vs_full_sd"] = ""
         nfe = f"NFE {r['nfe']}, " if r["variant"] != "reference" else ""
         save_grid(r["samples"], args.out_dir / f"samples_{r['name']}.png",
                   f"{setting_title(r)}\n{nfe}FD features {r['fd_features']:.2f}, FD pixels {r['fd_pixels']:.1f} "
                   "(lower is better)")
+
+    add_uncertainties(results, heldout_feat, heldout, args.bootstrap, args.seed)
 
     with open(args.out_dir / "demo_table.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(COLUMNS), extrasaction="ignore")

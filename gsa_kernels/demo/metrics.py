@@ -38,3 +38,24 @@ def frechet_distance(a, b) -> float:
 def classifier_features(classifier, x, batch_size=500):
     """Penultimate-layer features [N, 128] of images x [N, 1, 28, 28] (or [N, 784])."""
     return torch.cat([classifier.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def bootstrap_fd(sets, reference, resamples, seed=0):
+    """Frechet distances of resampled sets to a fixed reference: {name: [resamples] float64}.
+    sets: {name: [N, D]}, all with the same N; every resample draws ONE index set (with
+    replacement) used for every set: paired, as the demo's settings share their initial noise
+    (row i of every setting comes from noise i), so the spread of a difference between settings
+    is that of the difference, not of two independent FDs. The reference (held-out digits) is
+    not resampled: the uncertainty is that of the generated samples only."""
+    mu_r, cov_r = _mean_cov(reference)
+    root_r = _sqrt_psd(cov_r)  # eig(R S R) with R = S_r^(1/2): the same cross term as the formula above
+    n = next(iter(sets.values())).shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    out = {name: torch.empty(resamples, dtype=torch.float64) for name in sets}
+    for b in range(resamples):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        for name, x in sets.items():
+            mu, cov = _mean_cov(x[idx])
+            cross = torch.linalg.eigvalsh(root_r @ cov @ root_r).clamp_min(0).sqrt().sum()
+            out[name][b] = ((mu - mu_r).pow(2).sum() + cov.trace() + cov_r.trace() - 2 * cross).item()
+    return out

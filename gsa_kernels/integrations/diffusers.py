@@ -7,6 +7,8 @@ Supported schedulers and the state their `sample` holds at noise level s = sched
     UniPCMultistepScheduler                      (x0 + s eps) / sqrt(1 + s^2)      (VP; sigma s)
     FlowMatchEulerDiscreteScheduler (and the two
     above with use_flow_sigmas=True)             (1 - s) x0 + s eps                (rectified flow, t = s)
+    DDIMScheduler, DDPMScheduler                 sqrt(abar) x0 + sqrt(1 - abar) eps, abar = alphas_cumprod[t]
+                                                 (VP; sigma sqrt((1 - abar) / abar); these have no sigmas)
 
 Usage (after `scheduler.set_timesteps(...)`, instead of `latents = noise * init_noise_sigma`):
 
@@ -22,6 +24,7 @@ class's Gaussian; then `unet(..., t, class_labels=y)` as usual.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +32,8 @@ from typing import Optional
 import diffusers  # noqa: F401  (fail early with ImportError when the extra is missing)
 import torch
 from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -36,13 +41,17 @@ from diffusers import (
 )
 
 from .. import schedules
+from ..fit_cli import check_shape
+from ..models import GaussianMixture, GaussianModel
 from ..sampling import _teleport_model
 
-__all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel"]
+__all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel", "enable_teleport",
+           "disable_teleport"]
 
 _VE = (EulerDiscreteScheduler,)
 _VP = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
 _FLOW = (FlowMatchEulerDiscreteScheduler,)
+_ALPHAS = (DDIMScheduler, DDPMScheduler)  # indexed by integer timestep into alphas_cumprod
 
 
 def _convention(scheduler) -> str:
@@ -52,8 +61,16 @@ def _convention(scheduler) -> str:
         return "ve"
     if isinstance(scheduler, _VP):
         return "vp"
+    if isinstance(scheduler, _ALPHAS):
+        return "alphas"
     raise TypeError(f"unsupported scheduler {type(scheduler).__name__}: supported are "
-                    + ", ".join(c.__name__ for c in _VE + _VP + _FLOW))
+                    + ", ".join(c.__name__ for c in _VE + _VP + _FLOW + _ALPHAS))
+
+
+def _alphas_level(scheduler, timestep):
+    """(scale, sigma) of DDIM / DDPM at integer timestep(s): sqrt(abar), sqrt((1 - abar) / abar)."""
+    abar = scheduler.alphas_cumprod.double().cpu()[torch.as_tensor(timestep).long().cpu()]
+    return abar.sqrt(), ((1 - abar) / abar).sqrt()
 
 
 def _check_ready(scheduler):
@@ -67,6 +84,9 @@ def noise_level(scheduler, index: int):
     a flow-matching schedule."""
     kind = _convention(scheduler)
     _check_ready(scheduler)
+    if kind == "alphas":
+        scale, sigma = _alphas_level(scheduler, scheduler.timesteps[index])
+        return scale.item(), sigma.item()
     s = float(scheduler.sigmas[index])
     if kind == "ve":
         return 1.0, s
@@ -109,7 +129,8 @@ def teleport_latents(scheduler, gaussian, noise: torch.Tensor, *, skip_fraction:
         latents = noise.clone()
     else:
         latents = _teleport_model(noise, math.inf, sigma, None, gaussian, labels, 1.0, scale)
-    scheduler.set_begin_index(begin_index)
+    if hasattr(scheduler, "set_begin_index"):  # DDIM / DDPM step from the timestep itself
+        scheduler.set_begin_index(begin_index)
     return TeleportedLatents(latents, scheduler.timesteps[begin_index:], begin_index, sigma)
 
 
@@ -138,8 +159,14 @@ class DenoiserAsDiffusersModel:
         if class_labels is not None:
             kwargs["labels"] = class_labels
         B = model_input.shape[0]
-        s = self._sigmas(timestep, B)
-        if self.kind == "flow":
+        if self.kind == "alphas":
+            t = torch.as_tensor(timestep).reshape(-1).expand(B)
+            scale, sigma = _alphas_level(self.scheduler, t)
+        else:
+            s = self._sigmas(timestep, B)
+        if self.kind == "alphas":
+            pass
+        elif self.kind == "flow":
             # t = 1 is the pure-noise end (sigma = inf); evaluate just below it
             t = s.clamp(max=1 - 1e-7)
             sigma, scale = t / (1 - t), 1 - t
@@ -163,3 +190,183 @@ class DenoiserAsDiffusersModel:
         else:
             raise ValueError(f"unsupported prediction_type {pred!r}")
         return out.to(model_input.dtype)
+
+
+# ----------------------------------------------------------------------------- the pipeline switch
+
+
+class _Teleport:
+    """What enable_teleport attached to a pipeline: the model, the skip, the wrapped scheduler,
+    the hooks; per call, the begin index (set by set_timesteps) and whether the jump is pending."""
+
+    def __init__(self, pipe, model, skip_fraction, labels):
+        self.model, self.skip_fraction, self.labels = model, skip_fraction, labels
+        self.data_meta = {}  # fit_cli.load_stats's metadata: the shape the statistics were fitted on
+        self.real = pipe.scheduler
+        self.proxy = _TeleportingScheduler(self.real, self)
+        self.begin, self.pending, self.noise_scale = None, False, 1.0
+        self.hooks, self.wrapped_prepare = [], False
+
+    def arm(self):
+        """After the pipeline's set_timesteps: pick the begin index, arm the jump."""
+        n = len(self.real.timesteps)
+        self.begin = schedules.skip_index(n, self.skip_fraction)
+        self.pending = True
+        if hasattr(self.real, "set_begin_index"):
+            self.real.set_begin_index(self.begin)
+
+    def jumped(self, start: torch.Tensor) -> torch.Tensor:
+        """The pipeline's starting latents (unit noise times the init_noise_sigma it read) jumped
+        to timesteps[begin], in the scheduler's scale, in start's dtype."""
+        self.pending = False
+        check_shape(self.data_meta, start.shape[1:], "enable_teleport")
+        cd = torch.float64 if start.dtype == torch.float64 else torch.float32
+        noise = start.to(cd) if self.noise_scale == 1.0 else start.to(cd) / self.noise_scale
+        if self.model.device != start.device:  # pipe.to("cuda") after enable_teleport: follow the latents
+            self.model = self.model.to(start.device)
+        labels = self.labels.to(start.device) if isinstance(self.labels, torch.Tensor) else self.labels
+        out = teleport_latents(self.real, self.model, noise, begin_index=self.begin, labels=labels)
+        return out.latents.to(start.dtype)
+
+    def jump_in_place(self, sample):
+        # DDIM / DDPM / LDM pipelines keep their starting tensor in a local variable and hand that
+        # very tensor to scale_model_input or the network first: it is overwritten where it lies
+        if self.pending and isinstance(sample, torch.Tensor):
+            sample.copy_(self.jumped(sample))
+
+
+class _TeleportingScheduler:
+    """pipe.scheduler while teleport is on: the pipeline's own scheduler (its methods run on it,
+    with every timestep), except that set_timesteps also sets the begin index, `timesteps` lists
+    only the timesteps still to run (what the pipeline's loop iterates), init_noise_sigma is
+    remembered as read, and the first scale_model_input does the jump."""
+
+    def __init__(self, real, state):
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "_state", state)
+
+    @property
+    def __class__(self):  # isinstance(pipe.scheduler, DDIMScheduler) still holds
+        return type(self._real)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._real, name, value)
+
+    @property
+    def timesteps(self):
+        ts = self._real.timesteps
+        return ts if self._state.begin is None else ts[self._state.begin:]
+
+    @property
+    def init_noise_sigma(self):
+        value = self._real.init_noise_sigma
+        self._state.noise_scale = float(value)
+        return value
+
+    def set_timesteps(self, *args, **kwargs):
+        out = self._real.set_timesteps(*args, **kwargs)
+        self._state.arm()
+        return out
+
+    def scale_model_input(self, sample, *args, **kwargs):
+        self._state.jump_in_place(sample)
+        return self._real.scale_model_input(sample, *args, **kwargs)
+
+    def __repr__(self):
+        return f"teleporting({self._real!r})"
+
+
+_NETWORKS = ("unet", "transformer")
+
+
+def _rescaled(model, scale, shift):
+    """The model of (x - shift) * scale for a model of x (GaussianModel or GaussianMixture)."""
+    c2 = scale * scale
+    if isinstance(model, GaussianModel):
+        return GaussianModel((model.mean - shift) * scale, model.basis, model.eigvals * c2, model.residual_var * c2)
+    return GaussianMixture((model.means - shift) * scale, model.bases, model.eigvals * c2,
+                           model.residual_var * c2, model.log_weights)
+
+
+def enable_teleport(pipe, model, skip_fraction: float = 0.2, labels: Optional[torch.Tensor] = None, *,
+                    fitted_on: str = "latents"):
+    """Switch a diffusers pipeline to analytical teleportation: from now on the pipeline's own
+    __call__ draws its starting noise as usual (generator= / latents= as given), jumps it along
+    the closed-form PF-ODE of `model` (GaussianModel, or GaussianMixture: its moment-matched
+    Gaussian, or with labels [B] one component per class) over the first `skip_fraction` of its
+    timesteps, and runs the network only for the remaining ones. Undo with disable_teleport(pipe).
+
+    Works for pipelines that draw their latents with `prepare_latents` (the Stable-Diffusion
+    family) and for those whose loop hands the drawn tensor itself to scheduler.scale_model_input
+    or to pipe.unet / pipe.transformer (DDIMPipeline, DDPMPipeline, LDMPipeline); schedulers: the
+    ones teleport_latents supports (module docstring). Set the pipeline's scheduler before this
+    call. The starting noise is taken as what the pipeline drew times the init_noise_sigma it
+    read. fitted_on: "latents" (the model describes the latents the pipeline's loop works on) or
+    "vae" (raw VAE encodings: scaled here as the pipeline scales them, (z - shift_factor) *
+    scaling_factor of pipe.vae or pipe.vqvae)."""
+    if not isinstance(model, (GaussianModel, GaussianMixture)):
+        raise TypeError(f"model must be a GaussianModel or a GaussianMixture, got {type(model).__name__}")
+    schedules.skip_index(2, skip_fraction)  # raises for a fraction outside [0, 1)
+    if not hasattr(pipe, "scheduler"):
+        raise TypeError(f"{type(pipe).__name__} has no scheduler: not a diffusers pipeline")
+    original_model = model
+    if fitted_on not in ("latents", "vae"):
+        raise ValueError(f"fitted_on must be 'latents' or 'vae', got {fitted_on!r}")
+    if fitted_on == "vae":
+        vae = getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)
+        if vae is None:
+            raise ValueError(f"fitted_on='vae' but {type(pipe).__name__} has no vae / vqvae")
+        model = _rescaled(model, float(getattr(vae.config, "scaling_factor", None) or 1.0),
+                          float(getattr(vae.config, "shift_factor", None) or 0.0))
+    if getattr(pipe, "_gk_teleport", None) is not None:
+        disable_teleport(pipe)
+    _convention(pipe.scheduler)  # TypeError naming the supported schedulers
+    state = _Teleport(pipe, model, skip_fraction, labels)
+    state.data_meta = getattr(original_model, "data_meta", None) or {}
+    if callable(getattr(pipe, "prepare_latents", None)):
+        original = pipe.prepare_latents
+        params = inspect.signature(original).parameters
+        if "image" in params or "timestep" in params:
+            raise TypeError(f"{type(pipe).__name__} starts from an image (img2img / inpainting: prepare_latents takes "
+                            "image / timestep); teleport replaces the pure-noise start of text- or class-to-image "
+                            "pipelines only")
+
+        def prepare_latents(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if state.pending and isinstance(out, torch.Tensor):
+                return state.jumped(out)  # a new tensor: user latents= are never written to
+            return out
+
+        object.__setattr__(pipe, "prepare_latents", prepare_latents)
+        state.wrapped_prepare = True
+    networks = [getattr(pipe, n) for n in _NETWORKS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    if not networks and not state.wrapped_prepare:
+        raise TypeError(f"{type(pipe).__name__} has neither prepare_latents nor a unet / transformer to hook")
+
+    def before_network(module, args, kwargs):
+        state.jump_in_place(args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")))
+
+    state.hooks = [net.register_forward_pre_hook(before_network, with_kwargs=True) for net in networks]
+    object.__setattr__(pipe, "scheduler", state.proxy)  # past DiffusionPipeline's config update
+    object.__setattr__(pipe, "_gk_teleport", state)
+    return pipe
+
+
+def disable_teleport(pipe):
+    """Undo enable_teleport: the pipeline's own scheduler back, hooks removed. No-op if off."""
+    state = getattr(pipe, "_gk_teleport", None)
+    if state is None:
+        return pipe
+    for h in state.hooks:
+        h.remove()
+    if state.wrapped_prepare:
+        pipe.__dict__.pop("prepare_latents", None)
+    if pipe.__dict__.get("scheduler") is state.proxy:
+        object.__setattr__(pipe, "scheduler", state.real)
+    if hasattr(state.real, "_begin_index"):
+        state.real._begin_index = None
+    object.__setattr__(pipe, "_gk_teleport", None)
+    return pipe

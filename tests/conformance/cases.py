@@ -17,6 +17,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
+  split     (mixture_posterior) the components cut into extra["split"] parts, merged as the
+            file-backed, sharded and distributed paths merge them: ties across parts, 16-bit x
   labels    (gaussian_map_labeled / gaussian_trajectory_labeled) K Gaussians, row b under
             component labels[b]: every label present, rows sorted by label, labels missing, all
             rows one label; across the labelled row tiles (triton 16 rows interpreted / 64 on GPU,
@@ -281,6 +283,8 @@ def _delta_tie(case, gen):
     points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
     i = torch.arange(case.B) % K
     j = (i + 1 + torch.arange(case.B) // K) % K
+    if case.extra.get("split"):  # partners in different parts of the split (K // 2 apart)
+        j = (i + K // 2) % K
     noise = torch.where(torch.arange(case.B) < 4, 1e-3, 1e-6).to(F64)[:, None]
     x0 = (points[i] + points[j]) / 2 + noise * torch.randn(case.B, D, dtype=F64, generator=gen)
     zeros = torch.zeros(K, dtype=F64)
@@ -408,6 +412,23 @@ def mixture_posterior_cases():
     for sigma in (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 80.0):
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
+    # split: the components cut into parts (blocks of a points file, shards, ranks), each part one
+    # kernel launch, the parts' states merged (gsa_kernels/partial.py split_posterior, the code of
+    # those paths): near ties whose two points lie in different parts, at the EDM's smallest sigma
+    # and D 784 (logits ~1e7: a float32 logp per part is off by ~0.4), and 16-bit x at sigma 0.01
+    for sigma in (0.002, 0.01):
+        cases.append(Case("split", f"delta_D784_{_sigma_name(sigma)}_parts2", 8, 784, 0, K=8, sigma=sigma,
+                          extra={"build": "delta_tie", "split": 2}))
+    cases.append(Case("split", "delta_D784_s0.002_parts3_f64", 8, 784, 0, K=9, sigma=0.002, dtype=torch.float64,
+                      extra={"build": "delta_tie", "split": 3}))
+    for sigma in (0.002, 0.01):
+        cases.append(Case("split", f"lowrank_D64_{_sigma_name(sigma)}_parts2", 4, 64, 1, K=2, sigma=sigma,
+                          extra={"build": "lowrank_tie", "split": 2}))
+    for dtype in (torch.float16, torch.bfloat16):
+        cases.append(Case("split", f"{_shape_name(9, 33, 0, K=19)}_s0.01_parts3_{_DT[dtype]}", 9, 33, 0, K=19,
+                          residual_var=0.0, sigma=0.01, dtype=dtype, extra={"split": 3}))
+        cases.append(Case("split", f"{_shape_name(9, 33, 5, K=5)}_s0.01_parts2_{_DT[dtype]}", 9, 33, 5, K=5, sigma=0.01,
+                          dtype=dtype, extra={"split": 2}))
     # D = 140: one 128-d back-projection tile of the cuda kernel and a short one; K = 70: several
     # component tiles (triton 16, cuda 32) and splits
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):

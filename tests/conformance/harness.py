@@ -51,10 +51,12 @@ def tol(dtype):
 
 
 def device_type():
-    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda and a GPU is visible (then triton and cuda run
-    on CUDA tensors, compiled); else "cpu" (triton through the interpreter, cuda through the
-    SIMT emulation)."""
-    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda" and torch.cuda.is_available():
+    """"cuda" when GSA_CONFORMANCE_DEVICE=cuda (then triton and cuda run on CUDA tensors,
+    compiled; an error if no GPU is visible); else "cpu" (triton through the interpreter, cuda
+    through the SIMT emulation)."""
+    if os.environ.get("GSA_CONFORMANCE_DEVICE") == "cuda":
+        if not torch.cuda.is_available():  # asked for the GPU: the CPU stand-ins must not pass for it
+            raise RuntimeError("GSA_CONFORMANCE_DEVICE=cuda but torch sees no CUDA device")
         return "cuda"
     return "cpu"
 
@@ -70,6 +72,16 @@ def interpreting():
 def kernel(backend, op):
     """The backend's kernel of `op` through the one dispatch point (_backends.resolve)."""
     return _backends.resolve(backend, torch.device(device_type()), op)
+
+
+def split_kernel(kernel, K, parts):
+    """The mixture_posterior kernel run the way the scale-out paths run it (blocks of a points
+    file, shards, ranks): the K components cut into `parts` near-equal parts, one launch each,
+    merged by gsa_kernels.partial.split_posterior."""
+    from gsa_kernels import partial
+
+    bounds = [i * (K // parts) + min(i, K % parts) for i in range(parts + 1)]
+    return lambda *args: partial.split_posterior(kernel, *args, bounds)
 
 
 def cast(args, dtype):

@@ -53,6 +53,8 @@ def test_gaussian_trajectory(backend, case):
 def test_mixture_posterior(backend, case):
     args, args64 = _inputs("mixture_posterior", case)
     run = harness.kernel(backend, "mixture_posterior")
+    if case.extra.get("split"):  # the scale-out paths' merge of per-part launches
+        run = harness.split_kernel(run, case.K, case.extra["split"])
     # the two paths the public ops take: denoised (mixture_denoise / score) and weights
     den, logp1, w_empty = run(*args, True, False)
     den_empty, logp2, weights = run(*args, False, True)

@@ -182,6 +182,9 @@ LAZY_IMPORTS = {
     ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._autograd", "gsa_kernels.reference"),
     ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._backends"),
     ("gsa_kernels.__main__", "gsa_kernels._extension"), ("gsa_kernels.__main__", "gsa_kernels.demo.cli"),
+    # `fit --help` parses before torch: the fit command loads the API when it runs
+    ("gsa_kernels.__main__", "gsa_kernels.fit_cli"), ("gsa_kernels.fit_cli", "gsa_kernels"),
+    ("gsa_kernels.fit_cli", "gsa_kernels.models"),
     # importing triton is slow and optional; its kernel modules read TRITON_INTERPRET at import
     ("gsa_kernels._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
 }
