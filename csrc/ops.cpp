@@ -84,7 +84,10 @@ TORCH_LIBRARY(gsa_kernels, m) {
   // Local score machines (gsa_kernels/_contract.py gives the math): x [B, C, H, W], images
   // [N, C, H, W] and sigma [B] in the compute dtype; patch_size odd >= 1; mode gsa LocalMode
   // (0 ls, 1 els, 2 bbels), padding (0 zeros, 1 circular), kind 0 denoise / 1 score.
-  // -> [B, C, H, W] in x's dtype. CPU: cpu/local_score.cpp.
+  // -> [B, C, H, W] in x's dtype. CPU: cpu/local_score.cpp; CUDA (and its emulation,
+  // cuda_emu_local_posterior): cuda/local_kernels.cuh.
   m.def("local_posterior(Tensor x, Tensor images, Tensor sigma, int patch_size, int mode, int padding, "
+        "int kind) -> Tensor");
+  m.def("cuda_emu_local_posterior(Tensor x, Tensor images, Tensor sigma, int patch_size, int mode, int padding, "
         "int kind) -> Tensor");
 }

@@ -189,11 +189,10 @@ REGISTRY = {op.name: op for op in (
     Op("local_posterior",
        "(Tensor x, Tensor images, Tensor sigma, int patch_size, int mode, int padding, int kind) -> Tensor",
        grads=("x",), fake=fake_local_posterior, autograd=_autograd.local_posterior_rule, math="1.6",
-       kernels={"cpu": "csrc/cpu/local_score.cpp"}, conformance="tests/conformance/test_conformance.py"),
+       kernels={"cpu": "csrc/cpu/local_score.cpp", "cuda": "csrc/cuda/local_kernels.cuh",
+                "triton": "gsa_kernels/triton/local.py"},
+       conformance="tests/conformance/test_conformance.py"),
 )}
-# ops whose kernels some namespaces do not define yet (issue 27: the Triton and CUDA local kernels
-# come on their own branch): register() skips them where they are absent
-PENDING = {"local_posterior"}
 
 OPS = tuple(REGISTRY)
 # derived views, for the callers that need only one field
@@ -233,8 +232,6 @@ def register(namespace: str, prefix: str = "", *, fakes: bool = True, layouts: b
         torch.library.register_fake(f"{namespace}::mixture_posterior_backward")(_autograd.fused_backward_fake)
     for op in REGISTRY.values():
         qualname = f"{namespace}::{prefix}{op.name}"
-        if op.name in PENDING and not hasattr(ops, prefix + op.name):
-            continue
         if fakes:
             torch.library.register_fake(qualname)(op.fake)
         backward, setup_context = op.autograd(lookup, qualname, op.no_grad, fused_mixture_backward)

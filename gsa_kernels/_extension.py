@@ -49,7 +49,9 @@ except Exception as e:  # ImportError, or an undefined symbol from a torch versi
                       RuntimeWarning, stacklevel=2)
 
 if loaded:  # a stale build (older than the contract) would fail below: the backends say why instead
-    missing = [op for op in _contract.OPS if not torch._C._dispatch_has_kernel(f"gsa_kernels::{op}")]
+    # the emulated cuda_emu_* ops are always built too: a build that lacks one is just as stale
+    missing = [prefix + op for op in _contract.OPS for prefix in ("", "cuda_emu_")
+               if not torch._C._dispatch_has_kernel(f"gsa_kernels::{prefix}{op}")]
     if missing:
         loaded = False
         error = (f"the compiled extension is older than the sources (no gsa_kernels::{missing[0]}): rebuild it "

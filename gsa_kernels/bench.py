@@ -721,6 +721,11 @@ def main(argv=None):
         p.error(f"backend {args.backend!r} is not available here: {gk.available_backends()}")
     rows, all_peaks = [], []
     names = [n for w in args.workloads.split(",") if w for n in GROUPS.get(w, (w,))]
+    # a name no builder knows is a usage error now, not a traceback after the other workloads ran
+    unknown = [n for n in names if n not in WORKLOADS and not n.startswith(("E2-", "MN-", "F-", "M1-s", "L-"))]
+    if unknown:
+        p.error(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS + tuple(GROUPS))} or their "
+                "E2-/MN-/F-/M1-s/L- names")
     local = [n for n in names if n.startswith("L-")]
     if local:  # the local score machines' block (below): their own table
         local_main(local, args.repeats)

@@ -20,23 +20,13 @@ import argparse
 import json
 import os
 
+from .demo.cli import at_least  # the one int >= lo argparse type of the commands
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 META_PREFIX = "data_"
 
 
-def _int_at_least(lo):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-    return parse
-
-
-_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+_positive_int, _nonneg_int = at_least(1), at_least(0)
 
 
 def parser():

@@ -40,6 +40,14 @@ def test_unknown_command_is_a_usage_error_naming_the_commands():
     assert res.returncode == 2 and "invalid choice: 'bogus'" in res.stderr and "train-demo-model" in res.stderr
 
 
+def test_bench_unknown_workload_is_a_usage_error():
+    from gsa_kernels import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--workloads", "G1,G9", "--impls", "cpu"])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("parser", [cli.demo_parser, cli.explain_parser, cli.train_parser, cli.bench_parser])
 def test_every_option_has_help_and_shows_its_default(parser):
     p = parser()

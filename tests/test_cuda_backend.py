@@ -137,6 +137,26 @@ def test_bad_arguments_raise_clear_errors():
 
 
 @requires_emulation
+def test_local_bad_arguments_raise_clear_errors():
+    op = torch.ops.gsa_kernels.cuda_emu_local_posterior
+    x, images, s = torch.rand(2, 1, 4, 5), torch.rand(3, 1, 4, 5), torch.ones(2)
+    for bad, match in (((x, images, s, 4, 0, 0, 0), "patch_size"), ((x, images, s, 3, 3, 0, 0), "mode"),
+                       ((x, images, s, 3, 2, 1, 0), "bbels"), ((x, images, s, 3, 0, 2, 0), "padding"),
+                       ((x, images, s, 3, 0, 0, 2), "kind"), ((x, images[:, :, :3], s, 3, 0, 0, 0), "images"),
+                       ((x, images, s[:1], 3, 0, 0, 0), "sigma"), ((x[0], images, s, 3, 0, 0, 0), "x must be")):
+        with pytest.raises(ValueError, match=match):
+            op(*bad)
+    with pytest.raises(TypeError, match="images must be"):
+        op(x, images.double(), s, 3, 0, 0, 0)
+    # zeros padding: a window past 2 max(H, W) - 1 only adds zeros (runs as that size); circular
+    # padding wraps it for real, so its work is bounded by a clear error
+    for mode in (0, 1, 2):
+        assert torch.equal(op(x, images, s, 2**40 + 1, mode, 0, 0), op(x, images, s, 9, mode, 0, 0))
+    with pytest.raises(ValueError, match="patch_size .* too large"):
+        op(x, images, s, 2**16 + 1, 1, 1, 0)
+
+
+@requires_emulation
 def test_opcheck_emulated_ops():
     mean, basis, eigvals, residual_var = _gaussian(33, 3, 0.1)
     x, s = torch.randn(4, 33), torch.rand(4) + 0.1
@@ -147,6 +167,10 @@ def test_opcheck_emulated_ops():
         mix = _mixture(5, 33, r)
         for need in ((True, True), (False, False)):
             torch.library.opcheck(torch.ops.gsa_kernels.cuda_emu_mixture_posterior.default, (x, *mix, s, *need))
+    images = torch.rand(3, 2, 4, 5)
+    for mode, padding in ((0, 1), (1, 0), (2, 0)):
+        torch.library.opcheck(torch.ops.gsa_kernels.cuda_emu_local_posterior.default,
+                              (torch.rand(2, 2, 4, 5), images, torch.full((2,), 0.5), 3, mode, padding, mode % 2))
 
 
 # ----------------------------------------------------------------------------------- emulation

@@ -93,3 +93,18 @@ def test_the_extension_against_a_real_second_torch():
     if other_version == torch.__version__:
         pytest.skip("that python has this same torch")
     assert f"but torch {other_version} is installed" in out.stderr or "does not load" in out.stderr
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="needs the compiled extension")
+def test_a_stale_build_without_an_emulated_op_is_reported_not_a_crash():
+    """A build older than the sources that lacks only a cuda_emu_* op (the emulation is always
+    built) used to fail the import in register_fake; it must load as 'older than the sources'."""
+    code = ("import torch\n"
+            "real = torch._C._dispatch_has_kernel\n"
+            "torch._C._dispatch_has_kernel = lambda name: not name.endswith('cuda_emu_local_posterior') and real(name)\n"
+            "import gsa_kernels as gk\n"
+            "from gsa_kernels import _extension\n"
+            "assert not _extension.loaded and 'cuda_emu_local_posterior' in _extension.error, _extension.error\n"
+            "assert 'cpu' not in gk.available_backends()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

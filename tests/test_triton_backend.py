@@ -174,6 +174,23 @@ def test_opcheck():
     opcheck(ops.gaussian_trajectory, (x, g.mean, g.basis, g.eigvals, 0.2, torch.rand(3, 5) + 0.1))
     for need in ((True, True), (False, False)):
         opcheck(ops.mixture_posterior, (x, m.means, m.bases, m.eigvals, m.residual_var, m.log_weights, s, *need))
+    images = torch.rand(3, 2, 4, 5)
+    for mode, padding in ((0, 1), (1, 0), (2, 0)):
+        opcheck(ops.local_posterior, (torch.rand(2, 2, 4, 5), images, torch.full((2,), 0.5), 3, mode, padding, mode % 2))
+
+
+@in_interpreter
+def test_local_patch_size_beyond_the_image():
+    """Zeros padding: a window past 2 max(H, W) - 1 only adds zeros (runs as that size); circular
+    padding wraps it for real, so its work is bounded by a clear error."""
+    from gsa_kernels.triton._library import ops
+
+    x, images, s = torch.rand(2, 1, 4, 5), torch.rand(3, 1, 4, 5), torch.ones(2)
+    for mode in (0, 2):
+        assert torch.equal(ops.local_posterior(x, images, s, 2**40 + 1, mode, 0, 1),
+                           ops.local_posterior(x, images, s, 9, mode, 0, 1))
+    with pytest.raises(ValueError, match="patch_size .* too large"):
+        ops.local_posterior(x, images, s, 2**16 + 1, 1, 1, 0)
 
 
 def test_triton_op_traces_with_fake_cuda_tensors():
@@ -261,3 +278,24 @@ def test_kernels_compile_for_ampere_and_hopper(arch):
         assert k.metadata.shared <= smem_limit
     types.update(weights_ptr=f32, denoised_ptr=f32, logp_ptr=f32)
     _gpu_compile(mixture._mixture_merge_kernel, types, dict(NEED_DENOISED=True, NEED_WEIGHTS=True, BLOCK_B=mixture.BLOCK_B, BLOCK_N=128), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_local_kernel_compiles_for_ampere_and_hopper(arch):
+    """The local score machines' kernel (gsa_kernels/triton/local.py) lowers to sm_80 / sm_90 for
+    every mode, padding and kind, and 16 / 32 / 64-bit x."""
+    if INTERPRET:
+        pytest.skip("compiles the GPU kernels: needs TRITON_INTERPRET unset")
+    pytest.importorskip("triton.backends.nvidia")
+    from gsa_kernels.triton import local
+
+    # one compile per mode (each a few seconds): 16 / 32 / 64-bit x, both paddings, both kinds
+    for x_t, c_t, mode, circular, score in (("*bf16", "*fp32", 0, True, False), ("*fp32", "*fp32", 1, False, True),
+                                            ("*fp64", "*fp64", 2, False, False)):
+        types = dict(x_ptr=x_t, img_ptr=c_t, sigma_ptr=c_t, out_ptr=x_t, N="i32", C="i32", H="i32", W="i32", P="i32",
+                     U_TILES="i32")
+        k = _gpu_compile(local._local_posterior_kernel, types, dict(
+            MODE=mode, CIRCULAR=circular, SCORE=score, BLOCK_U=local.BLOCK_U,
+            BLOCK_V=local.BLOCK_N if mode == 0 else local.BLOCK_V, BLOCK_K=local.BLOCK_K, C_PAD=4,
+            BLOCK_SCAN=local.BLOCK_SCAN, OUT_F64=x_t == "*fp64"), arch)
+        assert k.metadata.shared <= {80: 163 * 1024, 90: 227 * 1024}[arch]

@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: gsa_kernels::{gaussian_map, gaussian_trajectory,
-// mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled} for CUDA tensors, on the current stream (no host synchronisation).
+// mixture_posterior, gaussian_map_labeled, gaussian_trajectory_labeled, local_posterior} for CUDA tensors, on the current stream (no host synchronisation).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,6 +44,11 @@ struct CudaLauncher {
   static void mixture_posterior(const MixtureParams<In, Acc>& p) {
     C10_CUDA_CHECK(launch_mixture_posterior(p, c10::cuda::getCurrentCUDAStream().stream()));
   }
+
+  template <typename In, typename Acc>
+  static void local_posterior(const LocalParams<In, Acc>& p) {
+    C10_CUDA_CHECK(launch_local_posterior(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
 };
 
 }  // namespace
@@ -57,4 +62,5 @@ TORCH_LIBRARY_IMPL(gsa_kernels, CUDA, m) {
   m.impl("mixture_posterior", &mixture_posterior<CudaLauncher, Layout, Layout>);
   m.impl("gaussian_map_labeled", &gaussian_map_labeled<CudaLauncher>);
   m.impl("gaussian_trajectory_labeled", &gaussian_trajectory_labeled<CudaLauncher>);
+  m.impl("local_posterior", &local_posterior<CudaLauncher>);
 }

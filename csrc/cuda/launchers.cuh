@@ -3,6 +3,7 @@
 // emulation's launch helper under g++, so the emulated tests also check the launch geometry.
 #pragma once
 #include "gaussian_kernels.cuh"
+#include "local_kernels.cuh"
 #include "mixture_kernels.cuh"
 
 #if defined(__CUDACC__)
@@ -50,6 +51,15 @@ cudaError_t launch_mixture_posterior(const MixtureParams<In, Acc>& p, cudaStream
   }
   auto merge = mixture_merge_kernel<In, Acc>;
   GSA_LAUNCH(merge, dim3(p.B), dim3(32 * kWarps), 0, stream, p);
+  return cudaGetLastError();
+}
+
+// one block per kLocalThreads query pixels of a row (blocks of a row adjacent on gridDim.x)
+template <typename In, typename Acc>
+cudaError_t launch_local_posterior(const LocalParams<In, Acc>& p, cudaStream_t stream) {
+  auto kernel = local_posterior_kernel<In, Acc>;
+  const int64_t blocks = p.B * ceil_div(p.H * p.W, kLocalThreads);
+  GSA_LAUNCH(kernel, dim3(unsigned(blocks)), dim3(kLocalThreads), sizeof(LocalShared), stream, p);
   return cudaGetLastError();
 }
 

@@ -10,10 +10,12 @@
 //     static at::Tensor empty(at::IntArrayRef, const at::TensorOptions&);  // outputs, workspaces
 //     template <class In, class Acc> static void gaussian_map(const GaussianMapParams<In, Acc>&);
 //     template <class In, class Acc> static void mixture_posterior(const MixtureParams<In, Acc>&);
+//     template <class In, class Acc> static void local_posterior(const LocalParams<In, Acc>&);
 //   };
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -244,6 +246,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
     L::mixture_posterior(p);
   });
   return {denoised, logp, weights};
+}
+
+// Arguments of local_posterior (_contract.py): x [B, C, H, W], images [N >= 1, C, H, W] and sigma
+// [B] in the compute dtype on x's device, patch_size odd >= 1, mode / padding / kind in range.
+inline void check_local(const at::Tensor& x, const at::Tensor& images, const at::Tensor& sigma, int64_t patch_size,
+                        int64_t mode, int64_t padding, int64_t kind, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [B, C, H, W], got ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+                   ": x must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+  check_param(x, images, "images", 4, op);
+  TORCH_CHECK_VALUE(images.size(0) >= 1 && images.size(1) == x.size(1) && images.size(2) == x.size(2) &&
+                        images.size(3) == x.size(3),
+                    op, ": images must be [N >= 1, C, H, W] with x's C, H, W = ", x.sizes().slice(1), ", got ",
+                    images.sizes());
+  check_param(x, sigma, "sigma", 1, op);
+  TORCH_CHECK_VALUE(sigma.size(0) == x.size(0), op, ": sigma must be [B] = [", x.size(0), "], got ", sigma.sizes());
+  TORCH_CHECK_VALUE(patch_size >= 1 && patch_size % 2 == 1, op,
+                    ": patch_size must be an odd int >= 1, got ", patch_size);
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, op, ": mode must be 0 (ls), 1 (els) or 2 (bbels), got ", mode);
+  TORCH_CHECK_VALUE(padding == 0 || padding == 1, op, ": padding must be 0 (zeros) or 1 (circular), got ", padding);
+  TORCH_CHECK_VALUE(!(mode == 2 && padding == 1), op, ": mode bbels needs zeros padding");
+  TORCH_CHECK_VALUE(kind == kDenoise || kind == kScore, op, ": kind must be 0 (denoise) or 1 (score), got ", kind);
+}
+
+template <typename L>
+at::Tensor local_posterior(const at::Tensor& x, const at::Tensor& images, const at::Tensor& sigma, int64_t patch_size,
+                           int64_t mode, int64_t padding, int64_t kind) {
+  static const std::string name = std::string(L::op_prefix) + "local_posterior";  // in error messages
+  const char* op = name.c_str();
+  check_local(x, images, sigma, patch_size, mode, padding, kind, op);
+  check_device<L>(x, op);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(B * ceil_div(H * W, kLocalThreads) <= kLocalMaxGridX, op, ": B x ceil(H W / ", kLocalThreads,
+                    ") must be <= ", kLocalMaxGridX, " blocks, got B = ", B, ", H W = ", H * W);
+  // zeros padding: window offsets of |dy| >= H or |dx| >= W read zeros on both sides, so P is cut to
+  // 2 max(H, W) - 1 (BB-ELS classes, clipped at p >= max(H, W) - 1, are unchanged)
+  const int64_t P = padding == 0 ? std::min<int64_t>(patch_size, 2 * std::max(H, W) - 1) : patch_size;
+  TORCH_CHECK_VALUE(C * P * P < (int64_t(1) << 31), op, ": patch_size ", patch_size,
+                    " is too large (C P^2 = ", C * P * P, " window entries per candidate >= 2^31)");
+  typename L::Guard guard(x.device());
+  at::Tensor out = L::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  dispatch_dtype(x.scalar_type(), [&](auto in_tag, auto acc_tag) {
+    using In = decltype(in_tag);
+    using Acc = decltype(acc_tag);
+    LocalParams<In, Acc> p{ptr<const In>(x), ptr<const Acc>(images), ptr<const Acc>(sigma), B, images.size(0), C, H, W,
+                           int(P), int(mode), int(padding), int(kind), ptr<In>(out)};
+    L::local_posterior(p);
+  });
+  return out;
 }
 
 }  // namespace gsa::cuda

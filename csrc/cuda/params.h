@@ -138,5 +138,26 @@ struct MixtureParams {
   Acc* weights;            // [B, K], or nullptr when not needed
 };
 
+// Local score machines (local_posterior, gsa_kernels/_contract.py): one thread per query pixel,
+// kLocalThreads pixels of one row per block; each thread streams every candidate with its own
+// online softmax state in registers (double), kLocalChannels channels of the accumulator per
+// pass over the candidates (more channels take more passes).
+constexpr int kLocalThreads = 128;
+constexpr int kLocalChannels = 4;
+constexpr int64_t kLocalMaxGridX = 2147483647;
+
+template <typename In, typename Acc>
+struct LocalParams {
+  const In* x;          // [B, C, H, W]
+  const Acc* images;    // [N, C, H, W]
+  const Acc* sigma;     // [B]
+  int64_t B, N, C, H, W;
+  int patch_size;       // odd >= 1
+  int mode;             // 0 ls, 1 els, 2 bbels (gsa_kernels LocalMode)
+  int padding;          // 0 zeros, 1 circular
+  int kind;             // 0 denoise, 1 score
+  In* out;              // [B, C, H, W]
+};
+
 }  // namespace cuda
 }  // namespace gsa

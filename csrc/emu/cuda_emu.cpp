@@ -40,6 +40,11 @@ struct EmulatedLauncher {
   static void mixture_posterior(const MixtureParams<In, Acc>& p) {
     launch_mixture_posterior(p, nullptr);
   }
+
+  template <typename In, typename Acc>
+  static void local_posterior(const LocalParams<In, Acc>& p) {
+    launch_local_posterior(p, nullptr);
+  }
 };
 
 }  // namespace
@@ -52,4 +57,5 @@ TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
   m.impl("cuda_emu_mixture_posterior", &mixture_posterior<EmulatedLauncher>);
   m.impl("cuda_emu_gaussian_map_labeled", &gaussian_map_labeled<EmulatedLauncher>);
   m.impl("cuda_emu_gaussian_trajectory_labeled", &gaussian_trajectory_labeled<EmulatedLauncher>);
+  m.impl("cuda_emu_local_posterior", &local_posterior<EmulatedLauncher>);
 }

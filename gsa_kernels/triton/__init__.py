@@ -2,6 +2,7 @@
 
     gaussian.py   fused spectral map (denoise / score / flow) and the trajectory, also labelled
     mixture.py    mixture posterior: flash-attention-style streaming over components
+    local.py      local score machines (LS / ELS / BB-ELS): online softmax over training patches
     _library.py   registration as torch ops gsa_kernels_triton::* (schemas from gsa_kernels/_contract.py)
     _config.py    interpreter detection, dot precision, autotune configs
 

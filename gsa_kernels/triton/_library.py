@@ -1,7 +1,7 @@
 """The Triton kernels as torch ops gsa_kernels_triton::<op> for every op of the registry
 (gsa_kernels/_contract.py; own namespace: never clashes with the compiled extension's
 gsa_kernels::). Each op is defined with the registry's schema on the function `<op>` of the
-registry's Triton kernel file (gaussian.py, mixture.py): no wrappers to keep in step.
+registry's Triton kernel file (gaussian.py, mixture.py, local.py): no wrappers to keep in step.
 
 Registration is picked per case (checked here, see tests/test_triton_backend.py):
 - GPU: torch.library.triton_op, with every kernel launched through wrap_triton, so that

@@ -41,11 +41,17 @@ Tile edges (read from the sources; keep in sync when they change):
                       BLOCK_R 16 (registers r <= 16), BLOCK_K 16, BLOCK_DS 16, merge BLOCK_N 64;
                       split-K over 4 programs
                       (gsa_kernels/triton/{gaussian,mixture,_config}.py)
+                      local_posterior: BLOCK_U 32 query pixels per program, LS BLOCK_N 16
+                      images per tile (32 on GPU), ELS / BB-ELS BLOCK_V 32 pixels of one image,
+                      BLOCK_K 64 window entries C P^2 per step (8 on GPU; P 5 C 3 = 75 and P 15
+                      = 225 cross it), C padded to a power of 2 (C 5 -> 8) (triton/local.py)
   cuda                kTile 32 (rows, D, r), 8 rows per pass; projection split over D when
                       ceil(D/32)/4 >= 2 (D >= 257 on the emulation's 4 multiprocessors); mixture
                       8 rows per block, 32-component chunks (r = 0), 32-coefficient chunks of
                       the projection (r > 0), 128-d back-projection tiles, split K >= 256 (r = 0)
-                      (csrc/cuda/params.h, csrc/emu/cuda_emu.cpp)
+                      (csrc/cuda/params.h, csrc/emu/cuda_emu.cpp); local_posterior: 128 query
+                      pixels per block (HW 128 / 129 / 143 cross it), channels in groups of 4
+                      per pass over the candidates (C 5 crosses it)
   cpu                 row blocks of clamp(1.5 MiB / (D * 4 bytes), 16, 256) rows (257 rows cross
                       one); mixture component blocks of 256 (r = 0) or max(4, 1024 / r) (r > 0),
                       row blocks of ceil(B / threads) (csrc/cpu/common.h, csrc/cpu/mixture.cpp)
@@ -586,6 +592,9 @@ def local_posterior_args(case):
 # N across 16 and 32 (image blocks); BBELS classes of several sizes
 LOCAL_SHAPES = [(2, 3, 1, 5, 7), (3, 5, 3, 4, 9), (1, 17, 1, 8, 4), (2, 4, 3, 3, 11), (1, 33, 1, 8, 9), (2, 2, 1, 11, 13),
                 (1, 1, 1, 1, 1), (3, 2, 3, 6, 5)]
+# the GPU kernels' tiles: C 5 across the CUDA kernel's 4-channel accumulator groups (and the
+# Triton channel padding 8); HW at and above the CUDA kernel's 128-pixel blocks
+LOCAL_KERNEL_TILE_SHAPES = [(2, 3, 5, 4, 5), (1, 2, 1, 8, 16), (1, 2, 1, 3, 43)]
 
 
 def local_posterior_cases():
@@ -603,7 +612,7 @@ def local_posterior_cases():
                 cases.append(LocalCase("machines", _local_name(B, N, C, H, W, P, mode, padding, kind), B, N, C, H, W, P,
                                        mode, padding, kind, seed=i))
     # shapes across tile edges, both kinds
-    for j, (B, N, C, H, W) in enumerate(LOCAL_SHAPES):
+    for j, (B, N, C, H, W) in enumerate(LOCAL_SHAPES + LOCAL_KERNEL_TILE_SHAPES):
         for mode, padding in LOCAL_MACHINES:
             kind = kinds[j % 2]
             P = 3 if j % 3 else 5

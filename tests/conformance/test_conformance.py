@@ -62,14 +62,7 @@ def test_mixture_posterior(backend, case):
                           weights_tv=case.extra.get("weights_tv"))
 
 
-# backends whose local_posterior kernel is not written yet (issue 27: the Triton and CUDA kernels
-# come on their own branch, which removes its backend from this set)
-LOCAL_PENDING = {"triton", "cuda"}
-
-
 def _local_kernel(backend):
-    if backend in LOCAL_PENDING:
-        pytest.skip(f"cannot run here: backend {backend!r} has no local_posterior kernel yet (issue 27)")
     return harness.kernel(backend, "local_posterior")
 
 

@@ -32,9 +32,8 @@ def test_python_implementations_take_the_contract_order(op):
     args = _contract.ARGUMENTS[op]
     assert _params(getattr(reference, op)) == args
     # the Triton op is defined on this launcher with the registry's schema; it may take more
-    # tuning parameters after the contract's (with defaults). _contract.PENDING: not written yet
-    if "triton" in _contract.REGISTRY[op].kernels or op not in _contract.PENDING:
-        assert _defined_params(_contract.REGISTRY[op].kernels["triton"], op)[:len(args)] == args
+    # tuning parameters after the contract's (with defaults)
+    assert _defined_params(_contract.REGISTRY[op].kernels["triton"], op)[:len(args)] == args
     # the fakes serve the CPU ops too, which take the model's prepared layouts last
     assert _params(_contract.FAKES[op]) == args + _contract.LAYOUT_ARGUMENTS[op]
 
@@ -43,8 +42,6 @@ def test_python_implementations_take_the_contract_order(op):
 @pytest.mark.parametrize("op", _contract.OPS)
 @pytest.mark.parametrize("prefix", ["", "cuda_emu_"])
 def test_compiled_schemas_take_the_contract_order(op, prefix):
-    if op in _contract.PENDING and not hasattr(torch.ops.gsa_kernels, prefix + op):
-        pytest.skip(f"{prefix}{op}: not written yet (_contract.PENDING, issue 27)")
     schema = getattr(torch.ops.gsa_kernels, prefix + op).default._schema
     layouts = _contract.LAYOUT_ARGUMENTS[op] if prefix == "" else ()
     assert tuple(a.name for a in schema.arguments) == _contract.ARGUMENTS[op] + layouts
@@ -71,8 +68,6 @@ def test_every_usable_backend_serves_every_op():
         if device is None:
             continue
         for op in _contract.OPS:
-            if op in _contract.PENDING and name in ("triton", "cuda"):  # not written yet (issue 27)
-                continue
             assert callable(b.kernel(op, device)), (name, op)
 
 
@@ -98,7 +93,7 @@ def test_every_registered_op_is_complete(op):
     entry = _contract.REGISTRY[op]
     assert callable(entry.fake) and callable(entry.autograd)
     assert callable(getattr(reference, op, None)), f"reference.{op} missing"
-    assert set(entry.kernels) == {"cpu", "cuda", "triton"} or (op in _contract.PENDING and "cpu" in entry.kernels)
+    assert set(entry.kernels) == {"cpu", "cuda", "triton"}
     for path in entry.kernels.values():
         assert (REPO / path).is_file(), path
     cases = _cases_module()
@@ -278,8 +273,7 @@ def test_the_op_map_is_the_registry():
         math, ref, cpu, cuda, triton, conformance = rows[name]
         assert math == entry.math and f"### {math} " in doc, name
         assert ref == f"reference.{name}"
-        pending = lambda b, name=name: "(pending)" if name in _contract.PENDING else None  # noqa: E731
-        assert (cpu, cuda, triton) == tuple(entry.kernels.get(b, pending(b)) for b in ("cpu", "cuda", "triton")), name
+        assert (cpu, cuda, triton) == tuple(entry.kernels[b] for b in ("cpu", "cuda", "triton")), name
         assert conformance == entry.conformance, name
 
 
