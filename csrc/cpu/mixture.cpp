@@ -198,7 +198,7 @@ inline void axpy(T* __restrict a, T f, const T* __restrict v, int64_t n) {
 template <typename T>
 void dense_refinement(const T* xb, int64_t D, int64_t r, int64_t k0, int64_t nk, const std::vector<int64_t>& rows,
                       const at::Tensor& fwd_panel, at::Tensor& panel64, const ExactTerms& ex, const double* x_sq,
-                      const double* s2v, const double* mu_sq, const T* lam, const T* lpv, const T* logw,
+                      const double* s2v, const double* mu_sq, const T* lam, const T* residual_var, const T* logw,
                       double* logit, int64_t KB, T* Cp, int64_t ldc) {
   const int64_t nd = static_cast<int64_t>(rows.size());
   if (!panel64.defined() || panel64.numel() < fwd_panel.numel()) panel64 = at::empty({fwd_panel.numel()}, options_for<double>());
@@ -230,7 +230,7 @@ void dense_refinement(const T* xb, int64_t D, int64_t r, int64_t k0, int64_t nk,
         double corr = 0;  // c^T (U^T U - I) c, each row's dot over 8 lanes (not one serial chain)
         for (int64_t a = 0; a < r; ++a) corr += c[a] * dot_lanes(g + a * r, c.data(), r);
         const double residual = std::max(0.0, x_sq[i] + mu_sq[kk] - 2.0 * fj[k] - cc + corr);
-        L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lk, r, s2), lpv[kk], s2, D, r);
+        L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lk, r, s2), residual_var[kk], s2, D, r);
         T* ci = Cp + i * ldc + k * r;
         for (int64_t a = 0; a < r; ++a) ci[a] = static_cast<T>(c[a]);
       }
@@ -261,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_panels(const at::Tensor& means, const
 
 template <typename X>
 void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
-                  const at::Tensor& eigvals, const at::Tensor& residual_var,
+                  const at::Tensor& eigvals, const at::Tensor& residual_var_t,
                   const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
                   bool need_weights, const at::Tensor& fwd, const at::Tensor& bwd,
                   at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
@@ -270,17 +270,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const T* mu = means.data_ptr<T>();
   const T* basis = bases.data_ptr<T>();
   const T* lam = eigvals.data_ptr<T>();
-  const T* lpv = residual_var.data_ptr<T>();
+  const T* residual_var = residual_var_t.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
   const T* sig = sigma.data_ptr<T>();
   T* logp_p = logp.data_ptr<T>();
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
-  // equal_lp: h_perp is one number per row
-  const auto [mu_sq, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
+  // equal_residual_var: h_perp is one number per row
+  const auto [mu_sq, max_mu_sq, min_residual_var, equal_residual_var] = component_norms(mu, residual_var, K, D);
   // the smallest variance any logit term is divided by (less s^2): residual_var or an eigval
-  double min_var = min_lp;
+  double min_var = min_residual_var;
   for (int64_t e = 0; e < K * r; ++e) min_var = std::min(min_var, static_cast<double>(lam[e]));
   // Component blocks of KB (component_block), W = r + 1 panel rows per component; U_k^T mu_k
   // per call (one more row's worth of the forward GEMM).
@@ -289,7 +289,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const int64_t W = r + 1;
   const at::Tensor Umu = at::bmm(means.unsqueeze(1), bases).view({K, r});
   const T* umu = Umu.data_ptr<T>();
-  // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (lp + s^2); not at all when r = D.
+  // The fast |x - mu|^2 only enters through (|y|^2 - |c|^2) / (residual_var + s^2); not at all when r = D.
   const bool sq_matters = r < D;
   const double eps = std::numeric_limits<T>::epsilon();
   const double logit_tol = std::is_same_v<T, double> ? kLogitTol64 : kLogitTol;
@@ -368,7 +368,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
                 cc += cj * cj;
                 cc_w += cj * cj / (static_cast<double>(lk[j]) + s2);
               }
-              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lk, r, s2), lpv[kk], s2, D, r);
+              L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lk, r, s2), residual_var[kk], s2, D, r);
             }
             double block_fast_max = -std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
@@ -404,7 +404,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         if (!dense_rows.empty()) {
           std::call_once(exact_terms_once, [&] { exact_terms = lowrank_exact_terms<T>(mu, basis, K, D, r); });
           dense_refinement<T>(xb, D, r, k0, nk, dense_rows, panel(fwd, k0, nk, W, D, false), panel64, exact_terms, x_sq.data(),
-                              s2v.data(), mu_sq.data(), lam, lpv, logw, logit.data(), KB, Cp, ldc);
+                              s2v.data(), mu_sq.data(), lam, residual_var, logw, logit.data(), KB, Cp, ldc);
           for (const int64_t i : dense_rows) refine[i] = 0;
         }
 
@@ -425,31 +425,32 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
                 T* c = Cp + i * ldc + k * r;
                 for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
                 L[k] = logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lam + kk * r, r, s2),
-                                                                    lpv[kk], s2, D, r);
+                                                                    residual_var[kk], s2, D, r);
               }
             }
             // online softmax update
             double m_new = m[i];
             for (int64_t k = 0; k < nk; ++k) m_new = std::max(m_new, L[k]);
             const double scale = merge_scale(m[i], m_new);
-            const double hp0 = static_cast<double>(lpv[0]) / (static_cast<double>(lpv[0]) + s2);
+            const double h_perp0 = residual_var[0] / (residual_var[0] + s2);
             double lsum = 0, hsum = 0;
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
               const double d = L[k] - m_new;
               const double p = d > -kNegligible ? std::exp(d) : 0.0;
-              const double hp = equal_lp ? hp0 : static_cast<double>(lpv[kk]) / (static_cast<double>(lpv[kk]) + s2);
+              const double residual_var_k = residual_var[kk];
+              const double h_perp = equal_residual_var ? h_perp0 : residual_var_k / (residual_var_k + s2);
               lsum += p;
-              hsum += p * hp;
-              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - hp));
+              hsum += p * h_perp;
+              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - h_perp));
               nonzero_p += Pp[i * ldp + k] != T(0);
               if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
-              if (need_denoised) {  // G = p (lam / (lam + s^2) - hp) c
+              if (need_denoised) {  // G = p (lam / (lam + s^2) - h_perp) c
                 const T* c = Cp + i * ldc + k * r;
                 T* g = Gp + i * ldg + k * r;
                 for (int64_t j = 0; j < r; ++j) {
                   const double lj = lam[kk * r + j];
-                  g[j] = static_cast<T>(p * (lj / (lj + s2) - hp) * c[j]);
+                  g[j] = static_cast<T>(p * (lj / (lj + s2) - h_perp) * c[j]);
                 }
               }
             }

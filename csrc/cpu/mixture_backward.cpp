@@ -7,11 +7,11 @@
 //   F  = X  [M; Ut]^T      x . mu_k, U_k^T x -> logits, c_k            (the forward's GEMM)
 //   Fg = gD [M; Ut]^T      gD . mu_k, U_k^T gD (only with a denoiser gradient gD)
 //   a_k = w_k (row_term + gW_k + gD . D_k)   (row_term = gL - sum w gW - gD . den, from Python)
-//   acc += [P | G] [M | U]^T with P_k = a_k (1 - hp_k) / s^2, G_k = a_k (h - hp) c_k / s^2
-//                                          + w_k (h - hp) U_k^T gD      (the forward's 2nd GEMM)
-//   grad x = acc - x sum_k P_k + gD sum_k w_k hp_k
+//   acc += [P | G] [M | U]^T with P_k = a_k (1 - h_perp_k) / s^2, G_k = a_k (h - h_perp) c_k / s^2
+//                                          + w_k (h - h_perp) U_k^T gD      (the forward's 2nd GEMM)
+//   grad x = acc - x sum_k P_k + gD sum_k w_k h_perp_k
 // Per-component sums (log_weights, eigvals, residual_var, and sum_b P, sum_b G for the means)
-// go to per-row-block slots, added up at the end; grad means = P^T X + (w (1 - hp))^T gD
+// go to per-row-block slots, added up at the end; grad means = P^T X + (w (1 - h_perp))^T gD
 // - (sum_b P) mu_k - U_k sum_b G is one more GEMM over [B, K] (only when asked for).
 // For r = 0 with few nonzero weights (the delta mixture at small sigma), Fg becomes dot products
 // and the back-projection axpys, for the components that carry weight only (as in the forward).
@@ -46,18 +46,18 @@ struct Needs {
 
 template <typename T>
 void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& bases,
-                   const at::Tensor& eigvals, const at::Tensor& residual_var,
+                   const at::Tensor& eigvals, const at::Tensor& residual_var_t,
                    const at::Tensor& log_weights, const at::Tensor& sigma, const at::Tensor& logp,
                    const at::Tensor& row_term, const at::Tensor& grad_den,
                    const at::Tensor& grad_weights, const std::optional<at::Tensor>& forward_given,
                    const std::optional<at::Tensor>& backward_given, Needs need, at::Tensor& gx, at::Tensor& gmu,
-                   at::Tensor& glam, at::Tensor& glp, at::Tensor& glogw) {
+                   at::Tensor& glam, at::Tensor& grad_residual_var, at::Tensor& glogw) {
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0), r = bases.size(2), W = r + 1;
   const bool has_gd = grad_den.numel() > 0, has_gw = grad_weights.numel() > 0;
   const T* xp = x.data_ptr<T>();
   const T* mu = means.data_ptr<T>();
   const T* lam = eigvals.data_ptr<T>();
-  const T* lpv = residual_var.data_ptr<T>();
+  const T* residual_var = residual_var_t.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
   const T* sig = sigma.data_ptr<T>();
   const T* lse = logp.data_ptr<T>();
@@ -65,7 +65,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   const T* gdp = has_gd ? grad_den.data_ptr<T>() : nullptr;
   const T* gwp = has_gw ? grad_weights.data_ptr<T>() : nullptr;
 
-  const auto [mu_sq, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
+  const auto [mu_sq, max_mu_sq, min_residual_var, equal_residual_var] = component_norms(mu, residual_var, K, D);
   // the forward's component blocks, so that its cached panels serve here too
   const int64_t KB = component_block(K, r);
   const int64_t num_kb = (K + KB - 1) / KB;
@@ -84,7 +84,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   // per-row-block sums per component: log_weights, residual_var, sum_b P | eigvals, sum_b G
   const int64_t S = 3 + 2 * r;
   std::vector<double> slots(num_rb * K * S, 0.0);
-  // P and w (1 - hp) per (row, component), for grad means
+  // P and w (1 - h_perp) per (row, component), for grad means
   at::Tensor Pall = need.means ? at::zeros({B, K}, x.options()) : at::Tensor();
   at::Tensor Ball = need.means && has_gd ? at::zeros({B, K}, x.options()) : at::Tensor();
 
@@ -104,7 +104,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
         s2v[i] = s * s;
         x_sq[i] = sum_squares(xb + i * D, D);
         err[i] = sq_matters ? kGemmErr * eps * std::sqrt(double(D)) * (x_sq[i] + max_mu_sq) /
-                                  (2 * (min_lp + s2v[i]))
+                                  (2 * (min_residual_var + s2v[i]))
                             : 0.0;
         gdx[i] = 0;
         if (has_gd)
@@ -137,10 +137,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
               cc_w += cj * cj / (static_cast<double>(lam[kk * r + j]) + s2);
             }
             const double ld = log_det_low(lam + kk * r, r, s2);
-            L[k] = logw[kk] + component_logpdf<double>(std::max(sq, 0.0), cc_w, cc, ld, lpv[kk], s2, D, r);
+            L[k] = logw[kk] + component_logpdf<double>(std::max(sq, 0.0), cc_w, cc, ld, residual_var[kk], s2, D, r);
             if (err[i] > kLogitTol && L[k] >= lse[b0 + i] - 2 * err[i] - kCutoff) {
               const double sqe = sqdist_exact(xb + i * D, mu + kk * D, D);
-              L[k] = logw[kk] + component_logpdf<double>(sqe, cc_w, cc, ld, lpv[kk], s2, D, r);
+              L[k] = logw[kk] + component_logpdf<double>(sqe, cc_w, cc, ld, residual_var[kk], s2, D, r);
             }
             const double d = L[k] - lse[b0 + i];
             L[k] = d > -kNegligible ? std::exp(d) : 0.0;
@@ -172,39 +172,39 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
               for (int64_t j = 0; j < r; ++j) G[j] = T(0);
               continue;
             }
-            const double lp = lpv[kk], vp = lp + s2, hp = lp / vp;
+            const double var_perp = residual_var[kk] + s2, h_perp = residual_var[kk] / var_perp;
             const T* c = Fi + nk + k * r;
             const T* cg = has_gd ? Fgi + nk + k * r : nullptr;
             double t = rterm[b0 + i] + (has_gw ? double(gwp[(b0 + i) * K + kk]) : 0.0);
             double gcc = 0, gm = 0;  // (U^T gD) . c, gD . mu_k
             if (has_gd) {
               gm = Fgi ? double(Fgi[k]) : dot(gdp + (b0 + i) * D, mu + kk * D, D);
-              double gDk = (1 - hp) * gm + hp * gdx[i];
+              double gDk = (1 - h_perp) * gm + h_perp * gdx[i];
               for (int64_t j = 0; j < r; ++j) {
                 const double lj = lam[kk * r + j];
-                gDk += (lj / (lj + s2) - hp) * double(c[j]) * double(cg[j]);
+                gDk += (lj / (lj + s2) - h_perp) * double(c[j]) * double(cg[j]);
                 gcc += double(c[j]) * double(cg[j]);
               }
               t += gDk;
             }
-            const double a = w * t, p = a * (1 - hp) / s2;
+            const double a = w * t, p = a * (1 - h_perp) / s2;
             *P = static_cast<T>(p);
-            nonzero += p != 0.0 || r > 0;  // G_k = w (h - hp) U_k^T gD is nonzero even where a_k = 0
+            nonzero += p != 0.0 || r > 0;  // G_k = w (h - h_perp) U_k^T gD is nonzero even where a_k = 0
             psum[i] += p;
-            whp[i] += w * hp;
+            whp[i] += w * h_perp;
             double* sl = slot + kk * S;
             sl[0] += a;  // log_weights
             if (need.residual_var) {
               double sq = sqdist_exact(xb + i * D, mu + kk * D, D), cc = 0;
               for (int64_t j = 0; j < r; ++j) cc += double(c[j]) * double(c[j]);
-              const double resid = r == D ? 0.0 : std::max(sq - cc, 0.0);
-              double g = 0.5 * a * (resid / (vp * vp) - double(D - r) / vp);
-              if (has_gd) g += w * s2 / (vp * vp) * (gdx[i] - gm - gcc);
+              const double residual_sq = r == D ? 0.0 : std::max(sq - cc, 0.0);
+              double g = 0.5 * a * (residual_sq / (var_perp * var_perp) - double(D - r) / var_perp);
+              if (has_gd) g += w * s2 / (var_perp * var_perp) * (gdx[i] - gm - gcc);
               sl[1] += g;
             }
             sl[2] += p;
             for (int64_t j = 0; j < r; ++j) {
-              const double lj = lam[kk * r + j], v = lj + s2, gain = lj / v - hp, cj = c[j];
+              const double lj = lam[kk * r + j], v = lj + s2, gain = lj / v - h_perp, cj = c[j];
               const double cgj = has_gd ? double(cg[j]) : 0.0;
               const double gj = a * gain * cj / s2 + w * gain * cgj;
               G[j] = static_cast<T>(gj);
@@ -213,7 +213,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
             }
             if (need.means) {
               Pall.data_ptr<T>()[(b0 + i) * K + kk] = static_cast<T>(p);
-              if (has_gd) Ball.data_ptr<T>()[(b0 + i) * K + kk] = static_cast<T>(w * (1 - hp));
+              if (has_gd) Ball.data_ptr<T>()[(b0 + i) * K + kk] = static_cast<T>(w * (1 - h_perp));
             }
           }
         }
@@ -260,7 +260,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& means, const at::Tenso
   }
   const at::Tensor sumsT = sums.to(x.scalar_type());
   if (need.log_weights) glogw.copy_(sumsT.select(1, 0));
-  if (need.residual_var) glp.copy_(sumsT.select(1, 1));
+  if (need.residual_var) grad_residual_var.copy_(sumsT.select(1, 1));
   if (need.eigvals) glam.copy_(sumsT.narrow(1, 3, r));
   if (need.means) {
     gmu.copy_(at::mm(Pall.t(), x));
@@ -289,15 +289,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_p
   auto o = x.options();
   auto maybe = [&](bool need, at::IntArrayRef shape) { return need ? at::zeros(shape, o) : at::empty({0}, o); };
   at::Tensor gx = maybe(need_x, {B, D}), gmu = maybe(need_means, {K, D}), glam = maybe(need_eigvals, {K, r});
-  at::Tensor glp = maybe(need_residual_var, {K}), glogw = maybe(need_log_weights, {K});
-  if (B == 0) return {gx, gmu, glam, glp, glogw};
+  at::Tensor grad_residual_var = maybe(need_residual_var, {K}), glogw = maybe(need_log_weights, {K});
+  if (B == 0) return {gx, gmu, glam, grad_residual_var, glogw};
   const Needs need{need_x, need_means, need_eigvals, need_residual_var, need_log_weights};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mixture_posterior_backward", [&] {
     backward_impl<scalar_t>(x, means, bases, eigvals, residual_var, log_weights, sigma, logp, row_term,
                             grad_den, grad_weights, forward_panels, backward_panels, need, gx, gmu, glam,
-                            glp, glogw);
+                            grad_residual_var, glogw);
   });
-  return {gx, gmu, glam, glp, glogw};
+  return {gx, gmu, glam, grad_residual_var, glogw};
 }
 
 }  // namespace

@@ -68,12 +68,12 @@ at::Tensor backward_panels(const at::Tensor& forward, int64_t K, int64_t D, int6
 // residual_var is equal.
 struct ComponentNorms {
   std::vector<double> mu_sq;
-  double max_mu_sq = 0, min_lp = std::numeric_limits<double>::infinity();
-  bool equal_lp = true;
+  double max_mu_sq = 0, min_residual_var = std::numeric_limits<double>::infinity();
+  bool equal_residual_var = true;
 };
 
 template <typename T>
-ComponentNorms component_norms(const T* mu, const T* lpv, int64_t K, int64_t D) {
+ComponentNorms component_norms(const T* mu, const T* residual_var, int64_t K, int64_t D) {
   ComponentNorms c;
   c.mu_sq.resize(K);
   at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
@@ -83,8 +83,8 @@ ComponentNorms component_norms(const T* mu, const T* lpv, int64_t K, int64_t D) 
   });
   for (int64_t k = 0; k < K; ++k) {
     c.max_mu_sq = std::max(c.max_mu_sq, c.mu_sq[k]);
-    c.min_lp = std::min(c.min_lp, static_cast<double>(lpv[k]));
-    c.equal_lp = c.equal_lp && lpv[k] == lpv[0];
+    c.min_residual_var = std::min(c.min_residual_var, static_cast<double>(residual_var[k]));
+    c.equal_residual_var = c.equal_residual_var && residual_var[k] == residual_var[0];
   }
   return c;
 }
