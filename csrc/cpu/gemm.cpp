@@ -24,6 +24,11 @@
 #include <tuple>
 #include <vector>
 
+#include "isa.h"
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace gsa::cpu {
 namespace {
 
@@ -171,6 +176,97 @@ double measured_cost(const std::string& key, const std::function<double()>& meas
   const double measured = measure();
   std::lock_guard<std::mutex> lock(cost_mutex);
   return costs.emplace(key, measured).first->second;
+}
+
+bool native_f64_gemm() {
+#ifdef GSA_ISA_X86
+  return active_isa() == Isa::kAvx512 && forced_engine() != Engine::kBlas;
+#else
+  return false;
+#endif
+}
+
+void pack_f64_rows(const float* x, int64_t k, const int64_t* rows, int64_t m, double* out) {
+  const int64_t mp = round_up(m, kF64Rows);
+  for (int64_t t = 0; t < mp / kF64Rows; ++t) {
+    double* o = out + t * k * kF64Rows;
+    for (int64_t i = 0; i < kF64Rows; ++i) {
+      const int64_t j = t * kF64Rows + i;
+      if (j >= m) {
+        for (int64_t d = 0; d < k; ++d) o[d * kF64Rows + i] = 0.0;
+        continue;
+      }
+      const float* src = x + rows[j] * k;
+      for (int64_t d = 0; d < k; ++d) o[d * kF64Rows + i] = src[d];
+    }
+  }
+}
+
+void pack_f64_tiles(const float* w, const float* wt, int64_t ldt, int64_t n, int64_t k, double* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += kF64Cols) {
+    double* o = out + (j0 / kF64Cols) * k * kF64Cols;
+    const int64_t nj = std::min(kF64Cols, n - j0);
+    for (int64_t d = 0; d < k; ++d) {
+      double* od = o + d * kF64Cols;
+      if (wt) {
+        const float* src = wt + d * ldt + j0;
+        for (int64_t j = 0; j < nj; ++j) od[j] = src[j];
+      } else {
+        for (int64_t j = 0; j < nj; ++j) od[j] = w[(j0 + j) * k + d];
+      }
+      for (int64_t j = nj; j < kF64Cols; ++j) od[j] = 0.0;
+    }
+  }
+}
+
+#ifdef GSA_ISA_X86
+namespace {
+// c [kF64Rows, kF64Cols] (row stride ldc) (+)= a_tile[p][i] b_tile[p][j] over p < kc: 24 zmm
+// accumulators, two B loads and 12 broadcasts per step
+__attribute__((target("avx512f,fma"))) void f64_tile(const double* a, const double* b, int64_t kc, double* c,
+                                                      int64_t ldc, bool accumulate) {
+  __m512d lo[kF64Rows], hi[kF64Rows];
+#pragma GCC unroll 12
+  for (int i = 0; i < kF64Rows; ++i) lo[i] = hi[i] = _mm512_setzero_pd();
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m512d b0 = _mm512_loadu_pd(b + p * kF64Cols), b1 = _mm512_loadu_pd(b + p * kF64Cols + 8);
+    const double* ap = a + p * kF64Rows;
+#pragma GCC unroll 12
+    for (int i = 0; i < kF64Rows; ++i) {
+      const __m512d av = _mm512_set1_pd(ap[i]);
+      lo[i] = _mm512_fmadd_pd(av, b0, lo[i]);
+      hi[i] = _mm512_fmadd_pd(av, b1, hi[i]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < kF64Rows; ++i) {
+    double* ci = c + i * ldc;
+    if (accumulate) {
+      lo[i] = _mm512_add_pd(lo[i], _mm512_loadu_pd(ci));
+      hi[i] = _mm512_add_pd(hi[i], _mm512_loadu_pd(ci + 8));
+    }
+    _mm512_storeu_pd(ci, lo[i]);
+    _mm512_storeu_pd(ci + 8, hi[i]);
+  }
+}
+}  // namespace
+#endif
+
+void gemm_f64_packed(const double* a, const double* b, int64_t mp, int64_t np, int64_t k, double* c) {
+#ifdef GSA_ISA_X86
+  constexpr int64_t kDepth = 128;  // a B slice [kDepth][16] (16 KiB) and an A tile [kDepth][12] (12 KiB): L1
+  for (int64_t p0 = 0; p0 < k; p0 += kDepth) {
+    const int64_t kc = std::min(kDepth, k - p0);
+    for (int64_t jt = 0; jt < np / kF64Cols; ++jt) {
+      const double* bt = b + jt * k * kF64Cols + p0 * kF64Cols;
+      for (int64_t it = 0; it < mp / kF64Rows; ++it)
+        f64_tile(a + it * k * kF64Rows + p0 * kF64Rows, bt, kc, c + it * kF64Rows * np + jt * kF64Cols, np, p0 > 0);
+    }
+  }
+#else
+  (void)a, (void)b, (void)mp, (void)np, (void)k, (void)c;
+  TORCH_CHECK(false, "gemm_f64_packed: x86-64 only");
+#endif
 }
 
 DenseChoice dense_choice() {

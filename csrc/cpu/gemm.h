@@ -38,10 +38,27 @@ double gemm_best_ms_per_row(const at::Tensor& a, const at::Tensor& w);
 double measured_cost(const std::string& key, const std::function<double()>& measure);
 
 // GSA_KERNELS_DENSE=auto (unset) | dense | sparse: forces the low-rank mixture kernel's sparse or
-// dense forms (its refinement, chosen by measured_cost rates; its back-projection, the GEMM in
-// auto), so tests reach both sides on any host. Read on every call.
+// dense forms (its refinement, chosen by measured_cost rates; its back-projection, chosen per row
+// by the share of nonzero weights in auto), so tests reach both sides on any host. Read on every
+// call.
 enum class DenseChoice : int { kAuto, kDense, kSparse };
 DenseChoice dense_choice();
+
+// C [mp, np] = A B^T in float64 for float32 operands, by an AVX-512 kernel (float64 GEMMs of
+// torch's BLAS ran at a quarter of oneDNN's float32 rate on an AMD host): the float64 refinement
+// of the mixture kernel, whose operands are float32 (every product exact in double). A and B
+// come packed (pack_f64_rows, pack_f64_tiles): mp and np are multiples of kF64Rows and
+// kF64Cols, padded with zeros. Single-threaded (callers run it inside their row blocks).
+// native_f64_gemm(): whether it runs here (AVX-512 active and GSA_KERNELS_GEMM not blas).
+constexpr int64_t kF64Rows = 12, kF64Cols = 16;
+bool native_f64_gemm();
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// rows rows[j] of x [*, k] (float) -> A [mp / kF64Rows][k][kF64Rows] (double), mp = round_up(rows, kF64Rows)
+void pack_f64_rows(const float* x, int64_t k, const int64_t* rows, int64_t m, double* out);
+// w [n, k] float rows (or, transposed, wt [k, ldt] with w[j][d] = wt[d * ldt + j]) -> B tiles
+// [np / kF64Cols][k][kF64Cols] (double), np = round_up(n, kF64Cols)
+void pack_f64_tiles(const float* w, const float* wt, int64_t ldt, int64_t n, int64_t k, double* out);
+void gemm_f64_packed(const double* a, const double* b, int64_t mp, int64_t np, int64_t k, double* c);
 
 // The engine chosen for each shape class met so far, with the timings behind it, as JSON.
 std::string gemm_choices_json();

@@ -4,24 +4,27 @@
 //
 // Parallel over row blocks; inside a row block the components stream in blocks with an online
 // softmax (running max m, sum l, and the unnormalised denoiser accumulator), so memory is
-// [rows, D] + [rows, components per block], never B x K x D (nor B x K unless the weights are
-// returned). Per (row block, component block k0 .. k0 + nk - 1), with the block's components in
-// one cached panel (forward_panels, backward_panels in mixture_blocks.h):
-//   F = X [M; Ut]^T    x . mu_k and U_k^T x for every component of the block   (one GEMM)
+// [rows, D] + [rows, K (r + 1)] (the forward GEMM's results, ~K r / D times the rows) + [rows, K]
+// logits, never B x K x D (nor B x K unless the weights are returned). Per row block, with each component block k0 .. k0 + nk - 1 in
+// one cached panel (forward_panels, backward_panels in mixture_blocks.h), two passes:
+// pass 1, per component block:
+//   F = X [M; Ut]^T    x . mu_k and U_k^T x for every component of the block   (one GEMM, kept)
 //                      fast squared distances |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k,
 //                      projections c_k = U_k^T x - U_k^T mu_k
-//   logits             component_logpdf (include/gsa/spectral.h) + log weight
+//   logits             component_logpdf (include/gsa/spectral.h) + log weight; the row's max
+// pass 2, per component block:
 //   refinement         the expansion loses ~eps sqrt(D) |x| |mu| of |x - mu|^2, and the GEMM's
 //                      c_k ~eps sqrt(D) |x| per coefficient, which is huge next to sigma^2 at
 //                      small sigma. When that error bound E (in logit units) exceeds kLogitTol,
-//                      every component whose fast logit is within 2 E + kCutoff of the running
-//                      max is recomputed in double from y = x - mu_k: |y|^2 (r = 0), or c_k =
+//                      every component whose fast logit is within 2 E + kCutoff of the row's max
+//                      over all K is recomputed in double from y = x - mu_k: |y|^2 (r = 0), or c_k =
 //                      U_k^T y and the residual |y - U_k c_k|^2 summed directly (r > 0; the
 //                      expansion |y|^2 - |c_k|^2 cancels when y lies near span(U_k)). Skipped
 //                      components have weight < exp(-kCutoff) relative to the max, both
 //                      exactly and as computed. Rows with many such components (dense
 //                      posteriors) instead get all the block's logits from one float64 GEMM
-//                      (dense_refinement), by measured costs.
+//                      (dense_refinement; the native AVX-512 one of gemm.h where it runs and
+//                      measures faster than torch's), by measured costs.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
 //                      G_k = p_k g c_k  (one GEMM; GSA_KERNELS_DENSE=sparse: an axpy per nonzero
 //                      entry instead)
@@ -116,6 +119,31 @@ ExactTerms lowrank_exact_terms(const T* mu, const T* basis, int64_t K, int64_t D
   ExactTerms e;
   e.umu.assign(K * r, 0.0);
   e.gram.assign(K * r * r, 0.0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (native_f64_gemm()) {  // [U_k^T; mu_k^T] U_k by the native float64 GEMM, per component
+      at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+        const int64_t mp = round_up(r + 1, kF64Rows), np = round_up(r, kF64Cols);
+        std::vector<double> a(mp * D), b(np * D), c(mp * np);
+        for (int64_t k = k0; k < k1; ++k) {
+          const T* U = basis + k * D * r;
+          const T* m = mu + k * D;
+          for (int64_t t = 0; t < mp / kF64Rows; ++t)
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t i = 0; i < kF64Rows; ++i) {
+                const int64_t row = t * kF64Rows + i;
+                a[(t * D + d) * kF64Rows + i] = row < r ? U[d * r + row] : row == r ? m[d] : 0.0;
+              }
+          pack_f64_tiles(nullptr, U, r, r, D, b.data());
+          gemm_f64_packed(a.data(), b.data(), mp, np, D, c.data());
+          for (int64_t i = 0; i < r; ++i) {
+            for (int64_t j = 0; j < r; ++j) e.gram[(k * r + i) * r + j] = c[i * np + j] - (i == j ? 1.0 : 0.0);
+            e.umu[k * r + i] = c[r * np + i];
+          }
+        }
+      });
+      return e;
+    }
+  }
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     with_isa([&] {
       std::vector<double> u(r);
@@ -142,9 +170,11 @@ ExactTerms lowrank_exact_terms(const T* mu, const T* basis, int64_t K, int64_t D
 }
 
 // seconds: one component's lowrank_terms_exact, one row of the float64 forward GEMM against a
-// block's panel, and the panel's conversion to double; measured once per shape and context
+// block's panel, and the panel's conversion to double; measured once per shape and context, for
+// torch's GEMM and (where it runs) the native one (gemm.h): native says which is cheaper
 struct RefineCosts {
   double exact, row64, convert;
+  bool native = false;
 };
 
 template <typename T>
@@ -184,6 +214,17 @@ RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam,
   });
   c.convert = measured_cost("mixture_panel_to_double/" + key,
                             [&] { return best_of(2, [&] { (void)fwd_panel.to(at::kDouble); }); });
+  if (std::is_same_v<T, float> && native_f64_gemm()) {
+    const int64_t mp = round_up(kCostRows, kF64Rows), np = round_up(nw, kF64Cols);
+    std::vector<double> a(mp * D, 1.0), b(np * D, 1.0), out(mp * np);
+    const double row = measured_cost("mixture_dense_row_native/" + key, [&] {
+      return best_of(2, [&] { gemm_f64_packed(a.data(), b.data(), mp, np, D, out.data()); }) / static_cast<double>(mp);
+    });
+    const double pack = measured_cost("mixture_panel_pack/" + key, [&] {
+      return best_of(2, [&] { pack_f64_tiles(fwd_panel.data_ptr<float>(), nullptr, 0, nw, D, b.data()); });
+    });
+    if (row * kCostRows + pack < c.row64 * kCostRows + c.convert) c.row64 = row, c.convert = pack, c.native = true;
+  }
   return c;
 }
 
@@ -193,29 +234,57 @@ inline void axpy(T* __restrict a, T f, const T* __restrict v, int64_t n) {
   for (int64_t d = 0; d < n; ++d) a[d] += f * v[d];
 }
 
-// Logits (into logit + i KB) and coefficients c (into Cp + i ldc) of components k0 .. k0 + nk - 1
-// for the given rows of the block, from one float64 GEMM of those rows against the block's panel.
+// A row block's scratch of dense_refinement: the block's forward panel in double (torch's GEMM),
+// or the packed operands and result of the native float64 GEMM (gemm.h)
+struct Float64Scratch {
+  at::Tensor panel64;
+  std::vector<double> a, b, c;
+};
+
+// Logits (into logit + i ld_logit) and coefficients c (into Cp + i ldc) of components k0 .. k0 + nk - 1
+// for the given rows of the block, from one float64 GEMM of those rows against the block's panel
+// (bwd_panel: the same panel transposed, when the caller has it: packs faster).
 template <typename T>
 void dense_refinement(const T* xb, int64_t D, int64_t r, int64_t k0, int64_t nk, const std::vector<int64_t>& rows,
-                      const at::Tensor& fwd_panel, at::Tensor& panel64, const ExactTerms& ex, const double* x_sq,
-                      const double* s2v, const double* mu_sq, const T* lam, const T* residual_var, const T* logw,
-                      double* logit, int64_t KB, T* Cp, int64_t ldc) {
+                      const at::Tensor& fwd_panel, const at::Tensor& bwd_panel, Float64Scratch& scratch,
+                      const ExactTerms& ex, const double* x_sq, const double* s2v, const double* mu_sq, const T* lam,
+                      const T* residual_var, const T* logw, double* logit, int64_t ld_logit, T* Cp, int64_t ldc,
+                      bool native) {
   const int64_t nd = static_cast<int64_t>(rows.size());
-  if (!panel64.defined() || panel64.numel() < fwd_panel.numel()) panel64 = at::empty({fwd_panel.numel()}, options_for<double>());
-  const at::Tensor P64 = panel64.narrow(0, 0, fwd_panel.numel()).view(fwd_panel.sizes()).copy_(fwd_panel);
-  at::Tensor X64 = at::empty({nd, D}, options_for<double>());
-  double* xp = X64.data_ptr<double>();
-  for (int64_t j = 0; j < nd; ++j) convert_row(xp + j * D, xb + rows[j] * D, D);
-  const at::Tensor F64 = gemm_nt(GemmSite::kMixtureForward, X64, P64);  // [nd, nk (r + 1)]
-  const double* f = F64.data_ptr<double>();
-  const int64_t ldf = F64.stride(0);
+  at::Tensor F64;
+  const double* f = nullptr;
+  int64_t ldf = 0;
+  native = native && std::is_same_v<T, float> && native_f64_gemm();
+  if constexpr (std::is_same_v<T, float>) {
+    if (native) {
+      const int64_t nw = fwd_panel.size(0), mp = round_up(nd, kF64Rows), np = round_up(nw, kF64Cols);
+      scratch.a.resize(mp * D), scratch.b.resize(np * D), scratch.c.resize(mp * np);
+      pack_f64_rows(xb, D, rows.data(), nd, scratch.a.data());
+      if (bwd_panel.defined())
+        pack_f64_tiles(nullptr, bwd_panel.data_ptr<float>(), nw, nw, D, scratch.b.data());
+      else
+        pack_f64_tiles(fwd_panel.data_ptr<float>(), nullptr, 0, nw, D, scratch.b.data());
+      gemm_f64_packed(scratch.a.data(), scratch.b.data(), mp, np, D, scratch.c.data());
+      f = scratch.c.data(), ldf = np;
+    }
+  }
+  if (!native) {
+    at::Tensor& panel64 = scratch.panel64;
+    if (!panel64.defined() || panel64.numel() < fwd_panel.numel()) panel64 = at::empty({fwd_panel.numel()}, options_for<double>());
+    const at::Tensor P64 = panel64.narrow(0, 0, fwd_panel.numel()).view(fwd_panel.sizes()).copy_(fwd_panel);
+    at::Tensor X64 = at::empty({nd, D}, options_for<double>());
+    double* xp = X64.data_ptr<double>();
+    for (int64_t j = 0; j < nd; ++j) convert_row(xp + j * D, xb + rows[j] * D, D);
+    F64 = gemm_nt(GemmSite::kMixtureForward, X64, P64);  // [nd, nk (r + 1)]
+    f = F64.data_ptr<double>(), ldf = F64.stride(0);
+  }
   with_isa([&] {
     std::vector<double> c(r);
     for (int64_t j = 0; j < nd; ++j) {
       const int64_t i = rows[j];
       const double s2 = s2v[i];
       const double* fj = f + j * ldf;
-      double* L = logit + i * KB;
+      double* L = logit + i * ld_logit;
       for (int64_t k = 0; k < nk; ++k) {
         const int64_t kk = k0 + k;
         const double* um = ex.umu.data() + kk * r;
@@ -308,12 +377,14 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     at::Tensor acc = need_denoised ? at::empty({BB, D}, opts) : at::Tensor();
     // Q = [P | G] per block: P_k = p_k (1 - h_perp) multiplies mu_k, G_k = p_k g c_k multiplies U_k
     at::Tensor Qbuf = at::empty({BB * KB * W}, opts);
-    std::vector<double> logit(BB * KB), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
+    std::vector<double> logit(BB * K), m(BB), l(BB), hx(BB), m_fast(BB), err(BB), s2v(BB), x_sq(BB);
     std::vector<T> rescale(BB);
     std::vector<double> y_exact(D), c_exact(r);
     std::vector<double> m_block(need_weights ? BB * num_kb : 0);
-    std::vector<int64_t> refine(BB), dense_rows;
-    at::Tensor panel64;  // a block's forward panel in double (dense_refinement), allocated on first use
+    std::vector<int64_t> refine(BB), dense_rows, rows32, nonzero_row(BB), gemm_rows, z_row(BB);
+    std::vector<at::Tensor> F_blocks(num_kb);  // each block's float32 GEMM: [n, nk W]
+    std::vector<char> f64_row(BB);  // rows whose logits all come from dense_refinement (pass 0)
+    Float64Scratch f64_scratch;  // dense_refinement's, allocated on first use
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
@@ -338,23 +409,86 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       });
       at::Tensor accb = need_denoised ? acc.narrow(0, 0, n).zero_() : at::Tensor();
 
+      // Pass 0: rows with dense posteriors get every logit from the float64 GEMM (pass 2), so their
+      // float32 GEMM would be wasted. Predict them from x . mu_k alone (1 / (r + 1) of the GEMM):
+      // the logits less their in-span terms, counted within reach of the row's max as pass 2 counts
+      // the fast logits, against the measured costs. A prediction only: a row predicted wrongly is
+      // as exact either way, only slower. (GSA_KERNELS_DENSE=dense: the even rows that need
+      // refinement, so that tests reach both routes to the float64 GEMM.)
+      std::fill(f64_row.begin(), f64_row.begin() + n, 0);
+      bool native = true;  // dense_refinement's GEMM: the native one where it runs, unless measured slower
+      if (dense_refinement_allowed && dense != DenseChoice::kSparse) {
+        bool any = false;
+        for (int64_t i = 0; i < n; ++i) any = any || (err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol);
+        if (any && dense == DenseChoice::kDense) {
+          for (int64_t i = 0; i < n; i += 2) f64_row[i] = err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol;
+        } else if (any) {
+          const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, 0, std::min(KB, K), W, D, false));
+          native = costs.native;
+          for (int64_t kb = 0; kb < num_kb; ++kb) {
+            const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
+            const at::Tensor G = gemm_nt(GemmSite::kMixtureForward, Xb, panel(fwd, k0, nk, W, D, false).narrow(0, 0, nk));
+            const T* g = G.data_ptr<T>();
+            const int64_t ldg0 = G.stride(0);
+            for (int64_t i = 0; i < n; ++i) {
+              const double s2 = s2v[i];
+              for (int64_t k = 0; k < nk; ++k) {
+                const int64_t kk = k0 + k;
+                const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(g[i * ldg0 + k]);
+                logit[i * K + kk] = logw[kk] + component_logpdf<double>(sq, 0.0, 0.0, log_det_low(lam + kk * r, r, s2),
+                                                                        residual_var[kk], s2, D, r);
+              }
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            if (!(err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol)) continue;
+            const double* L = logit.data() + i * K;
+            double top = -std::numeric_limits<double>::infinity();
+            for (int64_t k = 0; k < K; ++k) top = std::max(top, L[k]);
+            int64_t within = 0;
+            for (int64_t k = 0; k < K; ++k) within += L[k] >= top - 2 * err[i] - kCutoff;
+            f64_row[i] = within * costs.exact > num_kb * costs.row64;
+          }
+        }
+      }
+      rows32.clear();
+      for (int64_t i = 0; i < n; ++i)
+        if (!f64_row[i]) rows32.push_back(i);
+      const int64_t n32 = static_cast<int64_t>(rows32.size());
+      at::Tensor X32;  // the float32 rows, when some rows are float64 ones
+      if (n32 > 0 && n32 < n) {
+        X32 = at::empty({n32, D}, options_for<T>());
+        for (int64_t j = 0; j < n32; ++j) std::memcpy(X32.data_ptr<T>() + j * D, xb + rows32[j] * D, D * sizeof(T));
+      }
+
+      // Pass 1: every block's float32 GEMM and fast logits first, so that the refinement (pass 2)
+      // knows each row's largest fast logit over all K components: against a running max, every
+      // block before the row's top component was refined wherever its logits sat within reach of
+      // that block's own max (at moderate sigma most of them: work for components of weight 0).
       for (int64_t kb = 0; kb < num_kb; ++kb) {
         const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
-        // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W]
-        const at::Tensor F = gemm_nt(GemmSite::kMixtureForward, Xb, panel(fwd, k0, nk, W, D, false));
+        // F = [x . mu_k | U_k^T x] for the block's components: [n, nk W] (the float32 rows' only)
+        const at::Tensor pan = panel(fwd, k0, nk, W, D, false);
+        if (n32 == n) {
+          F_blocks[kb] = gemm_nt(GemmSite::kMixtureForward, Xb, pan);
+        } else {
+          F_blocks[kb] = at::empty({n, nk * W}, options_for<T>());
+          if (n32 > 0) {
+            const at::Tensor F32 = gemm_nt(GemmSite::kMixtureForward, X32, pan);
+            for (int64_t j = 0; j < n32; ++j)
+              std::memcpy(F_blocks[kb].data_ptr<T>() + rows32[j] * nk * W, F32.data_ptr<T>() + j * F32.stride(0),
+                          nk * W * sizeof(T));
+          }
+        }
+        const at::Tensor& F = F_blocks[kb];
         const T* Sp = F.data_ptr<T>();
         const int64_t lds = F.stride(0), ldc = lds;
         T* Cp = F.data_ptr<T>() + nk;  // c_k of row i at Cp + i ldc + k r
-        const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
-        T* Pp = Q.data_ptr<T>();
-        T* Gp = Pp + nk;
-        const int64_t ldp = nk * W, ldg = ldp;
-        int64_t nonzero_p = 0;
-
         with_isa([&] {
           for (int64_t i = 0; i < n; ++i) {
+            if (f64_row[i]) continue;
             const double s2 = s2v[i];
-            double* L = logit.data() + i * KB;
+            double* L = logit.data() + i * K + k0;
             // fast logits
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
@@ -373,17 +507,36 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             double block_fast_max = -std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
             m_fast[i] = std::max(m_fast[i], block_fast_max);
-            // the components that can matter, to be refined
-            refine[i] = 0;
-            if (err[i] > logit_tol) {
-              const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-              for (int64_t k = 0; k < nk; ++k) refine[i] += L[k] >= keep;
-            }
           }
         });
+      }
+
+      // Pass 2, per block: refinement, online softmax, back-projection
+      for (int64_t kb = 0; kb < num_kb; ++kb) {
+        const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
+        const at::Tensor& F = F_blocks[kb];
+        const int64_t ldc = F.stride(0);
+        T* Cp = F.data_ptr<T>() + nk;  // c_k of row i at Cp + i ldc + k r
+        const at::Tensor Q = Qbuf.narrow(0, 0, n * nk * W).view({n, nk * W});
+        T* Pp = Q.data_ptr<T>();
+        T* Gp = Pp + nk;
+        const int64_t ldp = nk * W, ldg = ldp;
+
+        // the components that can matter, to be refined: within 2 err + kCutoff of the row's max
+        for (int64_t i = 0; i < n; ++i) {
+          refine[i] = 0;
+          if (err[i] > logit_tol && !f64_row[i]) {
+            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+            const double* L = logit.data() + i * K + k0;
+            for (int64_t k = 0; k < nk; ++k) refine[i] += L[k] >= keep;
+          }
+        }
         // Rows with many components to refine get every logit of the block from one float64 GEMM
         // instead (dense_refinement), where the measured costs say it is cheaper.
         dense_rows.clear();
+        for (int64_t i = 0; i < n; ++i)
+          if (f64_row[i]) dense_rows.push_back(i);
+        const size_t predicted = dense_rows.size();
         if (dense_refinement_allowed && dense == DenseChoice::kDense) {
           for (int64_t i = 0; i < n; ++i)
             if (refine[i] > 0 && err[i] * kEps64Ratio <= logit_tol) dense_rows.push_back(i);
@@ -392,26 +545,29 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           for (int64_t i = 0; i < n; ++i) total += refine[i];
           if (total > 0) {
             const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, k0, nk, W, D, false));
-            double saved = -costs.convert;
+            double saved = predicted > 0 ? 0.0 : -costs.convert;  // the predicted rows convert anyway
+            native = costs.native;
             for (int64_t i = 0; i < n; ++i)
               if (refine[i] * costs.exact > costs.row64 && err[i] * kEps64Ratio <= logit_tol) {
                 dense_rows.push_back(i);
                 saved += refine[i] * costs.exact - costs.row64;
               }
-            if (saved <= 0) dense_rows.clear();
+            if (saved <= 0) dense_rows.resize(predicted);
           }
         }
         if (!dense_rows.empty()) {
           std::call_once(exact_terms_once, [&] { exact_terms = lowrank_exact_terms<T>(mu, basis, K, D, r); });
-          dense_refinement<T>(xb, D, r, k0, nk, dense_rows, panel(fwd, k0, nk, W, D, false), panel64, exact_terms, x_sq.data(),
-                              s2v.data(), mu_sq.data(), lam, residual_var, logw, logit.data(), KB, Cp, ldc);
+          dense_refinement<T>(xb, D, r, k0, nk, dense_rows, panel(fwd, k0, nk, W, D, false),
+                              need_denoised ? panel(bwd, k0, nk, W, D, true) : at::Tensor(), f64_scratch, exact_terms, x_sq.data(),
+                              s2v.data(), mu_sq.data(), lam, residual_var, logw, logit.data() + k0, K, Cp, ldc,
+                              native);
           for (const int64_t i : dense_rows) refine[i] = 0;
         }
 
         with_isa([&] {
           for (int64_t i = 0; i < n; ++i) {
             const double s2 = s2v[i];
-            double* L = logit.data() + i * KB;
+            double* L = logit.data() + i * K + k0;
             // exact refinement of the components that can matter
             if (refine[i] > 0) {
               const double keep = m_fast[i] - 2 * err[i] - kCutoff;
@@ -434,6 +590,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             const double scale = merge_scale(m[i], m_new);
             const double h_perp0 = residual_var[0] / (residual_var[0] + s2);
             double lsum = 0, hsum = 0;
+            int64_t nonzero = 0;  // the row's components in the block with weight
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
               const double d = L[k] - m_new;
@@ -443,7 +600,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               lsum += p;
               hsum += p * h_perp;
               Pp[i * ldp + k] = static_cast<T>(p * (1.0 - h_perp));
-              nonzero_p += Pp[i * ldp + k] != T(0);
+              nonzero += p != 0.0;
               if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
               if (need_denoised) {  // G = p (lam / (lam + s^2) - h_perp) c
                 const T* c = Cp + i * ldc + k * r;
@@ -454,6 +611,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
                 }
               }
             }
+            nonzero_row[i] = nonzero;
             l[i] = l[i] * scale + lsum;
             hx[i] = hx[i] * scale + hsum;
             if (need_weights) m_block[i * num_kb + kb] = m_new;
@@ -462,28 +620,47 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           }
         });
         if (!need_denoised) continue;
-        // acc = acc * rescale (+ z): z = Q [M | U]^T by one GEMM (dense posterior), or, when few
-        // weights are nonzero (small sigma), an axpy per nonzero entry of Q over the forward
-        // panel's rows (mu_k, the columns of U_k); whichever costs less by measured rates
-        const at::Tensor bwd_block = panel(bwd, k0, nk, W, D, true);
-        // (auto: the GEMM. A cost model with the axpy rate timed in cache chose the axpys for
-        // dense posteriors, where they ran slower: left out until one times them as they run.)
-        const bool sparse_back = dense == DenseChoice::kSparse;
-        const bool gemm_back = nonzero_p > 0 && !sparse_back;
-        const at::Tensor z = gemm_back ? gemm_nt(GemmSite::kMixtureBackward, Q, bwd_block) : at::Tensor();
+        // acc = acc * rescale (+ z): z = Q [M | U]^T by one GEMM over the rows with dense
+        // posteriors, and for a row with fewer than 1 in kSparseRatio of the block's weights nonzero
+        // (small sigma: mostly one component per row), r + 1 axpys per nonzero weight over the
+        // forward panel's rows (mu_k, the columns of U_k), as the r = 0 kernel decides
+        // (empirical.cpp). (A cost model with the axpy rate timed in cache chose the axpys for
+        // dense posteriors, where they ran slower.)
+        gemm_rows.clear();
+        for (int64_t i = 0; i < n; ++i) {
+          const bool sparse_row = dense == DenseChoice::kSparse ||
+                                  (dense == DenseChoice::kAuto && nonzero_row[i] * kSparseRatio < nk);
+          z_row[i] = nonzero_row[i] > 0 && !sparse_row ? static_cast<int64_t>(gemm_rows.size()) : -1;
+          if (z_row[i] >= 0) gemm_rows.push_back(i);
+        }
+        const int64_t nz = static_cast<int64_t>(gemm_rows.size());
+        at::Tensor z;
+        if (nz > 0) {
+          const at::Tensor bwd_block = panel(bwd, k0, nk, W, D, true);
+          if (nz == n) {
+            z = gemm_nt(GemmSite::kMixtureBackward, Q, bwd_block);
+          } else {
+            at::Tensor Qz = at::empty({nz, nk * W}, options_for<T>());
+            for (int64_t j = 0; j < nz; ++j)
+              std::memcpy(Qz.data_ptr<T>() + j * nk * W, Pp + gemm_rows[j] * ldp, nk * W * sizeof(T));
+            z = gemm_nt(GemmSite::kMixtureBackward, Qz, bwd_block);
+          }
+        }
         const T* Fw = panel(fwd, k0, nk, W, D, false).data_ptr<T>();  // rows mu_k, then U_k^T
+        const T* zp = nz > 0 ? z.data_ptr<T>() : nullptr;
+        const int64_t ldz = nz > 0 ? z.stride(0) : 0;
         with_isa([&] {
           for (int64_t i = 0; i < n; ++i) {
             T* a = accb.data_ptr<T>() + i * D;
             const T sc = rescale[i];
-            if (gemm_back) {
-              const T* zi = z.data_ptr<T>() + i * D;
+            if (z_row[i] >= 0) {
+              const T* zi = zp + z_row[i] * ldz;
               for (int64_t d = 0; d < D; ++d) a[d] = a[d] * sc + zi[d];
               continue;
             }
             if (sc != T(1))
               for (int64_t d = 0; d < D; ++d) a[d] *= sc;
-            if (nonzero_p == 0) continue;
+            if (nonzero_row[i] == 0) continue;
             for (int64_t k = 0; k < nk; ++k) {
               const T pk = Pp[i * ldp + k];
               const T* g = Gp + i * ldg + k * r;

@@ -450,6 +450,8 @@ def mixture_posterior_cases():
     for sigma in (3.0, 30.0):
         cases.append(Case("dense", _shape_name(9, 64, 4, K=40) + f"_{_sigma_name(sigma)}", 9, 64, 4, K=40, residual_var=None,
                           sigma=sigma))
+    # the same at D 400: the cpu float64 GEMM's depth blocks of 128 (three and a short one)
+    cases.append(Case("dense", _shape_name(9, 400, 4, K=40) + "_s30", 9, 400, 4, K=40, residual_var=None, sigma=30.0))
     for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
         cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
                           neg_inf_weights=K // 3))
