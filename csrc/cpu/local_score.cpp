@@ -1,4 +1,4 @@
-// CPU kernel of local_posterior: the local score machines LS / ELS / BB-ELS (gsa_kernels/_contract.py
+// CPU kernel of local_posterior: the local score machines LS / ELS / BB-ELS (gsa_kernels/_core/_contract.py
 // gives the math). For a query x[b] and pixel u, every candidate (n, v) has the squared window
 // distance d2(u, v) = sum over window offsets o and channels of (x[u + o] - images[n][v + o])^2.
 //
