@@ -650,7 +650,7 @@ def local_posterior_cases():
         # a large offset (pixels 1000 +- 1, ulp 6e-5 in float32): |a|^2 ~ 1e6 per pixel >> |a - b|^2, so
         # the expanded |a|^2 - 2 a.b + |b|^2 loses the logits (noisy x, sigma 1) and an output formed
         # as (sum w value) / (sum w) - x cancels (the score of a near tie at sigma 0.002)
-        for sigma, tie, kind in ((1.0, False, SpectralKind.DENOISE), (0.002, True, SpectralKind.SCORE)):
+        for sigma, tie, kind in ((1.0, False, SpectralKind.SCORE), (0.002, True, SpectralKind.SCORE)):
             name = _local_name(3, 4, 1, 6, 7, 3, mode, padding, kind) + f"_off1000_{_sigma_name(sigma)}"
             cases.append(LocalCase("offset", name, 3, 4, 1, 6, 7, 3, mode, padding, kind, sigma=sigma,
                                    extra={"offset": 1000.0, "tie": tie}))
