@@ -6,6 +6,9 @@ torch.compile on the same device, with the device's roofline measured in the sam
     T1  gaussian_trajectory  T=18 B=256 D=3072 r=256
     M1  mixture_denoise      B=512  D=3072 K=200 r=32
     E1  empirical mixture    B=256  N=20000 D=3072, sigma in 0.01 (one-hot), 0.5, 3 and 30 (dense)
+    L-ls, L-els, L-bbels     local score machines (local_denoise, zeros padding), 28 x 28 C=1,
+                             B=8 N=1000 P=5 sigma=1: triton and cuda against the conv2d
+                             formulation (benchmarks/local_conv2d.py) on the same device
 
     python -m pytest benchmarks/bench_gpu.py --benchmark-json out.json     (needs a CUDA device)
 
@@ -20,6 +23,13 @@ with the memory-efficient (CUTLASS) backend forced on CUDA (it takes any head di
 cuDNN stop at 256), in the case's dtype (float32, bfloat16), D padded to a multiple of 8 and N to
 a multiple of 16 (padded keys get bias -inf) as that backend wants; its worst-row error against
 float64 truth lands in extra_info (sdpa_error).
+
+The local score machines (test_gpu_local; scripts/gpu_check.py runs them as their own part):
+training images are MNIST-like synthetic digits (a few bright strokes on -1, from a seed: no
+dataset needed), queries are other such images plus sigma noise. Before timing, each of ours is
+checked against the conv2d formulation's answer (max |difference| < 1e-3, as benchmarks/
+bench_local.py on CPU; float32 expanded form vs our exact sums), and the difference lands in
+extra_info (max_abs_diff_vs_conv2d).
 
 Without a GPU the file is skipped, unless GSA_BENCH_DEVICE=cpu (used by
 `scripts/gpu_check.sh --dry-run`): then the same cases run on CPU tensors at reduced sizes with one
@@ -58,6 +68,12 @@ WORKLOADS = SMALL if REDUCED else FULL
 EMPIRICAL_SIGMAS = (0.01, 3.0) if REDUCED else (0.01, 0.5, 3.0, 30.0)  # one-hot ... dense posterior
 CASES = [(n, None) for n in ("G1", "G2", "T1", "M1")] + [("E1", s) for s in EMPIRICAL_SIGMAS]
 IMPLS = ("triton", "cuda", "eager", "compiled", "sdpa")
+
+# the local score machines: (B, N, C, H, W, P, sigma); the dry run's shapes are the interpreter's
+LOCAL_SHAPE = (2, 3, 1, 6, 7, 3, 1.0) if REDUCED else (8, 1000, 1, 28, 28, 5, 1.0)
+LOCAL_MODES = ("ls", "els", "bbels")
+LOCAL_IMPLS = ("triton", "cuda", "conv2d")
+LOCAL_ROUNDS = 1 if REDUCED else int(os.environ.get("GSA_BENCH_LOCAL_ROUNDS", "5"))  # conv2d ELS: ~0.1-1 s a call
 
 
 def work(name, x_bytes=4, sigma=None):
@@ -256,6 +272,71 @@ def test_gpu(benchmark, case, impl, dtype):
     benchmark.extra_info.update(workload=name, sigma=sigma_e, impl=impl, dtype=str(dtype).removeprefix("torch."),
                                 device=DEVICE, reduced=REDUCED, median_ms=median_ms, best_ms=best_ms,
                                 bytes=nbytes, dot_flops=dot, other_flops=other, **extra)
+    benchmark.pedantic(lambda: (run(), _sync()), rounds=1, iterations=1, warmup_rounds=0)
+
+
+def _digits(n, H, W, gen):
+    """n synthetic MNIST-like images [n, 1, H, W] in [-1, 1]: background -1, a few bright strokes."""
+    img = torch.full((n, 1, H, W), -1.0)
+    for k in range(n):
+        for _ in range(3):  # three strokes of random direction and length
+            i, j = (int(torch.randint(0, s, (1,), generator=gen)) for s in (H, W))
+            di, dj = (int(torch.randint(-1, 2, (1,), generator=gen)) for _ in range(2))
+            for _ in range(int(torch.randint(2, max(3, H // 2), (1,), generator=gen))):
+                img[k, 0, i % H, j % W] = 1.0
+                i, j = i + di, j + dj
+    return img
+
+
+def _setup_local(mode):
+    """{impl: zero-argument callable} for a local machine, built once per mode; the machine's
+    images and queries on the device."""
+    import gsa_kernels as gk
+
+    key = ("local", mode)
+    if key in _CACHE:
+        return _CACHE[key]
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.local_conv2d from any cwd
+    from benchmarks.local_conv2d import conv2d_local_denoise
+
+    B, N, C, H, W, P, sigma = LOCAL_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    train = _digits(N, H, W, gen).to(DEVICE)
+    x = (_digits(B, H, W, gen) + sigma * torch.randn(B, C, H, W, generator=gen)).to(DEVICE).contiguous()
+    m = gk.LocalScoreMachine(train, mode=mode)
+    ours = lambda backend: gk.local_denoise(x, sigma, m, P, backend=backend)
+    impls = {"triton": lambda: ours("triton"), "cuda": lambda: ours("cuda"),
+             "conv2d": lambda: conv2d_local_denoise(x, train, sigma, P, mode)}
+    _CACHE[key] = impls
+    return impls
+
+
+@pytest.mark.parametrize("impl", LOCAL_IMPLS)
+@pytest.mark.parametrize("mode", LOCAL_MODES)
+def test_gpu_local(benchmark, mode, impl):
+    """local_denoise on the triton and cuda backends against the conv2d formulation, same device."""
+    import gsa_kernels as gk
+
+    if impl != "conv2d" and impl not in gk.available_backends():
+        pytest.skip(f"backend {impl!r} not available here")
+    impls = _setup_local(mode)
+    run = impls[impl]
+    extra = {}
+    if impl != "conv2d":  # a wrong answer is not a benchmark
+        key = ("local_conv2d_out", mode)
+        if key not in _CACHE:
+            _CACHE[key] = impls["conv2d"]().float()
+        diff = (run().float() - _CACHE[key]).abs().max().item()
+        extra["max_abs_diff_vs_conv2d"] = diff
+        assert diff < 1e-3, f"local {mode} {impl}: differs from the conv2d formulation by {diff}"
+    median_ms, best_ms = time_ms(run, LOCAL_ROUNDS, warmup=0 if REDUCED else 2)
+    B, N, C, H, W, P, sigma = LOCAL_SHAPE
+    benchmark.extra_info.update(workload=f"L-{mode}", sigma=sigma, impl=impl, dtype="float32", device=DEVICE,
+                                reduced=REDUCED, median_ms=median_ms, best_ms=best_ms, B=B, N=N, C=C, H=H, W=W, P=P,
+                                **extra)
     benchmark.pedantic(lambda: (run(), _sync()), rounds=1, iterations=1, warmup_rounds=0)
 
 

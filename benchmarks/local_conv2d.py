@@ -6,6 +6,7 @@ across chunks. float32 by default, like those implementations; the expanded form
 small sigma (that is one thing the fused kernel fixes).
 
     conv2d_local_denoise(x [B, C, H, W], images [N, C, H, W], sigma float or [B], P, mode, padding)
+(on x's device: CPU for the bench's L workloads, the GPU in scripts/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ def _pad(t, p, padding):
         return t
     if padding == "circular":
         H, W = t.shape[-2:]
-        rows = torch.arange(-p, H + p) % H
-        cols = torch.arange(-p, W + p) % W
+        rows = torch.arange(-p, H + p, device=t.device) % H
+        cols = torch.arange(-p, W + p, device=t.device) % W
         return t[..., rows, :][..., cols]
     return F.pad(t, (p, p, p, p))
 
 
-def _boundary_class(H, W, p):
-    i = torch.arange(H)[:, None].expand(H, W)
-    j = torch.arange(W)[None, :].expand(H, W)
+def _boundary_class(H, W, p, device):
+    i = torch.arange(H, device=device)[:, None].expand(H, W)
+    j = torch.arange(W, device=device)[None, :].expand(H, W)
     return torch.stack([i.clamp(max=p), (H - 1 - i).clamp(max=p), j.clamp(max=p), (W - 1 - j).clamp(max=p)], -1).reshape(H * W, 4)
 
 
@@ -34,15 +35,16 @@ def _boundary_class(H, W, p):
 def conv2d_local_denoise(x, images, sigma, P, mode="els", padding="zeros", chunk=8):
     B, C, H, W = x.shape
     N, HW, p = images.shape[0], H * W, P // 2
-    s2 = (torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(B) ** 2).reshape(B, 1, 1)
+    dev = x.device  # CPU or GPU (scripts/gpu_check.sh runs it on the device)
+    s2 = (torch.as_tensor(sigma, dtype=x.dtype, device=dev).reshape(-1).expand(B) ** 2).reshape(B, 1, 1)
     xp = _pad(x, p, padding)
-    ones = torch.ones(1, C, P, P, dtype=x.dtype)
+    ones = torch.ones(1, C, P, P, dtype=x.dtype, device=dev)
     x_sq = F.conv2d(xp * xp, ones).reshape(B, 1, HW)  # |x window at u|^2
-    m = torch.full((B, 1, HW), -torch.inf, dtype=x.dtype)
-    z = torch.zeros((B, 1, HW), dtype=x.dtype)
-    acc = torch.zeros((B, C, HW), dtype=x.dtype)
+    m = torch.full((B, 1, HW), -torch.inf, dtype=x.dtype, device=dev)
+    z = torch.zeros((B, 1, HW), dtype=x.dtype, device=dev)
+    acc = torch.zeros((B, C, HW), dtype=x.dtype, device=dev)
     if mode == "bbels":
-        cls = _boundary_class(H, W, p)
+        cls = _boundary_class(H, W, p, dev)
         outside = ~(cls[:, None, :] == cls[None, :, :]).all(-1)  # [HW v, HW u]
     for n0 in range(0, N, chunk):
         block = images[n0:n0 + chunk]

@@ -12,6 +12,9 @@ recorded and the next one runs:
                 the kernel-level ops, per backend, on the device
   sanitizer     compute-sanitizer memcheck / racecheck / synccheck over a small case subset
   bench         benchmarks/bench_gpu.py (pytest-benchmark, CUDA events) vs eager and compiled
+  local         the local score machines (bench_gpu.py's test_gpu_local): local_denoise on the
+                triton and cuda backends vs the conv2d formulation on the device, answers
+                compared, times reported
 Then OUT_DIR/gpu_check.md and OUT_DIR/gpu_check.json.
 
 A run cannot report another run's results: it first removes its own outputs from OUT_DIR (the
@@ -40,15 +43,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # seconds per part on one H200 with 16 cores / in the dry run; the real run also stops starting
-# parts at TOTAL_BUDGET (8 minutes), each part's budget cut to what is left. The dry run's build
-# (the whole extension on 2 cores, beside CI's Triton child) took 2-5 min: it gets 10.
+# parts at TOTAL_BUDGET (~9 minutes), each part's budget cut to what is left. The dry run's build
+# (the whole extension on 2 cores, beside CI's Triton child) took 2-5 min: it gets 10. The local
+# part's estimate (not yet measured on a GPU): 3 Triton compilations, ~8 conv2d ELS-size calls of
+# ~0.1-1 s per mode.
 BUDGETS = {"environment": (20, 60), "build": (120, 600), "conformance": (110, 420), "compile": (75, 240),
-           "sanitizer": (45, 120), "bench": (100, 300)}
-TOTAL_BUDGET = 470
+           "sanitizer": (45, 120), "bench": (100, 300), "local": (60, 300)}
+TOTAL_BUDGET = 530
 # every file a run writes into OUT_DIR: removed before a run starts
 OUTPUTS = ("gpu_check.md", "gpu_check.json", "build.log", "conformance.xml", "conformance.log", "compile.json",
            "compile.log", "sanitizer.log", "sanitizer_memcheck.log", "sanitizer_racecheck.log", "sanitizer_synccheck.log",
-           "bench.json", "bench.log")
+           "bench.json", "bench.log", "local.json", "local.log")
 
 
 def _written_since(path, since):
@@ -231,7 +236,7 @@ def part_sanitizer(args, out):
 def part_bench(args, out):
     js = out / "bench.json"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_gpu.py",
-           f"--benchmark-json={js}", "--benchmark-disable-gc"]
+           "-k", "not test_gpu_local", f"--benchmark-json={js}", "--benchmark-disable-gc"]
     budget = args.budget("bench")
     pk = [sys.executable, "benchmarks/bench_gpu.py"]  # the device's peaks, measured now
     t0 = time.time()
@@ -242,6 +247,20 @@ def part_bench(args, out):
         info["peaks"] = json.loads(tail2[tail2.index("{"):])
     except ValueError:
         info["peaks_error"] = tail2
+    if _written_since(js, t0):
+        info["rows"] = [b["extra_info"] for b in json.loads(js.read_text())["benchmarks"]]
+    else:
+        info["tail"] = tail
+    return status, info
+
+
+def part_local(args, out):
+    js = out / "local.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_gpu.py",
+           "-k", "test_gpu_local", f"--benchmark-json={js}", "--benchmark-disable-gc"]
+    t0 = time.time()
+    status, secs, tail = run(cmd, args.budget("local"), device_env(args.dry_run), out / "local.log")
+    info = {"command": " ".join(cmd), "seconds": round(secs, 1)}
     if _written_since(js, t0):
         info["rows"] = [b["extra_info"] for b in json.loads(js.read_text())["benchmarks"]]
     else:
@@ -435,6 +454,31 @@ def bench_table(info):
     return out
 
 
+def local_table(info):
+    """The local machines: per mode, each implementation's median and best ms, our speed-up over
+    the conv2d formulation (its median / ours) and our answer's max |difference| from its answer."""
+    rows = info.get("rows") or []
+    if not rows:
+        return ["(no local rows)"]
+    r0 = rows[0]
+    out = [f"B={r0['B']} N={r0['N']} C={r0['C']} {r0['H']} x {r0['W']} P={r0['P']} sigma={r0['sigma']:g}, "
+           f"{r0['dtype']}, zeros padding{' (REDUCED: dry-run sizes)' if r0.get('reduced') else ''}", "",
+           "| machine | impl | median ms | best ms | x vs conv2d | max abs diff vs conv2d |", "|---|---|---:|---:|---:|---:|"]
+    by_mode = {}
+    for r in rows:
+        by_mode.setdefault(r["workload"], {})[r["impl"]] = r
+    for wl, impls in by_mode.items():
+        conv = impls.get("conv2d")
+        for impl in ("triton", "cuda", "conv2d"):
+            r = impls.get(impl)
+            if not r:
+                continue
+            ratio = f"{conv['median_ms'] / r['median_ms']:.1f}" if conv and impl != "conv2d" else "-"
+            diff = f"{r['max_abs_diff_vs_conv2d']:.2g}" if "max_abs_diff_vs_conv2d" in r else "-"
+            out.append(f"| {wl} | {impl} | {r['median_ms']:.3f} | {r['best_ms']:.3f} | {ratio} | {diff} |")
+    return out
+
+
 def write_report(out, args, parts):
     data = {"dry_run": args.dry_run, "parts": parts, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     (out / "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
@@ -457,6 +501,8 @@ def write_report(out, args, parts):
     san = parts.get("sanitizer", {}).get("info") or {}
     md += ["", "## compute-sanitizer", ""] + [f"- {t}: {v}" for t, v in san.items()]
     md += ["", "## Benchmarks", ""] + bench_table(parts.get("bench", {}).get("info", {}))
+    md += ["", "## Local score machines vs the conv2d formulation (same device)", ""] + local_table(
+        parts.get("local", {}).get("info", {}))
     md += ["", "Logs of every part: *.log beside this report."]
     (out / "gpu_check.md").write_text("\n".join(md) + "\n")
 

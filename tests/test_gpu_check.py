@@ -11,7 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("environment", "build", "conformance", "compile", "sanitizer", "bench")
+PARTS = ("environment", "build", "conformance", "compile", "sanitizer", "bench", "local")
 
 
 @pytest.mark.slow
@@ -31,6 +31,39 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["workload"] for r in rows} == {"G1", "G2", "T1", "M1", "E1"}
     counts = data["parts"]["conformance"]["info"]["counts"]
     assert sum(t for fams in counts.values() for _, t in fams.values()) > 0, "the conformance slice ran no case"
+    _check_local_part(data, report)
+
+
+def _check_local_part(data, report):
+    """The local part's rows: every machine, triton / cuda / conv2d, ours checked against conv2d."""
+    rows = data["parts"]["local"]["info"]["rows"]
+    assert {r["workload"] for r in rows} == {"L-ls", "L-els", "L-bbels"}
+    assert {r["impl"] for r in rows} == {"triton", "cuda", "conv2d"}
+    ours = [r for r in rows if r["impl"] != "conv2d"]
+    assert len(ours) == 6 and all(r["max_abs_diff_vs_conv2d"] < 1e-3 for r in ours), ours
+    assert "## Local score machines vs the conv2d formulation" in report and "| L-els | cuda |" in report
+
+
+def test_gpu_check_local_part_dry_run(tmp_path):
+    """The local machines' part alone on the CPU stand-ins (interpreter, emulation, tiny shapes)."""
+    proc = _run_check(["--dry-run", "--parts", "local", str(tmp_path)], REPO, timeout=600)
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert proc.returncode == 0 and data["parts"]["local"]["status"] == "passed", proc.stdout + proc.stderr
+    _check_local_part(data, (tmp_path / "gpu_check.md").read_text())
+
+
+def test_local_table_reads_the_rows():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    base = dict(sigma=1.0, dtype="float32", B=8, N=1000, C=1, H=28, W=28, P=5, reduced=False)
+    rows = [dict(base, workload="L-els", impl="conv2d", median_ms=500.0, best_ms=490.0),
+            dict(base, workload="L-els", impl="cuda", median_ms=50.0, best_ms=49.0, max_abs_diff_vs_conv2d=3e-6)]
+    table = "\n".join(gpu_check.local_table({"rows": rows}))
+    assert "| L-els | cuda | 50.000 | 49.000 | 10.0 | 3e-06 |" in table and "| L-els | conv2d | 500.000" in table
+    assert gpu_check.local_table({}) == ["(no local rows)"]
 
 
 def _run_check(args, cwd, timeout=300):

@@ -2,13 +2,14 @@
 API (gk.LocalScoreMachine, gk.local_denoise, gk.local_score), its errors and autograd. The
 kernels are checked against the reference by the conformance suite (tests/conformance)."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gsa_kernels import reference
-from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
+from gsa_kernels._core._contract import LocalMode, LocalPadding, SpectralKind
 
 F64 = torch.float64
 
@@ -222,3 +223,38 @@ def test_local_denoiser_for_samplers_and_calibration():
     target = local_mod.LocalDenoiser(m, 3)
     best, scores = local_mod.calibrate_patch_size(m, target, m.images[:3], [0.3, 1.0], patch_sizes=(1, 3, 5))
     assert best == {0.3: 3, 1.0: 3} and scores[0.3][3] == pytest.approx(1.0)
+
+
+def _mapped_from(path, tensor):
+    """tensor's data lies in a memory mapping of the file at path (/proc/self/maps)."""
+    ptr = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] == str(path):
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_file_images_are_used_in_place(tmp_path):
+    """docs/local_score.md, "Training images from a file": a float32 .npy / .safetensors file is the
+    op's operand in place (a memory map, no copy); other dtypes and other compute dtypes get a copy."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    imgs = torch.rand(5, 1, 4, 6)
+    np.save(tmp_path / "f32.npy", imgs.numpy())
+    save_file({"images": imgs}, str(tmp_path / "f32.safetensors"))
+    np.save(tmp_path / "u8.npy", (imgs.numpy() * 255).astype(np.uint8))
+    x = imgs[:2] + 0.1
+    for name in ("f32.npy", "f32.safetensors"):
+        m = gk.LocalScoreMachine(str(tmp_path / name))
+        assert _mapped_from(tmp_path / name, m.operand(torch.float32)), name
+        assert m.operand(torch.float32).data_ptr() == m.images.data_ptr()
+        assert not _mapped_from(tmp_path / name, m.operand(torch.float64))  # float64 queries: a kept copy
+        assert m.operand(torch.float64) is m.operand(torch.float64)
+        assert torch.equal(gk.local_denoise(x, 0.3, m, 3), gk.local_denoise(x, 0.3, gk.LocalScoreMachine(imgs), 3))
+    u8 = gk.LocalScoreMachine(str(tmp_path / "u8.npy"))
+    assert u8.dtype == torch.float32 and not _mapped_from(tmp_path / "u8.npy", u8.images)

@@ -1,6 +1,6 @@
 """The one case list of the conformance suite, shared by every backend.
 
-A case builds the arguments of one kernel-level op (gsa_kernels/_contract.py) in float64 from a
+A case builds the arguments of one kernel-level op (gsa_kernels/_core/_contract.py) in float64 from a
 seed; the suite rounds x to the case's dtype and everything else to the compute dtype, and the
 truth is the reference in float64 on exactly those rounded values. Families:
 
@@ -31,7 +31,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
             2 max(H, W) + 1 x C 1, 3), tiles (non-square H x W with HW one below / at / above
             16, 32, 64, 128 pixels, N across 16 and 32 images, a 1 x 1 image), dtypes, sigma
             (1e-4 .. 1e4, one per case), tie (two patches 1e-3 apart in one pixel, sigma 0.002 /
-            0.01), sparse (MNIST-like images: exact ties among all-zero windows), nan; and the
+            0.01), offset (pixels 1000 +- 1: the cancelling forms' case), sparse (MNIST-like
+            images: exact ties among all-zero windows), nan; and the
             identities (local_identity_cases: LS zeros large P = the delta mixture, BBELS P 1 =
             ELS P 1), test_conformance.test_local_identity
 
@@ -64,7 +65,7 @@ from typing import Optional
 
 import torch
 
-from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
+from gsa_kernels._core._contract import LocalMode, LocalPadding, SpectralKind
 from tests._helpers import orthonormal as _orthonormal
 
 F64 = torch.float64
@@ -417,7 +418,7 @@ def mixture_posterior_cases():
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
     # split: the components cut into parts (blocks of a points file, shards, ranks), each part one
-    # kernel launch, the parts' states merged (gsa_kernels/partial.py split_posterior, the code of
+    # kernel launch, the parts' states merged (gsa_kernels/_scaleout/partial.py split_posterior, the code of
     # those paths): near ties whose two points lie in different parts, at the EDM's smallest sigma
     # and D 784 (logits ~1e7: a float32 logp per part is off by ~0.4), and 16-bit x at sigma 0.01
     for sigma in (0.002, 0.01):
@@ -556,7 +557,8 @@ def local_posterior_args(case):
     noise. Near ties (extra["tie"]): image 1 is image 0 with one pixel moved by 1e-3 and x is
     image 0 (rows 0, 2, ...) or the midpoint of the two in that pixel (rows 1, 3, ...). Image 0 is
     0 in that pixel, so the output there is 1e-3 times the weight of image 1: a weight error shows
-    above the rounding term of the bound."""
+    above the rounding term of the bound. extra["offset"]: images and x (not the padding) moved by it
+    after all that."""
     gen = _gen(case)
     images = _local_images(case, gen)
     sigma = _row_sigma(case, gen)
@@ -585,6 +587,9 @@ def local_posterior_args(case):
                                                     int(torch.randint(0, case.W, (1,), generator=gen))), (1, 2))
                          for k in pick]) if B else images[:0].clone()
         x = x + sigma[:, None, None, None] * torch.randn(x.shape, dtype=F64, generator=gen)
+    if case.extra.get("offset"):  # images and x around a large offset (padding stays 0)
+        images = images + case.extra["offset"]
+        x = x + case.extra["offset"]
     for b in case.nan_rows:
         x[b, b % case.C, b % case.H, (2 * b) % case.W] = math.nan
     return x, images, sigma, case.P, int(case.mode), int(case.padding), int(case.kind)
@@ -644,6 +649,13 @@ def local_posterior_cases():
         # a near tie far from x: logits ~ -1e5 apart from the data, the exact recomputation's case
         name = _local_name(2, 4, 3, 9, 10, 9, mode, padding, SpectralKind.DENOISE) + "_far_s0.011"
         cases.append(LocalCase("tie", name, 2, 4, 3, 9, 10, 9, mode, padding, sigma=0.011, extra={"tie": "far"}))
+        # a large offset (pixels 1000 +- 1, ulp 6e-5 in float32): |a|^2 ~ 1e6 per pixel >> |a - b|^2, so
+        # the expanded |a|^2 - 2 a.b + |b|^2 loses the logits (noisy x, sigma 1) and an output formed
+        # as (sum w value) / (sum w) - x cancels (the score of a near tie at sigma 0.002)
+        for sigma, tie, kind in ((1.0, False, SpectralKind.SCORE), (0.002, True, SpectralKind.SCORE)):
+            name = _local_name(3, 4, 1, 6, 7, 3, mode, padding, kind) + f"_off1000_{_sigma_name(sigma)}"
+            cases.append(LocalCase("offset", name, 3, 4, 1, 6, 7, 3, mode, padding, kind, sigma=sigma,
+                                   extra={"offset": 1000.0, "tie": tie}))
         # MNIST-like images: exact ties among all-zero patches; dense posteriors at sigma 5
         for sigma in (0.05, 5.0):
             for kind in kinds:
