@@ -317,14 +317,14 @@ def mixture_posterior_args(case):
 
 
 def _score_points(case, gen):
-    """K image-like points in [-1, 1]^D; near_tie: point K // 2 is point 0 moved by sigma / 2 (split
-    between the halves that blocks and shards cut); extra["duplicates"] = n: points 1..n are
-    copies of point 0 (a dense posterior at small sigma)."""
+    """K image-like points in [-1, 1]^D; point K // 2 is point 0 moved by sigma / 2 (near_tie) or
+    3 sigma (near_point), in the other half of the points (blocks and shards cut there);
+    extra["duplicates"] = n: points 1..n are copies of point 0 (a dense posterior at small sigma)."""
     K, D = case.K, case.D
     points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
     u = torch.randn(D, dtype=F64, generator=gen)
-    if case.extra["build"] == "near_tie":
-        points[K // 2] = points[0] + 0.5 * case.sigma * u / u.norm()
+    if case.extra["build"] in ("near_tie", "near_point"):  # near_point: a neighbour of weight ~1e-2
+        points[K // 2] = points[0] + (0.5 if case.extra["build"] == "near_tie" else 3.0) * case.sigma * u / u.norm()
     n = case.extra.get("duplicates", 0)
     points[1:1 + n] = points[0]
     return points
@@ -335,7 +335,8 @@ def mixture_score_args(case):
     at one small sigma, where (D - x) / sigma^2 cancels (extra["build"]):
       one        one low-rank component with residual variance, x its sample + sigma noise (the
                  Gaussian ops' case: test_conformance.test_mixture_score checks it with their scale)
-      near_point the empirical mixture, x a point + 1e-4 noise: one-hot weights, |D - x| ~ 1e-3
+      near_point the empirical mixture, x a point + 1e-4 noise, a neighbour 3 sigma away (weight
+                 ~1e-2, so that D is a rounded sum): |D - x| ~ 1e-3
       near_tie   x at the midpoint of point 0 and its near copy K // 2 + 0.1 sigma noise: weights ~0.5
       duplicates x near point 0 and its copies: more components with weight than the pairs cap"""
     gen = _gen(case)
@@ -343,6 +344,9 @@ def mixture_score_args(case):
     sigma = torch.full((B,), case.sigma, dtype=F64)
     if build == "one":
         means, bases, eigvals, residual_var, log_weights, x0 = _mixture_random(case, gen)
+        # data away from the origin (|x| ~ 30); in-span variances above the residual one, so
+        # that the largest term of the Gaussian score's bound is the off-span part, ~|truth|
+        means, x0, eigvals = means + 4.0, x0 + 4.0, eigvals + 1.0
         x = x0 + case.sigma * torch.randn(B, D, dtype=F64, generator=gen)
         return x, means, bases, eigvals, residual_var, log_weights, sigma
     points = _score_points(case, gen)
