@@ -202,6 +202,8 @@ def stable_score(be, x2, sigma, comps, den, weights):
         keep = w > PAIR_WEIGHT_FLOOR
         few = keep.sum(1) <= PAIRS_PER_ROW
         pr, pk = (keep & few[:, None]).nonzero(as_tuple=True)
+        order = torch.argsort(pk, stable=True)  # pairs grouped by component: the cpu kernel's views, no gathers
+        pr, pk = pr[order], pk[order]
         part = torch.zeros_like(xr)
         if pr.numel():
             sp = sr[pr]
