@@ -9,7 +9,7 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels import reference
-from gsa_kernels._contract import LocalMode, SpectralKind
+from gsa_kernels._core._contract import LocalMode, SpectralKind
 
 from . import harness
 from .cases import CASES, local_identity_cases
