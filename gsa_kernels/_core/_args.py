@@ -205,10 +205,11 @@ class PosteriorOperand:
         sigma [B] (both prepared), checked also when B == 0."""
         raise NotImplementedError
 
-    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params, score_rule=None):
         """(denoised [B, D] or [0], logp [B], weights [B, K] or [0]) for B >= 1 rows on `backend`
         (a _backends.Backend row, resolved by the caller: ops.py is the one dispatch point);
-        params: what posterior_args returned."""
+        params: what posterior_args returned. score_rule (ops.stable_score) given: applied to
+        each kernel launch, and the first output is the score instead of the denoised mean."""
         raise NotImplementedError
 
 
@@ -224,10 +225,13 @@ class MixtureOperand(PosteriorOperand):
         check_no_grad(op, bases=params[1], sigma=sigma)
         return params
 
-    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params, score_rule=None):
         kernel = backend.kernel("mixture_posterior", x2.device.type)
-        return kernel(x2, *params, sigma, need_denoised, need_weights,
-                      *_layouts.mixture(backend.name, self, params[0], params[1]))
+        den, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights,
+                                    *_layouts.mixture(backend.name, self, params[0], params[1]))
+        if score_rule is not None:
+            den = score_rule(backend, x2, sigma, params, den, weights)
+        return den, logp, weights
 
 
 def gaussian_args(g, x, op):

@@ -75,7 +75,13 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     """The partial posterior state of the mixture (or shard) m at x [B, *shape], noise sigma
     (float, 0-d or [B]). One kernel launch through the usual backend dispatch; a shard with no
     components (m.shard(i, n) with n > K) gives the empty state without a launch."""
-    op = "mixture_partial"
+    return partial_state(x, sigma, m, backend, "mixture_partial")
+
+
+def partial_state(x, sigma, m, backend, op, score=False) -> MixturePartial:
+    """mixture_partial; score=True: the state's weighted sum W carries the components' scores
+    sum_k exp(l_k - M) s_k (ops.stable_score of each launch) instead of their denoised means, so
+    that merged W / S is the whole mixture's score (gk.distributed.mixture_score)."""
     if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
     x2 = flatten(x, m.dim, op)
@@ -88,7 +94,7 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     states = []
     # components in chunks: the refinement reads the kernel's weights [B, chunk]
     for chunk in _component_chunks(m, B):
-        den, logp, weights, s = ops.posterior(xc, sigma, chunk, True, True, backend, op)
+        den, logp, weights, s = ops.posterior(xc, sigma, chunk, True, True, backend, op, score=score)
         states.append(exact_state(den, logp, weights, xc, chunk.means, chunk.bases, chunk.eigvals, chunk.residual_var,
                                   chunk.log_weights, s, x.shape[1:], x.dtype))
     return merge_partials(states)
