@@ -1,5 +1,5 @@
 // CPU kernel of the r = 0 mixture posterior: isotropic components, and with residual_var = 0 the
-// empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
+// empirical ("delta") mixture of a training set (docs/architecture.md section 1.3). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
 // Row blocks of up to 256 rows, one per thread when there are enough, else one after another
@@ -106,13 +106,13 @@ double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
 }
 
 template <typename X>
-void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
+void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var_tensor,
                     const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
                     bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
   const T* mu = means.data_ptr<T>();
-  const T* lpv = residual_var.data_ptr<T>();
+  const T* residual_var = residual_var_tensor.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
   const T* sig = sigma.data_ptr<T>();
   T* logp_p = logp.data_ptr<T>();
@@ -120,11 +120,11 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
   // |mu_k|^2 per call (a cache keyed by tensor identity went stale through .data / numpy writes;
-  // the model owns no r = 0 layout); equal_lp: the log-density's normalisation is one log per row
-  const auto [mu_sq_v, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
+  // the model owns no r = 0 layout); equal_residual_var: the log-density's normalisation is one log per row
+  const auto [mu_sq_v, max_mu_sq, min_residual_var, equal_residual_var] = component_norms(mu, residual_var, K, D);
   const double* mu_sq = mu_sq_v.data();
   const double max_mu = std::sqrt(max_mu_sq);
-  const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
+  const bool isotropic_delta = equal_residual_var && residual_var[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
   // Row blocks of up to kTallRows rows (balanced). Each streams every point through the GEMMs,
   // and a GEMM is faster the more rows share each streamed point (measured: one threaded
@@ -157,8 +157,8 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     std::vector<double> m_block(need_weights ? n * num_sb : 0);  // m after each point block
     // logit of point kk for row i from its squared distance
     const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
-      return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
-                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
+      return equal_residual_var ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(residual_var[0]) + s2v[i])
+                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, residual_var[kk], s2v[i], D, 0);
     };
     const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
     const T* xb = Xb.data_ptr<T>();
@@ -166,13 +166,13 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       for (int64_t i = i0; i < i1; ++i) {
         const double s = sig[b0 + i];
         s2v[i] = s * s;
-        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
+        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(residual_var[0]) + s2v[i], D);
         m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
         l[i] = hx[i] = 0;
         x_sq[i] = sum_squares(xb + i * D, D);
         // error bound of the fast logits (|x|^2, |mu|^2 are exact sums in double; only the dot
-        // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (lp + s^2)
-        err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
+        // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (residual_var + s^2)
+        err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_residual_var + s2v[i]);
       }
     });
 
@@ -187,11 +187,11 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         std::vector<double> Lrow(gn);  // one row's logits over the point block
         int64_t kept = 0;
         for (int64_t i = i0; i < i1; ++i) {
-          // fast logits of the row (one vectorizable loop when every lp is equal)
+          // fast logits of the row (one vectorizable loop when every residual_var is equal)
           double* L = Lrow.data();
           const T* Fi = Sp + i * lds;
-          if (equal_lp) {
-            const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
+          if (equal_residual_var) {
+            const double c = 0.5 / (static_cast<double>(residual_var[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
             for (int64_t k = 0; k < gn; ++k) {
               const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
               L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
@@ -226,7 +226,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
               if (norms > 0)
                 rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
             }
-            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
+            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_residual_var + s2v[i]));
           }
           // exact distances of the points that can matter; the block's max logit is among them
           double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
@@ -250,16 +250,16 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             for (int64_t d = 0; d < D; ++d) a[d] *= sc;
           }
           // p = exp(L - m) over F's row, summed; the weights as asked; isotropic components
-          // (lp > 0): D_k = mu_k + h_perp (x - mu_k), so P_k = p_k (1 - h_perp) multiplies mu_k
+          // (residual_var > 0): D_k = mu_k + h_perp (x - mu_k), so P_k = p_k (1 - h_perp) multiplies mu_k
           T* Pi = Pp + i * lds;
           l[i] += weights_row(L, m[i], gn, Pi, kept);
           if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
           if (!isotropic_delta) {
             double hsum = 0;
             for (int64_t k = 0; k < gn; ++k) {
-              const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
-              hsum += Pi[k] * hp;
-              Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
+              const double residual_var_k = residual_var[g0 + k], h_perp = residual_var_k / (residual_var_k + s2v[i]);
+              hsum += Pi[k] * h_perp;
+              Pi[k] = static_cast<T>(Pi[k] * (1.0 - h_perp));
             }
             hx[i] += hsum;
           }
