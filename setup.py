@@ -8,7 +8,7 @@ Install with `pip install --no-build-isolation .` so the build uses the torch yo
 A build is bound to that torch (its C++ ABI): the wheel requires exactly that torch release
 (Requires-Dist torch==X.Y.Z) and carries the variant in its version's local label
 (0.1.0+torch2.14.1.cu130, ...+cpu); gsa_kernels/_build_info.json records it for the import-time
-check (gsa_kernels/_extension.py). An sdist keeps the supported range TORCH_SUPPORTED.
+check (gsa_kernels/_core/_extension.py). An sdist keeps the supported range TORCH_SUPPORTED.
 """
 import glob
 import json

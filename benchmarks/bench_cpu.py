@@ -1,7 +1,7 @@
 """CPU benchmarks, one pytest-benchmark group per workload (G1, G2, T1, M1, E1, the E2
 empirical sweep over sigma x N x D, MNIST-5k by sigma (MN), M1 by sigma decade (M1S) and the
 few-query workloads (F); shapes and
-FLOP / byte counts in gsa_kernels/bench.py). Each group times, in the same run: our cpu
+FLOP / byte counts in gsa_kernels/tools/bench.py). Each group times, in the same run: our cpu
 backend, the eager reference, torch.compile of the reference, the workload's peers (bench.py:
 "sdpa" for the empirical mixtures, "skilled" batched eager and "skilled_compiled" for the
 low-rank ones, "stream" -- one read of the points -- for the few-query ones; each peer's
@@ -21,7 +21,7 @@ import time
 import pytest
 
 import gsa_kernels as gk
-from gsa_kernels import bench
+from gsa_kernels.tools import bench
 
 from .conftest import record
 
@@ -77,7 +77,7 @@ def test_workload(benchmark, name, impl, peaks):
 
 
 # ----------------------------------------------------------------------------- gradients
-# The gradient w.r.t. x of G1, T1, M1, E1 (gsa_kernels/_autograd.py), next to the cpu forward in
+# The gradient w.r.t. x of G1, T1, M1, E1 (gsa_kernels/_core/_autograd.py), next to the cpu forward in
 # the same run: "forward" runs the op on an x that requires grad (graph recorded), "backward"
 # runs backward() from a fixed output gradient through a graph built outside the timed call.
 # Read the backward / forward ratio (the issue's target: <= 2.5) from one group.

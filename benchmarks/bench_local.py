@@ -1,6 +1,6 @@
 """Local score machines (issue 27) on MNIST: our fused CPU kernel (gk.local_denoise) against the
 conv2d formulation of public implementations (benchmarks/local_conv2d.py), one pytest-benchmark
-group per workload of gsa_kernels.bench.LOCAL_WORKLOADS (LS / ELS / BB-ELS, 28 x 28, B 4 and 8,
+group per workload of gsa_kernels.tools.bench.LOCAL_WORKLOADS (LS / ELS / BB-ELS, 28 x 28, B 4 and 8,
 P 3 / 5 / 7, sigma 0.3 to 3, N = 1000), and ours alone at N = 4000 (LOCAL_N4K). The conv2d
 baseline takes up to ~a minute per ELS call on 2 cores: one round. Before timing, both answers
 are compared (float32 expanded form vs our exact sums: agreement to ~1e-4 at these sigmas).
@@ -10,7 +10,7 @@ are compared (float32 expanded form vs our exact sums: agreement to ~1e-4 at the
 import pytest
 
 import gsa_kernels as gk
-from gsa_kernels import bench
+from gsa_kernels.tools import bench
 
 pytestmark = pytest.mark.skipif("cpu" not in gk.available_backends(), reason="cpu backend not built")
 

@@ -4,7 +4,7 @@ printed at the end. Run:  python -m pytest benchmarks/bench_cpu.py -p no:cachepr
 (pytest collects bench_*.py here through `python_files` below)."""
 import pytest
 
-from gsa_kernels import bench
+from gsa_kernels.tools import bench
 
 _RESULTS = {}  # workload -> {impl: seconds}
 _WORKLOADS = {}
@@ -32,7 +32,7 @@ def record(workload, impl, seconds):
 def pytest_terminal_summary(terminalreporter):
     if not _RESULTS:
         return
-    from gsa_kernels.bench import format_table, machine_peaks
+    from gsa_kernels.tools.bench import format_table, machine_peaks
 
     peaks = getattr(pytest_terminal_summary, "peaks", None) or machine_peaks()
     rows = [(_WORKLOADS[n], _RESULTS[n]) for n in _RESULTS]

@@ -1,14 +1,14 @@
-// Op schemas of gsa_kernels, as the op registry (gsa_kernels/_contract.py) declares them.
+// Op schemas of gsa_kernels, as the op registry (gsa_kernels/_core/_contract.py) declares them.
 // Backends register implementations with TORCH_LIBRARY_IMPL(gsa_kernels, CPU | CUDA, m) in their
 // own files; the fakes and autograd rules are bound in _contract.py. Kernel-level contract
-// (gsa_kernels/_args.py prepares it):
+// (gsa_kernels/_core/_args.py prepares it):
 //   x: [B, D] contiguous, float16 | bfloat16 | float32 | float64
 //   model tensors and per-row sigma / scale tensors: contiguous, "compute dtype"
 //   (float64 if x is float64, else float32), same device as x
 //   kind: 0 denoise, 1 score, 2 flow (gsa::SpectralKind in include/gsa/spectral.h)
 // The optional trailing layouts of gaussian_map / gaussian_trajectory / mixture_posterior
 // (basis_rows, forward/backward_panels) are GEMM-ready copies of model tensors that the model
-// keeps (gsa_kernels/_layouts.py); the CPU kernels build them per call when absent, the CUDA
+// keeps (gsa_kernels/_core/_layouts.py); the CPU kernels build them per call when absent, the CUDA
 // kernels do not use them. The emulated cuda_emu_* ops have no layout arguments.
 #include <Python.h>
 #include <torch/library.h>
@@ -54,7 +54,7 @@ TORCH_LIBRARY(gsa_kernels, m) {
   // [0, K)) of means [K, D], bases [K, D, r], eigvals [K, r], residual_var [K].
   m.def("gaussian_map_labeled" GSA_LABELED_MAP_ARGS GSA_TENSOR);
   m.def("gaussian_trajectory_labeled" GSA_LABELED_TRAJECTORY_ARGS GSA_TENSOR);
-  // Layouts and their validity (gsa_kernels/_layouts.py; CPU): U^T [r, D] of a basis [D, r];
+  // Layouts and their validity (gsa_kernels/_core/_layouts.py; CPU): U^T [r, D] of a basis [D, r];
   // the (forward, backward) component panels of a mixture (csrc/cpu/mixture.cpp); a 64-bit hash
   // of a tensor's dtype, sizes and contents.
   m.def("basis_rows(Tensor basis) -> Tensor");
@@ -62,7 +62,7 @@ TORCH_LIBRARY(gsa_kernels, m) {
   m.def("content_hash(Tensor t) -> int");
   // Whether keeping basis_rows pays for batches of B rows on this host (measured; layouts.cpp).
   m.def("basis_rows_pay(int B, Tensor basis) -> bool");
-  // Gradients of mixture_posterior (gsa_kernels/_autograd.py; CPU: cpu/mixture_backward.cpp).
+  // Gradients of mixture_posterior (gsa_kernels/_core/_autograd.py; CPU: cpu/mixture_backward.cpp).
   // x and grad tensors in the compute dtype; logp: the forward's; row_term [B] = gL - sum_k w_k
   // gW_k - gD . den; grad_den [B, D] / grad_weights [B, K] or [0] when absent. Returns
   // (grad x, grad means, grad eigvals, grad residual_var, grad log_weights), [0] when not needed.
@@ -81,7 +81,7 @@ TORCH_LIBRARY(gsa_kernels, m) {
   m.def("cuda_emu_gaussian_map_labeled" GSA_LABELED_MAP_ARGS GSA_TENSOR);
   m.def("cuda_emu_gaussian_trajectory_labeled" GSA_LABELED_TRAJECTORY_ARGS GSA_TENSOR);
 
-  // Local score machines (gsa_kernels/_contract.py gives the math): x [B, C, H, W], images
+  // Local score machines (gsa_kernels/_core/_contract.py gives the math): x [B, C, H, W], images
   // [N, C, H, W] and sigma [B] in the compute dtype; patch_size odd >= 1; mode gsa LocalMode
   // (0 ls, 1 els, 2 bbels), padding (0 zeros, 1 circular), kind 0 denoise / 1 score.
   // -> [B, C, H, W] in x's dtype. CPU: cpu/local_score.cpp; CUDA (and its emulation,

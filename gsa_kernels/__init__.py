@@ -17,7 +17,9 @@ _OPS = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_fl
 
 def _load():
     """Import torch, the compiled ops (_extension) and the public API into this namespace."""
-    from . import _extension, distributed, local, models, ops, partial, reference, sampling, schedules  # noqa: F401
+    from . import distributed, local, models, ops, reference, sampling, schedules  # noqa: F401
+    from ._core import _extension  # noqa: F401
+    from ._scaleout import partial
 
     globals().update({name: getattr(ops, name) for name in _OPS},
                      GaussianModel=models.GaussianModel, GaussianMixture=models.GaussianMixture,

@@ -9,13 +9,13 @@ import sys
 
 COMMANDS = {  # name -> (module, help)
     "info": ("gsa_kernels.__main__", "versions, and which backends are usable here and why the others are not"),
-    "fit": ("gsa_kernels.fit_cli", "fit teleport statistics (Gaussian, per class, mixture) from an image folder, .npy or "
+    "fit": ("gsa_kernels.tools.fit_cli", "fit teleport statistics (Gaussian, per class, mixture) from an image folder, .npy or "
                                    ".safetensors, streamed, into a .safetensors file"),
-    "demo": ("gsa_kernels.demo.demo", "MNIST teleportation demo: samples, Frechet distances (lower is better), plots"),
-    "explain": ("gsa_kernels.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta "
+    "demo": ("gsa_kernels.tools.demo.demo", "MNIST teleportation demo: samples, Frechet distances (lower is better), plots"),
+    "explain": ("gsa_kernels.tools.demo.explain", "variance of the network denoiser explained by Gaussian / mixture / delta "
                                             "models"),
-    "train-demo-model": ("gsa_kernels.demo.train", "train the demo's denoiser network and classifier (fixed seed)"),
-    "bench": ("gsa_kernels.bench", "CPU backend vs eager reference vs torch.compile vs roofline, as a table"),
+    "train-demo-model": ("gsa_kernels.tools.demo.train", "train the demo's denoiser network and classifier (fixed seed)"),
+    "bench": ("gsa_kernels.tools.bench", "CPU backend vs eager reference vs torch.compile vs roofline, as a table"),
 }
 
 
@@ -23,7 +23,7 @@ def info():
     import torch
 
     import gsa_kernels as gk
-    from gsa_kernels import _backends, _extension
+    from gsa_kernels._core import _backends, _extension
 
     print(f"gsa_kernels {gk.__version__}")
     gpu = torch.cuda.is_available()
@@ -76,11 +76,11 @@ def main(argv=None):
         argparse.ArgumentParser(prog="python -m gsa_kernels info", description=COMMANDS["info"][1]).parse_args(rest)
         return info()
     if command == "fit":
-        from gsa_kernels import fit_cli
+        from gsa_kernels.tools import fit_cli
 
         fit_cli.parser().parse_args(rest)
         return fit_cli.main(rest)
-    from gsa_kernels.demo import cli  # every command's options are defined without torch: parse them first
+    from gsa_kernels.tools.demo import cli  # every command's options are defined without torch: parse them first
 
     parser = {"demo": cli.demo_parser, "explain": cli.explain_parser, "train-demo-model": cli.train_parser,
               "bench": cli.bench_parser}[command]

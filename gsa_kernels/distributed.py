@@ -33,10 +33,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import _args, fitting
-from ._args import FLOAT_DTYPES, compute_dtype, flatten
+from . import fitting
+from ._core import _args
+from ._core._args import FLOAT_DTYPES, compute_dtype, flatten
+from ._scaleout.partial import merge_stacked, mixture_partial
 from .models import GaussianMixture, GaussianModel
-from .partial import merge_stacked, mixture_partial
 
 _stats: dict = {}
 

@@ -27,9 +27,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import _backends
-from ._args import check_no_grad, compute_dtype, rows
-from ._contract import LocalMode, LocalPadding, SpectralKind
+from ._core import _backends
+from ._core._args import check_no_grad, compute_dtype, rows
+from ._core._contract import LocalMode, LocalPadding, SpectralKind
 
 MODES = {"ls": LocalMode.LS, "els": LocalMode.ELS, "bbels": LocalMode.BBELS}
 PADDINGS = {"zeros": LocalPadding.ZEROS, "circular": LocalPadding.CIRCULAR}

@@ -14,9 +14,10 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
-from . import _format, fitting, ops
-from ._args import GaussianOperand, MixtureOperand, to_args
-from .streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
+from . import fitting, ops
+from ._core import _format
+from ._core._args import GaussianOperand, MixtureOperand, to_args
+from ._scaleout.streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
 
@@ -263,7 +264,7 @@ class GaussianMixture(MixtureOperand):
         points: a tensor, a numpy array (shared, not copied, where torch can), or -- for training
         sets larger than memory -- a numpy.memmap or the path of a .npy / .safetensors file
         (`key`: which tensor of a .safetensors file). Those stay in the file and the ops stream
-        them in blocks (gsa_kernels/streamed.py): the result is a StreamedMixture, with
+        them in blocks (gsa_kernels/_scaleout/streamed.py): the result is a StreamedMixture, with
         `block_bytes` (default 256 MiB) of anonymous memory for the points whatever N is."""
         if isinstance(points, (np.memmap, str, os.PathLike)):
             return StreamedMixture(points, log_weights, DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes, key)

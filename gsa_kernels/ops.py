@@ -13,8 +13,8 @@ from typing import Union
 
 import torch
 
-from . import _backends, _layouts
-from ._args import (
+from ._core import _backends, _layouts
+from ._core._args import (
     PosteriorOperand,
     SpectralKind,
     check_no_grad,

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
+from ._core._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
 
 LOG_2PI = math.log(2.0 * math.pi)
 

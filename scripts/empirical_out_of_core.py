@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels import streamed
+from gsa_kernels._scaleout import streamed
 
 
 def rss_anon():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels import _backends, _extension
+from gsa_kernels._core import _backends, _extension
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

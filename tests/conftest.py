@@ -3,7 +3,7 @@ import torch
 
 
 def pytest_report_header(config):
-    from gsa_kernels import _backends
+    from gsa_kernels._core import _backends
 
     return ["gsa_kernels backends: " + ", ".join(f"{n}={'yes' if ok else 'no'}" for n, (ok, _) in _backends.status().items())]
 

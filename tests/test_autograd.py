@@ -1,4 +1,4 @@
-"""Gradients of every public op (gsa_kernels/_autograd.py) on every backend.
+"""Gradients of every public op (gsa_kernels/_core/_autograd.py) on every backend.
 
 - torch.autograd.gradcheck in float64 for every op x differentiable argument x backend
   (reference, cpu, cuda through the SIMT emulation, triton through the interpreter);

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gsa_kernels.demo import cli
+from gsa_kernels.tools.demo import cli
 
 
 def _run(*args, **kw):
@@ -41,7 +41,7 @@ def test_unknown_command_is_a_usage_error_naming_the_commands():
 
 
 def test_bench_unknown_workload_is_a_usage_error():
-    from gsa_kernels import bench
+    from gsa_kernels.tools import bench
 
     with pytest.raises(SystemExit) as e:
         bench.main(["--workloads", "G1,G9", "--impls", "cpu"])
@@ -76,7 +76,7 @@ def test_no_cuda_runtime_warning_is_not_shown():
 def test_bench_table_ratios_and_roofline_percentage():
     """The bench table: x-ratios from medians, % of roofline from the best cpu run (the peaks are
     best-of-N as well); a kernel faster than its roofline gets an explanation line."""
-    from gsa_kernels import bench
+    from gsa_kernels.tools import bench
 
     w = bench.Workload("G1", "demo", flops=2e9, bytes=1e6, op=None, compiled_reference=None,
                        peaks={"flops": 1e12, "bandwidth": 1e11})  # roofline: 2 ms (compute-bound)
@@ -94,7 +94,7 @@ def test_bench_interleaves_impls_and_pairs_their_ratios():
     """Every impl is warmed once, then timed once per round in a rotated order (drift meets them
     all alike); a slow impl is timed once after the rounds (cold: no warm-up). The x columns are
     the median of the per-round ratios, not the ratio of the medians."""
-    from gsa_kernels import bench
+    from gsa_kernels.tools import bench
 
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("cpu", "reference", "compiled", "slow")}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels._contract import compute_dtype
+from gsa_kernels._core._contract import compute_dtype
 from tests._helpers import orthonormal, requires_backend
 
 pytestmark = requires_backend("cpu")

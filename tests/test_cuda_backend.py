@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels import _extension
-from gsa_kernels._contract import SpectralKind, compute_dtype
+from gsa_kernels._core import _extension
+from gsa_kernels._core._contract import SpectralKind, compute_dtype
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

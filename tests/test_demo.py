@@ -10,11 +10,11 @@ import torch
 pytest.importorskip("mlxtend", reason="the demo extra (mlxtend) is not installed")
 
 import gsa_kernels as gk  # noqa: E402
-from gsa_kernels.demo import demo, explain  # noqa: E402
-from gsa_kernels.demo.classifier import load_classifier  # noqa: E402
-from gsa_kernels.demo.data import mnist_split  # noqa: E402
-from gsa_kernels.demo.metrics import frechet_distance, frechet_distance_from_stats  # noqa: E402
-from gsa_kernels.demo.net import load_denoiser  # noqa: E402
+from gsa_kernels.tools.demo import demo, explain  # noqa: E402
+from gsa_kernels.tools.demo.classifier import load_classifier  # noqa: E402
+from gsa_kernels.tools.demo.data import mnist_split  # noqa: E402
+from gsa_kernels.tools.demo.metrics import frechet_distance, frechet_distance_from_stats  # noqa: E402
+from gsa_kernels.tools.demo.net import load_denoiser  # noqa: E402
 
 
 def _scipy_frechet(a, b):
@@ -155,7 +155,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 
 def test_demo_settings_and_run_specs():
-    from gsa_kernels.demo.cli import run_spec
+    from gsa_kernels.tools.demo.cli import run_spec
 
     plan = demo.plan_settings([run_spec("heun:18:0.2,0.21,0.4"), run_spec("dpmpp_2m:10:0.01")])
     names = [p[0] for p in plan]
@@ -212,9 +212,9 @@ def test_explain_local_quick_end_to_end(tmp_path, capsys):
 def test_committed_conditional_denoiser_uses_its_labels(heldout):
     from safetensors import safe_open
 
-    from gsa_kernels.demo.data import ASSETS_DIR
-    from gsa_kernels.demo.net import CONDITIONAL_DENOISER_FILE
-    from gsa_kernels.demo.train import heldout_denoiser_loss
+    from gsa_kernels.tools.demo.data import ASSETS_DIR
+    from gsa_kernels.tools.demo.net import CONDITIONAL_DENOISER_FILE
+    from gsa_kernels.tools.demo.train import heldout_denoiser_loss
 
     net = load_denoiser(conditional=True)
     with safe_open(str(ASSETS_DIR / CONDITIONAL_DENOISER_FILE), "pt") as f:
@@ -234,7 +234,7 @@ def test_committed_conditional_denoiser_uses_its_labels(heldout):
 def test_train_conditional_starts_from_the_unconditional_network(tmp_path):
     from safetensors import safe_open
 
-    from gsa_kernels.demo import train
+    from gsa_kernels.tools.demo import train
 
     # one step at learning rate 0: the saved network is the one training starts from
     assert train.main(["--conditional", "--steps", "1", "--lr", "0", "--out-dir", str(tmp_path)]) == 0
@@ -284,14 +284,14 @@ def test_quick_never_overrides_explicit_options_and_usage_errors(capsys):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
         assert "must be >=" in capsys.readouterr().err
-    from gsa_kernels.demo.cli import bench_parser
+    from gsa_kernels.tools.demo.cli import bench_parser
 
     with pytest.raises(SystemExit):
         bench_parser().parse_args(["--repeats", "0"])
 
 
 def test_bootstrap_fd_is_paired_and_its_spread_is_honest():
-    from gsa_kernels.demo.metrics import bootstrap_fd
+    from gsa_kernels.tools.demo.metrics import bootstrap_fd
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(400, 6, generator=g, dtype=torch.float64)

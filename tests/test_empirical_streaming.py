@@ -1,4 +1,4 @@
-"""File-backed empirical mixtures (gsa_kernels/streamed.py): GaussianMixture.from_points of a
+"""File-backed empirical mixtures (gsa_kernels/_scaleout/streamed.py): GaussianMixture.from_points of a
 numpy.memmap or a .npy / .safetensors path streams the points block by block. Same results as
 the in-memory mixture, bounded anonymous memory, save / load that keeps referring to the file."""
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels.streamed import StreamedMixture
+from gsa_kernels._scaleout.streamed import StreamedMixture
 
 # the cpu backend where built (the reference is the same merge over a slower kernel: ~12 s each)
 BACKENDS = ["cpu"] if "cpu" in gk.available_backends() else ["reference"]

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import gsa_kernels as gk
-from gsa_kernels import fit_cli
 from gsa_kernels.__main__ import main
+from gsa_kernels.tools import fit_cli
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsa_kernels import _backends, _extension, reference
+from gsa_kernels import reference
+from gsa_kernels._core import _backends, _extension
 from tests._helpers import backend_param, rerun_under_interpreter
 from tests.conformance.harness import WEIGHTS_TV
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gsa_kernels import reference
-from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
+from gsa_kernels._core._contract import LocalMode, LocalPadding, SpectralKind
 
 F64 = torch.float64
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gsa_kernels import _extension
+from gsa_kernels._core import _extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,13 +67,15 @@ def test_an_extension_that_does_not_load_warns_once_naming_both_torches(tmp_path
     pkg = tmp_path / "fakepkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "_contract.py").write_text("OPS = []\n\ndef register(*args, **kwargs):\n    pass\n")  # the op registry, unused here
-    shutil.copy(os.path.join(ROOT, "gsa_kernels", "_extension.py"), pkg / "_extension.py")
+    (pkg / "_core").mkdir()
+    (pkg / "_core" / "__init__.py").write_text("")
+    (pkg / "_core" / "_contract.py").write_text("OPS = []\n\ndef register(*args, **kwargs):\n    pass\n")  # the op registry, unused here
+    shutil.copy(os.path.join(ROOT, "gsa_kernels", "_core", "_extension.py"), pkg / "_core" / "_extension.py")
     (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")  # there, but unloadable
     (pkg / "_C.so").write_bytes(b"not an ELF file")
     (pkg / "_build_info.json").write_text(json.dumps({"torch": "2.13.0+cpu", "variant": "cpu", "cuda": None}))
     code = ("import warnings; warnings.simplefilter('default')\n"
-            "import fakepkg._extension as e, importlib; importlib.reload(e)\n"
+            "import fakepkg._core._extension as e, importlib; importlib.reload(e)\n"
             "print('LOADED', e.loaded)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(tmp_path)))
@@ -103,7 +105,7 @@ def test_a_stale_build_without_an_emulated_op_is_reported_not_a_crash():
             "real = torch._C._dispatch_has_kernel\n"
             "torch._C._dispatch_has_kernel = lambda name: not name.endswith('cuda_emu_local_posterior') and real(name)\n"
             "import gsa_kernels as gk\n"
-            "from gsa_kernels import _extension\n"
+            "from gsa_kernels._core import _extension\n"
             "assert not _extension.loaded and 'cuda_emu_local_posterior' in _extension.error, _extension.error\n"
             "assert 'cpu' not in gk.available_backends()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

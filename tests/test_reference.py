@@ -11,7 +11,7 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 
 import gsa_kernels as gk
 from gsa_kernels import reference as ref
-from gsa_kernels._contract import SpectralKind
+from gsa_kernels._core._contract import SpectralKind
 
 from ._helpers import SIGMAS, dense_covariance, dense_covariances, random_gaussian, random_mixture, rel_err
 

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gsa_kernels as gk
-from gsa_kernels.streamed import PointsFileChanged
+from gsa_kernels._scaleout.streamed import PointsFileChanged
 from tests._helpers import random_mixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -429,7 +429,7 @@ def test_distributed_refuses_grad_instead_of_detaching(dist_runs):
     ("train_parser", ["--batch-size", "-3"], ">= 1"),
 ])
 def test_cli_zero_counts_are_argparse_errors(parser, argv, msg, capsys):
-    from gsa_kernels.demo import cli
+    from gsa_kernels.tools.demo import cli
 
     with pytest.raises(SystemExit) as e:
         getattr(cli, parser)().parse_args(argv)

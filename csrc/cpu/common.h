@@ -67,7 +67,7 @@ inline at::Tensor basis_rows(const at::Tensor& basis) {
 }
 
 // A GEMM-ready layout (basis_rows, mixture panels) is derived from model tensors. The model owns
-// it (gsa_kernels/_layouts.py builds it with the layout ops, keeps it beside its tensors while
+// it (gsa_kernels/_core/_layouts.py builds it with the layout ops, keeps it beside its tensors while
 // their contents are unchanged, and passes it in); without one the kernel builds its own for the
 // call (mixture panels) or reads the model tensor as it is (basis_rows: U^T as a view). A given
 // layout is checked here for sizes, dtype, device and contiguity; its contents are

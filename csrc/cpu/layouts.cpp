@@ -1,4 +1,4 @@
-// The layout ops behind gsa_kernels/_layouts.py: a model keeps GEMM-ready layouts of its tensors
+// The layout ops behind gsa_kernels/_core/_layouts.py: a model keeps GEMM-ready layouts of its tensors
 // (basis_rows here, mixture_panels in mixture.cpp) and a content hash of the tensors they were
 // built from; before each call it hashes its tensors again and rebuilds the layouts if the hash
 // changed. Writes through any route (.data, numpy, dlpack, storage) change the contents and so

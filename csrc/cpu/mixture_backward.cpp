@@ -1,4 +1,4 @@
-// CPU kernel of the mixture posterior's backward (formulas in gsa_kernels/_autograd.py): the
+// CPU kernel of the mixture posterior's backward (formulas in gsa_kernels/_core/_autograd.py): the
 // gradients w.r.t. x, means, eigvals, residual_var and log_weights in one streamed pass over the
 // components, with the forward's layout (mixture_blocks.h: component blocks of KB, one panel [M; Ut]
 // per block; the forward's panels when the caller passes them, else built here) and its logits

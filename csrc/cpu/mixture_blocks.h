@@ -34,7 +34,7 @@ constexpr int64_t kSparseRatio = 16;
 //   backward [D, nk (r + 1)]: the forward panel transposed (Q W^T with Q = [P | G] gives
 //            sum_k p_k mu_k + U_k g_k in one GEMM)
 // Both have contiguous rows, which is what the oneDNN GEMM wants; the model keeps them
-// (mixture_panels, gsa_kernels/_layouts.py) and passes them in, else they are built per call.
+// (mixture_panels, gsa_kernels/_core/_layouts.py) and passes them in, else they are built per call.
 inline at::Tensor panel(const at::Tensor& flat, int64_t k0, int64_t nk, int64_t W, int64_t D, bool backward) {
   const at::Tensor block = flat.narrow(0, k0 * W * D, nk * W * D);
   return backward ? block.view({D, nk * W}) : block.view({nk * W, D});

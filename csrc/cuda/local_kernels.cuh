@@ -1,4 +1,4 @@
-// CUDA kernel of the local score machines (local_posterior; gsa_kernels/_contract.py gives the
+// CUDA kernel of the local score machines (local_posterior; gsa_kernels/_core/_contract.py gives the
 // math): per query row b and pixel u, a softmax over the candidate training patches (n, v) of
 // -d2(u, v) / (2 sigma_b^2), d2 the squared distance of the P x P windows over all C channels.
 // One thread per query pixel, kLocalThreads pixels of one row per block; every thread streams its

@@ -138,7 +138,7 @@ struct MixtureParams {
   Acc* weights;            // [B, K], or nullptr when not needed
 };
 
-// Local score machines (local_posterior, gsa_kernels/_contract.py): one thread per query pixel,
+// Local score machines (local_posterior, gsa_kernels/_core/_contract.py): one thread per query pixel,
 // kLocalThreads pixels of one row per block; each thread streams every candidate with its own
 // online softmax state in registers (double), kLocalChannels channels of the accumulator per
 // pass over the candidates (more channels take more passes).

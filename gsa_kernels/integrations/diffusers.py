@@ -41,9 +41,9 @@ from diffusers import (
 )
 
 from .. import schedules
-from ..fit_cli import check_shape
 from ..models import GaussianMixture, GaussianModel
 from ..sampling import _teleport_model
+from ..tools.fit_cli import check_shape
 
 __all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel", "enable_teleport",
            "disable_teleport"]

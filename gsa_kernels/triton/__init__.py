@@ -1,9 +1,9 @@
-"""Triton backend: kernels for every op of the kernel-level contract (gsa_kernels/_backends.py).
+"""Triton backend: kernels for every op of the kernel-level contract (gsa_kernels/_core/_backends.py).
 
     gaussian.py   fused spectral map (denoise / score / flow) and the trajectory, also labelled
     mixture.py    mixture posterior: flash-attention-style streaming over components
     local.py      local score machines (LS / ELS / BB-ELS): online softmax over training patches
-    _library.py   registration as torch ops gsa_kernels_triton::* (schemas from gsa_kernels/_contract.py)
+    _library.py   registration as torch ops gsa_kernels_triton::* (schemas from gsa_kernels/_core/_contract.py)
     _config.py    interpreter detection, dot precision, autotune configs
 
 CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (tests). Inputs float16 / bfloat16 /
@@ -34,7 +34,7 @@ def status():
 
 
 def ops():
-    """torch.ops.gsa_kernels_triton: every op of the registry (gsa_kernels/_contract.py),
+    """torch.ops.gsa_kernels_triton: every op of the registry (gsa_kernels/_core/_contract.py),
     registered on first use (_library.py imports the kernel modules)."""
     from ._library import ops as registered  # lazily: the kernel modules read TRITON_INTERPRET at import
 

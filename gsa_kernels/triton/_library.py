@@ -1,5 +1,5 @@
 """The Triton kernels as torch ops gsa_kernels_triton::<op> for every op of the registry
-(gsa_kernels/_contract.py; own namespace: never clashes with the compiled extension's
+(gsa_kernels/_core/_contract.py; own namespace: never clashes with the compiled extension's
 gsa_kernels::). Each op is defined with the registry's schema on the function `<op>` of the
 registry's Triton kernel file (gaussian.py, mixture.py, local.py): no wrappers to keep in step.
 
@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 import torch
 
-from .. import _contract
+from .._core import _contract
 from . import _config
 
 NAMESPACE = "gsa_kernels_triton"
@@ -34,6 +34,6 @@ for _op in _contract.REGISTRY.values():
     _define = torch.library.custom_op if _config.INTERPRET else torch.library.triton_op
     _define(f"{NAMESPACE}::{_op.name}", implementation(_op), mutates_args=(), schema=_op.schema)
 
-# fakes only for the opaque custom ops; backward formulas for both (gsa_kernels/_autograd.py)
+# fakes only for the opaque custom ops; backward formulas for both (gsa_kernels/_core/_autograd.py)
 _contract.register(NAMESPACE, fakes=_config.INTERPRET)
 ops = getattr(torch.ops, NAMESPACE)

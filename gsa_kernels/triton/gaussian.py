@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import SpectralKind
+from .._core._args import SpectralKind
 from . import _config
 from ._dot import dot
 

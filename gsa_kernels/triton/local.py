@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._contract import LocalMode, LocalPadding, SpectralKind
+from .._core._contract import LocalMode, LocalPadding, SpectralKind
 from . import _config
 from .gaussian import _launch
 

@@ -1,6 +1,6 @@
 """The one case list of the conformance suite, shared by every backend.
 
-A case builds the arguments of one kernel-level op (gsa_kernels/_contract.py) in float64 from a
+A case builds the arguments of one kernel-level op (gsa_kernels/_core/_contract.py) in float64 from a
 seed; the suite rounds x to the case's dtype and everything else to the compute dtype, and the
 truth is the reference in float64 on exactly those rounded values. Families:
 
@@ -64,7 +64,7 @@ from typing import Optional
 
 import torch
 
-from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind
+from gsa_kernels._core._contract import LocalMode, LocalPadding, SpectralKind
 from tests._helpers import orthonormal as _orthonormal
 
 F64 = torch.float64
@@ -417,7 +417,7 @@ def mixture_posterior_cases():
         cases.append(Case("tie", f"delta_D3072_{_sigma_name(sigma)}", 8, 3072, 0, K=24, sigma=sigma,
                           extra={"build": "delta_tie"}))
     # split: the components cut into parts (blocks of a points file, shards, ranks), each part one
-    # kernel launch, the parts' states merged (gsa_kernels/partial.py split_posterior, the code of
+    # kernel launch, the parts' states merged (gsa_kernels/_scaleout/partial.py split_posterior, the code of
     # those paths): near ties whose two points lie in different parts, at the EDM's smallest sigma
     # and D 784 (logits ~1e7: a float32 logp per part is off by ~0.4), and 16-bit x at sigma 0.01
     for sigma in (0.002, 0.01):

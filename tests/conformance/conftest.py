@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gsa_kernels import _backends
+from gsa_kernels._core import _backends
 
 from . import harness
 

@@ -36,8 +36,9 @@ import os
 
 import torch
 
-from gsa_kernels import _backends, reference
-from gsa_kernels._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
+from gsa_kernels import reference
+from gsa_kernels._core import _backends
+from gsa_kernels._core._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 WEIGHTS_TV = {torch.float64: 1e-9, torch.float32: 1e-3}
@@ -77,8 +78,8 @@ def kernel(backend, op):
 def split_kernel(kernel, K, parts):
     """The mixture_posterior kernel run the way the scale-out paths run it (blocks of a points
     file, shards, ranks): the K components cut into `parts` near-equal parts, one launch each,
-    merged by gsa_kernels.partial.split_posterior."""
-    from gsa_kernels import partial
+    merged by gsa_kernels._scaleout.partial.split_posterior."""
+    from gsa_kernels._scaleout import partial
 
     bounds = [i * (K // parts) + min(i, K % parts) for i in range(parts + 1)]
     return lambda *args: partial.split_posterior(kernel, *args, bounds)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gsa_kernels import reference
-from gsa_kernels._contract import LocalMode, SpectralKind
+from gsa_kernels._core._contract import LocalMode, SpectralKind
 
 from . import harness
 from .cases import CASES, local_identity_cases

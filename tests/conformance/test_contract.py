@@ -1,4 +1,4 @@
-"""The kernel contract (gsa_kernels/_contract.py) is the one every implementation declares: op
+"""The kernel contract (gsa_kernels/_core/_contract.py) is the one every implementation declares: op
 names and argument order of the compiled schemas, the Triton entry points, the reference and
 the fakes; SpectralKind as in spectral.h; the layers import one way."""
 import ast
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsa_kernels import _backends, _contract, _extension, reference
+from gsa_kernels import reference
+from gsa_kernels._core import _backends, _contract, _extension
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,20 +174,20 @@ def _package_imports(module, path, modules):
 # module level, so the graph below is the whole dependency structure.
 LAZY_IMPORTS = {
     # PEP 562: `python -m gsa_kernels --help` parses before torch and the API load
-    ("gsa_kernels", "gsa_kernels._extension"), ("gsa_kernels", "gsa_kernels.distributed"),
-    ("gsa_kernels", "gsa_kernels.models"), ("gsa_kernels", "gsa_kernels.ops"), ("gsa_kernels", "gsa_kernels.partial"),
+    ("gsa_kernels", "gsa_kernels._core._extension"), ("gsa_kernels", "gsa_kernels.distributed"),
+    ("gsa_kernels", "gsa_kernels.models"), ("gsa_kernels", "gsa_kernels.ops"), ("gsa_kernels", "gsa_kernels._scaleout.partial"),
     ("gsa_kernels", "gsa_kernels.reference"), ("gsa_kernels", "gsa_kernels.sampling"),
     ("gsa_kernels", "gsa_kernels.schedules"), ("gsa_kernels", "gsa_kernels.local"),
     # the local machines (issue 27): HybridDenoiser accepts a LocalDenoiser; the x-gradient of
     # every backend is the reference's VJP
-    ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._autograd", "gsa_kernels.reference"),
-    ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._backends"),
-    ("gsa_kernels.__main__", "gsa_kernels._extension"), ("gsa_kernels.__main__", "gsa_kernels.demo.cli"),
+    ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._core._autograd", "gsa_kernels.reference"),
+    ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._core._backends"),
+    ("gsa_kernels.__main__", "gsa_kernels._core._extension"), ("gsa_kernels.__main__", "gsa_kernels.tools.demo.cli"),
     # `fit --help` parses before torch: the fit command loads the API when it runs
-    ("gsa_kernels.__main__", "gsa_kernels.fit_cli"), ("gsa_kernels.fit_cli", "gsa_kernels"),
-    ("gsa_kernels.fit_cli", "gsa_kernels.models"),
+    ("gsa_kernels.__main__", "gsa_kernels.tools.fit_cli"), ("gsa_kernels.tools.fit_cli", "gsa_kernels"),
+    ("gsa_kernels.tools.fit_cli", "gsa_kernels.models"),
     # importing triton is slow and optional; its kernel modules read TRITON_INTERPRET at import
-    ("gsa_kernels._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
+    ("gsa_kernels._core._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
 }
 
 
@@ -220,7 +221,7 @@ def test_the_package_import_graph_has_no_cycle():
 
 def test_function_local_imports_are_only_the_listed_lazy_ones():
     _, local = _graph()
-    local = {(a, b) for a, b in local if not a.startswith(("gsa_kernels.demo", "gsa_kernels.bench"))}
+    local = {(a, b) for a, b in local if not a.startswith(("gsa_kernels.tools.demo", "gsa_kernels.tools.bench"))}
     assert local <= LAZY_IMPORTS, f"function-local imports of package modules: {sorted(local - LAZY_IMPORTS)}"
 
 
@@ -228,16 +229,16 @@ def test_layers_import_one_way():
     """The core layers (docs/architecture.md, section 5), lowest first: a module imports only
     modules of its own or lower layers. The tools (bench, demo) and the adapters are above all."""
     layers = [
-        {"gsa_kernels._layouts", "gsa_kernels._format", "gsa_kernels.schedules"},
-        {"gsa_kernels._args"},
-        {"gsa_kernels._autograd"},
-        {"gsa_kernels._contract", "gsa_kernels.reference"},
-        {"gsa_kernels._extension", "gsa_kernels.triton", "gsa_kernels.triton._library", "gsa_kernels.triton._config",
+        {"gsa_kernels._core._layouts", "gsa_kernels._core._format", "gsa_kernels.schedules"},
+        {"gsa_kernels._core._args"},
+        {"gsa_kernels._core._autograd"},
+        {"gsa_kernels._core._contract", "gsa_kernels.reference"},
+        {"gsa_kernels._core._extension", "gsa_kernels.triton", "gsa_kernels.triton._library", "gsa_kernels.triton._config",
          "gsa_kernels.triton._dot", "gsa_kernels.triton.gaussian", "gsa_kernels.triton.mixture"},
-        {"gsa_kernels._backends"},
+        {"gsa_kernels._core._backends"},
         {"gsa_kernels.ops"},
-        {"gsa_kernels.partial", "gsa_kernels.fitting"},
-        {"gsa_kernels.streamed"},
+        {"gsa_kernels._scaleout.partial", "gsa_kernels.fitting"},
+        {"gsa_kernels._scaleout.streamed"},
         {"gsa_kernels.models"},
         {"gsa_kernels.sampling", "gsa_kernels.distributed"},
     ]
@@ -250,8 +251,8 @@ def test_layers_import_one_way():
             assert t in level, f"{module} imports {t}, which is above the core layers"
             assert level[t] <= level[module], f"{module} (layer {level[module]}) imports {t} (layer {level[t]})"
     # the public ops know no model type, the registry no backend
-    assert not {"gsa_kernels.models", "gsa_kernels.streamed"} & graph["gsa_kernels.ops"]
-    assert not {"gsa_kernels._backends", "gsa_kernels.ops"} & graph["gsa_kernels._contract"]
+    assert not {"gsa_kernels.models", "gsa_kernels._scaleout.streamed"} & graph["gsa_kernels.ops"]
+    assert not {"gsa_kernels._core._backends", "gsa_kernels.ops"} & graph["gsa_kernels._core._contract"]
 
 
 # ----------------------------------------------------------------------------- docs/architecture.md

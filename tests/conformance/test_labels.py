@@ -15,7 +15,7 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels import reference
-from gsa_kernels._contract import SpectralKind
+from gsa_kernels._core._contract import SpectralKind
 
 from . import harness
 from .cases import CASES, Case, _shape_name
@@ -131,7 +131,7 @@ def test_labeled_reference_is_the_single_gaussian_reference_per_row(shape_case):
 @pytest.mark.parametrize("prefix", ["", "cuda_emu_"])
 def test_opcheck_labeled_ops(prefix):
     """Schemas, fakes (torch.compile) and autograd registration of the compiled labelled ops."""
-    from gsa_kernels import _extension
+    from gsa_kernels._core import _extension
 
     if not _extension.loaded:
         pytest.skip(f"compiled extension not loaded: {_extension.error}")

@@ -3,7 +3,7 @@ importing torch so that `python -m gsa_kernels <command> --help` answers at once
 import argparse
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"  # committed weights
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"  # committed weights
 
 # The default demo: a standard 18-step Heun run and the low-NFE regime, where skipping steps
 # with the closed-form jump should pay most (SAMPLER:STEPS:SKIP-FRACTIONS).
@@ -141,7 +141,7 @@ def train_parser():
     return p
 
 
-BENCH_WORKLOADS = ("G1", "G2", "T1", "M1", "E1")  # gsa_kernels/bench.py defines them
+BENCH_WORKLOADS = ("G1", "G2", "T1", "M1", "E1")  # gsa_kernels/tools/bench.py defines them
 # bench.py's groups of named workloads: the MNIST empirical posterior by sigma (MN), M1 by sigma
 # decade (M1S), few-query sampling (F); E2 (the empirical sweep) and L (local score machines) on request
 BENCH_DEFAULT = BENCH_WORKLOADS + ("MN", "M1S", "F")

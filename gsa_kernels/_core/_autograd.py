@@ -439,7 +439,7 @@ def local_posterior_rule(lookup, qualname, no_grad, fused):
         ctx.args = inputs[3:]
 
     def backward(ctx, grad):
-        from . import reference
+        from .. import reference
 
         x, images, sigma = ctx.saved_tensors
         gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None

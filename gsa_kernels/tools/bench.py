@@ -64,8 +64,8 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels import reference
-from gsa_kernels._contract import SpectralKind
-from gsa_kernels.demo import cli
+from gsa_kernels._core._contract import SpectralKind
+from gsa_kernels.tools.demo import cli
 
 WORKLOADS = cli.BENCH_WORKLOADS
 EMPIRICAL_SIGMAS = (0.01, 0.5, 3.0, 30.0)

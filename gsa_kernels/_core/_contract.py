@@ -8,9 +8,9 @@ entry holds everything the Python side needs:
   the Triton ops are defined with (gsa_kernels/triton/_library.py) and the reference functions
   take (gsa_kernels/reference.py);
 - `grads`: the arguments with a gradient (every other tensor argument raises when it requires
-  grad, naming it); `autograd`: the backward rule (gsa_kernels/_autograd.py);
+  grad, naming it); `autograd`: the backward rule (gsa_kernels/_core/_autograd.py);
 - `fake`: output shapes and dtypes (torch.compile, opcheck); `layouts`: optional trailing
-  arguments of the compiled CPU op (prepared layouts, gsa_kernels/_layouts.py);
+  arguments of the compiled CPU op (prepared layouts, gsa_kernels/_core/_layouts.py);
 - where it is documented and tested: `math` (a section of docs/architecture.md), `kernels`
   (each backend's kernel source), `conformance` (the test file running tests/conformance/cases.py's
   `<name>_cases()` on every backend).
@@ -210,7 +210,7 @@ def fake_mixture_panels(means, bases):
     return means.new_empty((n,)), means.new_empty((n,))
 
 
-# the CPU layout builders (gsa_kernels/_layouts.py); content_hash has none: its result is data
+# the CPU layout builders (gsa_kernels/_core/_layouts.py); content_hash has none: its result is data
 LAYOUT_FAKES = {"basis_rows": fake_basis_rows, "mixture_panels": fake_mixture_panels}
 
 

@@ -12,6 +12,8 @@ import torch
 
 from . import _contract
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # gsa_kernels/: _C*.so, _build_info.json
+
 REBUILD = ("pip install --no-build-isolation --force-reinstall gsa_kernels (from its source), "
            "or in a clone: python setup.py build_ext --inplace (or bash scripts/install.sh)")
 
@@ -19,7 +21,7 @@ REBUILD = ("pip install --no-build-isolation --force-reinstall gsa_kernels (from
 def build_info():
     """{"torch": version, "variant": "cu130" | "cpu" | ..., "cuda": ...} of the build here, or None."""
     try:
-        with open(os.path.join(os.path.dirname(__file__), "_build_info.json")) as f:
+        with open(os.path.join(PACKAGE_DIR, "_build_info.json")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -35,14 +37,14 @@ def mismatch(info, found=None):
 
 error = None
 try:
-    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    from .. import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
 
     loaded = True
 except Exception as e:  # ImportError, or an undefined symbol from a torch version mismatch
     loaded = False
     error = f"{type(e).__name__}: {e}"
-    if glob.glob(os.path.join(os.path.dirname(__file__), "_C*.so")) or glob.glob(
-            os.path.join(os.path.dirname(__file__), "_C*.pyd")):  # there, but it does not load
+    if glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) or glob.glob(
+            os.path.join(PACKAGE_DIR, "_C*.pyd")):  # there, but it does not load
         why = mismatch(build_info()) or "the compiled extension does not load"
         error = f"{why} ({error}); rebuild it: {REBUILD}"
         warnings.warn(f"{error}. The compiled backends are off: every op runs on the reference or Triton backend.",

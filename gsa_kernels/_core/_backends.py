@@ -11,7 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _extension, reference
+from .. import reference
+from . import _extension
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ CPU = Backend(
 
 
 def _triton_module():
-    from . import triton as triton_backend  # lazily: importing triton is slow
+    from .. import triton as triton_backend  # lazily: importing triton is slow
 
     return triton_backend
 

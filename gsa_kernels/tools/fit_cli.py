@@ -202,7 +202,7 @@ def load_stats(path, shape=None, device="cpu"):
     (e.g. (3, 64, 64)); a file fitted on another shape raises a ValueError naming both."""
     from safetensors import safe_open
 
-    from .models import GaussianMixture, GaussianModel
+    from ..models import GaussianMixture, GaussianModel
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

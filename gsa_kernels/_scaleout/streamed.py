@@ -6,7 +6,7 @@ row stride and columns are kept) or the path of a `.npy` / `.safetensors` file r
 is read (pread, never a live mapping: a file truncated under a mapping kills the process with
 SIGBUS) into one of two block buffers, the next block by a background thread while the current
 one is computed, and each block's posterior becomes a float64 partial state
-(gsa_kernels/partial.py) merged exactly into the running one by gk.merge_partials, so the
+(gsa_kernels/_scaleout/partial.py) merged exactly into the running one by gk.merge_partials, so the
 results are those of the in-memory mixture (ties across block edges included) and the anonymous
 memory is the two buffers (`block_bytes` in all, per concurrent call) plus the [B, D] outputs,
 whatever N is.
@@ -29,8 +29,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _format, ops, partial
-from ._args import PosteriorOperand, to_args
+from .. import ops
+from .._core import _format
+from .._core._args import PosteriorOperand, to_args
+from . import partial
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # both block buffers together
 

@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
-from . import ops
-from ._args import MixtureOperand, compute_dtype, flatten, rows
+from .. import ops
+from .._core._args import MixtureOperand, compute_dtype, flatten, rows
 
 
 class MixturePartial:
