@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ._args import SpectralKind, check_no_grad
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW
@@ -439,8 +440,6 @@ def local_posterior_rule(lookup, qualname, no_grad, fused):
         ctx.args = inputs[3:]
 
     def backward(ctx, grad):
-        from .. import reference
-
         x, images, sigma = ctx.saved_tensors
         gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None
         return gx, None, None, None, None, None, None

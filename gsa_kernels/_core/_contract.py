@@ -61,30 +61,20 @@ an op name (autograd registers on these names); the labelled variants are separa
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import _autograd
-from ._args import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype  # noqa: F401  (the contract's names)
-
-
-class LocalMode(enum.IntEnum):
-    """The `mode` argument of local_posterior: which training patches compete for a pixel."""
-
-    LS = 0  # the patch at the same pixel, every training image
-    ELS = 1  # every patch of every training image (translation equivariant)
-    BBELS = 2  # every patch in the pixel's boundary class (zeros padding only)
-
-
-class LocalPadding(enum.IntEnum):
-    """The `padding` argument of local_posterior."""
-
-    ZEROS = 0
-    CIRCULAR = 1
-
+from ._args import (  # noqa: F401  (the contract's names)
+    GaussianOperand,
+    LocalMode,
+    LocalPadding,
+    MixtureOperand,
+    SpectralKind,
+    compute_dtype,
+)
 
 # ----------------------------------------------------------------------------- fake (meta) kernels
 # Output shapes and dtypes only, so that torch.compile traces through the ops and opcheck tests them.

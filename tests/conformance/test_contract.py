@@ -178,17 +178,45 @@ LAZY_IMPORTS = {
     ("gsa_kernels", "gsa_kernels.models"), ("gsa_kernels", "gsa_kernels.ops"), ("gsa_kernels", "gsa_kernels._scaleout.partial"),
     ("gsa_kernels", "gsa_kernels.reference"), ("gsa_kernels", "gsa_kernels.sampling"),
     ("gsa_kernels", "gsa_kernels.schedules"), ("gsa_kernels", "gsa_kernels.local"),
-    # the local machines (issue 27): HybridDenoiser accepts a LocalDenoiser; the x-gradient of
-    # every backend is the reference's VJP
-    ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._core._autograd", "gsa_kernels.reference"),
     ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._core._backends"),
     ("gsa_kernels.__main__", "gsa_kernels._core._extension"), ("gsa_kernels.__main__", "gsa_kernels.tools.demo.cli"),
     # `fit --help` parses before torch: the fit command loads the API when it runs
     ("gsa_kernels.__main__", "gsa_kernels.tools.fit_cli"), ("gsa_kernels.tools.fit_cli", "gsa_kernels"),
-    ("gsa_kernels.tools.fit_cli", "gsa_kernels.models"),
+    ("gsa_kernels.tools.fit_cli", "gsa_kernels.models"), ("gsa_kernels.tools.fit_cli", "gsa_kernels._core._format"),
     # importing triton is slow and optional; its kernel modules read TRITON_INTERPRET at import
     ("gsa_kernels._core._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
 }
+
+# The layers (docs/architecture.md, section 5), lowest first: a module imports only modules of its
+# own or lower layers. A name ending in "." is every module under that package. The folders
+# follow them: _core/ holds the layers up to the backends, _scaleout/ the scale-out internals,
+# tools/ what merely uses the library.
+LAYERS = [
+    ("leaves", {"gsa_kernels._core._layouts", "gsa_kernels._core._format", "gsa_kernels.schedules",
+                "gsa_kernels._core", "gsa_kernels._scaleout", "gsa_kernels.tools"}),  # the subpackages' docstrings
+    ("arguments", {"gsa_kernels._core._args"}),
+    ("oracle", {"gsa_kernels.reference"}),
+    ("backward", {"gsa_kernels._core._autograd"}),
+    ("registry", {"gsa_kernels._core._contract"}),
+    ("kernels", {"gsa_kernels._core._extension", "gsa_kernels.triton", "gsa_kernels.triton."}),
+    ("backends", {"gsa_kernels._core._backends"}),
+    ("public ops", {"gsa_kernels.ops"}),
+    ("scale-out, fits", {"gsa_kernels._scaleout.partial", "gsa_kernels.fitting"}),
+    ("streaming", {"gsa_kernels._scaleout.streamed"}),
+    ("models", {"gsa_kernels.models", "gsa_kernels.local"}),
+    ("users", {"gsa_kernels.sampling", "gsa_kernels.distributed"}),
+    ("adapters", {"gsa_kernels.integrations", "gsa_kernels.integrations."}),
+    ("the API namespace", {"gsa_kernels"}),
+    ("tools", {"gsa_kernels.tools."}),
+    ("command line", {"gsa_kernels.__main__"}),
+]
+
+
+def _layer(module):
+    for i, (_, names) in enumerate(LAYERS):
+        if module in names or any(n.endswith(".") and module.startswith(n) for n in names):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS (docs/architecture.md, section 5)")
 
 
 def _graph():
@@ -221,38 +249,27 @@ def test_the_package_import_graph_has_no_cycle():
 
 def test_function_local_imports_are_only_the_listed_lazy_ones():
     _, local = _graph()
-    local = {(a, b) for a, b in local if not a.startswith(("gsa_kernels.tools.demo", "gsa_kernels.tools.bench"))}
+    # the tools import what they need when a command runs (nothing imports them but __main__)
+    local = {(a, b) for a, b in local if not (a.startswith("gsa_kernels.tools.") and a != "gsa_kernels.tools.fit_cli")}
     assert local <= LAZY_IMPORTS, f"function-local imports of package modules: {sorted(local - LAZY_IMPORTS)}"
 
 
 def test_layers_import_one_way():
-    """The core layers (docs/architecture.md, section 5), lowest first: a module imports only
-    modules of its own or lower layers. The tools (bench, demo) and the adapters are above all."""
-    layers = [
-        {"gsa_kernels._core._layouts", "gsa_kernels._core._format", "gsa_kernels.schedules"},
-        {"gsa_kernels._core._args"},
-        {"gsa_kernels._core._autograd"},
-        {"gsa_kernels._core._contract", "gsa_kernels.reference"},
-        {"gsa_kernels._core._extension", "gsa_kernels.triton", "gsa_kernels.triton._library", "gsa_kernels.triton._config",
-         "gsa_kernels.triton._dot", "gsa_kernels.triton.gaussian", "gsa_kernels.triton.mixture"},
-        {"gsa_kernels._core._backends"},
-        {"gsa_kernels.ops"},
-        {"gsa_kernels._scaleout.partial", "gsa_kernels.fitting"},
-        {"gsa_kernels._scaleout.streamed"},
-        {"gsa_kernels.models"},
-        {"gsa_kernels.sampling", "gsa_kernels.distributed"},
-    ]
-    level = {m: i for i, layer in enumerate(layers) for m in layer}
-    graph, _ = _graph()
+    """Every module has a layer, and imports only modules of its own or lower layers."""
+    graph, local = _graph()
     for module, imported in graph.items():
-        if module not in level:
-            continue
         for t in imported:
-            assert t in level, f"{module} imports {t}, which is above the core layers"
-            assert level[t] <= level[module], f"{module} (layer {level[module]}) imports {t} (layer {level[t]})"
+            assert _layer(t) <= _layer(module), (f"{module} ({LAYERS[_layer(module)][0]}) imports {t} "
+                                                 f"({LAYERS[_layer(t)][0]})")
     # the public ops know no model type, the registry no backend
-    assert not {"gsa_kernels.models", "gsa_kernels._scaleout.streamed"} & graph["gsa_kernels.ops"]
+    assert not {"gsa_kernels.models", "gsa_kernels._scaleout.streamed", "gsa_kernels.local"} & graph["gsa_kernels.ops"]
     assert not {"gsa_kernels._core._backends", "gsa_kernels.ops"} & graph["gsa_kernels._core._contract"]
+    # the tools stand apart: only the command line (and other tools) import them
+    users = {a for a, ts in graph.items() for t in ts if t.startswith("gsa_kernels.tools.")}
+    users |= {a for a, t in local if t.startswith("gsa_kernels.tools.")}
+    assert {u for u in users if not u.startswith("gsa_kernels.tools.")} <= {"gsa_kernels.__main__"}, users
+    # _core/ holds the layers up to the backends and nothing above
+    assert max(_layer(m) for m in graph if m.startswith("gsa_kernels._core.")) == _layer("gsa_kernels._core._backends")
 
 
 # ----------------------------------------------------------------------------- docs/architecture.md
