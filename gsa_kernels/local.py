@@ -30,6 +30,8 @@ import torch
 from . import ops
 from ._core._args import LocalMode, LocalPadding, SpectralKind
 
+__all__ = ["LocalScoreMachine", "local_denoise", "local_score"]
+
 MODES = {"ls": LocalMode.LS, "els": LocalMode.ELS, "bbels": LocalMode.BBELS}
 PADDINGS = {"zeros": LocalPadding.ZEROS, "circular": LocalPadding.CIRCULAR}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -29,6 +29,10 @@ from ._core._args import (
 
 Sigma = Union[float, torch.Tensor]
 
+# the public functions, exported by gsa_kernels/__init__.py as they are listed here
+__all__ = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_flow", "gaussian_trajectory",
+           "mixture_denoise", "mixture_score", "mixture_logp"]
+
 
 def available_backends() -> tuple:
     """The subset of ("reference", "cpu", "triton", "cuda") usable here."""

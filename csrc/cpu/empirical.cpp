@@ -1,5 +1,5 @@
 // CPU kernel of the r = 0 mixture posterior: isotropic components, and with residual_var = 0 the
-// empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
+// empirical ("delta") mixture of a training set (docs/architecture.md, section 1.3). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
 // Row blocks of up to 256 rows, one per thread when there are enough, else one after another

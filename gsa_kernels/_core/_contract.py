@@ -62,7 +62,7 @@ an op name (autograd registers on these names); the labelled variants are separa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -120,11 +120,17 @@ class Op:
     schema: str  # "(Tensor x, ...) -> Tensor": names, order and types of the arguments, without layouts
     grads: tuple  # argument names with a gradient
     fake: Callable
-    autograd: Callable  # _autograd rule: (lookup, qualname, no_grad, fused) -> (backward, setup_context)
     math: str  # section of docs/architecture.md with the op's mathematics
     kernels: dict  # backend -> kernel source file (the reference is gsa_kernels/reference.py::<name>)
     conformance: str  # test file of the conformance suite
     layouts: tuple = ()  # optional trailing Tensor? arguments of the compiled CPU op
+    # _autograd rule: (lookup, qualname, no_grad, fused) -> (backward, setup_context); None: the
+    # VJP of the reference (_autograd.reference_rule)
+    autograd: Optional[Callable] = None
+
+    @property
+    def backward_rule(self) -> Callable:
+        return self.autograd if self.autograd is not None else _autograd.reference_rule(self.name)
 
     def _arguments(self):
         return torch._C.parse_schema(self.name + self.schema).arguments
@@ -224,5 +230,5 @@ def register(namespace: str, prefix: str = "", *, fakes: bool = True, layouts: b
         qualname = f"{namespace}::{prefix}{op.name}"
         if fakes:
             torch.library.register_fake(qualname)(op.fake)
-        backward, setup_context = op.autograd(lookup, qualname, op.no_grad, fused_mixture_backward)
+        backward, setup_context = op.backward_rule(lookup, qualname, op.no_grad, fused_mixture_backward)
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)

@@ -31,6 +31,8 @@ import torch
 from .. import ops
 from .._core._args import MixtureOperand, compute_dtype, flatten, rows
 
+__all__ = ["MixturePartial", "mixture_partial", "merge_partials"]
+
 
 class MixturePartial:
     """Per-row state (max_logit [B], sum_exp [B], weighted [B, D]) of a mixture posterior over a

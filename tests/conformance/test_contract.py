@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsa_kernels import reference
-from gsa_kernels._core import _backends, _contract, _extension
+from gsa_kernels._core import _autograd, _backends, _contract, _extension
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_every_registered_op_is_complete(op):
     """Each registry entry has a fake, an autograd rule, a reference function, kernels for every
     compiled backend, conformance cases, and a conformance test file that runs them."""
     entry = _contract.REGISTRY[op]
-    assert callable(entry.fake) and callable(entry.autograd)
+    assert callable(entry.fake) and callable(entry.backward_rule)
     assert callable(getattr(reference, op, None)), f"reference.{op} missing"
     assert set(entry.kernels) == {"cpu", "cuda", "triton"}
     for path in entry.kernels.values():
@@ -105,9 +105,55 @@ def test_every_registered_op_is_complete(op):
     assert set(entry.no_grad.values()).isdisjoint(entry.grads)
     # the autograd rule builds for a namespace where the op is registered
     if _extension.loaded:
-        backward, setup = entry.autograd(lambda name: getattr(torch.ops.gsa_kernels, name), f"gsa_kernels::{op}",
+        backward, setup = entry.backward_rule(lambda name: getattr(torch.ops.gsa_kernels, name), f"gsa_kernels::{op}",
                                          entry.no_grad, False)
         assert callable(backward) and callable(setup)
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="needs the compiled extension")
+@pytest.mark.parametrize("op", ["gaussian_map", "mixture_posterior"])
+def test_the_default_rule_is_the_closed_form_rule(op):
+    """An entry without a rule gets the VJP of its reference (_autograd.reference_rule): defined
+    as a test op on the same CPU kernel, its gradients are the registered closed-form ones."""
+    entry = _contract.REGISTRY[op]
+    qualname = f"gsa_test_default_rule::{op}"
+    if not hasattr(getattr(torch.ops, "gsa_test_default_rule", None), op):
+        lib = torch.library.Library("gsa_test_default_rule", "FRAGMENT")
+        _LIBRARIES.append(lib)
+        lib.define(op + entry.schema)
+        lib.impl(op, getattr(torch.ops.gsa_kernels, op), "CPU")
+        torch.library.register_fake(qualname)(entry.fake)
+        backward, setup = _autograd.reference_rule(op)(None, qualname, entry.no_grad, False)
+        torch.library.register_autograd(qualname, backward, setup_context=setup)
+    g = torch.Generator().manual_seed(0)
+    B, D, K, r = 5, 6, 3, 2
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, **f64)
+    if op == "gaussian_map":
+        basis = torch.linalg.qr(torch.randn(D, r, generator=g, **f64)).Q.contiguous()
+        rows = torch.rand(B, generator=g, **f64) + 0.3
+        args = [x, torch.randn(D, generator=g, **f64), basis, torch.rand(r, generator=g, **f64) + 0.1, 0.4,
+                rows, rows * 0.5, torch.ones(B, **f64), torch.ones(B, **f64), 2]
+    else:
+        bases = torch.linalg.qr(torch.randn(K, D, r, generator=g, **f64)).Q.contiguous()
+        args = [x, torch.randn(K, D, generator=g, **f64), bases, torch.rand(K, r, generator=g, **f64) + 0.1,
+                torch.rand(K, generator=g, **f64) + 0.1, torch.randn(K, generator=g, **f64),
+                torch.rand(B, generator=g, **f64) + 0.5, True, True]
+    wrt = [i for i, name in enumerate(entry.arguments) if name in entry.grads]
+
+    def grads(ops):
+        leaves = [a.clone().requires_grad_() if i in wrt else a for i, a in enumerate(args)]
+        out = getattr(ops, op)(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * torch.linspace(-1, 2, o.numel(), **f64).reshape(o.shape)).sum() for o in outs)
+        return torch.autograd.grad(loss, [leaves[i] for i in wrt])
+
+    for name, ours, closed in zip([entry.arguments[i] for i in wrt], grads(torch.ops.gsa_test_default_rule),
+                                  grads(torch.ops.gsa_kernels)):
+        torch.testing.assert_close(ours, closed, rtol=1e-9, atol=1e-9, msg=f"{op}: grad {name}")
+
+
+_LIBRARIES = []  # the test namespace's library objects live as long as the module
 
 
 def test_registered_gradients_match_the_compiled_autograd():
@@ -310,12 +356,17 @@ def test_every_public_function_is_in_the_public_map():
 def test_cited_repository_files_exist():
     """Comments and docs cite files by their repository path: every such path exists."""
     cited = re.compile(r"\b((?:gsa_kernels|csrc|tests|docs|scripts|benchmarks)/[\w./-]+\.(?:py|md|h|cpp|cu|cuh|sh))\b")
+    # a document named without its folder (an upper-case name, .md) is one of the repository's
+    named = re.compile(r"(?<![\w./-])([A-Z][\w-]*\.md)\b")
+    documents = {p.name for p in REPO.rglob("*.md") if ".git" not in p.parts}
     missing = set()
     for pattern in ("gsa_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "docs/*.md", "scripts/*", "benchmarks/**/*.md",
                     "README.md", "tests/README.md"):
         for path in REPO.glob(pattern):
             if path.is_file() and path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh"):
-                for ref in cited.findall(path.read_text(errors="replace")):
+                text = path.read_text(errors="replace")
+                for ref in cited.findall(text):
                     if not (REPO / ref).exists():
                         missing.add(f"{path.relative_to(REPO)} cites {ref}")
+                missing |= {f"{path.relative_to(REPO)} cites {ref}" for ref in named.findall(text) if ref not in documents}
     assert not missing, sorted(missing)
