@@ -166,19 +166,26 @@ def model_tensors(model, x, names, op):
     tensor, or its .data, mid-call leaves the kernel's inputs alone), and the shapes are checked
     together once: a model reshaped between reads is an error, not an out-of-bounds read."""
     cd = compute_dtype(x.dtype)
-    out, dims = [], {"D": x.shape[1]}
+    out, dims, device = [], {"D": x.shape[1]}, x.device
+    traced = torch.compiler.is_compiling()  # traced: no storage to read
+    mixture = "means" in names
     for n in names:
         t = getattr(model, n)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: the model's {n} is a {type(t).__name__}, not a tensor")
         t = t.view_as(t)  # the snapshot: its own TensorImpl on the same storage
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(f"{op}: the model is on {t.device} but x is on {x.device}; call model.to({str(x.device)!r})")
-        letters = "Kr" if n == "eigvals" and "means" in names else _MODEL_SHAPES[n]
-        if t.dim() != len(letters) or any(dims.setdefault(c, s) != s for c, s in zip(letters, t.shape)):
+        letters = "Kr" if mixture and n == "eigvals" else _MODEL_SHAPES[n]
+        shape = t.shape
+        consistent = len(shape) == len(letters)
+        for c, size in zip(letters, shape):
+            consistent = consistent and dims.setdefault(c, size) == size
+        if not consistent:
             raise ValueError(f"{op}: the model's {n} has shape {tuple(t.shape)}, inconsistent with the other tensors "
                              f"and x ({dims}): was the model changed during the call?")
-        _check_storage(t, n, op)
+        if not traced:
+            _check_storage(t, n, op)
         out.append(t.to(cd).contiguous())
     return out
 
@@ -186,9 +193,9 @@ def model_tensors(model, x, names, op):
 def _check_storage(t, name, op):
     """A tensor whose storage was freed or shrunk (the FSDP idiom t.untyped_storage().resize_(0))
     still reports its shape; reading it would read freed memory."""
-    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():  # traced: no storage to read
+    if t.numel() == 0 or t.is_meta:
         return
-    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    extent = t.numel() if t.is_contiguous() else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     need = (t.storage_offset() + extent) * t.element_size()
     have = t.untyped_storage().nbytes()
     if have < need:
