@@ -27,12 +27,12 @@ def _load():
 # on first use (PEP 562). Every other import loads it at once, compiled ops included.
 if getattr(sys, "argv", [None])[:1] == ["-m"]:
     def __getattr__(name):
-        if name in SUBMODULES:  # `from . import reference` asks here first
-            import importlib
+        import importlib.util
 
-            return importlib.import_module(f"{__name__}.{name}")
         if name.startswith("__") and name != "__all__":
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        if name != "__all__" and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")  # `from . import ops` asks here first
         _load()
         if name not in globals():
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
