@@ -260,15 +260,25 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
         std::fill(z.begin(), z.end(), zero8);
         std::fill(acc.begin(), acc.end(), zero8);
         const T cT = static_cast<T>(c2);
+        // raw pointers: the hot loop then keeps them in registers (through the captured vectors the
+        // compiler reloaded them after every store)
+        double* __restrict mp = m.data();
+        Double8* __restrict zp = z.data();
+        Double8* __restrict accp = acc.data();
+        V* __restrict ep = ebuf.data();
+        V* __restrict hp = hbuf.data();
+        V* __restrict yp = ybuf.data();
+        const T* __restrict xq = xpad.data();
+        const V* pk = packed.data();
         const V zero = {};
 
         // rescale pixel u's state to a new max
         const auto rescale = [&](int64_t u, double new_m) {
-          const double f = std::exp(m[u] - new_m);  // 0 from m = -inf
-          for (int k = 0; k < kChunks; ++k) z[u * kChunks + k] *= f;
+          const double f = std::exp(mp[u] - new_m);  // 0 from m = -inf
+          for (int k = 0; k < kChunks; ++k) zp[u * kChunks + k] *= f;
           for (int64_t c = 0; c < C; ++c)
-            for (int k = 0; k < kChunks; ++k) acc[(u * C + c) * kChunks + k] *= f;
-          m[u] = new_m;
+            for (int k = 0; k < kChunks; ++k) accp[(u * C + c) * kChunks + k] *= f;
+          mp[u] = new_m;
         };
 
         for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -280,11 +290,11 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
                 V v = zero;
                 if (i >= 0 && j >= 0) {
                   if (prepacked)
-                    v = packed[(blk * HW + i * W + j) * C + c];
+                    v = pk[(blk * HW + i * W + j) * C + c];
                   else
                     for (int64_t l = 0; l < lanes; ++l) v[l] = img[(((n0 + l) * C + c) * H + i) * W + j];
                 }
-                ybuf[(r * YW + q) * C + c] = v;
+                yp[(r * YW + q) * C + c] = v;
               }
             }
           V lane_off = zero;  // -inf on lanes past N
@@ -300,30 +310,30 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
                 const int64_t xc = sh.j0 + cc, yc = xc + sh.dx;
                 V e = zero;
                 for (int64_t c = 0; c < C; ++c) {
-                  const V d = xpad[(c * XH + xr) * XW + xc] - ybuf[(yr * YW + yc) * C + c];
+                  const V d = xq[(c * XH + xr) * XW + xc] - yp[(yr * YW + yc) * C + c];
                   e += d * d;
                 }
-                ebuf[rr * ec + cc] = e;
+                ep[rr * ec + cc] = e;
               }
             }
             for (int64_t rr = 0; rr < er; ++rr)  // row pass: P terms
               for (int64_t jj = 0; jj < nj; ++jj) {
-                V h = ebuf[rr * ec + jj];
-                for (int64_t o = 1; o < P; ++o) h += ebuf[rr * ec + jj + o];
-                hbuf[rr * nj + jj] = h;
+                V h = ep[rr * ec + jj];
+                for (int64_t o = 1; o < P; ++o) h += ep[rr * ec + jj + o];
+                hp[rr * nj + jj] = h;
               }
             for (int64_t ii = 0; ii < ni; ++ii)
               for (int64_t jj = 0; jj < nj; ++jj) {
-                V d2 = hbuf[ii * nj + jj];  // column pass: P terms
-                for (int64_t o = 1; o < P; ++o) d2 += hbuf[(ii + o) * nj + jj];
+                V d2 = hp[ii * nj + jj];  // column pass: P terms
+                for (int64_t o = 1; o < P; ++o) d2 += hp[(ii + o) * nj + jj];
                 const int64_t i = sh.i0 + ii, j = sh.j0 + jj, u = i * W + j;
                 const V logit = lane_off + (zero - d2) * cT;
-                const double mu = m[u];
+                const double mu = mp[u];
                 const T best = max_lane(logit);
                 // nothing within kNegligible of the max, counting the error bound: no exp
                 if (double(best) * (1 - gamma) < mu - kNegligible) continue;
                 const int64_t vr = i + sh.dy + p, vc = j + sh.dx + p;  // v's centre in the images frame
-                const V* vals = &ybuf[(vr * YW + vc) * C];
+                const V* vals = &yp[(vr * YW + vc) * C];
                 // lanes that may matter have logits >= mu - kNegligible - 1; their bound gamma |L| may
                 // exceed kLogitTol only when that is below -far
                 if (std::is_same_v<T, float> && std::min(mu, double(best)) - kNegligible - 1 < -far) {
@@ -337,18 +347,18 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
                       for (int64_t c = 0; c < C; ++c)
                         for (int64_t oy = 0; oy < P; ++oy)
                           for (int64_t ox = 0; ox < P; ++ox) {
-                            const double d = double(xpad[(c * XH + i + oy) * XW + j + ox]) -
-                                             double(ybuf[((i + oy + sh.dy) * YW + j + ox + sh.dx) * C + c][l]);
+                            const double d = double(xq[(c * XH + i + oy) * XW + j + ox]) -
+                                             double(yp[((i + oy + sh.dy) * YW + j + ox + sh.dx) * C + c][l]);
                             e2 += d * d;
                           }
                       const double lg = -e2 * c2;
-                      if (lg > m[u]) rescale(u, lg);
-                      if (lg - m[u] <= -kNegligible) continue;
-                      const double w = std::exp(lg - m[u]);
-                      double* zl = reinterpret_cast<double*>(&z[u * kChunks]);
+                      if (lg > mp[u]) rescale(u, lg);
+                      if (lg - mp[u] <= -kNegligible) continue;
+                      const double w = std::exp(lg - mp[u]);
+                      double* zl = reinterpret_cast<double*>(&zp[u * kChunks]);
                       zl[l] += w;
                       for (int64_t c = 0; c < C; ++c) {
-                        double* al = reinterpret_cast<double*>(&acc[(u * C + c) * kChunks]);
+                        double* al = reinterpret_cast<double*>(&accp[(u * C + c) * kChunks]);
                         al[l] += w * (double(vals[c][l]) - double(xb[c * HW + u]));
                       }
                     }
@@ -356,17 +366,17 @@ void local_impl(const at::Tensor& x, const at::Tensor& images, const at::Tensor&
                   }
                 }
                 if (best > static_cast<T>(mu)) rescale(u, double(best));
-                const V shifted = logit - static_cast<T>(m[u]);
+                const V shifted = logit - static_cast<T>(mp[u]);
                 V w;
                 exp_lanes<T>(shifted, w);
                 for (int k = 0; k < kChunks; ++k) {
                   Double8 wk, dk;
                   chunk8(w, k, wk);
-                  z[u * kChunks + k] += wk;
+                  zp[u * kChunks + k] += wk;
                   for (int64_t c = 0; c < C; ++c) {
                     const V dv = vals[c] - xb[c * HW + u];
                     chunk8(dv, k, dk);
-                    acc[(u * C + c) * kChunks + k] += wk * dk;
+                    accp[(u * C + c) * kChunks + k] += wk * dk;
                   }
                 }
               }
