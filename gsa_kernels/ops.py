@@ -30,6 +30,10 @@ from ._core._args import (
 
 Sigma = Union[float, torch.Tensor]
 
+# the public functions, exported by gsa_kernels/__init__.py as they are listed here
+__all__ = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_flow", "gaussian_trajectory",
+           "mixture_denoise", "mixture_score", "mixture_logp"]
+
 
 def available_backends() -> tuple:
     """The subset of ("reference", "cpu", "triton", "cuda") usable here."""
@@ -125,6 +129,24 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto", *, labels=None):
     layouts = _layouts.gaussian(be.name, g, params[1], B) if labels is None else ()
     out = kernel(x2, *params, sigmas, *layouts)
     return out.reshape((sigmas.shape[0],) + tuple(x.shape))
+
+
+# ----------------------------------------------------------------------------- local score machines
+
+
+def local_posterior(x, sigma: Sigma, m, patch_size: int, mode: int, padding: int, kind: int, backend: str, op: str):
+    """One launch of local_posterior for gk.local_denoise / local_score (local.py checks the machine
+    m, x [B, C, H, W] on its device and patch_size first). m: its `images` and `operand(dtype)`, the
+    images in the compute dtype."""
+    B = x.shape[0]
+    sigma = rows(sigma, B, x, "sigma", op)  # float, 0-d or [B], checked as every op checks it
+    check_no_grad(op, images=m.images, sigma=sigma)
+    if B == 0:
+        return x.new_empty(x.shape)
+    be = _backends.resolve_backend(backend, x.device)
+    kernel = be.kernel("local_posterior", x.device.type)  # every backend has one (_contract.REGISTRY)
+    images = m.operand(compute_dtype(x.dtype))
+    return kernel(x.contiguous(), images, sigma, patch_size, int(mode), int(padding), int(kind))
 
 
 # ----------------------------------------------------------------------------- mixture ops

@@ -28,6 +28,21 @@ class SpectralKind(enum.IntEnum):
     FLOW = 2
 
 
+class LocalMode(enum.IntEnum):
+    """The `mode` argument of local_posterior: which training patches compete for a pixel."""
+
+    LS = 0  # the patch at the same pixel, every training image
+    ELS = 1  # every patch of every training image (translation equivariant)
+    BBELS = 2  # every patch in the pixel's boundary class (zeros padding only)
+
+
+class LocalPadding(enum.IntEnum):
+    """The `padding` argument of local_posterior."""
+
+    ZEROS = 0
+    CIRCULAR = 1
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel computes in for x of `dtype`: float64 stays float64, every other
     floating dtype (float16, bfloat16, float32) computes in float32."""

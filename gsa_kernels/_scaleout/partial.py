@@ -31,6 +31,8 @@ import torch
 from .. import ops
 from .._core._args import MixtureOperand, compute_dtype, flatten, rows
 
+__all__ = ["MixturePartial", "mixture_partial", "merge_partials"]
+
 
 class MixturePartial:
     """Per-row state (max_logit [B], sum_exp [B], weighted [B, D]) of a mixture posterior over a
@@ -121,7 +123,7 @@ def _component_chunks(m, B):
 
 def _row_logits64(x, s2, means, bases, eigvals, residual_var, log_weights, k, extended):
     """Float64 logit log w_k + log N(x_b; mu_k, Sigma_k + s^2 I) of component k[b] for each row b,
-    from the differences x - mu (as reference._component_terms, one component per row), in row
+    from the differences x - mu (as reference.component_terms, one component per row), in row
     chunks of ~32 MB of gathered bases: (hi [B], lo [B]) with hi differentiable and, when
     `extended`, lo the rest of the logit evaluated in numpy's long double (64-bit mantissa on
     x86, 113 on others: |x - mu|^2 / 2 sigma^2 of 1e7 to ~1e-11), else zeros."""
@@ -191,13 +193,13 @@ def split_posterior(kernel, x, means, bases, eigvals, residual_var, log_weights,
     merged = merge_partials(states)
     den = merged.denoised_exact().to(x.dtype) if need_denoised else x.new_empty((0,))
     if need_weights:
-        weights = torch.cat([(w.double() * _share(st, merged)[:, None]).to(sigma.dtype) for w, st in zip(parts, states)], 1)
+        weights = torch.cat([(w.double() * weight_share(st, merged)[:, None]).to(sigma.dtype) for w, st in zip(parts, states)], 1)
     else:
         weights = x.new_empty((0,), dtype=sigma.dtype)
     return den, merged.logp().to(sigma.dtype), weights
 
 
-def _share(part: MixturePartial, merged: MixturePartial):
+def weight_share(part: MixturePartial, merged: MixturePartial):
     """exp(logp_part - logp_merged) [B]: the part's share of the merged posterior weight, from
     the double-double logits (0 for an empty part; NaN rows give 0, their weights stay NaN)."""
     diff = (part.max_logit - merged.max_logit) + (part.max_logit_lo - merged.max_logit_lo)

@@ -507,7 +507,7 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     # a row without weight anywhere (NaN in x) gets NaN, as from the in-memory kernel: 0 / 0
     den = (state.weighted / state.sum_exp[:, None]).to(out_dtype) if need_denoised else x2.new_empty((0,), dtype=out_dtype)
     if need_weights:  # block k's weights times its share of the whole posterior, in float64
-        weights = torch.cat([(w_b.double() * partial._share(st, state)[:, None]).to(cd) for w_b, st in parts], 1)
+        weights = torch.cat([(w_b.double() * partial.weight_share(st, state)[:, None]).to(cd) for w_b, st in parts], 1)
     else:
         weights = x2.new_empty((0,), dtype=cd)
     return den, state.logp().to(cd), weights

@@ -190,7 +190,7 @@ def mixture_terms(args64):
     component denoisers D_k [B, K, D]."""
     x, means, bases, eigvals, residual_var, log_weights, sigma = args64
     s2 = sigma[:, None] ** 2
-    y, c, perp, logpdf = reference._component_terms(x, s2, means, bases, eigvals, residual_var)
+    y, c, perp, logpdf = reference.component_terms(x, s2, means, bases, eigvals, residual_var)
     terms = -2 * logpdf  # quadratic form + log det + D log 2 pi: all positive but the logs
     logdet = torch.log(eigvals[None] + s2[:, :, None]).sum(-1) + (x.shape[1] - bases.shape[2]) * torch.log(residual_var[None] + s2)
     terms = terms - logdet + logdet.abs()
