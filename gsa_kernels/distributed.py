@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import fitting
 from ._core import _args
 from ._core._args import FLOAT_DTYPES, compute_dtype, flatten
-from ._scaleout.partial import merge_stacked, mixture_partial
+from ._scaleout.partial import merge_stacked, partial_state
 from .models import GaussianMixture, GaussianModel
 
 _stats: dict = {}
@@ -130,8 +130,9 @@ def _device(group):
 # ----------------------------------------------------------------------------- mixtures
 
 
-def _sharded(x, sigma, shard, group, backend, op):
-    """(this rank's merged MixturePartial, x2 [B, D], sigma [B]) for the whole mixture."""
+def _sharded(x, sigma, shard, group, backend, op, score=False):
+    """(this rank's merged MixturePartial, x2 [B, D], sigma [B]) for the whole mixture; score=True:
+    its weighted sums carry the components' scores (partial.partial_state), W / S the score."""
     comm = _Comm(group, op)
     error = None
     try:
@@ -158,7 +159,7 @@ def _sharded(x, sigma, shard, group, backend, op):
     # to each row's owner; ok = 0 tells the owners that this rank's kernel failed (its own error
     # is raised after the exchange)
     try:
-        p = comm.local(mixture_partial, queries[:, :D], queries[:, D], shard, backend)
+        p = comm.local(partial_state, queries[:, :D], queries[:, D], shard, backend, op, score)
         state = torch.cat([p.max_logit[:, None], p.sum_exp[:, None], torch.ones_like(p.sum_exp)[:, None],
                            p.max_logit_lo[:, None], p.weighted], 1)
         error = None
@@ -196,12 +197,11 @@ def mixture_denoise(x, sigma, shard, group=None, backend: str = "auto"):
 
 
 def mixture_score(x, sigma, shard, group=None, backend: str = "auto"):
-    """The whole mixture's score (D(x) - x) / sigma^2 for this rank's queries x [B, *shape]."""
-    merged, x2, s = _sharded(x, sigma, shard, group, backend, "mixture_score")
-    # (D - x) / sigma^2 in float64 from the merged state: a denoised rounded to a 16-bit x's
-    # dtype first would be amplified by 1 / sigma^2
-    s64 = s.double()
-    return ((merged.denoised_exact() - x2.double()) / (s64 * s64)[:, None]).to(x.dtype).reshape(x.shape)
+    """The whole mixture's score sum_k w_k s_k(x) = (D(x) - x) / sigma^2 for this rank's queries
+    x [B, *shape]: each shard's partial carries its launches' scores in the stable form of the
+    single-process op (ops.stable_score), merged in float64 and rounded to x's dtype once."""
+    merged, _, _ = _sharded(x, sigma, shard, group, backend, "mixture_score", score=True)
+    return merged.denoised_exact().to(x.dtype).reshape(x.shape)  # W / S: the merged score
 
 
 def mixture_logp(x, sigma, shard, group=None, backend: str = "auto"):

@@ -27,9 +27,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ._core import _backends
-from ._core._args import check_no_grad, compute_dtype, rows
-from ._core._contract import LocalMode, LocalPadding, SpectralKind
+from . import ops
+from ._core._args import LocalMode, LocalPadding, SpectralKind
+
+__all__ = ["LocalScoreMachine", "local_denoise", "local_score"]
 
 MODES = {"ls": LocalMode.LS, "els": LocalMode.ELS, "bbels": LocalMode.BBELS}
 PADDINGS = {"zeros": LocalPadding.ZEROS, "circular": LocalPadding.CIRCULAR}
@@ -175,15 +176,7 @@ def _local(x, sigma, m, patch_size, kind, backend, op):
                          f"got shape {tuple(x.shape)}")
     if m.device != x.device:
         raise ValueError(f"{op}: the machine is on {m.device} but x is on {x.device}; call m.to({str(x.device)!r})")
-    B = x.shape[0]
-    sigma = rows(sigma, B, x, "sigma", op)  # float, 0-d or [B], checked as every op checks it
-    check_no_grad(op, images=m.images, sigma=sigma)
-    if B == 0:
-        return x.new_empty(x.shape)
-    be = _backends.resolve_backend(backend, x.device)
-    kernel = be.kernel("local_posterior", x.device.type)  # every backend has one (_contract.REGISTRY)
-    images = m.operand(compute_dtype(x.dtype))
-    return kernel(x.contiguous(), images, sigma, patch_size, int(MODES[m.mode]), int(PADDINGS[m.padding]), int(kind))
+    return ops.local_posterior(x, sigma, m, patch_size, MODES[m.mode], PADDINGS[m.padding], kind, backend, op)
 
 
 def local_denoise(x, sigma: Union[float, torch.Tensor], m: LocalScoreMachine, patch_size: int, backend: str = "auto"):

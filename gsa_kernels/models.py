@@ -19,6 +19,8 @@ from ._core import _format
 from ._core._args import GaussianOperand, MixtureOperand, to_args
 from ._scaleout.streamed import DEFAULT_BLOCK_BYTES, StreamedMixture
 
+__all__ = ["GaussianModel", "GaussianMixture"]
+
 Data = Union[torch.Tensor, Iterable[torch.Tensor]]
 
 

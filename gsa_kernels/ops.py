@@ -15,6 +15,7 @@ import torch
 
 from ._core import _backends, _layouts
 from ._core._args import (
+    MixtureOperand,
     PosteriorOperand,
     SpectralKind,
     check_no_grad,
@@ -28,6 +29,10 @@ from ._core._args import (
 )
 
 Sigma = Union[float, torch.Tensor]
+
+# the public functions, exported by gsa_kernels/__init__.py as they are listed here
+__all__ = ["available_backends", "gaussian_denoise", "gaussian_score", "gaussian_flow", "gaussian_trajectory",
+           "mixture_denoise", "mixture_score", "mixture_logp"]
 
 
 def available_backends() -> tuple:
@@ -126,12 +131,32 @@ def gaussian_trajectory(x, sigmas, g, backend: str = "auto", *, labels=None):
     return out.reshape((sigmas.shape[0],) + tuple(x.shape))
 
 
+# ----------------------------------------------------------------------------- local score machines
+
+
+def local_posterior(x, sigma: Sigma, m, patch_size: int, mode: int, padding: int, kind: int, backend: str, op: str):
+    """One launch of local_posterior for gk.local_denoise / local_score (local.py checks the machine
+    m, x [B, C, H, W] on its device and patch_size first). m: its `images` and `operand(dtype)`, the
+    images in the compute dtype."""
+    B = x.shape[0]
+    sigma = rows(sigma, B, x, "sigma", op)  # float, 0-d or [B], checked as every op checks it
+    check_no_grad(op, images=m.images, sigma=sigma)
+    if B == 0:
+        return x.new_empty(x.shape)
+    be = _backends.resolve_backend(backend, x.device)
+    kernel = be.kernel("local_posterior", x.device.type)  # every backend has one (_contract.REGISTRY)
+    images = m.operand(compute_dtype(x.dtype))
+    return kernel(x.contiguous(), images, sigma, patch_size, int(mode), int(padding), int(kind))
+
+
 # ----------------------------------------------------------------------------- mixture ops
 
 
-def posterior(x2, sigma, m, need_denoised, need_weights, backend, op):
+def posterior(x2, sigma, m, need_denoised, need_weights, backend, op, score=False):
     """(denoised, logp, weights, sigma [B]) for flattened x2 [B, D]: the model's own posterior
-    path (in memory or streamed from a file) on the backend resolved here."""
+    path (in memory or streamed from a file) on the backend resolved here. score=True: the first
+    output is the score instead, by stable_score applied to each kernel launch of that path (x2
+    in the compute dtype)."""
     B = x2.shape[0]
     sigma = rows(sigma, B, x2, "sigma", op)
     if not isinstance(m, PosteriorOperand):
@@ -141,8 +166,82 @@ def posterior(x2, sigma, m, need_denoised, need_weights, backend, op):
         cd = compute_dtype(x2.dtype)
         return x2.new_empty(x2.shape), x2.new_empty((0,), dtype=cd), x2.new_empty((0, m.num_components), dtype=cd), sigma
     be = _backends.resolve_backend(backend, x2.device)
-    denoised, logp, weights = m.posterior(be, x2, sigma, need_denoised, need_weights, params)
+    rule = None
+    if score:
+        need_denoised, rule = True, stable_score
+        # the rule reads the weights of the rows it corrects: along with the launch when small
+        # (one pass), else it asks again for those rows only. Streamed blocks bring their own.
+        need_weights = need_weights or (isinstance(m, MixtureOperand) and B * m.num_components <= SCORE_WEIGHTS_ALONG)
+    denoised, logp, weights = m.posterior(be, x2, sigma, need_denoised, need_weights, params, score_rule=rule)
     return denoised, logp, weights, sigma
+
+
+# ----------------------------------------------------------------------------- the stable score
+# The score (D - x) / sigma^2 cancels where the posterior mean D is close to x (small sigma): D
+# carries its rounding eps |D|, so the score's relative error is eps |x| / |D - x| -- 6e-3 in
+# float32 at sigma 0.002 for a one-component mixture with residual variance, where the Gaussian
+# ops' per-direction form -(Sigma + sigma^2 I)^-1 (x - mu) is good to a few ulps. The mixture
+# score is sum_k w_k s_k(x) with s_k that form (sum_k w_k = 1), so the rows where (D - x) lost
+# more than CANCELLATION_BITS bits take it, over the components with weight above
+# PAIR_WEIGHT_FLOOR; a row with more than PAIRS_PER_ROW of those (a dense posterior with D near
+# x: duplicated points) is recomputed in float64 instead. Every other row keeps (D - x) / sigma^2.
+# One rule for every path: applied to each kernel launch (an in-memory mixture, each block of a
+# points file, each shard of gk.mixture_partial / gk.distributed), whose state then carries the
+# launch's score where it would carry its denoised mean (the merge is linear in it).
+
+CANCELLATION_BITS = 4  # |D - x| < |x| / 16: (D - x) / sigma^2 has lost over 4 bits to rounding
+PAIR_WEIGHT_FLOOR = 1e-12  # components below it are left out of sum_k w_k s_k
+PAIRS_PER_ROW = 32
+SCORE_WEIGHTS_ALONG = 2**21  # B K at most this: the launch returns the weights (8 MiB float32)
+STABLE_BUDGET_BYTES = 64 * 2**20  # per chunk of corrected rows: their weights and pair scores
+
+
+def stable_score(be, x2, sigma, comps, den, weights):
+    """The score of one kernel launch of the mixture posterior (the rule above): x2 [B, D] and
+    sigma [B] as the launch got them (compute dtype), comps its (means, bases, eigvals,
+    residual_var, log_weights), den its denoised [B, D], weights its weights [B, k] or an empty
+    tensor (then recomputed for the rows that need them). Differentiable like the ops it calls:
+    the weights through the posterior op, s_k through the labelled Gaussian op (so the gradient
+    is that of the same function). Under torch.compile (data-dependent rows) and for rows with
+    NaN, (D - x) / sigma^2 as it is."""
+    s2 = sigma * sigma
+    diff = den - x2
+    score = diff / s2[:, None]
+    if torch.compiler.is_compiling():
+        return score
+    flagged = (2.0**CANCELLATION_BITS) * diff.norm(dim=1) < x2.norm(dim=1)  # NaN rows: False
+    fix = flagged.nonzero()[:, 0]
+    if fix.numel() == 0:
+        return score
+    D, K = x2.shape[1], comps[0].shape[0]
+    dev = x2.device.type
+    posterior_kernel, labeled = be.kernel("mixture_posterior", dev), be.kernel("gaussian_map_labeled", dev)
+    per_row = 4 * max(K, 2 * PAIRS_PER_ROW * D)  # bytes per corrected row: weights, pair inputs and scores
+    fixed = []
+    for rows_ in fix.split(max(1, STABLE_BUDGET_BYTES // per_row)):
+        xr, sr = x2[rows_], sigma[rows_]
+        w = weights[rows_] if weights.numel() else posterior_kernel(xr, *comps, sr, False, True)[2]
+        keep = w > PAIR_WEIGHT_FLOOR
+        few = keep.sum(1) <= PAIRS_PER_ROW
+        pr, pk = (keep & few[:, None]).nonzero(as_tuple=True)
+        order = torch.argsort(pk, stable=True)  # pairs grouped by component: the cpu kernel's views, no gathers
+        pr, pk = pr[order], pk[order]
+        part = torch.zeros_like(xr)
+        if pr.numel():
+            sp = sr[pr]
+            s_pairs = labeled(xr[pr], pk, *comps[:4], sp, sp, sp, sp, int(SpectralKind.SCORE))
+            part = part.index_add(0, pr, w[pr, pk][:, None] * s_pairs)
+        many = (~few).nonzero()[:, 0]
+        if many.numel():
+            if x2.dtype == torch.float64:  # nothing more exact to recompute in: keep the row
+                redo = score[rows_][many]
+            else:  # the model cast to float64 (exact), then rounded once
+                x64, s64 = xr[many].double(), sr[many].double()
+                den64 = posterior_kernel(x64, *(c.double() for c in comps), s64, True, False)[0]
+                redo = ((den64 - x64) / (s64 * s64)[:, None]).to(x2.dtype)
+            part = part.index_put((many,), redo)
+        fixed.append(part)
+    return score.index_put((fix,), torch.cat(fixed))
 
 
 def mixture_denoise(x, sigma: Sigma, m, return_weights: bool = False, backend: str = "auto"):
@@ -155,16 +254,18 @@ def mixture_denoise(x, sigma: Sigma, m, return_weights: bool = False, backend: s
 
 
 def mixture_score(x, sigma: Sigma, m, backend: str = "auto"):
-    """Score of the noised mixture: (D(x) - x) / sigma^2. x [B, *shape]."""
+    """Score of the noised mixture, sum_k w_k(x) s_k(x) = (D(x) - x) / sigma^2. x [B, *shape].
+    Where (D - x) / sigma^2 would cancel (small sigma), the rows take the components' scores
+    s_k in the Gaussian ops' stable form (stable_score)."""
     op = "mixture_score"
-    # (D - x) / sigma^2 cancels at small sigma: the denoiser must come back in the compute
-    # dtype, not rounded to a 16-bit x's dtype first, so the kernel reads x in the compute dtype
+    # the kernel reads x in the compute dtype: a 16-bit x's denoiser rounded to its dtype first
+    # would be amplified by 1 / sigma^2
     x2 = flatten(x, m.dim, op)
     x2 = x2.to(compute_dtype(x2.dtype))
-    denoised, _, _, sigma = posterior(x2, sigma, m, True, False, backend, op)
+    score, _, _, _ = posterior(x2, sigma, m, True, False, backend, op, score=True)
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    return ((denoised - x2) / (sigma * sigma)[:, None]).to(x.dtype).reshape(x.shape)
+    return score.to(x.dtype).reshape(x.shape)
 
 
 def mixture_logp(x, sigma: Sigma, m, backend: str = "auto"):

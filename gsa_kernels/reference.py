@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._core._contract import LocalMode, LocalPadding, SpectralKind, compute_dtype
+from ._core._args import LocalMode, LocalPadding, SpectralKind, compute_dtype
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -166,7 +166,7 @@ def gaussian_trajectory_labeled(x, labels, means, bases, eigvals, residual_var, 
 # ----------------------------------------------------------------------------- mixture posterior
 
 
-def _component_terms(x, s2, means, bases, eigvals, residual_var):
+def component_terms(x, s2, means, bases, eigvals, residual_var):
     """For a chunk of k components: y = x - mu [B, k, D], c = U^T y [B, k, r], P_perp y (or None
     at full rank), and log N(x; mu, Sigma + s^2 I) [B, k]. |y|^2 and |P_perp y|^2 are summed from
     the differences directly (never |x|^2 - 2 x.mu + |mu|^2): logits scale as 1/s^2."""
@@ -198,7 +198,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     s2 = _col(sigma, torch.float64) ** 2
     B, D = xd.shape
     chunks = _chunks(means.shape[0], B, D)
-    logits = torch.cat([_component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])[3] for k in chunks], 1)
+    logits = torch.cat([component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])[3] for k in chunks], 1)
     logits = logits + log_weights
     logp = torch.logsumexp(logits, dim=1)
     weights = torch.softmax(logits, dim=1)
@@ -206,7 +206,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     if need_denoised:
         acc = torch.zeros_like(xd)
         for k in chunks:  # D_k = mu_k + U_k diag(lam/(lam+s^2)) c + residual_var/(residual_var+s^2) P_perp y
-            _, c, perp, _ = _component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])
+            _, c, perp, _ = component_terms(xd, s2, means[k], bases[k], eigvals[k], residual_var[k])
             d_k = means[k][None] + torch.einsum("bkr,kdr->bkd", c * (eigvals[k][None] / (eigvals[k][None] + s2[:, :, None])), bases[k])
             if perp is not None:
                 d_k = d_k + (residual_var[k][None] / (residual_var[k][None] + s2))[:, :, None] * perp

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ops, schedules
+from .local import LocalDenoiser  # a local score machine with its patch sizes (HybridDenoiser's analytic)
 from .models import GaussianMixture, GaussianModel
 
 Denoiser = Callable[..., torch.Tensor]
@@ -212,8 +213,9 @@ def _teleport_gaussian(denoiser, gaussian, labels=None):
                      "with labels GaussianMixture.fit_per_class(training_data, training_labels))")
 
 
-def _teleport_model(x, sigma_from, sigma_to, denoiser, gaussian, labels=None, scale_from=1.0, scale_to=1.0):
-    """teleport() with the model _teleport_gaussian picks (sample() and the adapters)."""
+def teleport_with_model(x, sigma_from, sigma_to, denoiser, gaussian, labels=None, scale_from=1.0, scale_to=1.0):
+    """teleport() with the Gaussian _teleport_gaussian picks for `denoiser` / `gaussian` (sample() and the
+    adapters in integrations/)."""
     g = _teleport_gaussian(denoiser, gaussian, labels)
     return teleport(x, sigma_from, sigma_to, g, scale_from, scale_to,
                     labels=labels if isinstance(g, GaussianMixture) else None)
@@ -262,7 +264,7 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, method: str = "heun", *,
         run = schedules.truncate(full, teleport_to)
     if float(run[0]) < float(full[0]):
         jump = (float(full[0]), float(run[0]))
-        x = _teleport_model(x, jump[0], jump[1], denoiser, gaussian, labels)
+        x = teleport_with_model(x, jump[0], jump[1], denoiser, gaussian, labels)
     counted = CountingDenoiser(denoiser if labels is None else functools.partial(denoiser, labels=labels))
     out = SAMPLERS[method](counted, x, run, callback=callback)
     return SampleResult(out, counted.nfe, run, jump)
@@ -283,8 +285,6 @@ class HybridDenoiser:
     overwrites the high-noise rows. `network_calls` / `analytic_calls` count evaluations."""
 
     def __init__(self, network: Denoiser, analytic, sigma_threshold: float, *, labels_key: Optional[str] = None):
-        from .local import LocalDenoiser  # issue 27: a local score machine with its patch sizes
-
         if not isinstance(analytic, (GaussianModel, GaussianMixture, LocalDenoiser)):
             raise TypeError(f"analytic must be a GaussianModel, GaussianMixture or gsa_kernels.local.LocalDenoiser, "
                             f"got {type(analytic).__name__}")

@@ -146,7 +146,7 @@ def part_build(args, out):
     status, secs, tail = run(cmd, args.budget("build"), env, out / "build.log")
     info = {"command": " ".join(cmd), "env": env, "seconds": round(secs, 1)}
     if status == "passed":
-        check = [sys.executable, "-c", "import gsa_kernels as gk, json; from gsa_kernels import _backends; "
+        check = [sys.executable, "-c", "import gsa_kernels as gk, json; from gsa_kernels._core import _backends; "
                  "print(json.dumps({n: list(s) for n, s in _backends.status().items()}))"]
         st2, _, tail2 = run(check, 60, device_env(args.dry_run))
         info["backends"] = tail2.strip().splitlines()[-1] if tail2.strip() else ""

@@ -227,6 +227,53 @@ def _grad(f, t, seed=2):
 
 
 # float32 gradients against float64: relative to the largest float64 gradient entry. The
+def _stable_score_case(arg, backend, dtype=F64):
+    """mixture_score where (D - x) / sigma^2 cancels (x near the components' data, sigma 0.05,
+    residual variances >> sigma^2): the rows take sum_k w_k s_k (ops.stable_score). Returns
+    (f, input, x, mixture)."""
+    means, bases, eigvals, lp, logw = mixture_tensors(3, D, 2)
+    means = means + 4.0  # |x| ~ 10, |D - x| ~ sigma^2 |y| / residual_var
+    x = means + 0.3 * torch.randn(B, D, dtype=F64, generator=torch.Generator().manual_seed(2))
+    values = {k: v.to(dtype) for k, v in {"x": x, "means": means, "eigvals": eigvals, "residual_var": lp,
+                                          "log_weights": logw}.items()}
+
+    def f(t):
+        v = dict(values, **{arg: t})
+        m = gk.GaussianMixture(v["means"].clone(), bases.to(dtype), v["eigvals"].clone(), v["residual_var"].clone(),
+                               v["log_weights"].clone())
+        return gk.mixture_score(v["x"], 0.05, m, backend=backend)
+
+    return f, values[arg].clone().requires_grad_(), x, gk.GaussianMixture(means, bases, eigvals, lp, logw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arg", MIXTURE_ARGS)
+def test_gradcheck_stable_score_rows(arg, backend):
+    """The corrected rows' gradient is that of sum_k w_k s_k (the weights through the posterior op,
+    s_k through the labelled Gaussian op): gradcheck in float64, every differentiable argument."""
+    from gsa_kernels import ops
+
+    f, t, x, m = _stable_score_case(arg, backend)
+    den = gk.mixture_denoise(x, 0.05, m, backend=backend)
+    assert (2**ops.CANCELLATION_BITS * (den - x).norm(dim=1) < x.norm(dim=1)).all()  # every row corrected
+    assert gradcheck(f, (t,), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stable_score_float64_fallback_gradient(backend, monkeypatch):
+    """Past the pairs cap (here 0) a float32 row is recomputed in float64; its gradient w.r.t. x
+    (through the casts) matches the float64 one of the pairs form."""
+    from gsa_kernels import ops
+
+    f64, t64, _, _ = _stable_score_case("x", backend)
+    want = _grad(f64, t64)
+    monkeypatch.setattr(ops, "PAIRS_PER_ROW", 0)
+    f32, t32, _, _ = _stable_score_case("x", backend, dtype=torch.float32)
+    got = _grad(f32, t32)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= F32_TOL * want.abs().max()
+
+
 # backward passes are one or two float32 GEMMs over D <= 6 terms after a float32 forward,
 # plus the cancellation of a_k (w_k times differences of O(1) terms): 1e-5 leaves ~10x margin.
 F32_TOL = 1e-5

@@ -375,6 +375,9 @@ def _dist_worker(rank, init_file, out_dir):
     small, xq = _small_case(rank)
     for dtype in (torch.float16, torch.bfloat16):
         out[("score", str(dtype))] = gk.distributed.mixture_score(xq.to(dtype), 0.01, small.shard(rank, 2))
+    for case in _STABLE_SCORE_CASES:  # the conformance cases of the stable score, sharded
+        xs, model, sigma = _stable_score_inputs(case)
+        out[("stable", case.id)] = gk.distributed.mixture_score(xs[rank::2], sigma[rank::2], model.shard(rank, 2))
     try:
         gk.distributed.mixture_denoise(x[rank::2].clone().requires_grad_(), 0.5, m.shard(rank, 2))
         out["grad"] = "no error"
@@ -414,6 +417,42 @@ def test_distributed_tie_across_ranks_and_16bit_scores(dist_runs):
             assert got.dtype == dtype
             err = lambda s, t=truth: ((s.double() - t).norm(dim=1) / t.norm(dim=1)).max().item()
             assert err(got) <= 2 * err(want) + 1e-3, (dtype, err(got), err(want))  # 0.18-0.84 before
+
+
+def _stable_score_cases():
+    from tests.conformance.cases import CASES
+
+    # a near tie straddling the two shards, and one component (rank 1's shard empty) in bfloat16
+    names = ("score-near_tie_B6_D64_r0_K20_s0.002_f32", "score-one_B6_D64_r4_K1_s0.002_bf16")
+    return [c for c in CASES["mixture_score"][0] if c.id in names]
+
+
+_STABLE_SCORE_CASES = _stable_score_cases()
+
+
+def _stable_score_inputs(case):
+    """(x, mixture, sigma) of a conformance case of the stable score, as test_conformance builds them."""
+    from tests.conformance import harness
+    from tests.conformance.cases import CASES
+
+    x, means, bases, eigvals, residual_var, log_weights, sigma = harness.cast(CASES["mixture_score"][1](case), case.dtype)
+    return x, gk.GaussianMixture(means, bases, eigvals, residual_var, log_weights), sigma
+
+
+def test_distributed_score_is_stable_at_small_sigma(dist_runs):
+    """gk.distributed.mixture_score (2 gloo ranks, a shard each) meets the conformance suite's
+    bound of the stable score (harness.check_score), as the single-process op does."""
+    from tests.conformance import harness
+
+    assert len(_STABLE_SCORE_CASES) == 2
+    for case in _STABLE_SCORE_CASES:
+        x, m, sigma = _stable_score_inputs(case)
+        got = torch.empty(x.shape, dtype=x.dtype)
+        for rank in range(2):
+            got[rank::2] = dist_runs[rank][("stable", case.id)]
+        _, weights = gk.mixture_denoise(x, sigma, m, return_weights=True)
+        args64 = harness.as_f64([x, m.means, m.bases, m.eigvals, m.residual_var, m.log_weights, sigma])
+        harness.check_score(got, weights, args64, case.dtype, "distributed " + case.id)
 
 
 def test_distributed_refuses_grad_instead_of_detaching(dist_runs):

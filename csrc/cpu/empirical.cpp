@@ -1,21 +1,26 @@
 // CPU kernel of the r = 0 mixture posterior: isotropic components, and with residual_var = 0 the
-// empirical ("delta") mixture of a training set (DESIGN.md section 1). Called by
+// empirical ("delta") mixture of a training set (docs/architecture.md section 1.3). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
-// Row blocks of up to 256 rows, one per thread when there are enough, else one after another
-// with threaded GEMMs and row passes (see row_block); inside a row block the points stream in
-// blocks (a [rows, block] float tile, 16 MiB per thread) with an online softmax (running max m,
-// sum l, unnormalised denoiser accumulator acc). Per (row block, point block):
+// Many queries (B > kFewRows): row blocks of up to 256 rows, one per thread when there are
+// enough, else one after another with threaded GEMMs and row passes (see row_block); inside a row
+// block the points stream in blocks (a [rows, block] float tile, 16 MiB per thread) with an online
+// softmax (running max m, sum l, unnormalised denoiser accumulator acc). Per (row block, point block):
 //   F = X M^T          x . mu_k (one GEMM): fast |x - mu_k|^2 = |x|^2 + |mu_k|^2 - 2 x . mu_k
 //   per row           fast logits; the row's max over the block (m moves there once per
 //                      block); where the logits may be off by more than kDeltaLogitTol (the smaller
-//                      of an error bound and a measured estimate), the points within reach of
-//                      the max get |x - mu_k|^2 from the differences in double
+//                      of an error bound and a measured estimate), the points whose weight that
+//                      error could move by more than the budget (refine_threshold) get
+//                      |x - mu_k|^2 from the differences in double
 //   p = exp(L - m)     written over F and summed in one vectorized pass per row (weights_row)
 //   acc = acc * rescale + P M
 //                      dense posterior (sigma large): one GEMM over the block; few nonzero p
-//                      (sigma small): the nonzero p_k mu_k rows are added directly. The choice
-//                      counts the block's weights above exp(-kNegligible) (kSparseRatio).
+//                      (sigma small): the p_k mu_k rows of the significant weights (>= p_min,
+//                      where the others could not move the result in T) are added directly. The
+//                      choice counts the block's significant weights (kSparseRatio).
+// Few queries (B <= kFewRows, memory-bound): the points are split over the threads, each an
+// online softmax over its share, merged exactly; each share streams in chunks that stay in L2 for
+// both products (x . mu_k in double, then the chunk's p_k mu_k), so every point is read once.
 #include <torch/library.h>
 
 #include <array>
@@ -46,6 +51,10 @@ constexpr double kDeltaLogitTol = 2.5e-4;
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
+// Few queries: up to kFewRows rows take the split over the points, in chunks of ~kChunkBytes
+// (with x in double and acc, < 1 MiB of L2 at B 16, D 3072).
+constexpr int64_t kFewRows = 16;
+constexpr int64_t kChunkBytes = 128 << 10;
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
 
@@ -81,9 +90,10 @@ inline void exp_lanes(const Double8& d, Double8& p) {
 }
 
 // Row pass of the weights: P[k] = exp(L[k] - m) (0 below exp(-kNegligible)) for k < n, in T;
-// returns their sum (8 lanes, then pairwise) and adds the count of nonzero ones to kept.
+// returns their sum (8 lanes, then pairwise) and adds the count of those above exp(-significant)
+// to kept.
 template <typename T>
-double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
+double weights_row(const double* L, double m, int64_t n, T* P, double significant, int64_t& kept) {
   const Double8 zero = {};
   Double8 sum = zero;
   Int64x8 count = {};
@@ -96,7 +106,7 @@ double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
     d -= m;
     exp_lanes<T>(d, p);
     sum += p;
-    count -= d > -kNegligible;
+    count -= d > -significant;
     const Out8 out = __builtin_convertvector(p, Out8);
     if (lanes == 8) std::memcpy(P + k, &out, sizeof out);
     else std::memcpy(P + k, &out, lanes * sizeof(T));
@@ -105,33 +115,318 @@ double weights_row(const double* L, double m, int64_t n, T* P, int64_t& kept) {
   return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
 }
 
+// Where a row's fast logits may be off by up to e > kDeltaLogitTol: the fast logit from which on
+// the points of a block get exact distances (+inf: none need them). Points U left with fast
+// logits move the weights by a total variation <= S / (1 - S), S = (e^e - 1) e^2e sum_U q /
+// sum_all q, q = exp(L - m) of the fast logits L (each within +-e of the true one; m >= every L
+// of the block). Per block: sum_U q <= S_max sum_block q; summed over the blocks this is the
+// row's condition. The points are counted in bins of 1/4 nat below m (sum_block q >= the bins'
+// lower edges); the threshold is the highest bin edge whose tail keeps S <= kDeltaLogitTol, one
+// bin lower for rounding at the edges; never below m - 2e - kCutoff (the rule before this one:
+// beyond it every weight is < e^-kCutoff). So refinement goes to the points that carry weight,
+// not to every point within reach of the max.
+inline double refine_threshold(const double* L, int64_t n, double m, double e) {
+  constexpr int kPerNat = 4, kBins = 64 * kPerNat;
+  static const std::array<double, kBins + 1> edge = [] {  // edge[j] = exp(-j / kPerNat)
+    std::array<double, kBins + 1> a{};
+    for (int j = 0; j <= kBins; ++j) a[j] = std::exp(-static_cast<double>(j) / kPerNat);
+    return a;
+  }();
+  std::array<int64_t, kBins + 1> count{};  // count[kBins]: beyond 64 nats, NaN and -inf logits
+  for (int64_t k = 0; k < n; ++k) {
+    const double d = (m - L[k]) * kPerNat;  // >= 0
+    ++count[d < kBins ? static_cast<int>(d) : kBins];
+  }
+  double total = 0;  // <= sum_block q
+  for (int j = 0; j < kBins; ++j) total += static_cast<double>(count[j]) * edge[j + 1];
+  const double budget = kDeltaLogitTol / (std::expm1(e) * std::exp(2 * e)) * total;
+  const double lowest = m - 2 * e - kCutoff;
+  double tail = static_cast<double>(count[kBins]) * edge[kBins];  // >= sum over those q
+  if (!(tail <= budget)) return lowest;
+  for (int j = kBins - 1; j >= 0; --j) {
+    tail += static_cast<double>(count[j]) * edge[j];
+    if (tail > budget) return std::max(lowest, m - static_cast<double>(j + 2) / kPerNat);
+  }
+  return std::numeric_limits<double>::infinity();
+}
+
+// out[r] = x_r . mu for the 4 rows x_r = x + r D (double) and one point mu, in double: 8 lanes per
+// row summed pairwise (a fixed order: the same bits on every ISA). Error <= (D / 8 + 4) u |x_r| |mu|.
+template <typename T>
+inline void dots4_exact(const double* x, int64_t D, const T* mu, double* out) {
+  Double8 acc[4] = {};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    Double8 v;
+    load8(mu + d, v);
+    for (int r = 0; r < 4; ++r) {
+      Double8 xv;
+      std::memcpy(&xv, x + r * D + d, sizeof xv);
+      acc[r] += xv * v;
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const Double8& a = acc[r];
+    double s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    for (int64_t dd = d; dd < D; ++dd) s += x[r * D + dd] * static_cast<double>(mu[dd]);
+    out[r] = s;
+  }
+}
+
 template <typename X>
-void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var,
+void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var_tensor,
                     const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
                     bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
   const T* mu = means.data_ptr<T>();
-  const T* lpv = residual_var.data_ptr<T>();
+  const T* residual_var = residual_var_tensor.data_ptr<T>();
   const T* logw = log_weights.data_ptr<T>();
   const T* sig = sigma.data_ptr<T>();
   T* logp_p = logp.data_ptr<T>();
   T* w_p = need_weights ? weights.data_ptr<T>() : nullptr;
   X* den_p = need_denoised ? den.data_ptr<X>() : nullptr;
 
+  // equal_residual_var: the log-density's normalisation is one log per row
+  double min_residual_var = std::numeric_limits<double>::infinity();
+  bool equal_residual_var = true;
+  for (int64_t k = 0; k < K; ++k) {
+    min_residual_var = std::min(min_residual_var, static_cast<double>(residual_var[k]));
+    equal_residual_var = equal_residual_var && residual_var[k] == residual_var[0];
+  }
   // |mu_k|^2 per call (a cache keyed by tensor identity went stale through .data / numpy writes;
-  // the model owns no r = 0 layout); equal_lp: the log-density's normalisation is one log per row
-  const auto [mu_sq_v, max_mu_sq, min_lp, equal_lp] = component_norms(mu, lpv, K, D);
-  const double* mu_sq = mu_sq_v.data();
-  const double max_mu = std::sqrt(max_mu_sq);
-  const bool isotropic_delta = equal_lp && lpv[0] == T(0);  // the empirical mixture: D_k = mu_k
+  // the model owns no r = 0 layout): one pass over the points before the row blocks, or per chunk
+  // of the few-query split (which reads each point once); max_mu: the row blocks' error bound
+  std::vector<double> mu_sq_v(K);
+  double* mu_sq = mu_sq_v.data();
+  double max_mu = 0;
+  const bool isotropic_delta = equal_residual_var && residual_var[0] == T(0);  // the empirical mixture: D_k = mu_k
   const double eps = std::numeric_limits<T>::epsilon();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // The back-projection adds p_k mu_k for the weights p >= p_min = exp(-significant) only: all the
+  // others together (< K p_min, relative to the row's weight sum l >= ~1) move the denoiser by
+  // < eps / 1024 of the largest |mu_k|, far below its rounding in T (float: ~31 nats at K 5000
+  // where the weights go down to exp(-kNegligible) = exp(-50); double: unchanged). The sum l
+  // keeps them.
+  const double significant = std::min(kNegligible, std::log(1024.0 * static_cast<double>(K) / eps));
+  const T p_min = static_cast<T>(std::exp(-significant));
+
+  // Per-row constants: sigma^2, the isotropic normalisation, |x|^2.
+  struct RowConst {
+    double s2, iso_norm, x_sq;
+  };
+  const auto row_const = [&](int64_t b, const T* xi) {
+    const double s = sig[b];
+    const double s2 = s * s;
+    return RowConst{s2, isotropic_log_norm<double>(static_cast<double>(residual_var[0]) + s2, D), sum_squares(xi, D)};
+  };
+  // Online-softmax state of one row: max m, sum l, hx = sum p h_perp, the fast max so far, the
+  // logits' error estimate; acc (the unnormalised denoiser less hx x) is kept beside it.
+  struct RowState {
+    double m = -std::numeric_limits<double>::infinity(), l = 0, hx = 0,
+           m_fast = -std::numeric_limits<double>::infinity(), err = 0;
+  };
+  // One row's pass over the points g0 .. g0 + gn - 1 given its dot products Fi (T or double):
+  // fast logits into L, exact distances where needed, the state moved to the block's max (acc
+  // rescaled), the weights p = exp(L - m) into Pi (their sum into l; kept counts the significant
+  // ones), hx; the weights as asked are copied to wrow before the isotropic factor. probe: the
+  // state's first block, where the rounding of the fast distances is measured if the bound is loose.
+  const auto row_pass = [&](const RowConst& rc, RowState& st, const T* xi, const auto* Fi, int64_t g0, int64_t gn,
+                            bool probe, double* L, T* acc_i, T* Pi, T* wrow, int64_t& kept) {
+    const auto logit_of = [&](int64_t kk, double sq) {
+      return equal_residual_var ? logw[kk] + rc.iso_norm - 0.5 * sq / (static_cast<double>(residual_var[0]) + rc.s2)
+                                : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, residual_var[kk], rc.s2, D, 0);
+    };
+    if (equal_residual_var) {  // one vectorizable loop
+      const double c = 0.5 / (static_cast<double>(residual_var[0]) + rc.s2), xs = rc.x_sq, base = rc.iso_norm;
+      for (int64_t k = 0; k < gn; ++k) {
+        const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
+        L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
+      }
+    } else {
+      for (int64_t k = 0; k < gn; ++k)
+        L[k] = logit_of(g0 + k, std::max(0.0, rc.x_sq + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
+    }
+    // the row's fast max over the block first: refinement and the weights below then work
+    // against (nearly) the final max
+    double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t k = 0;
+    for (; k + 4 <= gn; k += 4)
+      for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
+    for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
+    const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
+    st.m_fast = std::max(st.m_fast, best);
+    // The bound err is worst case; in the noise-dominated regime (large sigma) it overstates the
+    // rounding by ~100x. So the first block measures the actual error on the nearest point
+    // (aligned with x: its dot product errs the most) and kProbes - 1 others, and the smaller of
+    // bound and estimate decides.
+    if (probe && st.err > kDeltaLogitTol) {
+      const int64_t probes = std::min(gn, kProbes);
+      const int64_t best_k = std::find(L, L + gn, best) - L;
+      double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
+      for (int64_t j = 0; j < probes; ++j) {
+        const int64_t kp = j == 0 ? best_k : j * gn / probes;
+        const double fast = rc.x_sq + mu_sq[g0 + kp] - 2.0 * static_cast<double>(Fi[kp]);
+        const double norms = std::sqrt(rc.x_sq * mu_sq[g0 + kp]);
+        if (norms > 0)
+          rate = std::max(rate, std::abs(fast - sqdist_exact(xi, mu + (g0 + kp) * D, D)) / (2 * norms));
+      }
+      st.err = std::min(st.err, kSafety * rate * std::sqrt(rc.x_sq) * max_mu / (min_residual_var + rc.s2));
+    }
+    // exact distances of the points whose weight the fast logits' error could move (the block's
+    // max logit is among them)
+    double block_max = best + st.err;  // unrefined: fast max + its error (p <= e^err)
+    if (st.err > kDeltaLogitTol) {
+      const double keep = refine_threshold(L, gn, st.m_fast, st.err);
+      if (keep <= best) {
+        block_max = -INFINITY;
+        for (int64_t kk = 0; kk < gn; ++kk)
+          if (L[kk] >= keep) {
+            L[kk] = logit_of(g0 + kk, sqdist_exact(xi, mu + (g0 + kk) * D, D));
+            block_max = std::max(block_max, L[kk]);
+          }
+      }
+    }
+    // one softmax reference for the whole block
+    const double m_new = std::max(st.m, block_max);
+    const T sc = static_cast<T>(merge_scale(st.m, m_new));
+    st.m = m_new;
+    st.l *= sc;
+    st.hx *= sc;
+    if (acc_i && sc != T(1))
+      for (int64_t d = 0; d < D; ++d) acc_i[d] *= sc;
+    st.l += weights_row(L, st.m, gn, Pi, significant, kept);
+    if (wrow) std::copy(Pi, Pi + gn, wrow);
+    if (!isotropic_delta) {  // D_k = mu_k + h_perp (x - mu_k): P_k = p_k (1 - h_perp) multiplies mu_k
+      double hsum = 0;
+      for (int64_t kk = 0; kk < gn; ++kk) {
+        const double residual_var_k = residual_var[g0 + kk], h_perp = residual_var_k / (residual_var_k + rc.s2);
+        hsum += Pi[kk] * h_perp;
+        Pi[kk] = static_cast<T>(Pi[kk] * (1.0 - h_perp));
+      }
+      st.hx += hsum;
+    }
+  };
+  // the error bound of the fast logits from float dot products (|x|^2, |mu|^2 are exact sums in
+  // double; only the dot product rounds): kGemmErr eps sqrt(D) |x| |mu| / (residual_var + s^2)
+  const auto gemm_err_bound = [&](const RowConst& rc) {
+    return kGemmErr * eps * std::sqrt(double(D) * rc.x_sq) * max_mu / (min_residual_var + rc.s2);
+  };
+
+  // Few queries: the distance GEMM and the back-projection are memory-bound (each reads every
+  // point for a handful of rows), and the rows can not be split over the threads. So the points
+  // are: split over the threads (contiguous shares), each an online-softmax state over its share,
+  // merged exactly at the end; and read once, in chunks of ~kChunkBytes that stay in L2 for both
+  // products (dot products in double, then the weighted sum of the chunk's points).
+  const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * int64_t(sizeof(T))), 8, 1024);
+  const int64_t num_chunks = (K + chunk - 1) / chunk;
+  if (B <= kFewRows && num_chunks >= 2) {
+    const int64_t parts = std::min(threads, num_chunks);
+    at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({B, D}, options_for<T>());
+    const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, 0, B).contiguous();
+    const T* xb = Xb.data_ptr<T>();
+    const int64_t B4 = (B + 3) / 4 * 4;
+    std::vector<double> xd(B4 * D, 0.0);  // x in double, rows padded with zeros to a multiple of 4
+    std::vector<RowConst> rcs(B);
+    std::vector<double> x_sq(B);
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t d = 0; d < D; ++d) xd[i * D + d] = static_cast<double>(xb[i * D + d]);
+      rcs[i] = row_const(i, xb + i * D);
+      x_sq[i] = rcs[i].x_sq;
+    }
+    // error bound of the logits from the double dot products (dots4_exact) and |x|^2, |mu|^2
+    // (sum_squares): (D / 8 + 4) u per term of (|x| + |mu|)^2, halved and over residual_var + s^2
+    // (1 % for the rounding of the products), with the largest |mu| of the chunk
+    const auto exact_dot_bound = [&](int64_t i, double chunk_max_mu) {
+      const double u = std::numeric_limits<double>::epsilon() / 2, r = std::sqrt(rcs[i].x_sq) + chunk_max_mu;
+      return 1.01 * 0.5 * (double(D) / 8 + 4) * u * r * r / (min_residual_var + rcs[i].s2);
+    };
+    std::vector<std::vector<RowState>> states(parts, std::vector<RowState>(B));
+    std::vector<std::vector<T>> accs(parts, std::vector<T>(need_denoised ? B * D : 0, T(0)));
+    std::vector<double> m_block(need_weights ? B * num_chunks : 0);  // m after each chunk
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part) {
+        std::vector<RowState>& st = states[part];
+        T* acc = need_denoised ? accs[part].data() : nullptr;
+        std::vector<double> F(B4 * chunk), L(chunk);
+        std::vector<T> P(B * chunk);
+        const int64_t c0 = part * num_chunks / parts, c1 = (part + 1) * num_chunks / parts;
+        with_isa([&] {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t g0 = c * chunk, gn = std::min(chunk, K - g0);
+            double chunk_max_sq = 0;
+            for (int64_t kk = 0; kk < gn; ++kk) {
+              mu_sq[g0 + kk] = sum_squares(mu + (g0 + kk) * D, D);
+              chunk_max_sq = std::max(chunk_max_sq, mu_sq[g0 + kk]);
+            }
+            for (int64_t i = 0; i < B; ++i) st[i].err = exact_dot_bound(i, std::sqrt(chunk_max_sq));
+            for (int64_t kk = 0; kk < gn; ++kk) {  // F[i chunk + kk] = x_i . mu_kk
+              double out[4];
+              for (int64_t i0 = 0; i0 < B4; i0 += 4) {
+                dots4_exact(xd.data() + i0 * D, D, mu + (g0 + kk) * D, out);
+                for (int r = 0; r < 4; ++r) F[(i0 + r) * chunk + kk] = out[r];
+              }
+            }
+            int64_t kept = 0;
+            for (int64_t i = 0; i < B; ++i) {
+              T* Pi = P.data() + i * chunk;
+              row_pass(rcs[i], st[i], xb + i * D, F.data() + i * chunk, g0, gn, false, L.data(),
+                       acc ? acc + i * D : nullptr, Pi, need_weights ? w_p + i * K + g0 : nullptr, kept);
+              if (need_weights) m_block[i * num_chunks + c] = st[i].m;
+              if (!acc) continue;
+              T* ai = acc + i * D;
+              for (int64_t kk = 0; kk < gn; ++kk) {  // the chunk's points, in L2 still
+                const T p = Pi[kk];
+                if (p < p_min) continue;
+                const T* mk = mu + (g0 + kk) * D;
+                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              }
+            }
+          }
+        });
+      }
+    });
+    // merge the parts' states into part 0's (merge_scale: exact up to one rounding per part)
+    std::vector<double> m(B), l(B), hx(B);
+    T* acc0 = need_denoised ? accs[0].data() : nullptr;
+    for (int64_t i = 0; i < B; ++i) {
+      double mi = -std::numeric_limits<double>::infinity();
+      for (int64_t part = 0; part < parts; ++part) mi = std::max(mi, states[part][i].m);
+      m[i] = mi;
+      for (int64_t part = 0; part < parts; ++part) {
+        const double s = merge_scale(states[part][i].m, mi);
+        l[i] += states[part][i].l * s;
+        hx[i] += states[part][i].hx * s;
+        if (!acc0) continue;
+        const T scale = static_cast<T>(s);
+        T* a0 = acc0 + i * D;
+        if (part == 0) {
+          if (scale != T(1))
+            for (int64_t d = 0; d < D; ++d) a0[d] *= scale;
+        } else {
+          const T* a = accs[part].data() + i * D;
+          for (int64_t d = 0; d < D; ++d) a0[d] += scale * a[d];
+        }
+      }
+    }
+    finish_rows<X, T>(0, B, D, K, chunk, num_chunks, m.data(), l.data(), hx.data(), x_sq.data(),
+                      need_weights ? m_block.data() : nullptr, acc0, xb, logp_p, den_p, w_p);
+    return;
+  }
+
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    with_isa([&] {
+      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+    });
+  });
+  for (int64_t k = 0; k < K; ++k) max_mu = std::max(max_mu, mu_sq[k]);
+  max_mu = std::sqrt(max_mu);
+
   // Row blocks of up to kTallRows rows (balanced). Each streams every point through the GEMMs,
   // and a GEMM is faster the more rows share each streamed point (measured: one threaded
   // 256-row GEMM ran ~14 % faster than two single-threaded 128-row ones on 2 cores). So while
   // there are fewer blocks than threads, the blocks run one after another, each with threaded
   // GEMMs and its row passes split over the threads; with enough blocks, one block per thread.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t num_rb = (B + kTallRows - 1) / kTallRows;
   const int64_t BB = (B + num_rb - 1) / num_rb;
   const bool one_block_per_thread = num_rb >= threads;
@@ -153,26 +448,16 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({n, D}, opts);
     at::Tensor accb = need_denoised ? at::zeros({n, D}, opts) : at::Tensor();
     T* acc_p = need_denoised ? accb.data_ptr<T>() : nullptr;  // [n, D]
-    std::vector<double> m(n), l(n), hx(n), m_fast(n), err(n), s2v(n), x_sq(n), iso_norm(n);
+    std::vector<RowConst> rcs(n);
+    std::vector<RowState> st(n);
+    std::vector<double> m(n), l(n), hx(n), x_sq(n);
     std::vector<double> m_block(need_weights ? n * num_sb : 0);  // m after each point block
-    // logit of point kk for row i from its squared distance
-    const auto logit_of = [&](int64_t i, int64_t kk, double sq) {
-      return equal_lp ? logw[kk] + iso_norm[i] - 0.5 * sq / (static_cast<double>(lpv[0]) + s2v[i])
-                      : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, lpv[kk], s2v[i], D, 0);
-    };
     const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
     const T* xb = Xb.data_ptr<T>();
     rows([&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const double s = sig[b0 + i];
-        s2v[i] = s * s;
-        iso_norm[i] = isotropic_log_norm<double>(static_cast<double>(lpv[0]) + s2v[i], D);
-        m[i] = m_fast[i] = -std::numeric_limits<double>::infinity();
-        l[i] = hx[i] = 0;
-        x_sq[i] = sum_squares(xb + i * D, D);
-        // error bound of the fast logits (|x|^2, |mu|^2 are exact sums in double; only the dot
-        // product rounds): kGemmErr eps sqrt(D) |x| |mu| / (lp + s^2)
-        err[i] = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]) * max_mu / (min_lp + s2v[i]);
+        rcs[i] = row_const(b0 + i, xb + i * D);
+        st[i].err = gemm_err_bound(rcs[i]);
       }
     });
 
@@ -182,88 +467,15 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       const T* Sp = F.data_ptr<T>();
       const int64_t lds = F.stride(0);
       T* Pp = F.data_ptr<T>();  // p of row i, point g0 + k will overwrite Sp[i lds + k]
-      std::atomic<int64_t> nonzero_p{0};
+      std::atomic<int64_t> nonzero_p{0};  // significant weights of the block
       rows([&](int64_t i0, int64_t i1) {
         std::vector<double> Lrow(gn);  // one row's logits over the point block
         int64_t kept = 0;
         for (int64_t i = i0; i < i1; ++i) {
-          // fast logits of the row (one vectorizable loop when every lp is equal)
-          double* L = Lrow.data();
-          const T* Fi = Sp + i * lds;
-          if (equal_lp) {
-            const double c = 0.5 / (static_cast<double>(lpv[0]) + s2v[i]), xs = x_sq[i], base = iso_norm[i];
-            for (int64_t k = 0; k < gn; ++k) {
-              const double sq = xs + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k]);
-              L[k] = base + static_cast<double>(logw[g0 + k]) - c * (sq > 0 ? sq : 0.0);
-            }
-          } else {
-            for (int64_t k = 0; k < gn; ++k)
-              L[k] = logit_of(i, g0 + k, std::max(0.0, x_sq[i] + mu_sq[g0 + k] - 2.0 * static_cast<double>(Fi[k])));
-          }
-          // the row's fast max over the block first: refinement and the weights below then work
-          // against (nearly) the final max; against a running max the first blocks would see
-          // hundreds of points "within reach" at moderate sigma
-          double mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-          int64_t k = 0;
-          for (; k + 4 <= gn; k += 4)
-            for (int j = 0; j < 4; ++j) mx[j] = std::max(mx[j], L[k + j]);
-          for (; k < gn; ++k) mx[0] = std::max(mx[0], L[k]);
-          const double best = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
-          m_fast[i] = std::max(m_fast[i], best);
-          // The bound err is worst case; in the noise-dominated regime (large sigma, where every
-          // point is within reach of the max) it overstates the rounding by ~100x and would send
-          // every point through the double refinement. So the first block measures the actual
-          // error on the nearest point (aligned with x: its dot product errs the most) and
-          // kProbes - 1 others, and the smaller of bound and estimate decides.
-          if (g0 == 0 && err[i] > kDeltaLogitTol) {
-            const int64_t probes = std::min(gn, kProbes);
-            const int64_t best_k = std::find(L, L + gn, best) - L;
-            double rate = eps / 4;  // one rounding of the result: the least a GEMM can err
-            for (int64_t j = 0; j < probes; ++j) {
-              const int64_t kp = j == 0 ? best_k : j * gn / probes;
-              const double fast = x_sq[i] + mu_sq[kp] - 2.0 * static_cast<double>(Fi[kp]);
-              const double norms = std::sqrt(x_sq[i] * mu_sq[kp]);
-              if (norms > 0)
-                rate = std::max(rate, std::abs(fast - sqdist_exact(xb + i * D, mu + kp * D, D)) / (2 * norms));
-            }
-            err[i] = std::min(err[i], kSafety * rate * std::sqrt(x_sq[i]) * max_mu / (min_lp + s2v[i]));
-          }
-          // exact distances of the points that can matter; the block's max logit is among them
-          double block_max = best + err[i];  // unrefined: fast max + its error (p <= e^err)
-          if (err[i] > kDeltaLogitTol) {
-            const double keep = m_fast[i] - 2 * err[i] - kCutoff;
-            block_max = -INFINITY;
-            for (int64_t kk = 0; kk < gn; ++kk)
-              if (L[kk] >= keep) {
-                L[kk] = logit_of(i, g0 + kk, sqdist_exact(xb + i * D, mu + (g0 + kk) * D, D));
-                block_max = std::max(block_max, L[kk]);
-              }
-          }
-          // one softmax reference for the whole block
-          const double m_new = std::max(m[i], block_max);
-          const T sc = static_cast<T>(merge_scale(m[i], m_new));
-          m[i] = m_new;
-          l[i] *= sc;
-          hx[i] *= sc;
-          if (need_denoised && sc != T(1)) {
-            T* a = acc_p + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= sc;
-          }
-          // p = exp(L - m) over F's row, summed; the weights as asked; isotropic components
-          // (lp > 0): D_k = mu_k + h_perp (x - mu_k), so P_k = p_k (1 - h_perp) multiplies mu_k
-          T* Pi = Pp + i * lds;
-          l[i] += weights_row(L, m[i], gn, Pi, kept);
-          if (need_weights) std::copy(Pi, Pi + gn, w_p + (b0 + i) * K + g0);
-          if (!isotropic_delta) {
-            double hsum = 0;
-            for (int64_t k = 0; k < gn; ++k) {
-              const double lp = lpv[g0 + k], hp = lp / (lp + s2v[i]);
-              hsum += Pi[k] * hp;
-              Pi[k] = static_cast<T>(Pi[k] * (1.0 - hp));
-            }
-            hx[i] += hsum;
-          }
-          if (need_weights) m_block[i * num_sb + g0 / SB] = m[i];
+          row_pass(rcs[i], st[i], xb + i * D, Sp + i * lds, g0, gn, g0 == 0, Lrow.data(),
+                   acc_p ? acc_p + i * D : nullptr, Pp + i * lds, need_weights ? w_p + (b0 + i) * K + g0 : nullptr,
+                   kept);
+          if (need_weights) m_block[i * num_sb + g0 / SB] = st[i].m;
         }
         nonzero_p += kept;
       });
@@ -273,7 +485,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
             for (int64_t i = i0; i < i1; ++i)
               for (int64_t k = 0; k < gn; ++k) {
                 const T p = Pp[i * lds + k];
-                if (p == T(0)) continue;
+                if (p < p_min) continue;
                 const T* mk = mu + (g0 + k) * D;
                 T* ai = acc_p + i * D;
                 for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
@@ -285,6 +497,12 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
       }
     }
 
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = st[i].m;
+      l[i] = st[i].l;
+      hx[i] = st[i].hx;
+      x_sq[i] = rcs[i].x_sq;
+    }
     rows([&](int64_t i0, int64_t i1) {
       finish_rows<X, T>(b0 + i0, i1 - i0, D, K, SB, num_sb, m.data() + i0, l.data() + i0, hx.data() + i0,
                         x_sq.data() + i0, need_weights ? m_block.data() + i0 * num_sb : nullptr,

@@ -1,21 +1,24 @@
 // The torch side of the CUDA kernels, shared by the CUDA binding (bindings.cpp) and the SIMT
-// emulation binding (csrc/emu/cuda_emu.cpp), which register the op functions below (gaussian_map<L>,
-// ...) for their launcher L as L::op_prefix + the op's name. Each op validates (gsa::check_*, before
-// touching memory), allocates outputs and workspaces, fills the params structs, and hands them to L:
+// emulation binding (csrc/emu/cuda_emu.cpp): each calls register_ops<L>(m) (at the end) once for its
+// launcher L, which registers every op function below (gaussian_map<L>, ...) as L::op_prefix + the
+// op's name -- a new CUDA op is its function and one line of register_ops here. Each op validates
+// (gsa::check_*, before touching memory), allocates outputs and workspaces, fills the params
+// structs, and hands the launch (csrc/cuda/launchers.h) to L:
 //   struct Launcher {
 //     static constexpr c10::DeviceType device_type;   // of every tensor argument
 //     static constexpr const char* op_prefix;          // of the registered op names
+//     static constexpr bool takes_layouts;             // the schema's trailing CPU layout arguments
 //     using Guard = ...;                               // RAII "current device = x's device"
 //     static int multiprocessors(const at::Tensor& x); // sizes the D / component splits
 //     static at::Tensor empty(at::IntArrayRef, const at::TensorOptions&);  // outputs, workspaces
-//     template <class In, class Acc> static void gaussian_map(const GaussianMapParams<In, Acc>&);
-//     template <class In, class Acc> static void mixture_posterior(const MixtureParams<In, Acc>&);
-//     template <class In, class Acc> static void local_posterior(const LocalParams<In, Acc>&);
+//     template <class F> static void launch(F&& f);   // f(stream) launches a kernel, returns its cudaError_t
 //   };
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -121,7 +124,7 @@ void run_spectral(const at::Tensor& x, const at::Tensor& mean, const at::Tensor&
       p.residual_vars = ptr<const Acc>(labelled->residual_vars);
       p.rows = labelled->row_of.size(0);
     }
-    L::gaussian_map(p);
+    L::launch([&](auto stream) { return launch_gaussian_map(p, stream); });
   });
 }
 
@@ -243,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_posterior(
                              ptr<const Acc>(sigma), B, D, K, r, splits, ptr<double>(part_max),
                              ptr<Acc>(part_sum), ptr<Acc>(accum), ptr<In>(denoised),
                              ptr<Acc>(logp), ptr<double>(logits), ptr<Acc>(weights)};
-    L::mixture_posterior(p);
+    L::launch([&](auto stream) { return launch_mixture_posterior(p, stream); });
   });
   return {denoised, logp, weights};
 }
@@ -295,9 +298,30 @@ at::Tensor local_posterior(const at::Tensor& x, const at::Tensor& images, const 
     using Acc = decltype(acc_tag);
     LocalParams<In, Acc> p{ptr<const In>(x), ptr<const Acc>(images), ptr<const Acc>(sigma), B, images.size(0), C, H, W,
                            int(P), int(mode), int(padding), int(kind), ptr<In>(out)};
-    L::local_posterior(p);
+    L::launch([&](auto stream) { return launch_local_posterior(p, stream); });
   });
   return out;
+}
+
+// Every CUDA op, registered for launcher L as L::op_prefix + its name. The compiled CUDA ops share
+// the CPU ops' schemas, trailing layout arguments included (accepted, unused); the emulated
+// cuda_emu_* ops have none (csrc/ops.cpp).
+template <typename L>
+void register_ops(torch::Library& m) {
+  using Layout = std::optional<at::Tensor>;
+  const auto name = [](const char* op) { return std::string(L::op_prefix) + op; };
+  if constexpr (L::takes_layouts) {
+    m.impl(name("gaussian_map").c_str(), &gaussian_map<L, Layout>);
+    m.impl(name("gaussian_trajectory").c_str(), &gaussian_trajectory<L, Layout>);
+    m.impl(name("mixture_posterior").c_str(), &mixture_posterior<L, Layout, Layout>);
+  } else {
+    m.impl(name("gaussian_map").c_str(), &gaussian_map<L>);
+    m.impl(name("gaussian_trajectory").c_str(), &gaussian_trajectory<L>);
+    m.impl(name("mixture_posterior").c_str(), &mixture_posterior<L>);
+  }
+  m.impl(name("gaussian_map_labeled").c_str(), &gaussian_map_labeled<L>);
+  m.impl(name("gaussian_trajectory_labeled").c_str(), &gaussian_trajectory_labeled<L>);
+  m.impl(name("local_posterior").c_str(), &local_posterior<L>);
 }
 
 }  // namespace gsa::cuda

@@ -17,6 +17,7 @@ namespace {
 struct EmulatedLauncher {
   static constexpr c10::DeviceType device_type = c10::DeviceType::CPU;
   static constexpr const char* op_prefix = "cuda_emu_";
+  static constexpr bool takes_layouts = false;
   struct Guard {
     explicit Guard(at::Device) {}
   };
@@ -31,31 +32,13 @@ struct EmulatedLauncher {
     return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
   }
 
-  template <typename In, typename Acc>
-  static void gaussian_map(const GaussianMapParams<In, Acc>& p) {
-    launch_gaussian_map(p, nullptr);
-  }
-
-  template <typename In, typename Acc>
-  static void mixture_posterior(const MixtureParams<In, Acc>& p) {
-    launch_mixture_posterior(p, nullptr);
-  }
-
-  template <typename In, typename Acc>
-  static void local_posterior(const LocalParams<In, Acc>& p) {
-    launch_local_posterior(p, nullptr);
+  template <typename F>
+  static void launch(F&& f) {
+    f(cudaStream_t{});  // launch errors throw in the emulation
   }
 };
 
 }  // namespace
 }  // namespace gsa::cuda
 
-TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) {
-  using namespace gsa::cuda;
-  m.impl("cuda_emu_gaussian_map", &gaussian_map<EmulatedLauncher>);
-  m.impl("cuda_emu_gaussian_trajectory", &gaussian_trajectory<EmulatedLauncher>);
-  m.impl("cuda_emu_mixture_posterior", &mixture_posterior<EmulatedLauncher>);
-  m.impl("cuda_emu_gaussian_map_labeled", &gaussian_map_labeled<EmulatedLauncher>);
-  m.impl("cuda_emu_gaussian_trajectory_labeled", &gaussian_trajectory_labeled<EmulatedLauncher>);
-  m.impl("cuda_emu_local_posterior", &local_posterior<EmulatedLauncher>);
-}
+TORCH_LIBRARY_IMPL(gsa_kernels, CPU, m) { gsa::cuda::register_ops<gsa::cuda::EmulatedLauncher>(m); }

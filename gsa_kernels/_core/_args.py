@@ -28,6 +28,21 @@ class SpectralKind(enum.IntEnum):
     FLOW = 2
 
 
+class LocalMode(enum.IntEnum):
+    """The `mode` argument of local_posterior: which training patches compete for a pixel."""
+
+    LS = 0  # the patch at the same pixel, every training image
+    ELS = 1  # every patch of every training image (translation equivariant)
+    BBELS = 2  # every patch in the pixel's boundary class (zeros padding only)
+
+
+class LocalPadding(enum.IntEnum):
+    """The `padding` argument of local_posterior."""
+
+    ZEROS = 0
+    CIRCULAR = 1
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel computes in for x of `dtype`: float64 stays float64, every other
     floating dtype (float16, bfloat16, float32) computes in float32."""
@@ -205,10 +220,11 @@ class PosteriorOperand:
         sigma [B] (both prepared), checked also when B == 0."""
         raise NotImplementedError
 
-    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params, score_rule=None):
         """(denoised [B, D] or [0], logp [B], weights [B, K] or [0]) for B >= 1 rows on `backend`
         (a _backends.Backend row, resolved by the caller: ops.py is the one dispatch point);
-        params: what posterior_args returned."""
+        params: what posterior_args returned. score_rule (ops.stable_score) given: applied to
+        each kernel launch, and the first output is the score instead of the denoised mean."""
         raise NotImplementedError
 
 
@@ -224,10 +240,13 @@ class MixtureOperand(PosteriorOperand):
         check_no_grad(op, bases=params[1], sigma=sigma)
         return params
 
-    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params, score_rule=None):
         kernel = backend.kernel("mixture_posterior", x2.device.type)
-        return kernel(x2, *params, sigma, need_denoised, need_weights,
-                      *_layouts.mixture(backend.name, self, params[0], params[1]))
+        den, logp, weights = kernel(x2, *params, sigma, need_denoised, need_weights,
+                                    *_layouts.mixture(backend.name, self, params[0], params[1]))
+        if score_rule is not None:
+            den = score_rule(backend, x2, sigma, params, den, weights)
+        return den, logp, weights
 
 
 def gaussian_args(g, x, op):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ._args import SpectralKind, check_no_grad
 
 KIND_DENOISE, KIND_SCORE, KIND_FLOW = SpectralKind.DENOISE, SpectralKind.SCORE, SpectralKind.FLOW
@@ -439,10 +440,49 @@ def local_posterior_rule(lookup, qualname, no_grad, fused):
         ctx.args = inputs[3:]
 
     def backward(ctx, grad):
-        from .. import reference
-
         x, images, sigma = ctx.saved_tensors
         gx = reference.local_posterior_vjp(x, images, sigma, *ctx.args, grad) if ctx.needs_input_grad[0] else None
         return gx, None, None, None, None, None, None
 
     return backward, setup_context
+
+
+# ----------------------------------------------------------------------------- the default rule
+
+
+def reference_rule(name):
+    """The backward of op `name` when its registry entry names no rule: the vector-Jacobian
+    product of its reference (reference.<name>, plain PyTorch, differentiated by autograd in
+    float64) -- exact on every backend, not fused (so: not under torch.compile's fullgraph, which
+    sees the reference's ops, and at the reference's memory). A new op is differentiable with it
+    from its first kernel; a closed-form or fused rule here replaces it when it pays."""
+
+    def rule(lookup, qualname, no_grad, fused):
+        def setup_context(ctx, inputs, output):
+            _check_inputs(qualname, inputs, no_grad)
+            ctx.tensor_at = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+            ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_at])
+            ctx.others = {i: v for i, v in enumerate(inputs) if not isinstance(v, torch.Tensor)}
+
+        def backward(ctx, *grads):
+            saved = dict(zip(ctx.tensor_at, ctx.saved_tensors))
+            wanted = [i for i in ctx.tensor_at if ctx.needs_input_grad[i]]
+            args = dict(ctx.others)
+            for i, t in saved.items():
+                t = t.detach()
+                args[i] = t.double().requires_grad_(i in wanted) if t.is_floating_point() else t
+            with torch.enable_grad():
+                out = getattr(reference, name)(*[args[i] for i in range(len(args))])
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad and o.numel() > 0]
+            result = [None] * len(args)
+            if pairs and wanted:
+                got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                          [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+                for i, g in zip(wanted, got):
+                    result[i] = torch.zeros_like(saved[i]) if g is None else g.to(saved[i].dtype)
+            return tuple(result)
+
+        return backward, setup_context
+
+    return rule

@@ -61,30 +61,20 @@ an op name (autograd registers on these names); the labelled variants are separa
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from . import _autograd
-from ._args import GaussianOperand, MixtureOperand, SpectralKind, compute_dtype  # noqa: F401  (the contract's names)
-
-
-class LocalMode(enum.IntEnum):
-    """The `mode` argument of local_posterior: which training patches compete for a pixel."""
-
-    LS = 0  # the patch at the same pixel, every training image
-    ELS = 1  # every patch of every training image (translation equivariant)
-    BBELS = 2  # every patch in the pixel's boundary class (zeros padding only)
-
-
-class LocalPadding(enum.IntEnum):
-    """The `padding` argument of local_posterior."""
-
-    ZEROS = 0
-    CIRCULAR = 1
-
+from ._args import (  # noqa: F401  (the contract's names)
+    GaussianOperand,
+    LocalMode,
+    LocalPadding,
+    MixtureOperand,
+    SpectralKind,
+    compute_dtype,
+)
 
 # ----------------------------------------------------------------------------- fake (meta) kernels
 # Output shapes and dtypes only, so that torch.compile traces through the ops and opcheck tests them.
@@ -130,11 +120,17 @@ class Op:
     schema: str  # "(Tensor x, ...) -> Tensor": names, order and types of the arguments, without layouts
     grads: tuple  # argument names with a gradient
     fake: Callable
-    autograd: Callable  # _autograd rule: (lookup, qualname, no_grad, fused) -> (backward, setup_context)
     math: str  # section of docs/architecture.md with the op's mathematics
     kernels: dict  # backend -> kernel source file (the reference is gsa_kernels/reference.py::<name>)
     conformance: str  # test file of the conformance suite
     layouts: tuple = ()  # optional trailing Tensor? arguments of the compiled CPU op
+    # _autograd rule: (lookup, qualname, no_grad, fused) -> (backward, setup_context); None: the
+    # VJP of the reference (_autograd.reference_rule)
+    autograd: Optional[Callable] = None
+
+    @property
+    def backward_rule(self) -> Callable:
+        return self.autograd if self.autograd is not None else _autograd.reference_rule(self.name)
 
     def _arguments(self):
         return torch._C.parse_schema(self.name + self.schema).arguments
@@ -234,5 +230,5 @@ def register(namespace: str, prefix: str = "", *, fakes: bool = True, layouts: b
         qualname = f"{namespace}::{prefix}{op.name}"
         if fakes:
             torch.library.register_fake(qualname)(op.fake)
-        backward, setup_context = op.autograd(lookup, qualname, op.no_grad, fused_mixture_backward)
+        backward, setup_context = op.backward_rule(lookup, qualname, op.no_grad, fused_mixture_backward)
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)

@@ -1,6 +1,7 @@
 """The model file format: safetensors (portable, no pickle), tagged in its metadata with the
 kind of model that wrote it ("gsa_kernels": "GaussianModel" / "GaussianMixture" /
-"StreamedMixture"), so that loading another kind of file is a clear error."""
+"StreamedMixture"), so that loading another kind of file is a clear error; and the check of the
+data metadata that `python -m gsa_kernels fit` adds (the sample shape the statistics were fitted on)."""
 from __future__ import annotations
 
 from safetensors import safe_open
@@ -17,6 +18,17 @@ def metadata(path) -> dict:
     """The string metadata of a saved file ({} if none)."""
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def check_shape(data_meta, shape, where):
+    """ValueError when the statistics were fitted on samples of another shape than `shape`."""
+    if shape is None or "shape" not in data_meta:
+        return
+    shape = tuple(int(s) for s in shape)
+    if shape != tuple(data_meta["shape"]):
+        raise ValueError(f"{where}: statistics fitted on samples of shape {tuple(data_meta['shape'])} "
+                         f"({data_meta.get('transform', 'transform unknown')}; scale {data_meta.get('scale', '1')}), "
+                         f"used on samples of shape {shape}: refit with matching --resolution / --mode")
 
 
 def load(path, device, kind, keys):

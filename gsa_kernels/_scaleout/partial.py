@@ -31,6 +31,8 @@ import torch
 from .. import ops
 from .._core._args import MixtureOperand, compute_dtype, flatten, rows
 
+__all__ = ["MixturePartial", "mixture_partial", "merge_partials"]
+
 
 class MixturePartial:
     """Per-row state (max_logit [B], sum_exp [B], weighted [B, D]) of a mixture posterior over a
@@ -75,7 +77,13 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     """The partial posterior state of the mixture (or shard) m at x [B, *shape], noise sigma
     (float, 0-d or [B]). One kernel launch through the usual backend dispatch; a shard with no
     components (m.shard(i, n) with n > K) gives the empty state without a launch."""
-    op = "mixture_partial"
+    return partial_state(x, sigma, m, backend, "mixture_partial")
+
+
+def partial_state(x, sigma, m, backend, op, score=False) -> MixturePartial:
+    """mixture_partial; score=True: the state's weighted sum W carries the components' scores
+    sum_k exp(l_k - M) s_k (ops.stable_score of each launch) instead of their denoised means, so
+    that merged W / S is the whole mixture's score (gk.distributed.mixture_score)."""
     if not isinstance(m, MixtureOperand):
         raise TypeError(f"{op}: expected a gsa_kernels.GaussianMixture, got {type(m).__name__}")
     x2 = flatten(x, m.dim, op)
@@ -88,7 +96,7 @@ def mixture_partial(x, sigma, m, backend: str = "auto") -> MixturePartial:
     states = []
     # components in chunks: the refinement reads the kernel's weights [B, chunk]
     for chunk in _component_chunks(m, B):
-        den, logp, weights, s = ops.posterior(xc, sigma, chunk, True, True, backend, op)
+        den, logp, weights, s = ops.posterior(xc, sigma, chunk, True, True, backend, op, score=score)
         states.append(exact_state(den, logp, weights, xc, chunk.means, chunk.bases, chunk.eigvals, chunk.residual_var,
                                   chunk.log_weights, s, x.shape[1:], x.dtype))
     return merge_partials(states)
@@ -115,7 +123,7 @@ def _component_chunks(m, B):
 
 def _row_logits64(x, s2, means, bases, eigvals, residual_var, log_weights, k, extended):
     """Float64 logit log w_k + log N(x_b; mu_k, Sigma_k + s^2 I) of component k[b] for each row b,
-    from the differences x - mu (as reference._component_terms, one component per row), in row
+    from the differences x - mu (as reference.component_terms, one component per row), in row
     chunks of ~32 MB of gathered bases: (hi [B], lo [B]) with hi differentiable and, when
     `extended`, lo the rest of the logit evaluated in numpy's long double (64-bit mantissa on
     x86, 113 on others: |x - mu|^2 / 2 sigma^2 of 1e7 to ~1e-11), else zeros."""
@@ -185,13 +193,13 @@ def split_posterior(kernel, x, means, bases, eigvals, residual_var, log_weights,
     merged = merge_partials(states)
     den = merged.denoised_exact().to(x.dtype) if need_denoised else x.new_empty((0,))
     if need_weights:
-        weights = torch.cat([(w.double() * _share(st, merged)[:, None]).to(sigma.dtype) for w, st in zip(parts, states)], 1)
+        weights = torch.cat([(w.double() * weight_share(st, merged)[:, None]).to(sigma.dtype) for w, st in zip(parts, states)], 1)
     else:
         weights = x.new_empty((0,), dtype=sigma.dtype)
     return den, merged.logp().to(sigma.dtype), weights
 
 
-def _share(part: MixturePartial, merged: MixturePartial):
+def weight_share(part: MixturePartial, merged: MixturePartial):
     """exp(logp_part - logp_merged) [B]: the part's share of the merged posterior weight, from
     the double-double logits (0 for an empty part; NaN rows give 0, their weights stay NaN)."""
     diff = (part.max_logit - merged.max_logit) + (part.max_logit_lo - merged.max_logit_lo)

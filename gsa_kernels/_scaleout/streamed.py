@@ -415,8 +415,8 @@ class StreamedMixture(PosteriorOperand):
             raise ValueError(f"{op}: a file-backed mixture streams its points on the CPU; x is on {x2.device}")
         return None  # no model tensors: the points are read block by block
 
-    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params):
-        return mixture_posterior(x2, sigma, self, need_denoised, need_weights, backend)
+    def posterior(self, backend, x2, sigma, need_denoised, need_weights, params, score_rule=None):
+        return mixture_posterior(x2, sigma, self, need_denoised, need_weights, backend, score_rule)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None):
         """n training points drawn by weight, [n, D] (the delta mixture's samples)."""
@@ -472,13 +472,14 @@ def _blocks(points: PointsFile, bufs):
         os.close(fd)
 
 
-def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights, backend):
+def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights, backend, score_rule=None):
     """The kernel-level mixture_posterior of a streamed mixture on `backend` (a _backends.Backend
     row, resolved by ops.py): x2 [B, D] contiguous, sigma [B] in the compute dtype. Each block
     goes to the chosen backend as an r = 0 mixture with the block's (globally normalised) log weights; its posterior becomes a
     float64 partial state (partial.exact_state: a float32 block's logp refined from its heaviest
     point), merged into the running one with gk.merge_partials, so that points on either side
-    of a block edge weigh as in one kernel."""
+    of a block edge weigh as in one kernel. score_rule (ops.stable_score): each block's state
+    carries the block's score instead of its denoised mean, and so does the first output."""
     cd = sigma.dtype
     out_dtype, x2 = x2.dtype, x2.to(cd)  # half-precision x: blocks' outputs in the compute dtype until the merge
     B, D = x2.shape
@@ -493,6 +494,8 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
             _check_finite(block, k0, m._points)
             zeros = (block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb))
             den_b, logp_b, w_b = kernel(x2, block, *zeros, logw[k0:k0 + nb], sigma, need_denoised, True)  # weights: the refinement
+            if score_rule is not None:
+                den_b = score_rule(backend, x2, sigma, (block, *zeros, logw[k0:k0 + nb]), den_b, w_b)
             block_state = partial.exact_state(den_b if need_denoised else x2.new_zeros(B, 0), logp_b, w_b, x2, block, *zeros,
                                               logw[k0:k0 + nb], sigma, (D,), out_dtype)
             state = block_state if state is None else partial.merge_partials([state, block_state])
@@ -504,7 +507,7 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     # a row without weight anywhere (NaN in x) gets NaN, as from the in-memory kernel: 0 / 0
     den = (state.weighted / state.sum_exp[:, None]).to(out_dtype) if need_denoised else x2.new_empty((0,), dtype=out_dtype)
     if need_weights:  # block k's weights times its share of the whole posterior, in float64
-        weights = torch.cat([(w_b.double() * partial._share(st, state)[:, None]).to(cd) for w_b, st in parts], 1)
+        weights = torch.cat([(w_b.double() * partial.weight_share(st, state)[:, None]).to(cd) for w_b, st in parts], 1)
     else:
         weights = x2.new_empty((0,), dtype=cd)
     return den, state.logp().to(cd), weights

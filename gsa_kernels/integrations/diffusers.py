@@ -41,9 +41,9 @@ from diffusers import (
 )
 
 from .. import schedules
+from .._core._format import check_shape
 from ..models import GaussianMixture, GaussianModel
-from ..sampling import _teleport_model
-from ..tools.fit_cli import check_shape
+from ..sampling import teleport_with_model
 
 __all__ = ["noise_level", "teleport_latents", "TeleportedLatents", "DenoiserAsDiffusersModel", "enable_teleport",
            "disable_teleport"]
@@ -128,7 +128,7 @@ def teleport_latents(scheduler, gaussian, noise: torch.Tensor, *, skip_fraction:
     if math.isinf(sigma):  # the flow schedule's t = 1: the state is the noise itself
         latents = noise.clone()
     else:
-        latents = _teleport_model(noise, math.inf, sigma, None, gaussian, labels, 1.0, scale)
+        latents = teleport_with_model(noise, math.inf, sigma, None, gaussian, labels, 1.0, scale)
     if hasattr(scheduler, "set_begin_index"):  # DDIM / DDPM step from the timestep itself
         scheduler.set_begin_index(begin_index)
     return TeleportedLatents(latents, scheduler.timesteps[begin_index:], begin_index, sigma)

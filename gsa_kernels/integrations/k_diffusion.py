@@ -23,7 +23,7 @@ import k_diffusion  # noqa: F401  (fail early with ImportError when the extra is
 import torch
 
 from .. import schedules
-from ..sampling import HybridDenoiser, _teleport_model
+from ..sampling import HybridDenoiser, teleport_with_model
 
 __all__ = ["HybridDenoiser", "teleport_sigmas", "sample"]
 
@@ -59,6 +59,6 @@ def sample(model, x: torch.Tensor, sigmas: torch.Tensor, gaussian, sampler=None,
             raise ValueError(f"labels given twice: as labels= and as extra_args[{labels_key!r}]")
         extra_args = {**(extra_args or {}), labels_key: labels}
     if float(rest[0]) < float(sigmas[0]):
-        x = _teleport_model(x, float(sigmas[0]), float(rest[0]), None, gaussian, labels)
+        x = teleport_with_model(x, float(sigmas[0]), float(rest[0]), None, gaussian, labels)
     sampler_kwargs.setdefault("disable", True)
     return sampler(model, x, rest, extra_args=extra_args, **sampler_kwargs)

@@ -45,7 +45,7 @@ their worst-row error against float64 truth beside their time; table "peers"):
 
 For the mixtures, the reference's Python loop over component chunks would be unrolled by
 torch.compile (hundreds of chunks for E1), so "compiled" there compiles the reference's
-per-chunk function (reference._component_terms) and keeps its loop.
+per-chunk function (reference.component_terms) and keeps its loop.
 """
 from __future__ import annotations
 
@@ -137,11 +137,11 @@ def _compiled(fn):
 
 
 def _compiled_mixture_reference(x, sigma, m):
-    chunk = _compiled(reference._component_terms)
+    chunk = _compiled(reference.component_terms)
     args = (m.means, m.bases, m.eigvals, m.residual_var, m.log_weights)
 
     def run():
-        with mock.patch.object(reference, "_component_terms", chunk):
+        with mock.patch.object(reference, "component_terms", chunk):
             return reference.mixture_posterior(x, *args, sigma, True, False)
 
     return run

@@ -202,6 +202,7 @@ def load_stats(path, shape=None, device="cpu"):
     (e.g. (3, 64, 64)); a file fitted on another shape raises a ValueError naming both."""
     from safetensors import safe_open
 
+    from .._core import _format
     from ..models import GaussianMixture, GaussianModel
 
     with safe_open(str(path), framework="pt") as f:
@@ -213,20 +214,9 @@ def load_stats(path, shape=None, device="cpu"):
         data["shape"] = tuple(json.loads(data["shape"]))
     if "classes" in data:
         data["classes"] = json.loads(data["classes"])
-    check_shape(data, shape, str(path))
+    _format.check_shape(data, shape, str(path))
     model.data_meta = data
     return model
-
-
-def check_shape(data_meta, shape, where):
-    """ValueError when the statistics were fitted on samples of another shape than `shape`."""
-    if shape is None or "shape" not in data_meta:
-        return
-    shape = tuple(int(s) for s in shape)
-    if shape != tuple(data_meta["shape"]):
-        raise ValueError(f"{where}: statistics fitted on samples of shape {tuple(data_meta['shape'])} "
-                         f"({data_meta.get('transform', 'transform unknown')}; scale {data_meta.get('scale', '1')}), "
-                         f"used on samples of shape {shape}: refit with matching --resolution / --mode")
 
 
 # ----------------------------------------------------------------------------- the command

@@ -44,3 +44,8 @@ def target_programs(device: torch.device) -> int:
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: enough to exercise the split path in tests
 
+
+def launch(kernel):
+    """Kernels are launched through wrap_triton on GPU so that torch.compile (triton_op) sees
+    them; the interpreter path calls them directly (wrap_triton needs compiled kernels)."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)

@@ -257,12 +257,6 @@ def _spectral_map_kernel(
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _launch(kernel):
-    """Kernels are launched through wrap_triton on GPU so that torch.compile (triton_op) sees
-    them; the interpreter path calls them directly (wrap_triton needs compiled kernels)."""
-    return kernel if _config.INTERPRET else torch.library.wrap_triton(kernel)
-
-
 def label_tiles(labels, K: int, tile: int):
     """(row_of [tiles * tile], component [tiles]) of labels [B] grouped into tiles of `tile` rows of
     one label each: row_of holds the rows of x in label order (stable), each label's rows from a
@@ -311,7 +305,7 @@ def spectral_map(x, mean, basis, eigvals, residual_var, sigma_from, scale_from, 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_B"]),)
 
-    _launch(_spectral_map_kernel)[grid](
+    _config.launch(_spectral_map_kernel)[grid](
         x, mean, basis, eigvals, residual_var_hi, residual_var_lo, residual_vars, row_of, component,
         sigma_from, sigma_from if scale_from is None else scale_from,
         sigma_to, sigma_to if scale_to is None else scale_to, out, scratch,

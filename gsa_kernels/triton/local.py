@@ -27,7 +27,6 @@ import triton.language as tl
 
 from .._core._contract import LocalMode, LocalPadding, SpectralKind
 from . import _config
-from .gaussian import _launch
 
 # Tiles: BLOCK_U query pixels x BLOCK_V candidates (LS: images; ELS / BB-ELS: pixels of one image)
 # x BLOCK_K window entries. Small pixel / candidate tiles in the interpreter, so that the
@@ -202,7 +201,7 @@ def local_posterior(x, images, sigma, patch_size: int, mode: int, padding: int, 
         raise ValueError(f"local_posterior: patch_size {patch_size} is too large for the triton kernel "
                          f"(C P^2 = {C * P * P} window entries >= 2^31)")
     u_tiles = triton.cdiv(H * W, BLOCK_U)
-    _launch(_local_posterior_kernel)[(B * u_tiles,)](
+    _config.launch(_local_posterior_kernel)[(B * u_tiles,)](
         x, images, sigma, out, images.shape[0], C, H, W, P, u_tiles,
         MODE=int(mode), CIRCULAR=padding == LocalPadding.CIRCULAR, SCORE=kind == SpectralKind.SCORE,
         BLOCK_U=BLOCK_U, BLOCK_V=BLOCK_N if mode == LocalMode.LS else BLOCK_V, BLOCK_K=BLOCK_K, C_PAD=triton.next_power_of_2(C), BLOCK_SCAN=BLOCK_SCAN,

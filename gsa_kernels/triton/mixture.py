@@ -40,7 +40,6 @@ import triton.language as tl
 
 from . import _config
 from ._dot import dot
-from .gaussian import _launch
 
 LOG_2PI = math.log(2.0 * math.pi)  # passed as a constexpr and materialised as float64 (tl.full)
 MAX_REGISTER_RANK = 16 if _config.INTERPRET else 64
@@ -473,7 +472,7 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
     grid = (triton.cdiv(B, BLOCK_B), S)
     common = dict(NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, PRECISION=_config.dot_precision(cd), LOG_2PI=LOG_2PI, BLOCK_B=BLOCK_B)
     if isotropic:
-        _launch(_mixture_isotropic_kernel)[grid](
+        _config.launch(_mixture_isotropic_kernel)[grid](
             x, means, residual_var, log_weights, sigma, logits, state, acc, B, D, K, k_per_split, S,
             EXPAND=cd == torch.float32, LOGIT_TOL=LOGIT_TOL[cd], CUTOFF=CUTOFF,
             DOT_SPLIT_ERR=DOT_SPLIT_ERR[common["PRECISION"]], DOT_ROUNDINGS_PER_D=DOT_ROUNDINGS_PER_D[common["PRECISION"]],
@@ -482,14 +481,14 @@ def mixture_posterior(x, means, bases, eigvals, residual_var, log_weights, sigma
         in_registers = R <= MAX_REGISTER_RANK
         scratch = torch.empty((0 if in_registers else S * 2 * B * R,), dtype=cd, device=dev)
         r_pad = max(16, triton.next_power_of_2(R)) if in_registers else 16
-        _launch(_mixture_lowrank_kernel)[grid](
+        _config.launch(_mixture_lowrank_kernel)[grid](
             x, means, bases, eigvals, residual_var, log_weights, sigma, logits, state, acc, scratch,
             B, D, R, K, k_per_split, S, C_IN_REGISTERS=in_registers, R_PAD=r_pad, FULL_RANK=R == D,
             EXACT_RESIDUAL_RATIO=EXACT_RESIDUAL_RATIO[cd], **common)
     block_n = 64 if _config.INTERPRET else 128
     cols = max(D if need_denoised else 0, K if need_weights else 0, 1)
     merge_grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(cols, block_n))
-    _launch(_mixture_merge_kernel)[merge_grid](
+    _config.launch(_mixture_merge_kernel)[merge_grid](
         x, state, acc, logits, weights, denoised, logp, B, D, K, S,
         NEED_DENOISED=need_denoised, NEED_WEIGHTS=need_weights, BLOCK_B=BLOCK_B, BLOCK_N=block_n)
     return denoised, logp, weights

@@ -23,6 +23,10 @@ truth is the reference in float64 on exactly those rounded values. Families:
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
   split     (mixture_posterior) the components cut into extra["split"] parts, merged as the
             file-backed, sharded and distributed paths merge them: ties across parts, 16-bit x
+  score     (gk.mixture_score, the public op) sigma 0.002 / 0.01, float32 / bfloat16 x, where
+            (D - x) / sigma^2 cancels: one low-rank component (the Gaussian score's bound), a
+            query near one training point, a near tie, 40 duplicated points (past the pairs cap),
+            points in a file (streamed blocks); test_conformance.test_mixture_score
   labels    (gaussian_map_labeled / gaussian_trajectory_labeled) K Gaussians, row b under
             component labels[b]: every label present, rows sorted by label, labels missing, all
             rows one label; across the labelled row tiles (triton 16 rows interpreted / 64 on GPU,
@@ -308,6 +312,74 @@ def mixture_posterior_args(case):
     else:
         x = x0 + sigma[:, None] * torch.randn(case.B, case.D, dtype=F64, generator=gen)
     return _add_nans(x, case), means, bases, eigvals, residual_var, log_weights, sigma
+
+
+# ----------------------------------------------------------------------------- the public mixture score
+
+
+def _score_points(case, gen):
+    """K image-like points in [-1, 1]^D; point K // 2 is point 0 moved by sigma / 2 (near_tie) or
+    3 sigma (near_point), in the other half of the points (blocks and shards cut there);
+    extra["duplicates"] = n: points 1..n are copies of point 0 (a dense posterior at small sigma)."""
+    K, D = case.K, case.D
+    points = torch.rand(K, D, dtype=F64, generator=gen) * 2 - 1
+    u = torch.randn(D, dtype=F64, generator=gen)
+    if case.extra["build"] in ("near_tie", "near_point"):  # near_point: a neighbour of weight ~1e-2
+        points[K // 2] = points[0] + (0.5 if case.extra["build"] == "near_tie" else 3.0) * case.sigma * u / u.norm()
+    n = case.extra.get("duplicates", 0)
+    points[1:1 + n] = points[0]
+    return points
+
+
+def mixture_score_args(case):
+    """(x, means, bases, eigvals, residual_var, log_weights, sigma), float64, for gk.mixture_score
+    at one small sigma, where (D - x) / sigma^2 cancels (extra["build"]):
+      one        one low-rank component with residual variance, x its sample + sigma noise (the
+                 Gaussian ops' case: test_conformance.test_mixture_score checks it with their scale)
+      near_point the empirical mixture, x a point + 1e-4 noise, a neighbour 3 sigma away (weight
+                 ~1e-2, so that D is a rounded sum): |D - x| ~ 1e-3
+      near_tie   x at the midpoint of point 0 and its near copy K // 2 + 0.1 sigma noise: weights ~0.5
+      duplicates x near point 0 and its copies: more components with weight than the pairs cap"""
+    gen = _gen(case)
+    B, D, build = case.B, case.D, case.extra["build"]
+    sigma = torch.full((B,), case.sigma, dtype=F64)
+    if build == "one":
+        means, bases, eigvals, residual_var, log_weights, x0 = _mixture_random(case, gen)
+        # data away from the origin (|x| ~ 30); in-span variances above the residual one, so
+        # that the largest term of the Gaussian score's bound is the off-span part, ~|truth|
+        means, x0, eigvals = means + 4.0, x0 + 4.0, eigvals + 1.0
+        x = x0 + case.sigma * torch.randn(B, D, dtype=F64, generator=gen)
+        return x, means, bases, eigvals, residual_var, log_weights, sigma
+    points = _score_points(case, gen)
+    K = case.K
+    if build == "near_tie":
+        x = (points[0] + points[K // 2]) / 2 + 0.1 * case.sigma * torch.randn(B, D, dtype=F64, generator=gen)
+    else:  # near_point, duplicates: rows near point 0, 1, 2, 0, 1, 2, ...
+        i = torch.arange(B) % 3
+        i[i > 0] += case.extra.get("duplicates", 0)
+        x = points[i] + 1e-4 * torch.randn(B, D, dtype=F64, generator=gen)
+    zeros = torch.zeros(K, dtype=F64)
+    return x, points, torch.zeros(K, D, 0, dtype=F64), torch.zeros(K, 0, dtype=F64), zeros, zeros - math.log(K), sigma
+
+
+def mixture_score_cases():
+    """One sigma per case (0.002, 0.01), float32 and bfloat16 x; B 6, D 64 (two triton D
+    blocks). extra["source"] = "file": the points in a .npy file, streamed in blocks of 8 (the
+    tie straddles two blocks)."""
+    cases = []
+    shapes = {"one": (1, 4, 0.3), "near_point": (20, 0, 0.0), "near_tie": (20, 0, 0.0)}
+    for build, (K, r, residual_var) in shapes.items():
+        for sigma in (0.002, 0.01):
+            for dtype in (torch.float32, torch.bfloat16):
+                name = f"{build}_{_shape_name(6, 64, r, K=K)}_{_sigma_name(sigma)}_{_DT[dtype]}"
+                cases.append(Case("score", name, 6, 64, r, K=K, dtype=dtype, residual_var=residual_var, sigma=sigma,
+                                  extra={"build": build}))
+    cases.append(Case("score", f"duplicates_{_shape_name(6, 64, 0, K=44)}_s0.002_f32", 6, 64, 0, K=44, residual_var=0.0,
+                      sigma=0.002, extra={"build": "duplicates", "duplicates": 40}))
+    for build in ("near_point", "near_tie"):
+        cases.append(Case("score", f"{build}_{_shape_name(6, 64, 0, K=20)}_s0.002_f32_file", 6, 64, 0, K=20,
+                          residual_var=0.0, sigma=0.002, extra={"build": build, "source": "file"}))
+    return cases
 
 
 # ----------------------------------------------------------------------------- the lists
@@ -692,6 +764,7 @@ CASES = {
     "gaussian_map": (gaussian_map_cases(), gaussian_map_args),
     "gaussian_trajectory": (gaussian_trajectory_cases(), gaussian_trajectory_args),
     "mixture_posterior": (mixture_posterior_cases(), mixture_posterior_args),
+    "mixture_score": (mixture_score_cases(), mixture_score_args),  # the public op (test_mixture_score)
     "gaussian_map_labeled": (gaussian_map_labeled_cases(), gaussian_map_labeled_args),
     "gaussian_trajectory_labeled": (gaussian_trajectory_labeled_cases(), gaussian_trajectory_labeled_args),
     "local_posterior": (local_posterior_cases(), local_posterior_args),

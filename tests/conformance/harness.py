@@ -14,6 +14,12 @@ Error measures (the same for every backend; `tol(dtype)` is the only tolerance):
 - mixture denoised, per row: |out - truth| <= tol(x dtype) * (|x| + max_k |D_k|) + 2 TV_b max_k
   |D_k - truth|, TV_b the row's measured weight error: the denoised mean is the weighted sum of the
   component denoisers D_k, so a weight error moves it by at most that much.
+- mixture score (the public gk.mixture_score), per row: |out - truth| <= tol(x dtype) (|truth| +
+  max_k gain_k |y_k|) + 2 TV_b max_k |s_k - truth|, maxima over the components with truth weight
+  > 1e-12, s_k = -(Sigma_k + sigma^2 I)^-1 y_k their scores (truth = sum_k w_k s_k), gain_k the
+  largest 1 / (variance + sigma^2) of component k, TV_b the row's measured weight error (this
+  backend's weights): for one component exactly the Gaussian score's bound above; a weight error
+  moves the weighted sum of the s_k by at most 2 TV times their spread.
 - local_posterior, per row b and pixel u (norms over the C channels): |out - truth| <= allowed,
   denoise: tol(x dtype) (|x_u| + max_c |value_c|) + 2 TV max_c |value_c - truth_u|,
   score:   (tol(x dtype) max_c |value_c - x_u| + 2 TV max_c |value_c - truth_u|) / sigma^2
@@ -32,6 +38,7 @@ rounding, half an ulp = 2^-11 and 2^-8 relative).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -183,7 +190,7 @@ def mixture_terms(args64):
     component denoisers D_k [B, K, D]."""
     x, means, bases, eigvals, residual_var, log_weights, sigma = args64
     s2 = sigma[:, None] ** 2
-    y, c, perp, logpdf = reference._component_terms(x, s2, means, bases, eigvals, residual_var)
+    y, c, perp, logpdf = reference.component_terms(x, s2, means, bases, eigvals, residual_var)
     terms = -2 * logpdf  # quadratic form + log det + D log 2 pi: all positive but the logs
     logdet = torch.log(eigvals[None] + s2[:, :, None]).sum(-1) + (x.shape[1] - bases.shape[2]) * torch.log(residual_var[None] + s2)
     terms = terms - logdet + logdet.abs()
@@ -228,6 +235,40 @@ def check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, 
         worst = int(err.argmax())
         assert err[worst] <= 1.0, f"{what}: denoised row {worst}: error {(out - truth).norm(dim=1)[worst].item():.3g} > allowed {allowed[rows][worst].item():.3g}"
 
+
+
+def score_terms(args64):
+    """(truth [B, D], component scores s_k [B, K, D], the Gaussian scale max_k gain_k |y_k| over
+    the supported components [B], support [B, K]) of the mixture score, float64 args (x, means,
+    bases, eigvals, residual_var, log_weights, sigma); s_k in the per-direction form."""
+    x, means, bases, eigvals, residual_var, log_weights, sigma = args64
+    _, _, w_t = reference.mixture_posterior(*args64, False, True)
+    s2 = (sigma**2)[:, None]
+    D, r = bases.shape[1:]
+    s_k = torch.stack([reference._score(x - means[k], s2, bases[k], eigvals[k], float(residual_var[k]))
+                       for k in range(means.shape[0])], 1)
+    low = eigvals.min(1).values if r else torch.full_like(residual_var, math.inf)
+    smallest = torch.minimum(low, residual_var) if r < D else low  # [K]
+    gain = 1.0 / (smallest[None] + s2)  # [B, K]
+    support = w_t > 1e-12
+    scale = torch.where(support, gain * (x[:, None] - means[None]).norm(dim=2), 0.0).max(1).values
+    return (w_t[:, :, None] * s_k).sum(1), s_k, scale, support, w_t
+
+
+def check_score(out, weights, args64, dtype, what):
+    """gk.mixture_score's out [B, *shape] (dtype) against the float64 truth sum_k w_k s_k (module
+    docstring); weights: this backend's posterior weights [B, K] (their TV enters the bound)."""
+    truth, s_k, scale, support, w_t = score_terms(args64)
+    assert out.dtype == dtype and out.shape[0] == truth.shape[0], f"{what}: score {out.dtype} {tuple(out.shape)}"
+    out = out.double().cpu().reshape(truth.shape)
+    assert torch.isfinite(out).all(), f"{what}: non-finite score"
+    tv = 0.5 * (weights.double().cpu() - w_t).abs().sum(1)
+    spread = torch.where(support, (s_k - truth[:, None]).norm(dim=2), 0.0).max(1).values
+    allowed = tol(dtype) * (truth.norm(dim=1) + scale) + 2 * tv * spread
+    err = (out - truth).norm(dim=1)
+    worst = int((err / allowed).argmax())
+    assert err[worst] <= allowed[worst], (f"{what}: row {worst}: error {err[worst].item():.3g} > allowed "
+                                          f"{allowed[worst].item():.3g} (relative to |truth| {(err / truth.norm(dim=1))[worst].item():.3g})")
 
 
 def local_allowed(args64, truth):

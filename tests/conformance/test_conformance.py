@@ -3,9 +3,11 @@
 Test ids read test_<op>[<backend>-<family>-<case>]; summary.py tabulates a --junitxml report."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import gsa_kernels as gk
 from gsa_kernels import reference
 from gsa_kernels._core._contract import LocalMode, SpectralKind
 
@@ -60,6 +62,25 @@ def test_mixture_posterior(backend, case):
     den_empty, logp2, weights = run(*args, False, True)
     harness.check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, args64, case.dtype, case.id,
                           weights_tv=case.extra.get("weights_tv"))
+
+
+@pytest.mark.parametrize("backend,case", _params("mixture_score"))
+def test_mixture_score(backend, case, tmp_path):
+    """The public gk.mixture_score (ops.stable_score on top of each backend's kernels) at small
+    sigma against the float64 sum_k w_k s_k, with the Gaussian score's tolerance (harness.check_score);
+    extra["source"] = "file": the points streamed from a .npy file in blocks of 8."""
+    args, _ = _inputs("mixture_score", case)
+    x, means, bases, eigvals, residual_var, log_weights, sigma = args
+    if case.extra.get("source") == "file":
+        np.save(tmp_path / "points.npy", means.cpu().numpy())
+        m = gk.GaussianMixture.from_points(str(tmp_path / "points.npy"), block_bytes=2 * 8 * case.D * 4)
+        model64 = (means, bases, eigvals, residual_var, log_weights)
+    else:
+        m = gk.GaussianMixture(means, bases, eigvals, residual_var, log_weights)
+        model64 = (m.means, m.bases, m.eigvals, m.residual_var, m.log_weights)  # as the constructor kept them
+    out = gk.mixture_score(x, sigma, m, backend=backend)
+    _, weights = gk.mixture_denoise(x, sigma, m, return_weights=True, backend=backend)
+    harness.check_score(out, weights, harness.as_f64([x, *model64, sigma]), case.dtype, case.id)
 
 
 def _local_kernel(backend):

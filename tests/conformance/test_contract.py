@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsa_kernels import reference
-from gsa_kernels._core import _backends, _contract, _extension
+from gsa_kernels._core import _autograd, _backends, _contract, _extension
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_every_registered_op_is_complete(op):
     """Each registry entry has a fake, an autograd rule, a reference function, kernels for every
     compiled backend, conformance cases, and a conformance test file that runs them."""
     entry = _contract.REGISTRY[op]
-    assert callable(entry.fake) and callable(entry.autograd)
+    assert callable(entry.fake) and callable(entry.backward_rule)
     assert callable(getattr(reference, op, None)), f"reference.{op} missing"
     assert set(entry.kernels) == {"cpu", "cuda", "triton"}
     for path in entry.kernels.values():
@@ -105,9 +105,55 @@ def test_every_registered_op_is_complete(op):
     assert set(entry.no_grad.values()).isdisjoint(entry.grads)
     # the autograd rule builds for a namespace where the op is registered
     if _extension.loaded:
-        backward, setup = entry.autograd(lambda name: getattr(torch.ops.gsa_kernels, name), f"gsa_kernels::{op}",
+        backward, setup = entry.backward_rule(lambda name: getattr(torch.ops.gsa_kernels, name), f"gsa_kernels::{op}",
                                          entry.no_grad, False)
         assert callable(backward) and callable(setup)
+
+
+@pytest.mark.skipif(not _extension.loaded, reason="needs the compiled extension")
+@pytest.mark.parametrize("op", ["gaussian_map", "mixture_posterior"])
+def test_the_default_rule_is_the_closed_form_rule(op):
+    """An entry without a rule gets the VJP of its reference (_autograd.reference_rule): defined
+    as a test op on the same CPU kernel, its gradients are the registered closed-form ones."""
+    entry = _contract.REGISTRY[op]
+    qualname = f"gsa_test_default_rule::{op}"
+    if not hasattr(getattr(torch.ops, "gsa_test_default_rule", None), op):
+        lib = torch.library.Library("gsa_test_default_rule", "FRAGMENT")
+        _LIBRARIES.append(lib)
+        lib.define(op + entry.schema)
+        lib.impl(op, getattr(torch.ops.gsa_kernels, op), "CPU")
+        torch.library.register_fake(qualname)(entry.fake)
+        backward, setup = _autograd.reference_rule(op)(None, qualname, entry.no_grad, False)
+        torch.library.register_autograd(qualname, backward, setup_context=setup)
+    g = torch.Generator().manual_seed(0)
+    B, D, K, r = 5, 6, 3, 2
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, **f64)
+    if op == "gaussian_map":
+        basis = torch.linalg.qr(torch.randn(D, r, generator=g, **f64)).Q.contiguous()
+        rows = torch.rand(B, generator=g, **f64) + 0.3
+        args = [x, torch.randn(D, generator=g, **f64), basis, torch.rand(r, generator=g, **f64) + 0.1, 0.4,
+                rows, rows * 0.5, torch.ones(B, **f64), torch.ones(B, **f64), 2]
+    else:
+        bases = torch.linalg.qr(torch.randn(K, D, r, generator=g, **f64)).Q.contiguous()
+        args = [x, torch.randn(K, D, generator=g, **f64), bases, torch.rand(K, r, generator=g, **f64) + 0.1,
+                torch.rand(K, generator=g, **f64) + 0.1, torch.randn(K, generator=g, **f64),
+                torch.rand(B, generator=g, **f64) + 0.5, True, True]
+    wrt = [i for i, name in enumerate(entry.arguments) if name in entry.grads]
+
+    def grads(ops):
+        leaves = [a.clone().requires_grad_() if i in wrt else a for i, a in enumerate(args)]
+        out = getattr(ops, op)(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum((o * torch.linspace(-1, 2, o.numel(), **f64).reshape(o.shape)).sum() for o in outs)
+        return torch.autograd.grad(loss, [leaves[i] for i in wrt])
+
+    for name, ours, closed in zip([entry.arguments[i] for i in wrt], grads(torch.ops.gsa_test_default_rule),
+                                  grads(torch.ops.gsa_kernels)):
+        torch.testing.assert_close(ours, closed, rtol=1e-9, atol=1e-9, msg=f"{op}: grad {name}")
+
+
+_LIBRARIES = []  # the test namespace's library objects live as long as the module
 
 
 def test_registered_gradients_match_the_compiled_autograd():
@@ -178,17 +224,45 @@ LAZY_IMPORTS = {
     ("gsa_kernels", "gsa_kernels.models"), ("gsa_kernels", "gsa_kernels.ops"), ("gsa_kernels", "gsa_kernels._scaleout.partial"),
     ("gsa_kernels", "gsa_kernels.reference"), ("gsa_kernels", "gsa_kernels.sampling"),
     ("gsa_kernels", "gsa_kernels.schedules"), ("gsa_kernels", "gsa_kernels.local"),
-    # the local machines (issue 27): HybridDenoiser accepts a LocalDenoiser; the x-gradient of
-    # every backend is the reference's VJP
-    ("gsa_kernels.sampling", "gsa_kernels.local"), ("gsa_kernels._core._autograd", "gsa_kernels.reference"),
     ("gsa_kernels.__main__", "gsa_kernels"), ("gsa_kernels.__main__", "gsa_kernels._core._backends"),
     ("gsa_kernels.__main__", "gsa_kernels._core._extension"), ("gsa_kernels.__main__", "gsa_kernels.tools.demo.cli"),
     # `fit --help` parses before torch: the fit command loads the API when it runs
     ("gsa_kernels.__main__", "gsa_kernels.tools.fit_cli"), ("gsa_kernels.tools.fit_cli", "gsa_kernels"),
-    ("gsa_kernels.tools.fit_cli", "gsa_kernels.models"),
+    ("gsa_kernels.tools.fit_cli", "gsa_kernels.models"), ("gsa_kernels.tools.fit_cli", "gsa_kernels._core._format"),
     # importing triton is slow and optional; its kernel modules read TRITON_INTERPRET at import
     ("gsa_kernels._core._backends", "gsa_kernels.triton"), ("gsa_kernels.triton", "gsa_kernels.triton._library"),
 }
+
+# The layers (docs/architecture.md, section 5), lowest first: a module imports only modules of its
+# own or lower layers. A name ending in "." is every module under that package. The folders
+# follow them: _core/ holds the layers up to the backends, _scaleout/ the scale-out internals,
+# tools/ what merely uses the library.
+LAYERS = [
+    ("leaves", {"gsa_kernels._core._layouts", "gsa_kernels._core._format", "gsa_kernels.schedules",
+                "gsa_kernels._core", "gsa_kernels._scaleout", "gsa_kernels.tools"}),  # the subpackages' docstrings
+    ("arguments", {"gsa_kernels._core._args"}),
+    ("oracle", {"gsa_kernels.reference"}),
+    ("backward", {"gsa_kernels._core._autograd"}),
+    ("registry", {"gsa_kernels._core._contract"}),
+    ("kernels", {"gsa_kernels._core._extension", "gsa_kernels.triton", "gsa_kernels.triton."}),
+    ("backends", {"gsa_kernels._core._backends"}),
+    ("public ops", {"gsa_kernels.ops"}),
+    ("scale-out, fits", {"gsa_kernels._scaleout.partial", "gsa_kernels.fitting"}),
+    ("streaming", {"gsa_kernels._scaleout.streamed"}),
+    ("models", {"gsa_kernels.models", "gsa_kernels.local"}),
+    ("users", {"gsa_kernels.sampling", "gsa_kernels.distributed"}),
+    ("adapters", {"gsa_kernels.integrations", "gsa_kernels.integrations."}),
+    ("the API namespace", {"gsa_kernels"}),
+    ("tools", {"gsa_kernels.tools."}),
+    ("command line", {"gsa_kernels.__main__"}),
+]
+
+
+def _layer(module):
+    for i, (_, names) in enumerate(LAYERS):
+        if module in names or any(n.endswith(".") and module.startswith(n) for n in names):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS (docs/architecture.md, section 5)")
 
 
 def _graph():
@@ -221,38 +295,27 @@ def test_the_package_import_graph_has_no_cycle():
 
 def test_function_local_imports_are_only_the_listed_lazy_ones():
     _, local = _graph()
-    local = {(a, b) for a, b in local if not a.startswith(("gsa_kernels.tools.demo", "gsa_kernels.tools.bench"))}
+    # the tools import what they need when a command runs (nothing imports them but __main__)
+    local = {(a, b) for a, b in local if not (a.startswith("gsa_kernels.tools.") and a != "gsa_kernels.tools.fit_cli")}
     assert local <= LAZY_IMPORTS, f"function-local imports of package modules: {sorted(local - LAZY_IMPORTS)}"
 
 
 def test_layers_import_one_way():
-    """The core layers (docs/architecture.md, section 5), lowest first: a module imports only
-    modules of its own or lower layers. The tools (bench, demo) and the adapters are above all."""
-    layers = [
-        {"gsa_kernels._core._layouts", "gsa_kernels._core._format", "gsa_kernels.schedules"},
-        {"gsa_kernels._core._args"},
-        {"gsa_kernels._core._autograd"},
-        {"gsa_kernels._core._contract", "gsa_kernels.reference"},
-        {"gsa_kernels._core._extension", "gsa_kernels.triton", "gsa_kernels.triton._library", "gsa_kernels.triton._config",
-         "gsa_kernels.triton._dot", "gsa_kernels.triton.gaussian", "gsa_kernels.triton.mixture"},
-        {"gsa_kernels._core._backends"},
-        {"gsa_kernels.ops"},
-        {"gsa_kernels._scaleout.partial", "gsa_kernels.fitting"},
-        {"gsa_kernels._scaleout.streamed"},
-        {"gsa_kernels.models"},
-        {"gsa_kernels.sampling", "gsa_kernels.distributed"},
-    ]
-    level = {m: i for i, layer in enumerate(layers) for m in layer}
-    graph, _ = _graph()
+    """Every module has a layer, and imports only modules of its own or lower layers."""
+    graph, local = _graph()
     for module, imported in graph.items():
-        if module not in level:
-            continue
         for t in imported:
-            assert t in level, f"{module} imports {t}, which is above the core layers"
-            assert level[t] <= level[module], f"{module} (layer {level[module]}) imports {t} (layer {level[t]})"
+            assert _layer(t) <= _layer(module), (f"{module} ({LAYERS[_layer(module)][0]}) imports {t} "
+                                                 f"({LAYERS[_layer(t)][0]})")
     # the public ops know no model type, the registry no backend
-    assert not {"gsa_kernels.models", "gsa_kernels._scaleout.streamed"} & graph["gsa_kernels.ops"]
+    assert not {"gsa_kernels.models", "gsa_kernels._scaleout.streamed", "gsa_kernels.local"} & graph["gsa_kernels.ops"]
     assert not {"gsa_kernels._core._backends", "gsa_kernels.ops"} & graph["gsa_kernels._core._contract"]
+    # the tools stand apart: only the command line (and other tools) import them
+    users = {a for a, ts in graph.items() for t in ts if t.startswith("gsa_kernels.tools.")}
+    users |= {a for a, t in local if t.startswith("gsa_kernels.tools.")}
+    assert {u for u in users if not u.startswith("gsa_kernels.tools.")} <= {"gsa_kernels.__main__"}, users
+    # _core/ holds the layers up to the backends and nothing above
+    assert max(_layer(m) for m in graph if m.startswith("gsa_kernels._core.")) == _layer("gsa_kernels._core._backends")
 
 
 # ----------------------------------------------------------------------------- docs/architecture.md
@@ -293,12 +356,17 @@ def test_every_public_function_is_in_the_public_map():
 def test_cited_repository_files_exist():
     """Comments and docs cite files by their repository path: every such path exists."""
     cited = re.compile(r"\b((?:gsa_kernels|csrc|tests|docs|scripts|benchmarks)/[\w./-]+\.(?:py|md|h|cpp|cu|cuh|sh))\b")
+    # a document named without its folder (an upper-case name, .md) is one of the repository's
+    named = re.compile(r"(?<![\w./-])([A-Z][\w-]*\.md)\b")
+    documents = {p.name for p in REPO.rglob("*.md") if ".git" not in p.parts}
     missing = set()
     for pattern in ("gsa_kernels/**/*.py", "csrc/**/*.*", "tests/**/*.py", "docs/*.md", "scripts/*", "benchmarks/**/*.md",
                     "README.md", "tests/README.md"):
         for path in REPO.glob(pattern):
             if path.is_file() and path.suffix in (".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh"):
-                for ref in cited.findall(path.read_text(errors="replace")):
+                text = path.read_text(errors="replace")
+                for ref in cited.findall(text):
                     if not (REPO / ref).exists():
                         missing.add(f"{path.relative_to(REPO)} cites {ref}")
+                missing |= {f"{path.relative_to(REPO)} cites {ref}" for ref in named.findall(text) if ref not in documents}
     assert not missing, sorted(missing)

@@ -142,15 +142,19 @@ def train_parser():
 
 
 BENCH_WORKLOADS = ("G1", "G2", "T1", "M1", "E1")  # gsa_kernels/tools/bench.py defines them
+# bench.py's groups of named workloads: the MNIST empirical posterior by sigma (MN), M1 by sigma
+# decade (M1S), few-query sampling (F); E2 (the empirical sweep) and L (local score machines) on request
+BENCH_DEFAULT = BENCH_WORKLOADS + ("MN", "M1S", "F")
 BENCH_IMPLS = ("cpu", "reference", "compiled")  # plus "roofline", computed not run
 
 
 def bench_parser():
     p = _parser("bench", "CPU backend vs eager reference vs torch.compile vs this machine's roofline, one "
                 "table (medians; peaks measured next to each workload).")
-    p.add_argument("--workloads", type=nonempty_list, default=",".join(BENCH_WORKLOADS),
-                   help="comma-separated subset of " + ",".join(BENCH_WORKLOADS)
-                   + ", E2 (the empirical sweep) or E2-... names")
+    p.add_argument("--workloads", type=nonempty_list, default=",".join(BENCH_DEFAULT),
+                   help="comma-separated subset of " + ",".join(BENCH_DEFAULT)
+                   + " (MN, M1S, F: groups), E2 (the empirical sweep), L (local score machines) or "
+                   "E2-/MN-/F-/M1-s/L- names")
     p.add_argument("--impls", type=nonempty_list, default=",".join(BENCH_IMPLS), help="comma-separated subset of " + ",".join(BENCH_IMPLS))
     p.add_argument("--backend", default="cpu", help="gsa_kernels backend timed in the 'cpu' column")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed runs per implementation (median)")
