@@ -52,8 +52,10 @@ constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
 // Few queries: up to kFewRows rows take the split over the points, in chunks of ~kChunkBytes
-// (with x in double and acc, < 1 MiB of L2 at B 16, D 3072).
-constexpr int64_t kFewRows = 16;
+// (with x in double and acc, < 1 MiB of L2 at B 16, D 3072). 4, not 16: at B 16 the split's
+// double dot products made it compute-bound, slower than the GEMM path (quiet AMD EPYC, D 3072,
+// N 20k: 89.5 vs 72.5 ms); below 16 the crossover is not measured.
+constexpr int64_t kFewRows = 4;
 constexpr int64_t kChunkBytes = 128 << 10;
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
