@@ -228,6 +228,14 @@ RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam,
   return c;
 }
 
+// The float64 route's one-time cost per call, lowrank_exact_terms ((r + 1) r D multiply-adds per
+// component), in units of the measured float64 GEMM row (D x panel_rows multiply-adds): a small
+// model with one row to refine is cheaper refined per component.
+inline double exact_terms_cost(const RefineCosts& c, int64_t K, int64_t D, int64_t r, int64_t panel_rows) {
+  (void)D;
+  return double(K) * double(r + 1) * double(r) / double(std::max<int64_t>(1, panel_rows)) * c.row64;
+}
+
 // a += f v over n elements
 template <typename T>
 inline void axpy(T* __restrict a, T f, const T* __restrict v, int64_t n) {
@@ -440,6 +448,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               }
             }
           }
+          double saved = -exact_terms_cost(costs, K, D, r, W * std::min(KB, K));
           for (int64_t i = 0; i < n; ++i) {
             if (!(err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol)) continue;
             const double* L = logit.data() + i * K;
@@ -448,7 +457,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             int64_t within = 0;
             for (int64_t k = 0; k < K; ++k) within += L[k] >= top - 2 * err[i] - kCutoff;
             f64_row[i] = within * costs.exact > num_kb * costs.row64;
+            if (f64_row[i]) saved += within * costs.exact - num_kb * costs.row64;
           }
+          if (saved <= 0) std::fill(f64_row.begin(), f64_row.begin() + n, 0);
         }
       }
       rows32.clear();
@@ -545,7 +556,8 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           for (int64_t i = 0; i < n; ++i) total += refine[i];
           if (total > 0) {
             const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, k0, nk, W, D, false));
-            double saved = predicted > 0 ? 0.0 : -costs.convert;  // the predicted rows convert anyway
+            // the predicted rows convert and need the exact terms anyway
+            double saved = predicted > 0 ? 0.0 : -costs.convert - exact_terms_cost(costs, K, D, r, W * nk);
             native = costs.native;
             for (int64_t i = 0; i < n; ++i)
               if (refine[i] * costs.exact > costs.row64 && err[i] * kEps64Ratio <= logit_tol) {
