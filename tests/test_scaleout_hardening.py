@@ -165,6 +165,19 @@ def test_file_truncated_or_replaced_is_a_clear_error(tmp_path, x_dtype):
         m2.logp(x, 0.5)
 
 
+@pytest.mark.parametrize("op", [gk.mixture_denoise, gk.mixture_score, gk.mixture_logp])
+def test_file_backed_gradient_wrt_x_equals_in_memory(tmp_path, op):
+    # several blocks: each block's buffer is read again while the graph still holds the last one
+    pts = torch.randn(200, 16, dtype=torch.float64)
+    m = gk.GaussianMixture.from_points(_save_npy(tmp_path, pts), block_bytes=2 * 32 * 16 * 8)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    grads = []
+    for model in (m, gk.GaussianMixture.from_points(pts)):
+        xx = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(op(xx, 2.0, model, backend="cpu").sum(), xx)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
 def test_file_memmap_views_keep_their_rows_through_save_and_load(tmp_path):
     full = torch.randn(40, 12)
     mm = np.memmap(tmp_path / "p.raw", dtype=np.float32, mode="w+", shape=(40, 12))

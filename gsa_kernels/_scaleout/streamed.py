@@ -486,10 +486,15 @@ def mixture_posterior(x2, sigma, m: StreamedMixture, need_denoised, need_weights
     kernel = backend.kernel("mixture_posterior", x2.device.type)
     logw = m.log_weights.to(cd)
     state, parts = None, []  # parts: (block weights, block logp) for return_weights
+    # a recorded graph keeps each block for backward, but the next read reuses its buffer: the
+    # graph then gets its own copy of every block (backward holds the points read, as in memory)
+    records = torch.is_grad_enabled() and x2.requires_grad
     bufs = m._take_buffers(cd)
     blocks = _blocks(m._points, bufs)
     try:
         for k0, block in blocks:
+            if records:
+                block = block.clone()
             nb = block.shape[0]
             _check_finite(block, k0, m._points)
             zeros = (block.new_zeros(nb, D, 0), block.new_zeros(nb, 0), block.new_zeros(nb))
