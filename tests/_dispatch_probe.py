@@ -32,7 +32,9 @@ def inputs(dtype):
     points = torch.randn(40, D, generator=gen, dtype=torch.float64).to(cd)
     empirical = gk.GaussianMixture.from_points(points)
     near = (points[torch.arange(B) % 40] + 0.05 * torch.randn(B, D, generator=gen)).to(dtype)
-    return dict(x=x, sigma=sigma, sigmas=sigmas, g=g, full=full, m=m, empirical=empirical, near=near)
+    # more points than one chunk of the cpu kernel's few-query split (512 at D 96 in float32)
+    many = gk.GaussianMixture.from_points(torch.randn(1100, D, generator=gen, dtype=torch.float64).to(cd))
+    return dict(x=x, sigma=sigma, sigmas=sigmas, g=g, full=full, m=m, empirical=empirical, near=near, many=many)
 
 
 GAUSSIAN_CASES = ("denoise", "denoise_full", "score", "flow", "trajectory")
@@ -53,6 +55,9 @@ def run_cases(dtype):
     out["mixture"], out["mixture_weights"] = gk.mixture_denoise(x, s, t["m"], return_weights=True, **cpu)
     out["empirical_dense"] = gk.mixture_denoise(x, 30.0, t["empirical"], **cpu)  # weights spread out
     out["empirical_sparse"] = gk.mixture_denoise(t["near"], 0.05, t["empirical"], **cpu)  # one-hot
+    # few queries: the split over the points (double dot products up to 4 rows, float beyond)
+    out["empirical_few3"] = gk.mixture_denoise(x[:3], 3.0, t["many"], **cpu)
+    out["empirical_few13"] = gk.mixture_denoise(x[:13], 3.0, t["many"], **cpu)
     return {name: v.detach() for name, v in out.items()}
 
 

@@ -35,7 +35,7 @@ def test_forced_engine_serves_every_float32_class(engine):
 
 def test_engines_agree():
     a, b = (probe(gemm=e)["outputs"] for e in ENGINES)
-    assert a.keys() == b.keys() and len(a) == 27 + 15
+    assert a.keys() == b.keys() and len(a) == 33 + 15
     for name in a:
         err = rel_err(a[name], b[name])
         assert err <= AGREE[name.split("/")[0]], f"{name}: onednn vs blas differ by {err:.3g}"

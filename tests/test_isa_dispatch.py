@@ -38,7 +38,7 @@ def test_vector_variant_equals_generic(isa):
     generic = probe(gemm="blas", isa="generic", threads=1)
     assert generic["info"]["isa"] == "generic"
     # every case with the layouts kept, and the 5 Gaussian ones again without (3 dtypes each)
-    assert run["outputs"].keys() == generic["outputs"].keys() and len(generic["outputs"]) == 27 + 15
+    assert run["outputs"].keys() == generic["outputs"].keys() and len(generic["outputs"]) == 33 + 15
     for name, out in generic["outputs"].items():
         assert torch.equal(run["outputs"][name], out), f"{name}: {isa} differs from generic"
 

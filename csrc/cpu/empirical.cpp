@@ -2,7 +2,7 @@
 // empirical ("delta") mixture of a training set (docs/architecture.md section 1.3). Called by
 // mixture_posterior_cpu (mixture.cpp) when the bases have no columns.
 //
-// Many queries (B > kFewRows): row blocks of up to 256 rows, one per thread when there are
+// Many queries (B > kFewRows, and in float B > kFewRowsF32): row blocks of up to 256 rows, one per thread when there are
 // enough, else one after another with threaded GEMMs and row passes (see row_block); inside a row
 // block the points stream in blocks (a [rows, block] float tile, 16 MiB per thread) with an online
 // softmax (running max m, sum l, unnormalised denoiser accumulator acc). Per (row block, point block):
@@ -18,9 +18,17 @@
 //                      (sigma small): the p_k mu_k rows of the significant weights (>= p_min,
 //                      where the others could not move the result in T) are added directly. The
 //                      choice counts the block's significant weights (kSparseRatio).
-// Few queries (B <= kFewRows, memory-bound): the points are split over the threads, each an
-// online softmax over its share, merged exactly; each share streams in chunks that stay in L2 for
-// both products (x . mu_k in double, then the chunk's p_k mu_k), so every point is read once.
+// Few queries (B <= kFewRows; in float B <= kFewRowsF32; memory-bound at B 1): the points are cut
+// into parts (runs of chunks) that the threads take in turn, each an online softmax over its
+// points, merged exactly in part order. Each chunk (~kChunkBytes) stays in L2 for both products
+// while the part's next chunk is prefetched into L2, so every point is read from memory once:
+//   chunk_dots        x . mu_k for all rows in register tiles over L1-sized d-blocks: in double
+//                      up to kFewRows rows, |mu_k|^2 in the same pass (a rigorous bound, no
+//                      refinement); in float beyond, with the row blocks' bound / measured
+//                      estimate / refinement (row_pass)
+//   per row           row_pass as above
+//   backproject_tile  acc = acc * rescale + the chunk's p_k mu_k, rows and a column tile in
+//                      registers, over the points significant in some row
 #include <torch/library.h>
 
 #include <array>
@@ -51,12 +59,17 @@ constexpr double kDeltaLogitTol = 2.5e-4;
 constexpr int64_t kProbes = 16;
 constexpr double kSafety = 8.0;
 constexpr int64_t kPointBlockBytes = 16 << 20;
-// Few queries: up to kFewRows rows take the split over the points, in chunks of ~kChunkBytes
-// (with x in double and acc, < 1 MiB of L2 at B 16, D 3072). 4, not 16: at B 16 the split's
-// double dot products made it compute-bound, slower than the GEMM path (quiet AMD EPYC, D 3072,
-// N 20k: 89.5 vs 72.5 ms); below 16 the crossover is not measured.
+// Few queries: up to kFewRows rows take the split over the points with double dot products, in
+// float up to kFewRowsF32 with float ones (at B 16 the double ones made it compute-bound, slower
+// than the GEMM path: quiet AMD EPYC, D 3072, N 20k, 89.5 vs 72.5 ms; the float tiles ran it in
+// ~0.6x the GEMM path's time, noisy, same host), in chunks of ~kChunkBytes (two chunks, x and acc:
+// < 1 MiB of L2 at B 16, D 3072); kPartsPerThread parts per thread (a core slowed by other work
+// takes fewer); d-blocks of kDotBlock elements (a block of 16 rows and 16 points fits L1).
 constexpr int64_t kFewRows = 4;
-constexpr int64_t kChunkBytes = 128 << 10;
+constexpr int64_t kFewRowsF32 = 16;
+constexpr int64_t kChunkBytes = 192 << 10;
+constexpr int64_t kPartsPerThread = 4;
+constexpr int64_t kDotBlock = 256;
 
 using Int64x8 = int64_t __attribute__((vector_size(64)));
 
@@ -152,27 +165,181 @@ inline double refine_threshold(const double* L, int64_t n, double m, double e) {
   return std::numeric_limits<double>::infinity();
 }
 
-// out[r] = x_r . mu for the 4 rows x_r = x + r D (double) and one point mu, in double: 8 lanes per
-// row summed pairwise (a fixed order: the same bits on every ISA). Error <= (D / 8 + 4) u |x_r| |mu|.
-template <typename T>
-inline void dots4_exact(const double* x, int64_t D, const T* mu, double* out) {
-  Double8 acc[4] = {};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
+// The few-query route's loops (empirical_impl). Each is a register tile that reads every operand
+// once per tile step; the per-element order of the floating-point operations is fixed by the lanes,
+// not by the tile, so every ISA (and every tile shape) gives the same bits.
+using Float16 = float __attribute__((vector_size(64)));
+
+template <typename V, typename T>
+inline V load_vec(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// a line of the next chunk into L2 (prefetcht1; never faults)
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+// Dot products x_r . mu_p of a few rows and a chunk of points, in double (V = Double8: x in
+// double, products of float32 operands exact) or float (V = Float16), each dot summed in V's lanes
+// in d order, the lanes pairwise, then the tail d past the last full vector: the same bits for
+// every tile and d-block shape. The lanes' partial sums of a tile of R rows (x + r D) and P points
+// (mu + p D) live in part[r * ldp + p] between d-blocks [d0, d1) (multiples of the lanes), so a
+// d-block of the rows and of the chunk's points stays in L1 while every tile reads it. next: the
+// P points' successors (the next chunk), fetched into L2 as d goes, or nullptr. (part is a plain
+// array of XT, kLanes per vector, read and written with memcpy: no over-aligned allocations.)
+template <typename V, typename XT, typename MT>
+inline V load_lanes(const MT* p) {
+  if constexpr (std::is_same_v<V, Double8>) {
     Double8 v;
-    load8(mu + d, v);
-    for (int r = 0; r < 4; ++r) {
-      Double8 xv;
-      std::memcpy(&xv, x + r * D + d, sizeof xv);
-      acc[r] += xv * v;
+    load8(p, v);
+    return v;
+  } else {
+    return load_vec<V>(p);
+  }
+}
+
+// kSq: also the points' |mu_p|^2 in the same lanes (partials in sq, stride kLanes; double only).
+template <int R, int P, bool kSq, typename V, typename XT, typename MT>
+inline void dots_block(const XT* x, const MT* mu, int64_t D, int64_t d0, int64_t d1, XT* part, int64_t ldp,
+                       XT* sq, const MT* next) {
+  constexpr int64_t kLanes = sizeof(V) / sizeof(XT), kLine = 64 / sizeof(MT);
+  V acc[R][P], sqa[kSq ? P : 1];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = load_vec<V>(part + (r * ldp + p) * kLanes);
+  if constexpr (kSq)
+    for (int p = 0; p < P; ++p) sqa[p] = load_vec<V>(sq + p * kLanes);
+  for (int64_t d = d0; d < d1; d += kLanes) {
+    if (next && d % kLine == 0)
+      for (int p = 0; p < P; ++p) prefetch_l2(next + p * D + d);
+    V v[P];
+    for (int p = 0; p < P; ++p) v[p] = load_lanes<V, XT>(mu + p * D + d);
+    if constexpr (kSq)
+      for (int p = 0; p < P; ++p) sqa[p] += v[p] * v[p];
+    for (int r = 0; r < R; ++r) {
+      const V xv = load_vec<V>(x + r * D + d);
+      for (int p = 0; p < P; ++p) acc[r][p] += xv * v[p];
     }
   }
-  for (int r = 0; r < 4; ++r) {
-    const Double8& a = acc[r];
-    double s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-    for (int64_t dd = d; dd < D; ++dd) s += x[r * D + dd] * static_cast<double>(mu[dd]);
-    out[r] = s;
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) std::memcpy(part + (r * ldp + p) * kLanes, &acc[r][p], sizeof(V));
+  if constexpr (kSq)
+    for (int p = 0; p < P; ++p) std::memcpy(sq + p * kLanes, &sqa[p], sizeof(V));
+}
+
+// the dot product from its lanes' partial sums: pairwise, then the tail d in [dv, D)
+template <typename V, typename XT, typename MT>
+inline XT dot_finish(const XT* lanes, const XT* x, const MT* mu, int64_t dv, int64_t D) {
+  const V a = load_vec<V>(lanes);
+  XT s;
+  if constexpr (sizeof(V) / sizeof(XT) == 8) {
+    s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  } else {
+    s = (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) +
+        (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15])));
   }
+  for (int64_t d = dv; d < D; ++d) s += x[d] * static_cast<XT>(mu[d]);
+  return s;
+}
+
+// F[i * ldf + k] = x_i . mu_k for the B rows of x (XT: double or float, rows of D) and the gn
+// points of mu (MT), as above: rows in tiles of kRows (kRows = B: one tile), points in tiles of
+// kPoints (then single points), d in blocks of kBlock elements; part: B * gn partial vectors
+// (B * gn * lanes XT).
+// The first row tile prefetches next (the next chunk, gn_next points) into L2, and with kSq
+// (double) sums the points' squares too: mu_sq[k] = |mu_k|^2 as the dots, error <= (D / 8 + 11) u
+// |mu_k|^2 (sq: gn * lanes partials).
+template <typename V, int kRows, int kPoints, int64_t kBlock, bool kSq = false, typename XT, typename MT>
+void chunk_dots(const XT* x, int64_t B, const MT* mu, int64_t gn, int64_t D, XT* F, int64_t ldf, XT* part,
+                const MT* next, int64_t gn_next, XT* sq = nullptr, double* mu_sq = nullptr) {
+  constexpr int64_t kLanes = sizeof(V) / sizeof(XT);
+  const int64_t dv = D / kLanes * kLanes;
+  std::fill(part, part + B * gn * kLanes, XT(0));
+  if constexpr (kSq) std::fill(sq, sq + gn * kLanes, XT(0));
+  const auto rows = [&](auto r_tag, int64_t i0, int64_t d0, int64_t d1) {
+    constexpr int R = decltype(r_tag)::value;
+    const MT* nx = i0 == 0 ? next : nullptr;
+    const auto tile = [&](auto sq_tag, int64_t k, auto p_tag, const MT* pf) {
+      constexpr bool kS = decltype(sq_tag)::value;
+      constexpr int Pt = decltype(p_tag)::value;
+      dots_block<R, Pt, kS, V>(x + i0 * D, mu + k * D, D, d0, d1, part + (i0 * gn + k) * kLanes, gn,
+                               kS ? sq + k * kLanes : nullptr, pf);
+    };
+    int64_t k = 0;
+    for (; k + kPoints <= gn; k += kPoints) {
+      const MT* pf = nx && k + kPoints <= gn_next ? nx + k * D : nullptr;
+      if (kSq && i0 == 0) tile(std::true_type{}, k, std::integral_constant<int, kPoints>{}, pf);
+      else tile(std::false_type{}, k, std::integral_constant<int, kPoints>{}, pf);
+    }
+    for (; k < gn; ++k) {
+      const MT* pf = nx && k < gn_next ? nx + k * D : nullptr;
+      if (kSq && i0 == 0) tile(std::true_type{}, k, std::integral_constant<int, 1>{}, pf);
+      else tile(std::false_type{}, k, std::integral_constant<int, 1>{}, pf);
+    }
+  };
+  for (int64_t d0 = 0; d0 < dv; d0 += kBlock) {
+    const int64_t d1 = std::min(dv, d0 + kBlock);
+    for (int64_t i0 = 0; i0 < B; i0 += kRows) {
+      switch (std::min<int64_t>(kRows, B - i0)) {  // (a switch over the tile heights up to 4)
+        case 1: rows(std::integral_constant<int, 1>{}, i0, d0, d1); break;
+        case 2: rows(std::integral_constant<int, std::min(2, kRows)>{}, i0, d0, d1); break;
+        case 3: rows(std::integral_constant<int, std::min(3, kRows)>{}, i0, d0, d1); break;
+        default: rows(std::integral_constant<int, kRows>{}, i0, d0, d1); break;
+      }
+    }
+  }
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < gn; ++k) F[i * ldf + k] = dot_finish<V>(part + (i * gn + k) * kLanes, x + i * D, mu + k * D, dv, D);
+  if constexpr (kSq) {
+    static_assert(std::is_same_v<XT, double>, "squares in double");
+    for (int64_t k = 0; k < gn; ++k) {
+      const V a = load_vec<V>(sq + k * kLanes);
+      double s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      for (int64_t d = dv; d < D; ++d) s += static_cast<double>(mu[k * D + d]) * static_cast<double>(mu[k * D + d]);
+      mu_sq[k] = s;
+    }
+  }
+}
+
+// acc_r = acc_r * scale_r + sum_j p[r ldp + ks[j]] mu_ks[j] for R rows acc_r = acc + r D, the
+// points ks[0 .. nk) of a chunk (mu + k D), added in that order: per element the operations of a
+// rescale then one axpy per point. Columns in tiles of NV vectors, rows and tile in registers, so
+// each point's slice is read once for the R rows.
+template <int R, int NV, typename T>
+inline void backproject_tile(T* acc, int64_t D, const T* scale, const T* p, int64_t ldp, const int32_t* ks,
+                             int64_t nk, const T* mu) {
+  using V = std::conditional_t<std::is_same_v<T, double>, Double8, Float16>;
+  constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  const auto cols = [&](auto nv_tag, int64_t d0, int64_t d1) {  // d0 .. d1 in tiles of NV' vectors
+    constexpr int kNv = decltype(nv_tag)::value;
+    constexpr int64_t kW = kNv * kLanes;
+    int64_t d = d0;
+    for (; d + kW <= d1; d += kW) {
+      V a[R][kNv];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kNv; ++v) a[r][v] = load_vec<V>(acc + r * D + d + v * kLanes) * scale[r];
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* m = mu + ks[j] * D + d;
+        V mv[kNv];
+        for (int v = 0; v < kNv; ++v) mv[v] = load_vec<V>(m + v * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const T pr = p[r * ldp + ks[j]];
+          for (int v = 0; v < kNv; ++v) a[r][v] += pr * mv[v];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kNv; ++v) std::memcpy(acc + r * D + d + v * kLanes, &a[r][v], sizeof(V));
+    }
+    return d;
+  };
+  int64_t d = cols(std::integral_constant<int, NV>{}, 0, D);
+  d = cols(std::integral_constant<int, 1>{}, d, D);
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r) {
+      T s = acc[r * D + d] * scale[r];
+      for (int64_t j = 0; j < nk; ++j) s += p[r * ldp + ks[j]] * mu[ks[j] * D + d];
+      acc[r * D + d] = s;
+    }
 }
 
 template <typename X>
@@ -223,18 +390,20 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     return RowConst{s2, isotropic_log_norm<double>(static_cast<double>(residual_var[0]) + s2, D), sum_squares(xi, D)};
   };
   // Online-softmax state of one row: max m, sum l, hx = sum p h_perp, the fast max so far, the
-  // logits' error estimate; acc (the unnormalised denoiser less hx x) is kept beside it.
+  // logits' error estimate, the measured rounding rate of the fast distances (0: not measured);
+  // acc (the unnormalised denoiser less hx x) is kept beside it.
   struct RowState {
     double m = -std::numeric_limits<double>::infinity(), l = 0, hx = 0,
-           m_fast = -std::numeric_limits<double>::infinity(), err = 0;
+           m_fast = -std::numeric_limits<double>::infinity(), err = 0, rate = 0;
   };
   // One row's pass over the points g0 .. g0 + gn - 1 given its dot products Fi (T or double):
   // fast logits into L, exact distances where needed, the state moved to the block's max (acc
   // rescaled), the weights p = exp(L - m) into Pi (their sum into l; kept counts the significant
   // ones), hx; the weights as asked are copied to wrow before the isotropic factor. probe: the
-  // state's first block, where the rounding of the fast distances is measured if the bound is loose.
+  // state's first block, where the rounding of the fast distances is measured if the bound is
+  // loose (into st.rate; the estimate scales with err_mu, the largest |mu_k| the error is for).
   const auto row_pass = [&](const RowConst& rc, RowState& st, const T* xi, const auto* Fi, int64_t g0, int64_t gn,
-                            bool probe, double* L, T* acc_i, T* Pi, T* wrow, int64_t& kept) {
+                            bool probe, double err_mu, double* L, T* acc_i, T* Pi, T* wrow, int64_t& kept) {
     const auto logit_of = [&](int64_t kk, double sq) {
       return equal_residual_var ? logw[kk] + rc.iso_norm - 0.5 * sq / (static_cast<double>(residual_var[0]) + rc.s2)
                                 : logw[kk] + component_logpdf<double>(sq, 0, 0, 0, residual_var[kk], rc.s2, D, 0);
@@ -273,7 +442,8 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         if (norms > 0)
           rate = std::max(rate, std::abs(fast - sqdist_exact(xi, mu + (g0 + kp) * D, D)) / (2 * norms));
       }
-      st.err = std::min(st.err, kSafety * rate * std::sqrt(rc.x_sq) * max_mu / (min_residual_var + rc.s2));
+      st.rate = rate;
+      st.err = std::min(st.err, kSafety * rate * std::sqrt(rc.x_sq) * err_mu / (min_residual_var + rc.s2));
     }
     // exact distances of the points whose weight the fast logits' error could move (the block's
     // max logit is among them)
@@ -317,76 +487,143 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
 
   // Few queries: the distance GEMM and the back-projection are memory-bound (each reads every
   // point for a handful of rows), and the rows can not be split over the threads. So the points
-  // are: split over the threads (contiguous shares), each an online-softmax state over its share,
-  // merged exactly at the end; and read once, in chunks of ~kChunkBytes that stay in L2 for both
-  // products (dot products in double, then the weighted sum of the chunk's points).
+  // are: split into parts (contiguous runs of chunks) that the threads take in turn, each part an
+  // online-softmax state, merged exactly at the end in part order (the result depends on the
+  // number of parts, not on which thread ran which); and read once, in chunks of ~kChunkBytes
+  // that stay in L2 for both products while the next chunk is fetched: |mu_k|^2, the dot products
+  // (chunk_dots: in double up to kFewRows rows, in float beyond), the row
+  // passes, then the chunk's weighted points (backproject_tile).
   const int64_t chunk = std::clamp<int64_t>(kChunkBytes / (D * int64_t(sizeof(T))), 8, 1024);
   const int64_t num_chunks = (K + chunk - 1) / chunk;
-  if (B <= kFewRows && num_chunks >= 2) {
-    const int64_t parts = std::min(threads, num_chunks);
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool f32_dots = kFloat && B > kFewRows;
+  if ((B <= kFewRows || (kFloat && B <= kFewRowsF32)) && num_chunks >= 2) {
+    const int64_t parts = std::min(num_chunks, threads * kPartsPerThread);
     at::Tensor xbuf = std::is_same_v<X, T> ? at::Tensor() : at::empty({B, D}, options_for<T>());
     const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, 0, B).contiguous();
     const T* xb = Xb.data_ptr<T>();
-    const int64_t B4 = (B + 3) / 4 * 4;
-    std::vector<double> xd(B4 * D, 0.0);  // x in double, rows padded with zeros to a multiple of 4
+    std::vector<double> xd(f32_dots ? 0 : B * D);  // x in double for the double dots
     std::vector<RowConst> rcs(B);
     std::vector<double> x_sq(B);
     for (int64_t i = 0; i < B; ++i) {
-      for (int64_t d = 0; d < D; ++d) xd[i * D + d] = static_cast<double>(xb[i * D + d]);
+      if (!f32_dots)
+        for (int64_t d = 0; d < D; ++d) xd[i * D + d] = static_cast<double>(xb[i * D + d]);
       rcs[i] = row_const(i, xb + i * D);
       x_sq[i] = rcs[i].x_sq;
     }
-    // error bound of the logits from the double dot products (dots4_exact) and |x|^2, |mu|^2
-    // (sum_squares): (D / 8 + 4) u per term of (|x| + |mu|)^2, halved and over residual_var + s^2
-    // (1 % for the rounding of the products), with the largest |mu| of the chunk
+    // Error bounds of the logits, with the largest |mu| of the chunk. Double dots and |mu|^2
+    // (chunk_dots), |x|^2 (sum_squares): (D / 8 + 11) u per term of (|x| + |mu|)^2 (D / 8 lane
+    // additions, 3 pairwise, up to 7 of the tail, one product rounding for double operands),
+    // halved and over residual_var + s^2 (1 % for the rounding of the products). Float dots (chunk_dots):
+    // (D / 16 + 20) u_float |x| |mu| over residual_var + s^2 (1 % for the double sums); where that
+    // exceeds kDeltaLogitTol the rounding is measured on the state's first chunk as on the row
+    // blocks' first block (row_pass), and the smaller of bound and estimate decides.
     const auto exact_dot_bound = [&](int64_t i, double chunk_max_mu) {
       const double u = std::numeric_limits<double>::epsilon() / 2, r = std::sqrt(rcs[i].x_sq) + chunk_max_mu;
-      return 1.01 * 0.5 * (double(D) / 8 + 4) * u * r * r / (min_residual_var + rcs[i].s2);
+      return 1.01 * 0.5 * (double(D) / 8 + 11) * u * r * r / (min_residual_var + rcs[i].s2);
+    };
+    const auto f32_dot_err = [&](const RowState& s, int64_t i, double chunk_max_mu) {
+      const double u = std::numeric_limits<float>::epsilon() / 2,
+                   scale = std::sqrt(rcs[i].x_sq) * chunk_max_mu / (min_residual_var + rcs[i].s2);
+      const double bound = 1.01 * (double(D) / 16 + 20) * u * scale;
+      return s.rate > 0 ? std::min(bound, kSafety * s.rate * scale) : bound;
     };
     std::vector<std::vector<RowState>> states(parts, std::vector<RowState>(B));
     std::vector<std::vector<T>> accs(parts, std::vector<T>(need_denoised ? B * D : 0, T(0)));
     std::vector<double> m_block(need_weights ? B * num_chunks : 0);  // m after each chunk
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t part = p0; part < p1; ++part) {
-        std::vector<RowState>& st = states[part];
-        T* acc = need_denoised ? accs[part].data() : nullptr;
-        std::vector<double> F(B4 * chunk), L(chunk);
-        std::vector<T> P(B * chunk);
-        const int64_t c0 = part * num_chunks / parts, c1 = (part + 1) * num_chunks / parts;
-        with_isa([&] {
+    std::atomic<int64_t> next_part{0};
+    at::parallel_for(0, std::min(threads, parts), 1, [&](int64_t, int64_t) {
+      std::vector<double> F64(f32_dots ? 0 : B * chunk), L(chunk);  // F: [B, chunk] dot products
+      std::vector<float> F32(f32_dots ? B * chunk : 0);
+      std::vector<double> part64(f32_dots ? 0 : B * chunk * 8), sq64(f32_dots ? 0 : chunk * 8);  // chunk_dots' partial sums
+      std::vector<float> part32(f32_dots ? B * chunk * 16 : 0);
+      std::vector<T> P(B * chunk), scale(B);
+      std::vector<int32_t> ks(chunk);  // the chunk's points with a significant weight in some row
+      with_isa([&] {
+        for (int64_t part; (part = next_part++) < parts;) {
+          std::vector<RowState>& st = states[part];
+          T* acc = need_denoised ? accs[part].data() : nullptr;
+          const int64_t c0 = part * num_chunks / parts, c1 = (part + 1) * num_chunks / parts;
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t g0 = c * chunk, gn = std::min(chunk, K - g0);
-            double chunk_max_sq = 0;
-            for (int64_t kk = 0; kk < gn; ++kk) {
-              mu_sq[g0 + kk] = sum_squares(mu + (g0 + kk) * D, D);
-              chunk_max_sq = std::max(chunk_max_sq, mu_sq[g0 + kk]);
-            }
-            for (int64_t i = 0; i < B; ++i) st[i].err = exact_dot_bound(i, std::sqrt(chunk_max_sq));
-            for (int64_t kk = 0; kk < gn; ++kk) {  // F[i chunk + kk] = x_i . mu_kk
-              double out[4];
-              for (int64_t i0 = 0; i0 < B4; i0 += 4) {
-                dots4_exact(xd.data() + i0 * D, D, mu + (g0 + kk) * D, out);
-                for (int r = 0; r < 4; ++r) F[(i0 + r) * chunk + kk] = out[r];
+            const T* mu_c = mu + g0 * D;
+            const T* next = mu_c + gn * D;  // the part's next chunk (gn_next points) into L2 meanwhile
+            const int64_t gn_next = c + 1 < c1 ? std::min(chunk, K - g0 - gn) : 0;
+            // F[i chunk + kk] = x_i . mu_kk, and |mu_kk|^2
+            if constexpr (kFloat) {
+              if (f32_dots) {
+                for (int64_t kk = 0; kk < gn; ++kk) mu_sq[g0 + kk] = sum_squares(mu_c + kk * D, D);
+                chunk_dots<Float16, 4, 4, kDotBlock>(xb, B, mu_c, gn, D, F32.data(), chunk, part32.data(), next, gn_next);
               }
             }
+            if (!f32_dots) {  // all rows in one tile, the squares with them
+              const double* xs = xd.data();
+              double* sq = sq64.data();
+              double* ms = mu_sq + g0;
+              double* F = F64.data();
+              double* pt = part64.data();
+              switch (B) {
+                case 1: chunk_dots<Double8, 1, 8, kDotBlock, true>(xs, B, mu_c, gn, D, F, chunk, pt, next, gn_next, sq, ms); break;
+                case 2: chunk_dots<Double8, 2, 4, kDotBlock, true>(xs, B, mu_c, gn, D, F, chunk, pt, next, gn_next, sq, ms); break;
+                case 3: chunk_dots<Double8, 3, 4, kDotBlock, true>(xs, B, mu_c, gn, D, F, chunk, pt, next, gn_next, sq, ms); break;
+                default: chunk_dots<Double8, 4, 4, kDotBlock, true>(xs, B, mu_c, gn, D, F, chunk, pt, next, gn_next, sq, ms); break;
+              }
+            }
+            double chunk_max_sq = 0;
+            for (int64_t kk = 0; kk < gn; ++kk) chunk_max_sq = std::max(chunk_max_sq, mu_sq[g0 + kk]);
+            const double chunk_max_mu = std::sqrt(chunk_max_sq);
             int64_t kept = 0;
             for (int64_t i = 0; i < B; ++i) {
+              RowState& s = st[i];
+              const double m_old = s.m;
               T* Pi = P.data() + i * chunk;
-              row_pass(rcs[i], st[i], xb + i * D, F.data() + i * chunk, g0, gn, false, L.data(),
-                       acc ? acc + i * D : nullptr, Pi, need_weights ? w_p + i * K + g0 : nullptr, kept);
-              if (need_weights) m_block[i * num_chunks + c] = st[i].m;
-              if (!acc) continue;
-              T* ai = acc + i * D;
-              for (int64_t kk = 0; kk < gn; ++kk) {  // the chunk's points, in L2 still
-                const T p = Pi[kk];
-                if (p < p_min) continue;
-                const T* mk = mu + (g0 + kk) * D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];
+              T* wrow = need_weights ? w_p + i * K + g0 : nullptr;
+              if (f32_dots) {
+                s.err = f32_dot_err(s, i, chunk_max_mu);
+                row_pass(rcs[i], s, xb + i * D, F32.data() + i * chunk, g0, gn, s.rate == 0, chunk_max_mu, L.data(),
+                         nullptr, Pi, wrow, kept);
+              } else {
+                s.err = exact_dot_bound(i, chunk_max_mu);
+                row_pass(rcs[i], s, xb + i * D, F64.data() + i * chunk, g0, gn, false, chunk_max_mu, L.data(),
+                         nullptr, Pi, wrow, kept);
+              }
+              scale[i] = static_cast<T>(merge_scale(m_old, s.m));  // acc's rescale (row_pass: l, hx)
+              if (need_weights) m_block[i * num_chunks + c] = s.m;
+            }
+            if (!acc) continue;
+            // the back-projection adds the significant weights only (p_min): the others are zeroed
+            // here (adding 0 p_k mu_k changes nothing), and points with none are skipped
+            int64_t nk = 0;
+            bool rescale = false;
+            for (int64_t i = 0; i < B; ++i) rescale = rescale || scale[i] != T(1);
+            for (int64_t kk = 0; kk < gn; ++kk) {
+              bool any = false;
+              for (int64_t i = 0; i < B; ++i) {
+                T& p = P[i * chunk + kk];
+                if (p < p_min) p = T(0);
+                else any = true;
+              }
+              if (any) ks[nk++] = static_cast<int32_t>(kk);
+            }
+            if (nk == 0 && !rescale) continue;
+            for (int64_t i0 = 0; i0 < B; i0 += 8) {  // rows in tiles of 8
+              T* a = acc + i0 * D;
+              const T* sc = scale.data() + i0;
+              const T* pr = P.data() + i0 * chunk;
+              switch (std::min<int64_t>(8, B - i0)) {
+                case 1: backproject_tile<1, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 2: backproject_tile<2, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 3: backproject_tile<3, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 4: backproject_tile<4, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 5: backproject_tile<5, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 6: backproject_tile<6, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 7: backproject_tile<7, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                default: backproject_tile<8, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
               }
             }
           }
-        });
-      }
+        }
+      });
     });
     // merge the parts' states into part 0's (merge_scale: exact up to one rounding per part)
     std::vector<double> m(B), l(B), hx(B);
@@ -474,7 +711,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         std::vector<double> Lrow(gn);  // one row's logits over the point block
         int64_t kept = 0;
         for (int64_t i = i0; i < i1; ++i) {
-          row_pass(rcs[i], st[i], xb + i * D, Sp + i * lds, g0, gn, g0 == 0, Lrow.data(),
+          row_pass(rcs[i], st[i], xb + i * D, Sp + i * lds, g0, gn, g0 == 0, max_mu, Lrow.data(),
                    acc_p ? acc_p + i * D : nullptr, Pp + i * lds, need_weights ? w_p + (b0 + i) * K + g0 : nullptr,
                    kept);
           if (need_weights) m_block[i * num_sb + g0 / SB] = st[i].m;

@@ -16,8 +16,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
             over components in several tiles and splits: the dense back-projection; low-rank
             ones (sigma 3, 30) whose float32 logits need refinement everywhere (cpu: the
             float64-GEMM refinement)
-  split     few queries over many points (B 3, K 300, D 1024), one-hot to dense: the
-            sampler's case (the cpu kernel's split of the points is not built yet)
+  split     few queries over many points (B 1, 3, 13, K 300, D 1024 / 1046), one-hot to dense:
+            the sampler's case (the cpu kernel splits the points over its threads for B <= 16)
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
@@ -517,6 +517,13 @@ def mixture_posterior_cases():
     for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
         cases.append(Case("split", _shape_name(3, 1024, 0, K=300) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
                           3, 1024, 0, K=300, residual_var=residual_var, sigma=sigma, interpreter=False))
+    # the cpu split's register tiles at 1 and 13 rows (float dot products beyond 4 rows): D 1046
+    # leaves a tail after every vector width (8, 16, 32 lanes), K 301 a short last chunk and
+    # points after the last 4-point tile
+    for B in (1, 13):
+        for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
+            cases.append(Case("split", _shape_name(B, 1046, 0, K=301) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
+                              B, 1046, 0, K=301, residual_var=residual_var, sigma=sigma, interpreter=False))
     # low-rank, dense posterior where the float32 logits need refinement (all K components within
     # reach): the cpu kernel's float64-GEMM refinement and the per-component one (measured costs
     # choose; tests/test_cpu_backend.py forces each)
