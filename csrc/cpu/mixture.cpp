@@ -548,7 +548,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
                           : 0.0;
       };
       // an exact-distance row's logit of component kk from its coefficients c (U^T x - U^T mu, each
-      // off by <= dc) and x . mu_k in float64, and the logit's error bound e
+      // off by <= dc) and x . mu_k in float64, and the logit's error bound e. c^T (U^T U - I) c is
+      // added when exact c are given (dc = 0: a refinement), else only bounded (r^2 work per component
+      // for a term that a float32 c could not give anyway; it is ~eps |c|^2 for an orthonormal basis)
       const auto exact_route_logit = [&](int64_t i, int64_t kk, const double* c, double xm, double dc, double& e) {
         const double s2 = s2v[i], rv = residual_var[kk], vp = rv + s2;
         const T* lk = lam + kk * r;
@@ -559,13 +561,15 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           cc_w += c[j] * c[j] * inv;
           ec += std::abs(lj - rv) * inv * (2 * std::abs(c[j]) + dc);
         }
-        const double* g = ex->gram.data() + kk * r * r;
         double corr = 0;  // c^T (U^T U - I) c
-        for (int64_t a = 0; a < r; ++a) corr += c[a] * dot_lanes(g + a * r, c, r);
+        if (dc == 0) {
+          const double* g = ex->gram.data() + kk * r * r;
+          for (int64_t a = 0; a < r; ++a) corr += c[a] * dot_lanes(g + a * r, c, r);
+        }
         // c_j off by <= dc moves the logit by <= sum_j |w_j| (2 |c_j| + dc) dc / 2 (w_j: c_j^2's weight,
-        // above) and c^T (U^T U - I) c by <= |U^T U - I|_F (2 sqrt(r) |c| + r dc) dc
-        e = exact_distance_err(i) +
-            (dc > 0 ? 0.5 * dc / vp * (ec + ex->gram_norm[kk] * (2 * std::sqrt(double(r) * cc) + double(r) * dc)) : 0.0);
+        // above); the true c^T (U^T U - I) c is <= |U^T U - I|_F (|c| + sqrt(r) dc)^2
+        const double c_max = std::sqrt(cc) + std::sqrt(double(r)) * dc;
+        e = exact_distance_err(i) + (dc > 0 ? 0.5 / vp * (dc * ec + ex->gram_norm[kk] * c_max * c_max) : 0.0);
         const double residual = std::max(0.0, x_sq[i] + mu_sq[kk] - 2.0 * xm - cc + corr);
         return logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lk, r, s2), rv, s2, D, r);
       };
@@ -605,10 +609,10 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               for (int64_t k = 0; k < K; ++k) top = std::max(top, L[k]);
               within[i] = 0;
               for (int64_t k = 0; k < K; ++k) within[i] += L[k] >= top - 2 * err[i] - kCutoff;
-              // the exact-distance route where its weighted refinement applies and the other route
-              // would refine more than one component (one: the per-component refinement is cheaper
-              // than the route's float64 dots and Gram terms)
-              exact_row[i] = exact_distances_allowed && err[i] > logit_tol && predicted <= kWeightedErrMax && within[i] >= 2;
+              // the exact-distance route where its weighted refinement applies: its refinement (exact c,
+              // D r multiply-adds) costs half the other route's (lowrank_terms_exact), and x . mu_k in
+              // float64 is computed here anyway
+              exact_row[i] = exact_distances_allowed && err[i] > logit_tol && predicted <= kWeightedErrMax;
               any_exact = any_exact || exact_row[i];
             }
           });
