@@ -597,23 +597,27 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               double predicted = exact_distance_err(i);
               for (int64_t k = 0; k < K; ++k) {
                 const double sq = x_sq[i] + mu_sq[k] - 2.0 * xmu[i * K + k], vp = residual_var[k] + s2;
-                logit[i * K + k] = logw[k] + component_logpdf<double>(sq, 0.0, 0.0, log_det_low(lam + k * r, r, s2),
-                                                                      residual_var[k], s2, D, r);
                 const double c_est = std::sqrt(std::max(0.0, sq) / double(D));
                 predicted = std::max(predicted, exact_distance_err(i) + 0.5 * dc / vp * lam_dev[k] / (lam_min[k] + s2) *
                                                                             (2 * c_est + dc));
               }
-              // components within reach of the max, as pass 2 counts them for the fast logits
-              const double* L = logit.data() + i * K;
-              double top = -std::numeric_limits<double>::infinity();
-              for (int64_t k = 0; k < K; ++k) top = std::max(top, L[k]);
-              within[i] = 0;
-              for (int64_t k = 0; k < K; ++k) within[i] += L[k] >= top - 2 * err[i] - kCutoff;
               // the exact-distance route where its weighted refinement applies: its refinement (exact c,
               // D r multiply-adds) costs half the other route's (lowrank_terms_exact), and x . mu_k in
               // float64 is computed here anyway
               exact_row[i] = exact_distances_allowed && err[i] > logit_tol && predicted <= kWeightedErrMax;
               any_exact = any_exact || exact_row[i];
+              if (exact_row[i]) continue;
+              // the other rows: their components within reach of the max, as pass 2 counts them for the
+              // fast logits (here without the in-span terms)
+              double* L = logit.data() + i * K;
+              double top = -std::numeric_limits<double>::infinity();
+              for (int64_t k = 0; k < K; ++k) {
+                const double sq = x_sq[i] + mu_sq[k] - 2.0 * xmu[i * K + k];
+                L[k] = logw[k] + component_logpdf<double>(sq, 0.0, 0.0, log_det_low(lam + k * r, r, s2), residual_var[k], s2, D, r);
+                top = std::max(top, L[k]);
+              }
+              within[i] = 0;
+              for (int64_t k = 0; k < K; ++k) within[i] += L[k] >= top - 2 * err[i] - kCutoff;
             }
           });
           // the exact terms are needed anyway when some row takes the exact-distance route
