@@ -25,6 +25,11 @@
 //                      posteriors) instead get all the block's logits from one float64 GEMM
 //                      (dense_refinement; the native AVX-512 one of gemm.h where it runs and
 //                      measures faster than torch's), by measured costs.
+//   exact distances    (pass 0 decides, float32 compute) rows whose error lies in x . mu_k take it
+//                      from a float64 GEMM (exact_mean_dots) and bound the float32 c per component
+//                      (the bound falls as 1 / s^4); over kLogitTol they recompute c exactly for the
+//                      components carrying p_k e_k (exact_coefficients): no float64 GEMM of the
+//                      whole panel for a dense posterior at large sigma.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
 //                      G_k = p_k g c_k  (one GEMM; GSA_KERNELS_DENSE=sparse: an axpy per nonzero
 //                      entry instead)
