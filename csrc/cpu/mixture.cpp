@@ -491,6 +491,11 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       lam_min[k] = std::min(lam_min[k], static_cast<double>(lam[k * r + j]));
     }
   constexpr double eps64 = std::numeric_limits<double>::epsilon();
+  // The back-projection takes the weights p >= p_min = exp(-significant) only (relative to the
+  // row's running max): all the others together (< K p_min of the weight sum l >= ~1) move the
+  // denoiser by < eps / 1024 of the largest |D_k|, far below its rounding in T (float: ~28 nats at
+  // K 200); the sums l and hx, logp and the weights keep them. As the r = 0 kernel (empirical.cpp).
+  const double p_min = std::exp(-std::min(kNegligible, std::log(1024.0 * static_cast<double>(K) / eps)));
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
@@ -848,7 +853,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             const double scale = merge_scale(m[i], m_new);
             const double h_perp0 = residual_var[0] / (residual_var[0] + s2);
             double lsum = 0, hsum = 0;
-            int64_t nonzero = 0;  // the row's components in the block with weight
+            int64_t nonzero = 0;  // the row's components in the block with a significant weight
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
               const double d = L[k] - m_new;
@@ -857,15 +862,16 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               const double h_perp = equal_residual_var ? h_perp0 : residual_var_k / (residual_var_k + s2);
               lsum += p;
               hsum += p * h_perp;
-              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - h_perp));
-              nonzero += p != 0.0;
               if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
+              const double pb = p >= p_min ? p : 0.0;  // in the back-projection
+              Pp[i * ldp + k] = static_cast<T>(pb * (1.0 - h_perp));
+              nonzero += pb != 0.0;
               if (need_denoised) {  // G = p (lam / (lam + s^2) - h_perp) c
                 const T* c = Cp + i * ldc + k * r;
                 T* g = Gp + i * ldg + k * r;
                 for (int64_t j = 0; j < r; ++j) {
                   const double lj = lam[kk * r + j];
-                  g[j] = static_cast<T>(p * (lj / (lj + s2) - h_perp) * c[j]);
+                  g[j] = static_cast<T>(pb * (lj / (lj + s2) - h_perp) * c[j]);
                 }
               }
             }
