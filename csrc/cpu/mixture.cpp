@@ -277,12 +277,14 @@ RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam,
   c.convert = measured_cost("mixture_panel_to_double/" + key,
                             [&] { return best_of(2, [&] { (void)fwd_panel.to(at::kDouble); }); });
   if (std::is_same_v<T, float> && native_f64_gemm()) {
+    // (the operands only where a cost is measured: this runs per block, and b is the panel's size)
     const int64_t mp = round_up(kCostRows, kF64Rows), np = round_up(nw, kF64Cols);
-    std::vector<double> a(mp * D, 1.0), b(np * D, 1.0), out(mp * np);
     const double row = measured_cost("mixture_dense_row_native/" + key, [&] {
+      std::vector<double> a(mp * D, 1.0), b(np * D, 1.0), out(mp * np);
       return best_of(2, [&] { gemm_f64_packed(a.data(), b.data(), mp, np, D, out.data()); }) / static_cast<double>(mp);
     });
     const double pack = measured_cost("mixture_panel_pack/" + key, [&] {
+      std::vector<double> b(np * D);
       return best_of(2, [&] { pack_f64_tiles(fwd_panel.data_ptr<float>(), nullptr, 0, nw, D, b.data()); });
     });
     if (row * kCostRows + pack < c.row64 * kCostRows + c.convert) c.row64 = row, c.convert = pack, c.native = true;
