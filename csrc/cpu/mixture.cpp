@@ -478,8 +478,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   };
   // The exact-distance route (float32 compute, GSA_KERNELS_DENSE=auto): x . mu_k from a float64
   // GEMM (exact_mean_dots, which pass 0 computes anyway), the coefficients c_k from the float32
-  // GEMM less U_k^T mu_k in double, and c^T (U^T U - I) c added from the Gram matrix in double.
-  // What error is left comes from the float32 c alone, and enters the logit with the weight
+  // GEMM less U_k^T mu_k in double, and c^T (U^T U - I) c bounded by the Gram matrix' norm (added
+  // exactly where c is refined). What error is left comes from the float32 c, and enters the logit
+  // with the weight
   // (lam_j - residual_var) / (2 (lam_j + s^2) (residual_var + s^2)), which falls as 1 / s^4: at
   // large sigma the logits of a dense posterior are exact (bound <= kLogitTol) with no float64
   // GEMM of the whole panel and no per-component refinement. Each row's bound is computed from
