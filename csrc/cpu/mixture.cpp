@@ -25,6 +25,11 @@
 //                      posteriors) instead get all the block's logits from one float64 GEMM
 //                      (dense_refinement; the native AVX-512 one of gemm.h where it runs and
 //                      measures faster than torch's), by measured costs.
+//   exact distances    (pass 0 decides, float32 compute) rows whose error lies in x . mu_k take it
+//                      from a float64 GEMM (exact_mean_dots) and bound the float32 c per component
+//                      (the bound falls as 1 / s^4); over kLogitTol they recompute c exactly for the
+//                      components carrying p_k e_k (exact_coefficients): no float64 GEMM of the
+//                      whole panel for a dense posterior at large sigma.
 //   accumulate         acc = acc * rescale + [P | G] [M | U]^T with P_k = p_k (1 - h_perp),
 //                      G_k = p_k g c_k  (one GEMM; GSA_KERNELS_DENSE=sparse: an axpy per nonzero
 //                      entry instead)
@@ -34,6 +39,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -98,6 +104,20 @@ inline double dot_lanes(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// c = U^T x - U^T mu in double (U [D, r] row-major, umu = U^T mu in double): the exact-distance
+// route's refinement of one component (its x . mu_k is exact already, and c^T (U^T U - I) c comes
+// from the Gram matrix: D r multiply-adds, half of lowrank_terms_exact's, and vectorised over r)
+template <typename T>
+void exact_coefficients(const T* x, const T* U, const double* umu, int64_t D, int64_t r, double* c) {
+  std::fill(c, c + r, 0.0);
+  for (int64_t d = 0; d < D; ++d) {
+    const double xd = x[d];
+    const T* Ud = U + d * r;
+    for (int64_t j = 0; j < r; ++j) c[j] += static_cast<double>(Ud[j]) * xd;
+  }
+  for (int64_t j = 0; j < r; ++j) c[j] -= umu[j];
+}
+
 // Dense refinement: where a row has many components within reach of its max, recomputing each
 // one's logit from the differences (lowrank_terms_exact, O(D r) per component, scalar-bound) costs
 // more than one float64 GEMM of the row against the block's forward panel. Its expanded logits
@@ -108,11 +128,25 @@ inline double dot_lanes(const double* a, const double* b, int64_t n) {
 constexpr double kEps64Ratio = 0x1p-29;          // eps(double) / eps(float)
 constexpr int64_t kMaxGramEntries = 1 << 24;    // U_k^T U_k for every k: at most 128 MiB
 constexpr int64_t kCostRows = 64;               // rows of the GEMMs timed for the cost models
+// The exact-distance route refines by weight (p_k e_k) while its largest logit error is at most
+// this (the fast weights then good to exp(2 e) ~ 1.2x), else by reach, as the other rows
+constexpr double kWeightedErrMax = 0.1;
 
-// per component, in double: U_k^T mu_k [K, r] and U_k^T U_k - I [K, r, r]
+// per component, in double: U_k^T mu_k [K, r], U_k^T U_k - I [K, r, r] and its Frobenius norm
+// [K] (which bounds what a coefficient error moves c^T (U^T U - I) c by)
 struct ExactTerms {
-  std::vector<double> umu, gram;
+  std::vector<double> umu, gram, gram_norm;
 };
+
+inline ExactTerms with_gram_norms(ExactTerms e, int64_t K, int64_t r) {
+  e.gram_norm.assign(K, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0;
+    for (int64_t a = 0; a < r * r; ++a) s += e.gram[k * r * r + a] * e.gram[k * r * r + a];
+    e.gram_norm[k] = std::sqrt(s);
+  }
+  return e;
+}
 
 template <typename T>
 ExactTerms lowrank_exact_terms(const T* mu, const T* basis, int64_t K, int64_t D, int64_t r) {
@@ -169,6 +203,34 @@ ExactTerms lowrank_exact_terms(const T* mu, const T* basis, int64_t K, int64_t D
   return e;
 }
 
+// A model's exact terms, kept while the forward panel they were computed with lives unchanged (the
+// model's layout cache, gsa_kernels/_core/_layouts.py, builds the panels once per model content and
+// never writes them; a panel built per call dies with the call): a sampler's every step after the
+// first skips them (D r (r + 1) multiply-adds in double per component).
+std::shared_ptr<const ExactTerms> cached_exact_terms(const at::Tensor& fwd, const std::function<ExactTerms()>& make) {
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    int64_t version;
+    std::shared_ptr<const ExactTerms> terms;
+  };
+  constexpr size_t kEntries = 8;
+  static std::mutex lock;
+  static std::vector<Entry> entries;
+  const c10::StorageImpl* impl = fwd.storage().unsafeGetStorageImpl();
+  const int64_t version = fwd._version();
+  {
+    std::lock_guard<std::mutex> guard(lock);
+    std::erase_if(entries, [](const Entry& e) { return e.storage.expired(); });
+    for (const Entry& e : entries)
+      if (e.version == version && e.storage.lock().get() == impl) return e.terms;
+  }
+  auto terms = std::make_shared<const ExactTerms>(make());
+  std::lock_guard<std::mutex> guard(lock);
+  if (entries.size() >= kEntries) entries.erase(entries.begin());
+  entries.push_back({fwd.storage().getWeakStorageImpl(), version, terms});
+  return terms;
+}
+
 // seconds: one component's lowrank_terms_exact, one row of the float64 forward GEMM against a
 // block's panel, and the panel's conversion to double; measured once per shape and context, for
 // torch's GEMM and (where it runs) the native one (gemm.h): native says which is cheaper
@@ -215,12 +277,14 @@ RefineCosts refine_costs(const T* xb, const T* mu, const T* basis, const T* lam,
   c.convert = measured_cost("mixture_panel_to_double/" + key,
                             [&] { return best_of(2, [&] { (void)fwd_panel.to(at::kDouble); }); });
   if (std::is_same_v<T, float> && native_f64_gemm()) {
+    // (the operands only where a cost is measured: this runs per block, and b is the panel's size)
     const int64_t mp = round_up(kCostRows, kF64Rows), np = round_up(nw, kF64Cols);
-    std::vector<double> a(mp * D, 1.0), b(np * D, 1.0), out(mp * np);
     const double row = measured_cost("mixture_dense_row_native/" + key, [&] {
+      std::vector<double> a(mp * D, 1.0), b(np * D, 1.0), out(mp * np);
       return best_of(2, [&] { gemm_f64_packed(a.data(), b.data(), mp, np, D, out.data()); }) / static_cast<double>(mp);
     });
     const double pack = measured_cost("mixture_panel_pack/" + key, [&] {
+      std::vector<double> b(np * D);
       return best_of(2, [&] { pack_f64_tiles(fwd_panel.data_ptr<float>(), nullptr, 0, nw, D, b.data()); });
     });
     if (row * kCostRows + pack < c.row64 * kCostRows + c.convert) c.row64 = row, c.convert = pack, c.native = true;
@@ -315,6 +379,34 @@ void dense_refinement(const T* xb, int64_t D, int64_t r, int64_t k0, int64_t nk,
   });
 }
 
+// x_i . mu_k in float64 for the n rows of a row block and every component, into out [n, K]: the
+// exact-distance route's (below) and pass 0's. 1 / (r + 1) of the forward GEMM's work; by the
+// native float64 GEMM where it runs (gemm.h), else torch's.
+void exact_mean_dots(const float* xb, int64_t n, int64_t D, const float* mu, int64_t K, Float64Scratch& s,
+                     double* out) {
+  constexpr int64_t kCols = 8 * kF64Cols;  // components per packed block
+  if (native_f64_gemm()) {
+    const int64_t mp = round_up(n, kF64Rows);
+    std::vector<int64_t> rows(n);
+    for (int64_t i = 0; i < n; ++i) rows[i] = i;
+    s.a.resize(mp * D);
+    pack_f64_rows(xb, D, rows.data(), n, s.a.data());
+    for (int64_t k0 = 0; k0 < K; k0 += kCols) {
+      const int64_t nk = std::min(kCols, K - k0), np = round_up(nk, kF64Cols);
+      s.b.resize(np * D), s.c.resize(mp * np);
+      pack_f64_tiles(mu + k0 * D, nullptr, 0, nk, D, s.b.data());
+      gemm_f64_packed(s.a.data(), s.b.data(), mp, np, D, s.c.data());
+      for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * K + k0, s.c.data() + i * np, nk * sizeof(double));
+    }
+    return;
+  }
+  const auto f32 = options_for<float>();
+  const at::Tensor X64 = at::from_blob(const_cast<float*>(xb), {n, D}, f32).to(at::kDouble);
+  const at::Tensor M64 = at::from_blob(const_cast<float*>(mu), {K, D}, f32).to(at::kDouble);
+  const at::Tensor G = gemm_nt(GemmSite::kMixtureForward, X64, M64);
+  for (int64_t i = 0; i < n; ++i) std::memcpy(out + i * K, G.data_ptr<double>() + i * G.stride(0), K * sizeof(double));
+}
+
 // (forward, backward) panels of means [K, D] and bases [K, D, r], r > 0, in their dtype.
 std::tuple<at::Tensor, at::Tensor> mixture_panels(const at::Tensor& means, const at::Tensor& bases) {
   const char* op = "gsa_kernels::mixture_panels (cpu)";
@@ -377,7 +469,36 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
   const bool dense_refinement_allowed = std::is_same_v<T, float> && K * r * r <= kMaxGramEntries;
   const DenseChoice dense = dense_choice();
   std::once_flag exact_terms_once;
-  ExactTerms exact_terms;
+  std::shared_ptr<const ExactTerms> exact_terms_ptr;
+  const auto need_exact_terms = [&] {
+    std::call_once(exact_terms_once, [&] {
+      exact_terms_ptr = cached_exact_terms(fwd, [&] { return with_gram_norms(lowrank_exact_terms<T>(mu, basis, K, D, r), K, r); });
+    });
+    return exact_terms_ptr.get();
+  };
+  // The exact-distance route (float32 compute, GSA_KERNELS_DENSE=auto): x . mu_k from a float64
+  // GEMM (exact_mean_dots, which pass 0 computes anyway), the coefficients c_k from the float32
+  // GEMM less U_k^T mu_k in double, and c^T (U^T U - I) c bounded by the Gram matrix' norm (added
+  // exactly where c is refined). What error is left comes from the float32 c, and enters the logit
+  // with the weight
+  // (lam_j - residual_var) / (2 (lam_j + s^2) (residual_var + s^2)), which falls as 1 / s^4: at
+  // large sigma the logits of a dense posterior are exact (bound <= kLogitTol) with no float64
+  // GEMM of the whole panel and no per-component refinement. Each row's bound is computed from
+  // its own coefficients (pass 1); a row over kLogitTol is refined as any other row. Per
+  // component for the route's prediction: sum_j |lam_j - residual_var| and min_j lam_j.
+  const bool exact_distances_allowed = dense_refinement_allowed && dense == DenseChoice::kAuto;
+  std::vector<double> lam_dev(K, 0.0), lam_min(K, std::numeric_limits<double>::infinity());
+  for (int64_t k = 0; k < K && exact_distances_allowed; ++k)
+    for (int64_t j = 0; j < r; ++j) {
+      lam_dev[k] += std::abs(static_cast<double>(lam[k * r + j]) - static_cast<double>(residual_var[k]));
+      lam_min[k] = std::min(lam_min[k], static_cast<double>(lam[k * r + j]));
+    }
+  constexpr double eps64 = std::numeric_limits<double>::epsilon();
+  // The back-projection takes the weights p >= p_min = exp(-significant) only (relative to the
+  // row's running max): all the others together (< K p_min of the weight sum l >= ~1) move the
+  // denoiser by < eps / 1024 of the largest |D_k|, far below its rounding in T (float: ~28 nats at
+  // K 200); the sums l and hx, logp and the weights keep them. As the r = 0 kernel (empirical.cpp).
+  const double p_min = std::exp(-std::min(kNegligible, std::log(1024.0 * static_cast<double>(K) / eps)));
 
   at::parallel_for(0, B, BB, [&](int64_t begin, int64_t end) {
     auto opts = options_for<T>();
@@ -392,7 +513,14 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
     std::vector<int64_t> refine(BB), dense_rows, rows32, nonzero_row(BB), gemm_rows, z_row(BB);
     std::vector<at::Tensor> F_blocks(num_kb);  // each block's float32 GEMM: [n, nk W]
     std::vector<char> f64_row(BB);  // rows whose logits all come from dense_refinement (pass 0)
+    std::vector<char> exact_row(BB);  // rows on the exact-distance route (pass 0)
+    std::vector<int64_t> within(BB);  // pass 0's count of components within reach of the max
+    std::vector<double> xmu, err_exact(BB), c64(r);  // x . mu_k in float64 [n, K] (pass 0)
+    std::vector<double> err_comp;  // the exact-distance rows' bound per component [n, K] (pass 1)
+    std::vector<char> refine_comp;  // and which of their components to refine [n, K] (pass 2)
+    std::vector<std::pair<double, int64_t>> mass;  // p_k e_k of a row's components
     Float64Scratch f64_scratch;  // dense_refinement's, allocated on first use
+    const ExactTerms* ex = nullptr;  // the model's exact terms, once a row needs them
 
     for (int64_t b0 = begin; b0 < end; b0 += BB) {
       const int64_t n = std::min(BB, end - b0);
@@ -410,7 +538,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           // c^T (U^T U - I) c of a rounded basis (the exact logit sums the residual directly)
           const double gemm = kGemmErr * eps * std::sqrt(double(D));
           const double y_norm = std::sqrt(x_sq[i]) + std::sqrt(max_mu_sq), dc = gemm * y_norm;  // |U_j| = 1
-          const double e = (sq_matters ? gemm * (x_sq[i] + max_mu_sq) / 2 : 0.0) +
+          const double e = (sq_matters ? gemm * (x_sq[i] + max_mu_sq) : 0.0) +  // 2 |x . mu| errs <= this
                            (r * dc * dc + 2 * std::sqrt(double(r)) * y_norm * dc + 2 * r * eps * y_norm * y_norm);
           err[i] = e / (2 * (min_var + s2v[i]));
         }
@@ -424,6 +552,40 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
       // as exact either way, only slower. (GSA_KERNELS_DENSE=dense: the even rows that need
       // refinement, so that tests reach both routes to the float64 GEMM.)
       std::fill(f64_row.begin(), f64_row.begin() + n, 0);
+      std::fill(exact_row.begin(), exact_row.begin() + n, 0);
+      // the exact-distance route's bound on its |x - mu_k|^2 term, in logits: x . mu_k by a float64
+      // GEMM (kGemmErr eps64 sqrt(D) |x| |mu|, twice) and the double sums around it
+      const auto exact_distance_err = [&](int64_t i) {
+        return sq_matters ? (kGemmErr * std::sqrt(double(D)) + 4) * eps64 * (x_sq[i] + max_mu_sq) /
+                                (2 * (min_residual_var + s2v[i]))
+                          : 0.0;
+      };
+      // an exact-distance row's logit of component kk from its coefficients c (U^T x - U^T mu, each
+      // off by <= dc) and x . mu_k in float64, and the logit's error bound e. c^T (U^T U - I) c is
+      // added when exact c are given (dc = 0: a refinement), else only bounded (r^2 work per component
+      // for a term that a float32 c could not give anyway; it is ~eps |c|^2 for an orthonormal basis)
+      const auto exact_route_logit = [&](int64_t i, int64_t kk, const double* c, double xm, double dc, double& e) {
+        const double s2 = s2v[i], rv = residual_var[kk], vp = rv + s2;
+        const T* lk = lam + kk * r;
+        double cc = 0, cc_w = 0, ec = 0;
+        for (int64_t j = 0; j < r; ++j) {
+          const double lj = lk[j], inv = 1.0 / (lj + s2);
+          cc += c[j] * c[j];
+          cc_w += c[j] * c[j] * inv;
+          ec += std::abs(lj - rv) * inv * (2 * std::abs(c[j]) + dc);
+        }
+        double corr = 0;  // c^T (U^T U - I) c
+        if (dc == 0) {
+          const double* g = ex->gram.data() + kk * r * r;
+          for (int64_t a = 0; a < r; ++a) corr += c[a] * dot_lanes(g + a * r, c, r);
+        }
+        // c_j off by <= dc moves the logit by <= sum_j |w_j| (2 |c_j| + dc) dc / 2 (w_j: c_j^2's weight,
+        // above); the true c^T (U^T U - I) c is <= |U^T U - I|_F (|c| + sqrt(r) dc)^2
+        const double c_max = std::sqrt(cc) + std::sqrt(double(r)) * dc;
+        e = exact_distance_err(i) + (dc > 0 ? 0.5 / vp * (dc * ec + ex->gram_norm[kk] * c_max * c_max) : 0.0);
+        const double residual = std::max(0.0, x_sq[i] + mu_sq[kk] - 2.0 * xm - cc + corr);
+        return logw[kk] + component_logpdf_residual<double>(residual, cc_w, log_det_low(lk, r, s2), rv, s2, D, r);
+      };
       bool native = true;  // dense_refinement's GEMM: the native one where it runs, unless measured slower
       if (dense_refinement_allowed && dense != DenseChoice::kSparse) {
         bool any = false;
@@ -433,34 +595,62 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         } else if (any) {
           const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, 0, std::min(KB, K), W, D, false));
           native = costs.native;
-          for (int64_t kb = 0; kb < num_kb; ++kb) {
-            const int64_t k0 = kb * KB, nk = std::min(KB, K - k0);
-            const at::Tensor G = gemm_nt(GemmSite::kMixtureForward, Xb, panel(fwd, k0, nk, W, D, false).narrow(0, 0, nk));
-            const T* g = G.data_ptr<T>();
-            const int64_t ldg0 = G.stride(0);
+          if constexpr (std::is_same_v<T, float>) {
+            xmu.resize(BB * K);
+            exact_mean_dots(xb, n, D, mu, K, f64_scratch, xmu.data());
+          }
+          bool any_exact = false;
+          with_isa([&] {
             for (int64_t i = 0; i < n; ++i) {
               const double s2 = s2v[i];
-              for (int64_t k = 0; k < nk; ++k) {
-                const int64_t kk = k0 + k;
-                const double sq = x_sq[i] + mu_sq[kk] - 2.0 * static_cast<double>(g[i * ldg0 + k]);
-                logit[i * K + kk] = logw[kk] + component_logpdf<double>(sq, 0.0, 0.0, log_det_low(lam + kk * r, r, s2),
-                                                                        residual_var[kk], s2, D, r);
+              // predicted bound of the exact-distance route: each |c_j| taken as |x - mu_k| / sqrt(D)
+              // (an isotropic y's), sum_j |lam_j - rv| / (lam_j + s^2) by its largest term's denominator
+              // (a prediction: a row it admits wrongly is refined in pass 2, as exact, only slower)
+              const double dc = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]);
+              double predicted = exact_distance_err(i);
+              for (int64_t k = 0; k < K; ++k) {
+                const double sq = x_sq[i] + mu_sq[k] - 2.0 * xmu[i * K + k], vp = residual_var[k] + s2;
+                const double c_est = std::sqrt(std::max(0.0, sq) / double(D));
+                predicted = std::max(predicted, exact_distance_err(i) + 0.5 * dc / vp * lam_dev[k] / (lam_min[k] + s2) *
+                                                                            (2 * c_est + dc));
               }
+              // the exact-distance route where its weighted refinement applies: its refinement (exact c,
+              // D r multiply-adds) costs half the other route's (lowrank_terms_exact), and x . mu_k in
+              // float64 is computed here anyway
+              exact_row[i] = exact_distances_allowed && err[i] > logit_tol && predicted <= kWeightedErrMax;
+              any_exact = any_exact || exact_row[i];
+              if (exact_row[i]) continue;
+              // the other rows: their components within reach of the max, as pass 2 counts them for the
+              // fast logits (here without the in-span terms)
+              double* L = logit.data() + i * K;
+              double top = -std::numeric_limits<double>::infinity();
+              for (int64_t k = 0; k < K; ++k) {
+                const double sq = x_sq[i] + mu_sq[k] - 2.0 * xmu[i * K + k];
+                L[k] = logw[k] + component_logpdf<double>(sq, 0.0, 0.0, log_det_low(lam + k * r, r, s2), residual_var[k], s2, D, r);
+                top = std::max(top, L[k]);
+              }
+              within[i] = 0;
+              for (int64_t k = 0; k < K; ++k) within[i] += L[k] >= top - 2 * err[i] - kCutoff;
             }
-          }
-          double saved = -exact_terms_cost(costs, K, D, r, W * std::min(KB, K));
+          });
+          // the exact terms are needed anyway when some row takes the exact-distance route
+          double saved = any_exact ? 0.0 : -exact_terms_cost(costs, K, D, r, W * std::min(KB, K));
           for (int64_t i = 0; i < n; ++i) {
-            if (!(err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol)) continue;
-            const double* L = logit.data() + i * K;
-            double top = -std::numeric_limits<double>::infinity();
-            for (int64_t k = 0; k < K; ++k) top = std::max(top, L[k]);
-            int64_t within = 0;
-            for (int64_t k = 0; k < K; ++k) within += L[k] >= top - 2 * err[i] - kCutoff;
-            f64_row[i] = within * costs.exact > num_kb * costs.row64;
-            if (f64_row[i]) saved += within * costs.exact - num_kb * costs.row64;
+            if (!(err[i] > logit_tol && err[i] * kEps64Ratio <= logit_tol) || exact_row[i]) continue;
+            f64_row[i] = within[i] * costs.exact > num_kb * costs.row64;
+            if (f64_row[i]) saved += within[i] * costs.exact - num_kb * costs.row64;
           }
           if (saved <= 0) std::fill(f64_row.begin(), f64_row.begin() + n, 0);
         }
+      }
+      bool any_exact = false;
+      for (int64_t i = 0; i < n; ++i) {
+        err_exact[i] = exact_distance_err(i);
+        any_exact = any_exact || exact_row[i];
+      }
+      if (any_exact) {
+        ex = need_exact_terms();
+        err_comp.resize(BB * K), refine_comp.resize(BB * K);
       }
       rows32.clear();
       for (int64_t i = 0; i < n; ++i)
@@ -500,6 +690,21 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             if (f64_row[i]) continue;
             const double s2 = s2v[i];
             double* L = logit.data() + i * K + k0;
+            if (exact_row[i]) {  // the exact-distance route (above), with each component's bound
+              const double dc = kGemmErr * eps * std::sqrt(double(D) * x_sq[i]);  // of each c_j (|U_j| = 1)
+              const double* xm = xmu.data() + i * K + k0;
+              const double* um = ex->umu.data() + k0 * r;
+              for (int64_t k = 0; k < nk; ++k) {
+                T* c = Cp + i * ldc + k * r;
+                for (int64_t j = 0; j < r; ++j) {
+                  c64[j] = static_cast<double>(c[j]) - um[k * r + j];
+                  c[j] = static_cast<T>(c64[j]);
+                }
+                double& e = err_comp[i * K + k0 + k];
+                L[k] = exact_route_logit(i, k0 + k, c64.data(), xm[k], dc, e);
+                err_exact[i] = std::max(err_exact[i], e);
+              }
+            } else {
             // fast logits
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
@@ -515,11 +720,47 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               }
               L[k] = logw[kk] + component_logpdf<double>(sq, cc_w, cc, log_det_low(lk, r, s2), residual_var[kk], s2, D, r);
             }
+            }
             double block_fast_max = -std::numeric_limits<double>::infinity();
             for (int64_t k = 0; k < nk; ++k) block_fast_max = std::max(block_fast_max, L[k]);
             m_fast[i] = std::max(m_fast[i], block_fast_max);
           }
         });
+      }
+
+      // The exact-distance rows: a row whose bound is over kLogitTol refines (pass 2: exact c) the
+      // components that carry its error. Logit errors e_k move the weights by a total variation
+      // <= sum_k p_k e_k (first order), so where the fast weights are good to a factor exp(2 max e)
+      // (max e <= kWeightedErrMax) the components are refined in order of p_k e_k until what is left
+      // is within the tolerance; else every component within reach of the max is, as pass 2 does
+      // for the other rows.
+      for (int64_t i = 0; i < n; ++i) {
+        if (!exact_row[i]) continue;
+        err[i] = err_exact[i];
+        if (err[i] <= logit_tol) continue;
+        const double* L = logit.data() + i * K;
+        const double* e = err_comp.data() + i * K;
+        char* flag = refine_comp.data() + i * K;
+        if (!(err[i] <= kWeightedErrMax)) {
+          const double keep = m_fast[i] - 2 * err[i] - kCutoff;
+          for (int64_t k = 0; k < K; ++k) flag[k] = L[k] >= keep;
+          continue;
+        }
+        std::fill(flag, flag + K, 0);
+        mass.clear();
+        double total = 0, left = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double d = L[k] - m_fast[i], p = d > -kNegligible ? std::exp(d) : 0.0;
+          total += p;
+          if (p * e[k] > 0) mass.emplace_back(p * e[k], k), left += p * e[k];
+        }
+        // a refined component keeps exact_distance_err(i); the fast weights err by <= exp(2 err)
+        const double budget = (logit_tol * std::exp(-2 * err[i]) - exact_distance_err(i)) * total;
+        std::sort(mass.begin(), mass.end(), std::greater<>());
+        for (size_t t = 0; t < mass.size() && left > budget; ++t) {
+          flag[mass[t].second] = 1;
+          left -= mass[t].first;
+        }
       }
 
       // Pass 2, per block: refinement, online softmax, back-projection
@@ -536,7 +777,10 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         // the components that can matter, to be refined: within 2 err + kCutoff of the row's max
         for (int64_t i = 0; i < n; ++i) {
           refine[i] = 0;
-          if (err[i] > logit_tol && !f64_row[i]) {
+          if (exact_row[i]) {
+            if (err[i] > logit_tol)
+              for (int64_t k = 0; k < nk; ++k) refine[i] += refine_comp[i * K + k0 + k];
+          } else if (err[i] > logit_tol && !f64_row[i]) {
             const double keep = m_fast[i] - 2 * err[i] - kCutoff;
             const double* L = logit.data() + i * K + k0;
             for (int64_t k = 0; k < nk; ++k) refine[i] += L[k] >= keep;
@@ -550,17 +794,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
         const size_t predicted = dense_rows.size();
         if (dense_refinement_allowed && dense == DenseChoice::kDense) {
           for (int64_t i = 0; i < n; ++i)
-            if (refine[i] > 0 && err[i] * kEps64Ratio <= logit_tol) dense_rows.push_back(i);
+            if (refine[i] > 0 && err[i] * kEps64Ratio <= logit_tol && !exact_row[i]) dense_rows.push_back(i);
         } else if (dense_refinement_allowed && dense == DenseChoice::kAuto) {
           int64_t total = 0;
-          for (int64_t i = 0; i < n; ++i) total += refine[i];
+          for (int64_t i = 0; i < n; ++i) total += exact_row[i] ? 0 : refine[i];
           if (total > 0) {
             const RefineCosts costs = refine_costs(xb, mu, basis, lam, K, D, r, panel(fwd, k0, nk, W, D, false));
             // the predicted rows convert and need the exact terms anyway
             double saved = predicted > 0 ? 0.0 : -costs.convert - exact_terms_cost(costs, K, D, r, W * nk);
             native = costs.native;
             for (int64_t i = 0; i < n; ++i)
-              if (refine[i] * costs.exact > costs.row64 && err[i] * kEps64Ratio <= logit_tol) {
+              if (!exact_row[i] && refine[i] * costs.exact > costs.row64 && err[i] * kEps64Ratio <= logit_tol) {
                 dense_rows.push_back(i);
                 saved += refine[i] * costs.exact - costs.row64;
               }
@@ -568,9 +812,9 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
           }
         }
         if (!dense_rows.empty()) {
-          std::call_once(exact_terms_once, [&] { exact_terms = lowrank_exact_terms<T>(mu, basis, K, D, r); });
+          ex = need_exact_terms();
           dense_refinement<T>(xb, D, r, k0, nk, dense_rows, panel(fwd, k0, nk, W, D, false),
-                              need_denoised ? panel(bwd, k0, nk, W, D, true) : at::Tensor(), f64_scratch, exact_terms, x_sq.data(),
+                              need_denoised ? panel(bwd, k0, nk, W, D, true) : at::Tensor(), f64_scratch, *ex, x_sq.data(),
                               s2v.data(), mu_sq.data(), lam, residual_var, logw, logit.data() + k0, K, Cp, ldc,
                               native);
           for (const int64_t i : dense_rows) refine[i] = 0;
@@ -581,7 +825,17 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             const double s2 = s2v[i];
             double* L = logit.data() + i * K + k0;
             // exact refinement of the components that can matter
-            if (refine[i] > 0) {
+            if (refine[i] > 0 && exact_row[i]) {  // exact c (selected after pass 1)
+              for (int64_t k = 0; k < nk; ++k) {
+                if (!refine_comp[i * K + k0 + k]) continue;
+                const int64_t kk = k0 + k;
+                exact_coefficients(xb + i * D, basis + kk * D * r, ex->umu.data() + kk * r, D, r, c_exact.data());
+                T* c = Cp + i * ldc + k * r;
+                for (int64_t j = 0; j < r; ++j) c[j] = static_cast<T>(c_exact[j]);
+                double e;
+                L[k] = exact_route_logit(i, kk, c_exact.data(), xmu[i * K + kk], 0.0, e);
+              }
+            } else if (refine[i] > 0) {
               const double keep = m_fast[i] - 2 * err[i] - kCutoff;
               for (int64_t k = 0; k < nk; ++k) {
                 if (L[k] < keep) continue;
@@ -602,7 +856,7 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
             const double scale = merge_scale(m[i], m_new);
             const double h_perp0 = residual_var[0] / (residual_var[0] + s2);
             double lsum = 0, hsum = 0;
-            int64_t nonzero = 0;  // the row's components in the block with weight
+            int64_t nonzero = 0;  // the row's components in the block with a significant weight
             for (int64_t k = 0; k < nk; ++k) {
               const int64_t kk = k0 + k;
               const double d = L[k] - m_new;
@@ -611,15 +865,16 @@ void mixture_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor
               const double h_perp = equal_residual_var ? h_perp0 : residual_var_k / (residual_var_k + s2);
               lsum += p;
               hsum += p * h_perp;
-              Pp[i * ldp + k] = static_cast<T>(p * (1.0 - h_perp));
-              nonzero += p != 0.0;
               if (need_weights) w_p[(b0 + i) * K + kk] = static_cast<T>(p);
+              const double pb = p >= p_min ? p : 0.0;  // in the back-projection
+              Pp[i * ldp + k] = static_cast<T>(pb * (1.0 - h_perp));
+              nonzero += pb != 0.0;
               if (need_denoised) {  // G = p (lam / (lam + s^2) - h_perp) c
                 const T* c = Cp + i * ldc + k * r;
                 T* g = Gp + i * ldg + k * r;
                 for (int64_t j = 0; j < r; ++j) {
                   const double lj = lam[kk * r + j];
-                  g[j] = static_cast<T>(p * (lj / (lj + s2) - h_perp) * c[j]);
+                  g[j] = static_cast<T>(pb * (lj / (lj + s2) - h_perp) * c[j]);
                 }
               }
             }

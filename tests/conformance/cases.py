@@ -247,9 +247,16 @@ def gaussian_trajectory_labeled_args(case):
 
 def _mixture_random(case, gen):
     K, D, r = case.K, case.D, case.r
-    means = torch.randn(K, D, dtype=F64, generator=gen)
+    means = torch.randn(K, D, dtype=F64, generator=gen) + case.extra.get("offset", 0.0)
     bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=F64)
     eigvals = 10.0 ** torch.empty(K, r, dtype=F64).uniform_(-2, 1, generator=gen)  # 0.01 .. 10
+    eigvals = eigvals * case.extra.get("eigvals_scale", 1.0)
+    if case.extra.get("offset") and r:  # the leading direction is the offset's (an image's brightness)
+        ones = torch.full((D, 1), D ** -0.5, dtype=F64)
+        bases[:, :, 0:1] = ones
+        for k in range(K):
+            q, rr = torch.linalg.qr(bases[k])
+            bases[k] = q * torch.sign(torch.diagonal(rr))
     if case.residual_var is None:
         residual_var = torch.rand(K, dtype=F64, generator=gen) * 0.5
     else:
@@ -532,6 +539,18 @@ def mixture_posterior_cases():
                           sigma=sigma))
     # the same at D 400: the cpu float64 GEMM's depth blocks of 128 (three and a short one)
     cases.append(Case("dense", _shape_name(9, 400, 4, K=40) + "_s30", 9, 400, 4, K=40, residual_var=None, sigma=30.0))
+    # low-rank at D 1536, per-sample sigma over the EDM range and sigma 20 (dense): the cpu kernel's
+    # exact-distance route (x . mu in float64, the coefficients' float32 error bounded per component,
+    # refined by weight below sigma ~12 here, none needed above)
+    for sigma in (None, 20.0):
+        cases.append(Case("dense", _shape_name(16, 1536, 8, K=24) + f"_{'edm' if sigma is None else _sigma_name(sigma)}",
+                          16, 1536, 8, K=24, residual_var=None, sigma=sigma))
+    # the same with the data 100 from the origin, along each basis' first direction, and eigvals
+    # 10 .. 1e4: float32 x . mu and U^T x err by up to ~0.1 logits there (the refinement is needed,
+    # not only its bound)
+    for sigma in (None, 30.0):
+        cases.append(Case("dense", _shape_name(16, 1536, 8, K=24) + f"_offset_{'edm' if sigma is None else _sigma_name(sigma)}",
+                          16, 1536, 8, K=24, residual_var=None, sigma=sigma, extra={"offset": 100.0, "eigvals_scale": 1000.0}))
     for B, K, D, r in [(9, 40, 33, 0), (9, 7, 33, 2)]:
         cases.append(Case("inf", _shape_name(B, D, r, K=K), B, D, r, K=K, residual_var=0.0 if r == 0 else 0.1,
                           neg_inf_weights=K // 3))
