@@ -114,7 +114,7 @@ def _extensions():
     link = ["-fopenmp"]
     if os.environ.get("GSA_KERNELS_SANITIZE", "0") == "1":  # scripts/sanitize.sh: ASan + UBSan build
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
-        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + san
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-DGSA_KERNELS_SANITIZE"] + san
         link += san
     extra = {"cxx": cxx}
     if use_cuda:

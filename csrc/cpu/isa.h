@@ -37,10 +37,13 @@ __attribute__((flatten)) void run_generic(const F& f) {
 }
 
 // f() (a loop over raw pointers: no at::parallel_for or tensor calls inside) compiled for the
-// active instruction set.
+// active instruction set. The sanitizer build (scripts/sanitize.sh) compiles the generic variant
+// only: the others are the same source for another target (tests/test_isa_dispatch.py checks they
+// give the same bits), and three flattened copies of every loop under ASan + UBSan took most of
+// its build time.
 template <typename F>
 void with_isa(const F& f) {
-#ifdef GSA_ISA_X86
+#if defined(GSA_ISA_X86) && !defined(GSA_KERNELS_SANITIZE)
   switch (active_isa()) {
     case Isa::kAvx512: return run_avx512(f);
     case Isa::kAvx2: return run_avx2(f);
