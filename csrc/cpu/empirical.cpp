@@ -17,7 +17,9 @@
 //                      dense posterior (sigma large): one GEMM over the block; few nonzero p
 //                      (sigma small): the p_k mu_k rows of the significant weights (>= p_min,
 //                      where the others could not move the result in T) are added directly. The
-//                      choice counts the block's significant weights (kSparseRatio).
+//                      choice counts the block's significant weights (kSparseRatio); between 1 in
+//                      16 and 1 in 4 they are first counted again above each row's own cut
+//                      (tail_cut: the weights below it sum to < eps / 1024 of the row's).
 // Few queries (B <= kFewRows; in float B <= kFewRowsF32; memory-bound at B 1): the points are cut
 // into parts (runs of chunks) that the threads take in turn, each an online softmax over its
 // points, merged exactly in part order. Each chunk (~kChunkBytes) stays in L2 for both products
@@ -131,6 +133,57 @@ double weights_row(const double* L, double m, int64_t n, T* P, double significan
   return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
 }
 
+// A row's back-projection cut in a block of points: the largest of kCutLevels weights
+// exp(-c), c from log(1024 / eps) nats (one weight there could move the denoiser by eps / 1024 of
+// the largest |mu_k|) to `significant`, in steps of 1.5 nats, whose weights below it sum to at
+// most eps / 1024 of the row's block sum (with 1 % for the rounding of the lane sums); p_min
+// (= exp(-significant)) if none does. Summed over the blocks, the weights left out are then <=
+// eps / 1024 of l, as K p_min is (the rule p_min keeps, now from the weights themselves): in the
+// transition from one-hot to dense posteriors most of the weights above p_min are far too small
+// to matter together (MNIST-5k at sigma 2: 229 of 423 per row are left). Adds the count of the
+// weights >= the cut to kept.
+constexpr int kCutLevels = 6;
+template <typename T>
+T tail_cut(const T* P, int64_t n, T p_min, double significant, int64_t& kept) {
+  using Float16v = float __attribute__((vector_size(64)));
+  using Int32x16 = int32_t __attribute__((vector_size(64)));
+  using V = std::conditional_t<std::is_same_v<T, float>, Float16v, Double8>;
+  using I = std::conditional_t<std::is_same_v<T, float>, Int32x16, Int64x8>;
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  const double eps = std::numeric_limits<T>::epsilon(), first = std::log(1024.0 / eps);
+  T level[kCutLevels];
+  for (int j = 0; j < kCutLevels; ++j) level[j] = static_cast<T>(std::exp(-std::min(significant, first + 1.5 * j)));
+  V total = {}, below[kCutLevels] = {};
+  I above[kCutLevels] = {};
+  for (int64_t k = 0; k < n; k += kLanes) {
+    V p = {};
+    std::memcpy(&p, P + k, std::min(kLanes, n - k) * sizeof(T));  // lanes past n: 0 (below every level)
+    total += p;
+    for (int j = 0; j < kCutLevels; ++j) {
+      const I is_below = p < level[j];
+      below[j] += (V)((I)p & is_below);
+      above[j] -= ~is_below;
+    }
+  }
+  const auto lane_sum = [](const auto& v) {
+    double t = 0;
+    for (int64_t l = 0; l < kLanes; ++l) t += static_cast<double>(v[l]);
+    return t;
+  };
+  const double budget = eps / 1024 * 0.99 * lane_sum(total);
+  for (int j = 0; j < kCutLevels; ++j)  // the highest level first
+    if (1.01 * lane_sum(below[j]) <= budget) {
+      int64_t count = 0;
+      for (int64_t l = 0; l < kLanes; ++l) count += above[j][l];
+      kept += count;
+      return level[j];
+    }
+  int64_t count = 0;
+  for (int64_t k = 0; k < n; ++k) count += P[k] >= p_min;
+  kept += count;
+  return p_min;
+}
+
 // Where a row's fast logits may be off by up to e > kDeltaLogitTol: the fast logit from which on
 // the points of a block get exact distances (+inf: none need them). Points U left with fast
 // logits move the weights by a total variation <= S / (1 - S), S = (e^e - 1) e^2e sum_U q /
@@ -148,11 +201,30 @@ inline double refine_threshold(const double* L, int64_t n, double m, double e) {
     for (int j = 0; j <= kBins; ++j) a[j] = std::exp(-static_cast<double>(j) / kPerNat);
     return a;
   }();
-  std::array<int64_t, kBins + 1> count{};  // count[kBins]: beyond 64 nats, NaN and -inf logits
-  for (int64_t k = 0; k < n; ++k) {
-    const double d = (m - L[k]) * kPerNat;  // >= 0
-    ++count[d < kBins ? static_cast<int>(d) : kBins];
+  // count[kBins]: beyond 64 nats, NaN and -inf logits. Most points of a row lie there (sigma
+  // small to moderate), so 8 at a time are first checked for any within 64 nats; and 4 count
+  // arrays in turn keep repeated bins from chaining each increment behind the previous one.
+  std::array<std::array<int64_t, kBins + 1>, 4> counts{};
+  int64_t beyond = 0, k = 0;
+  for (; k + 8 <= n; k += 8) {
+    Double8 d;
+    std::memcpy(&d, L + k, sizeof d);
+    d = (m - d) * kPerNat;  // >= 0
+    const Int64x8 within = d < kBins;
+    int64_t n_within = 0;
+    for (int j = 0; j < 8; ++j) n_within -= within[j];
+    beyond += 8 - n_within;
+    if (n_within == 0) continue;
+    for (int j = 0; j < 8; ++j)
+      if (within[j]) ++counts[j & 3][static_cast<int>(d[j])];
   }
+  for (; k < n; ++k) {
+    const double d = (m - L[k]) * kPerNat;
+    ++counts[0][d < kBins ? static_cast<int>(d) : kBins];
+  }
+  std::array<int64_t, kBins + 1> count{};
+  for (int j = 0; j <= kBins; ++j) count[j] = counts[0][j] + counts[1][j] + counts[2][j] + counts[3][j];
+  count[kBins] += beyond;
   double total = 0;  // <= sum_block q
   for (int j = 0; j < kBins; ++j) total += static_cast<double>(count[j]) * edge[j + 1];
   const double budget = kDeltaLogitTol / (std::expm1(e) * std::exp(2 * e)) * total;
@@ -692,6 +764,7 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     std::vector<RowState> st(n);
     std::vector<double> m(n), l(n), hx(n), x_sq(n);
     std::vector<double> m_block(need_weights ? n * num_sb : 0);  // m after each point block
+    std::vector<T> p_cut(n, p_min);  // per row, the back-projection's cut of the point block
     const at::Tensor Xb = rows_in_compute_dtype<X, T>(x, xbuf, b0, n);
     const T* xb = Xb.data_ptr<T>();
     rows([&](int64_t i0, int64_t i1) {
@@ -720,12 +793,25 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
         nonzero_p += kept;
       });
       if (need_denoised && nonzero_p > 0) {
+        // Between sparse and dense (a quarter of the weights above p_min), each row's own cut
+        // (tail_cut) may leave few enough for the sparse form.
+        if (nonzero_p * 4 < n * gn && nonzero_p * kSparseRatio >= n * gn) {
+          std::atomic<int64_t> kept_cut{0};
+          rows([&](int64_t i0, int64_t i1) {
+            int64_t kept = 0;
+            for (int64_t i = i0; i < i1; ++i) p_cut[i] = tail_cut(Pp + i * lds, gn, p_min, significant, kept);
+            kept_cut += kept;
+          });
+          nonzero_p = kept_cut.load();
+        } else {
+          std::fill(p_cut.begin(), p_cut.end(), p_min);
+        }
         if (nonzero_p * kSparseRatio < n * gn) {  // few weights: add the p_k mu_k rows
           rows([&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i)
               for (int64_t k = 0; k < gn; ++k) {
                 const T p = Pp[i * lds + k];
-                if (p < p_min) continue;
+                if (p < p_cut[i]) continue;
                 const T* mk = mu + (g0 + k) * D;
                 T* ai = acc_p + i * D;
                 for (int64_t d = 0; d < D; ++d) ai[d] += p * mk[d];

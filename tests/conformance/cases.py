@@ -518,6 +518,10 @@ def mixture_posterior_cases():
     for sigma, dtype in ((5.0, torch.float32), (10.0, torch.float32), (10.0, torch.float64)):
         cases.append(Case("dense", _shape_name(9, 140, 0, K=70) + f"_{_sigma_name(sigma)}_{_DT[dtype]}", 9, 140, 0, K=70,
                           residual_var=0.0, sigma=sigma, dtype=dtype))
+    # between one-hot and dense (~9 % of the weights above the cpu kernel's p_min, ~4 % above each
+    # row's own cut): more rows than the cpu split takes, so its row blocks' sparse back-projection
+    # over the rows' cuts (tail_cut)
+    cases.append(Case("dense", _shape_name(32, 64, 0, K=400) + "_s1.2", 32, 64, 0, K=400, residual_var=0.0, sigma=1.2))
     # few queries over many points (a sampler's step): one-hot to dense, and isotropic components
     # with unequal residual_var; where a kernel splits the points, 300 of D = 1024 span several
     # 512 KiB blocks
