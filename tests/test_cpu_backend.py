@@ -222,6 +222,30 @@ def test_forced_dense_or_sparse_forms_meet_the_conformance_bounds(mode, monkeypa
 
 
 @requires_backend("cpu")
+def test_few_query_parts_of_several_chunks_meet_the_conformance_bounds():
+    """The few-query split on one thread: 4 parts of the 7 chunks of K 301 at D 1046, so a part
+    streams 2 chunks and the back-projection rescales what the first left when a row's max moves
+    (the conformance run's threads may give every chunk its own part: no rescale to check)."""
+    from tests.conformance import harness
+    from tests.conformance.cases import CASES
+
+    run = harness.kernel("cpu", "mixture_posterior")
+    cases = [c for c in CASES["mixture_posterior"][0] if c.family == "split" and "D1046_r0_K301_s0.3" in c.id]
+    assert len(cases) == 3  # B 1, 13, 6
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case in cases:
+            args = harness.cast(CASES["mixture_posterior"][1](case), case.dtype)
+            den, logp1, w_empty = run(*args, True, False)
+            den_empty, logp2, weights = run(*args, False, True)
+            harness.check_mixture(den, logp1, w_empty, den_empty, logp2, weights, args, harness.as_f64(args), case.dtype,
+                                  f"one thread: {case.id}", weights_tv=case.extra.get("weights_tv"))
+    finally:
+        torch.set_num_threads(before)
+
+
+@requires_backend("cpu")
 def test_bad_dense_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GSA_KERNELS_DENSE", "sometimes")
     with pytest.raises(ValueError, match="GSA_KERNELS_DENSE must be auto, dense or sparse"):

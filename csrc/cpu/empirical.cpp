@@ -377,12 +377,15 @@ void chunk_dots(const XT* x, int64_t B, const MT* mu, int64_t gn, int64_t D, XT*
 // acc_r = acc_r * scale_r + sum_j p[r ldp + ks[j]] mu_ks[j] for R rows acc_r = acc + r D, the
 // points ks[0 .. nk) of a chunk (mu + k D), added in that order: per element the operations of a
 // rescale then one axpy per point. Columns in tiles of NV vectors, rows and tile in registers, so
-// each point's slice is read once for the R rows.
+// each point's slice is read once for the R rows. Where every scale_r is 1 (the rows' max did not
+// move: most chunks) the rescale is left out: a product by 1 is exact, so the bits are the same.
 template <int R, int NV, typename T>
 inline void backproject_tile(T* acc, int64_t D, const T* scale, const T* p, int64_t ldp, const int32_t* ks,
                              int64_t nk, const T* mu) {
   using V = std::conditional_t<std::is_same_v<T, double>, Double8, Float16>;
   constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  bool rescale = false;
+  for (int r = 0; r < R; ++r) rescale = rescale || scale[r] != T(1);
   const auto cols = [&](auto nv_tag, int64_t d0, int64_t d1) {  // d0 .. d1 in tiles of NV' vectors
     constexpr int kNv = decltype(nv_tag)::value;
     constexpr int64_t kW = kNv * kLanes;
@@ -390,7 +393,10 @@ inline void backproject_tile(T* acc, int64_t D, const T* scale, const T* p, int6
     for (; d + kW <= d1; d += kW) {
       V a[R][kNv];
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < kNv; ++v) a[r][v] = load_vec<V>(acc + r * D + d + v * kLanes) * scale[r];
+        for (int v = 0; v < kNv; ++v) {
+          a[r][v] = load_vec<V>(acc + r * D + d + v * kLanes);
+          if (rescale) a[r][v] *= scale[r];
+        }
       for (int64_t j = 0; j < nk; ++j) {
         const T* m = mu + ks[j] * D + d;
         V mv[kNv];
@@ -409,7 +415,7 @@ inline void backproject_tile(T* acc, int64_t D, const T* scale, const T* p, int6
   d = cols(std::integral_constant<int, 1>{}, d, D);
   for (; d < D; ++d)
     for (int r = 0; r < R; ++r) {
-      T s = acc[r * D + d] * scale[r];
+      T s = rescale ? acc[r * D + d] * scale[r] : acc[r * D + d];
       for (int64_t j = 0; j < nk; ++j) s += p[r * ldp + ks[j]] * mu[ks[j] * D + d];
       acc[r * D + d] = s;
     }
@@ -679,19 +685,17 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
               if (any) ks[nk++] = static_cast<int32_t>(kk);
             }
             if (nk == 0 && !rescale) continue;
-            for (int64_t i0 = 0; i0 < B; i0 += 8) {  // rows in tiles of 8
+            // rows in tiles of 4 by 4 vectors (16 accumulators: each point's 4 lines feed 16
+            // products; at B 16 this measured below the 8-row, 2-vector tiles: noisy, see the docs)
+            for (int64_t i0 = 0; i0 < B; i0 += 4) {
               T* a = acc + i0 * D;
               const T* sc = scale.data() + i0;
               const T* pr = P.data() + i0 * chunk;
-              switch (std::min<int64_t>(8, B - i0)) {
+              switch (std::min<int64_t>(4, B - i0)) {
                 case 1: backproject_tile<1, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
                 case 2: backproject_tile<2, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                case 3: backproject_tile<3, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                case 4: backproject_tile<4, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                case 5: backproject_tile<5, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                case 6: backproject_tile<6, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                case 7: backproject_tile<7, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
-                default: backproject_tile<8, 2>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                case 3: backproject_tile<3, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
+                default: backproject_tile<4, 4>(a, D, sc, pr, chunk, ks.data(), nk, mu_c); break;
               }
             }
           }

@@ -535,6 +535,11 @@ def mixture_posterior_cases():
         for sigma, residual_var in ((0.3, 0.0), (3.0, 0.0), (30.0, 0.0), (3.0, None)):
             cases.append(Case("split", _shape_name(B, 1046, 0, K=301) + f"_{_sigma_name(sigma)}" + ("_iso" if residual_var is None else ""),
                               B, 1046, 0, K=301, residual_var=residual_var, sigma=sigma, interpreter=False))
+    # B 6: the back-projection's row tiles of 4 and a tail of 2 (13 leaves 1), one-hot (the rows'
+    # max moves chunk to chunk: rescales) and spread
+    for sigma in (0.3, 3.0):
+        cases.append(Case("split", _shape_name(6, 1046, 0, K=301) + f"_{_sigma_name(sigma)}", 6, 1046, 0, K=301,
+                          residual_var=0.0, sigma=sigma, interpreter=False))
     # low-rank, dense posterior where the float32 logits need refinement (all K components within
     # reach): the cpu kernel's float64-GEMM refinement and the per-component one (measured costs
     # choose; tests/test_cpu_backend.py forces each)
