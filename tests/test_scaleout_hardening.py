@@ -345,6 +345,20 @@ def test_concurrent_model_swaps_never_crash_or_corrupt():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def test_model_tensor_changing_while_read_is_a_clear_error():
+    """view_as of a tensor whose .data another thread replaces can see its new sizes with its old
+    strides and raise a RuntimeError (seen once under ASan in the swap test above): the op says
+    the model changed during the call, as for any other inconsistency."""
+    class Racing(torch.Tensor):
+        def view_as(self, other):
+            raise RuntimeError("view size is not compatible with input tensor's size and stride")
+
+    g = gk.GaussianModel.fit(torch.randn(50, 8), rank=2)
+    g.basis = g.basis.as_subclass(Racing)
+    with pytest.raises(ValueError, match="basis changed while it was read, inconsistent"):
+        g.denoise(torch.randn(3, 8), 0.5)
+
+
 # ----------------------------------------------------------------------------- API edges
 
 

@@ -173,7 +173,11 @@ def model_tensors(model, x, names, op):
         t = getattr(model, n)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: the model's {n} is a {type(t).__name__}, not a tensor")
-        t = t.view_as(t)  # the snapshot: its own TensorImpl on the same storage
+        try:
+            t = t.view_as(t)  # the snapshot: its own TensorImpl on the same storage
+        except RuntimeError as e:  # its sizes and strides changed while view_as read them (.data = in another thread)
+            raise ValueError(f"{op}: the model's {n} changed while it was read, inconsistent with itself: was the model "
+                             "changed during the call?") from e
         if t.device != device:
             raise ValueError(f"{op}: the model is on {t.device} but x is on {x.device}; call model.to({str(x.device)!r})")
         letters = "Kr" if mixture and n == "eigvals" else _MODEL_SHAPES[n]
