@@ -137,11 +137,12 @@ double weights_row(const double* L, double m, int64_t n, T* P, double significan
 // exp(-c), c from log(1024 / eps) nats (one weight there could move the denoiser by eps / 1024 of
 // the largest |mu_k|) to `significant`, in steps of 1.5 nats, whose weights below it sum to at
 // most eps / 1024 of the row's block sum (with 1 % for the rounding of the lane sums); p_min
-// (= exp(-significant)) if none does. Summed over the blocks, the weights left out are then <=
-// eps / 1024 of l, as K p_min is (the rule p_min keeps, now from the weights themselves): in the
-// transition from one-hot to dense posteriors most of the weights above p_min are far too small
-// to matter together (MNIST-5k at sigma 2: 229 of 423 per row are left). Adds the count of the
-// weights >= the cut to kept.
+// (= exp(-significant)) if none does. Summed over the blocks cut this way, the weights left out
+// are <= eps / 1024 of l, the bound K p_min gives (now from the weights themselves); a row whose
+// other blocks keep p_min may lose both: < eps / 512 of l at worst (halving this budget would
+// restore eps / 1024). In the transition from one-hot to dense posteriors most of the weights
+// above p_min are far too small to matter together (MNIST-5k at sigma 2: 229 of 423 per row are
+// left). Adds the count of the weights >= the cut to kept.
 constexpr int kCutLevels = 6;
 template <typename T>
 T tail_cut(const T* P, int64_t n, T p_min, double significant, int64_t& kept) {
