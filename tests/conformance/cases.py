@@ -18,6 +18,8 @@ truth is the reference in float64 on exactly those rounded values. Families:
             float64-GEMM refinement)
   split     few queries over many points (B 1, 3, 13, K 300, D 1024 / 1046), one-hot to dense:
             the sampler's case (the cpu kernel splits the points over its threads for B <= 16)
+  const     empirical / isotropic mixtures whose points share the value of most coordinates (a
+            blank border), with rows enough for the cpu kernel to drop those coordinates
   inf       -inf log weights (components that must get weight 0)
   nan       NaN rows in x: NaN outputs in those rows exactly where the truth has them
   grid      more rows / steps than one CUDA grid dimension holds (65535 blocks)
@@ -248,6 +250,9 @@ def gaussian_trajectory_labeled_args(case):
 def _mixture_random(case, gen):
     K, D, r = case.K, case.D, case.r
     means = torch.randn(K, D, dtype=F64, generator=gen) + case.extra.get("offset", 0.0)
+    if case.extra.get("constant_every"):  # all but every n-th coordinate the same for every point (a blank border)
+        fixed = torch.arange(D) % case.extra["constant_every"] != 0
+        means[:, fixed] = torch.linspace(-1, 1, int(fixed.sum()), dtype=F64)
     bases = torch.stack([_orthonormal(D, r, gen) for _ in range(K)]) if r else torch.zeros(K, D, 0, dtype=F64)
     eigvals = 10.0 ** torch.empty(K, r, dtype=F64).uniform_(-2, 1, generator=gen)  # 0.01 .. 10
     eigvals = eigvals * case.extra.get("eigvals_scale", 1.0)
@@ -522,6 +527,17 @@ def mixture_posterior_cases():
     # row's own cut): more rows than the cpu split takes, so its row blocks' sparse back-projection
     # over the rows' cuts (tail_cut)
     cases.append(Case("dense", _shape_name(32, 64, 0, K=400) + "_s1.2", 32, 64, 0, K=400, residual_var=0.0, sigma=1.2))
+    # constant coordinates (every point the same in 2 of 3: MNIST's blank border), with enough rows
+    # that the cpu row blocks run on the varying ones only (empirical_without_constant_coordinates;
+    # 22 of 64 vary: padded to 24 or 32), per-row sigma over the EDM range, NaN in a constant (row 1)
+    # and a varying coordinate (row 3); residual_var 0.3 (the constant coordinates' posterior moves
+    # with x) in float64; bfloat16 x
+    cases.append(Case("const", _shape_name(64, 64, 0, K=300) + "_edm", 64, 64, 0, K=300, residual_var=0.0,
+                      nan_rows=(1, 3), extra={"constant_every": 3}))
+    cases.append(Case("const", _shape_name(64, 64, 0, K=50) + "_s1_iso_f64", 64, 64, 0, K=50, residual_var=0.3, sigma=1.0,
+                      dtype=torch.float64, extra={"constant_every": 3}))
+    cases.append(Case("const", _shape_name(64, 64, 0, K=50) + "_s0.3_bf16", 64, 64, 0, K=50, residual_var=0.0, sigma=0.3,
+                      dtype=torch.bfloat16, extra={"constant_every": 3}))
     # few queries over many points (a sampler's step): one-hot to dense, and isotropic components
     # with unequal residual_var; where a kernel splits the points, 300 of D = 1024 span several
     # 512 KiB blocks
