@@ -148,6 +148,31 @@ def test_cached_component_panels_follow_in_place_edits(edit):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("write", ["in_place", "numpy"])
+def test_constant_coordinates_hint_follows_edits(write):
+    """The empirical kernel keeps the last points' constant coordinates as a hint and checks them
+    against every point on each call: a point written to vary in one of them (in place, or
+    through numpy, which no version counter sees) must be looked at again, not left out."""
+    gen = torch.Generator().manual_seed(5)
+    K, D, B = 300, 64, 64
+    points = torch.randn(K, D, generator=gen)
+    points[:, torch.arange(D) % 3 != 0] = 0.25  # 42 of 64 constant: B 64 takes the gathered form
+    m = gk.GaussianMixture.from_points(points)
+    x = m.means[torch.randint(0, K, (B,), generator=gen)] + 0.5 * torch.randn(B, D, generator=gen)
+    x[:, 1] = 2.0
+    before = gk.mixture_denoise(x, 0.5, m, backend="cpu")
+    k = int(before.sub(m.means[:, None]).norm(dim=2).argmin(0)[0])  # row 0's nearest point
+    if write == "numpy":
+        m.means.numpy()[k, 1] = 2.0
+    else:
+        with torch.no_grad():
+            m.means[k, 1] = 2.0
+    after = gk.mixture_denoise(x, 0.5, m, backend="cpu")
+    truth = gk.mixture_denoise(x.double(), 0.5, m.to(dtype=torch.float64), backend="reference")
+    assert (after[0, 1] - before[0, 1]).abs() > 0.1  # the edit moved row 0's posterior
+    torch.testing.assert_close(after.double(), truth, rtol=1e-4, atol=1e-5)
+
+
 def test_large_outputs_reuse_freed_buffers_safely():
     """Outputs >= 32 MiB come from huge-page buffers that are reused once freed: the values stay
     right, a live output is never handed out again, and the result behaves as a normal tensor."""

@@ -429,7 +429,8 @@ inline void backproject_tile(T* acc, int64_t D, const T* scale, const T* p, int6
 template <typename X>
 void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tensor& residual_var_tensor,
                     const at::Tensor& log_weights, const at::Tensor& sigma, bool need_denoised,
-                    bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights) {
+                    bool need_weights, at::Tensor& den, at::Tensor& logp, at::Tensor& weights,
+                    std::vector<double> given_mu_sq = {}) {
   using T = at::opmath_type<X>;
   const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
   const T* mu = means.data_ptr<T>();
@@ -450,7 +451,9 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
   // |mu_k|^2 per call (a cache keyed by tensor identity went stale through .data / numpy writes;
   // the model owns no r = 0 layout): one pass over the points before the row blocks, or per chunk
   // of the few-query split (which reads each point once); max_mu: the row blocks' error bound
-  std::vector<double> mu_sq_v(K);
+  // (given: from the gather of empirical_without_constant_coordinates, which read the points then)
+  const bool mu_sq_given = given_mu_sq.size() == static_cast<size_t>(K);
+  std::vector<double> mu_sq_v = mu_sq_given ? std::move(given_mu_sq) : std::vector<double>(K);
   double* mu_sq = mu_sq_v.data();
   double max_mu = 0;
   const bool isotropic_delta = equal_residual_var && residual_var[0] == T(0);  // the empirical mixture: D_k = mu_k
@@ -735,11 +738,12 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
     return;
   }
 
-  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
-    with_isa([&] {
-      for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+  if (!mu_sq_given)
+    at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+      with_isa([&] {
+        for (int64_t k = k0; k < k1; ++k) mu_sq[k] = sum_squares(mu + k * D, D);
+      });
     });
-  });
   for (int64_t k = 0; k < K; ++k) max_mu = std::max(max_mu, mu_sq[k]);
   max_mu = std::sqrt(max_mu);
 
@@ -894,6 +898,43 @@ int64_t varying_coordinates(const T* mu, int64_t K, int64_t D, std::vector<int32
   return count();
 }
 
+// The constant coordinates found for the last few sets of points (a hint: every call checks them
+// against every point as it gathers, and looks again where one no longer holds), by address: a
+// later call on the same points then reads them once.
+struct ConstantCoordinates {
+  const void* points;
+  int64_t K, D;
+  at::ScalarType dtype;
+  std::vector<int32_t> vary;
+};
+struct ConstantCoordinatesHints {
+  static constexpr size_t kEntries = 8;
+  std::mutex mutex;
+  std::vector<ConstantCoordinates> entries;  // the newest last
+
+  bool find(const at::Tensor& means, std::vector<int32_t>& vary) {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& e : entries)
+      if (e.points == means.data_ptr() && e.K == means.size(0) && e.D == means.size(1) && e.dtype == means.scalar_type()) {
+        vary = e.vary;
+        return true;
+      }
+    return false;
+  }
+  void forget(const void* points) {
+    std::lock_guard<std::mutex> lock(mutex);
+    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const auto& e) { return e.points == points; }),
+                  entries.end());
+  }
+  void keep(const at::Tensor& means, const std::vector<int32_t>& vary) {
+    forget(means.data_ptr());
+    std::lock_guard<std::mutex> lock(mutex);
+    if (entries.size() == kEntries) entries.erase(entries.begin());
+    entries.push_back({means.data_ptr(), means.size(0), means.size(1), means.scalar_type(), vary});
+  }
+};
+ConstantCoordinatesHints constant_hints;
+
 // The posterior on the varying coordinates only, or false where that does not pay (above).
 template <typename X>
 bool empirical_without_constant_coordinates(const at::Tensor& x, const at::Tensor& means,
@@ -908,7 +949,9 @@ bool empirical_without_constant_coordinates(const at::Tensor& x, const at::Tenso
     return false;
   const T* mu = means.data_ptr<T>();
   std::vector<int32_t> vary;
-  const int64_t Dv = varying_coordinates(mu, K, D, vary);
+  const bool hinted = constant_hints.find(means, vary);
+  const int64_t Dv = hinted ? std::count(vary.begin(), vary.end(), 1) : varying_coordinates(mu, K, D, vary);
+  if (!hinted) constant_hints.keep(means, vary);
   // the gathered rows are padded with zeros (which add nothing to any product) to whole 64-byte
   // lines: MKL's GEMMs measured ~10 % slower at 663 columns than at 664 or 672 on this host
   const int64_t line = 64 / sizeof(T), Dp = (Dv + line - 1) / line * line;
@@ -921,21 +964,43 @@ bool empirical_without_constant_coordinates(const at::Tensor& x, const at::Tenso
     else if (d > 0 && vary[d - 1]) ++runs.back().second;
     else runs.emplace_back(d, 1);
   }
-  const auto gather = [&](const auto* src, auto* dst, int64_t rows) {
+  // row i of src [rows, D] -> dst [rows, Dp]: the runs, then zeros
+  const auto gather_row = [&](const auto* src, auto* dst, int64_t i) {
     using V = std::remove_cv_t<std::remove_pointer_t<decltype(dst)>>;
-    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        V* o = dst + i * Dp;
-        for (const auto& [d0, n] : runs) o = std::copy(src + i * D + d0, src + i * D + d0 + n, o);
-        std::fill(o, dst + (i + 1) * Dp, V(0));
-      }
-    });
+    V* o = dst + i * Dp;
+    for (const auto& [d0, n] : runs) o = std::copy(src + i * D + d0, src + i * D + d0 + n, o);
+    std::fill(o, dst + (i + 1) * Dp, V(0));
   };
   at::Tensor xv = at::empty({B, Dp}, x.options()), mv = at::empty({K, Dp}, means.options());
-  gather(x.data_ptr<X>(), xv.data_ptr<X>(), B);
-  gather(mu, mv.data_ptr<T>(), K);
+  X* xvp = xv.data_ptr<X>();
+  at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) gather_row(x.data_ptr<X>(), xvp, i);
+  });
+  // the points, with each one's |mu|^2 and the check that it has the first point's value in every
+  // constant coordinate (the hint's, or found above)
+  T* mvp = mv.data_ptr<T>();
+  std::vector<double> mu_sq(K);
+  std::atomic<bool> held{true};
+  at::parallel_for(0, K, 64, [&](int64_t k0, int64_t k1) {
+    with_isa([&] {
+      bool same = true;
+      for (int64_t k = k0; k < k1; ++k) {
+        gather_row(mu, mvp, k);
+        for (const int64_t d : fixed) same = same && mu[k * D + d] == mu[d];
+        mu_sq[k] = sum_squares(mvp + k * Dp, Dp);
+      }
+      if (!same) held = false;
+    });
+  });
+  if (!held) {  // a constant coordinate no longer is: look again (once), or, if this call's own look
+                // was wrong, the points changed during the call: the whole coordinates
+    constant_hints.forget(mu);
+    return hinted && empirical_without_constant_coordinates<X>(x, means, residual_var_tensor, log_weights, sigma,
+                                                               need_denoised, need_weights, den, logp, weights);
+  }
   at::Tensor den_v = need_denoised ? at::empty({B, Dp}, den.options()) : den;
-  empirical_impl<X>(xv, mv, residual_var_tensor, log_weights, sigma, need_denoised, need_weights, den_v, logp, weights);
+  empirical_impl<X>(xv, mv, residual_var_tensor, log_weights, sigma, need_denoised, need_weights, den_v, logp, weights,
+                    std::move(mu_sq));
 
   const X* xp = x.data_ptr<X>();
   const T* sig = sigma.data_ptr<T>();
