@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# the conformance families that reach every index path: tile edges (B = 1 included), NaN rows, grids
-SLICE = os.environ.get("GSA_SANITIZE_K", "(cpu or cuda) and (tiles or nan or grid)")
+# the conformance families that reach every index path: tile edges (B = 1 included), NaN rows, grids,
+# constant coordinates (the cpu gather)
+SLICE = os.environ.get("GSA_SANITIZE_K", "(cpu or cuda) and (tiles or nan or grid or const)")
 # and the file-backed and concurrency tests of the scale-out paths (points files read with pread,
 # models mutated by another thread, freed storages)
 SCALEOUT = (["tests/test_scaleout_hardening.py"], "test_file_ or test_concurrent_")
