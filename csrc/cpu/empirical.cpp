@@ -869,9 +869,12 @@ void empirical_impl(const at::Tensor& x, const at::Tensor& means, const at::Tens
 // Taken where the FLOPs saved (4 B K per constant coordinate) outweigh the gather's pass over the
 // points (~8 K D bytes read and written) at least twice, at ~8 FLOPs per byte moved (the GEMM rate
 // over the stream bandwidth of current CPUs: this AMD EPYC ~190 GFLOP/s / ~25 GB/s on 2 cores):
-// constant * B >= kCompactRatio * D (MNIST-5k: from B ~200). The few-query split reads each point
+// constant * B >= kCompactRatio * D (MNIST-5k, 784 -> 672 padded: from B 224). The few-query split reads each point
 // once already (memory-bound): a gather would only add a pass, so it never takes this.
+// The gathered copy of the points lives for the call: beyond kCompactBytes (a large in-memory
+// set) the whole coordinates are used instead of holding a second copy.
 constexpr int64_t kCompactRatio = 32;
+constexpr int64_t kCompactBytes = int64_t(1) << 30;
 
 // vary[d] = 1 where some point differs from the first in coordinate d (NaN differs); returns how
 // many do. Generic data varies everywhere within a few points: the first 64 are looked at alone.
@@ -955,7 +958,7 @@ bool empirical_without_constant_coordinates(const at::Tensor& x, const at::Tenso
   // the gathered rows are padded with zeros (which add nothing to any product) to whole 64-byte
   // lines: MKL's GEMMs measured ~10 % slower at 663 columns than at 664 or 672 on this host
   const int64_t line = 64 / sizeof(T), Dp = (Dv + line - 1) / line * line;
-  if (Dv == 0 || (D - Dp) * B < kCompactRatio * D) return false;
+  if (Dv == 0 || (D - Dp) * B < kCompactRatio * D || K * Dp * int64_t(sizeof(T)) > kCompactBytes) return false;
   // runs of varying coordinates [start, start + len): the gather copies runs, not elements
   std::vector<std::pair<int64_t, int64_t>> runs;
   std::vector<int64_t> fixed;  // the constant coordinates
@@ -992,8 +995,8 @@ bool empirical_without_constant_coordinates(const at::Tensor& x, const at::Tenso
       if (!same) held = false;
     });
   });
-  if (!held) {  // a constant coordinate no longer is: look again (once), or, if this call's own look
-                // was wrong, the points changed during the call: the whole coordinates
+  if (!held) {  // a hinted constant coordinate no longer is: look again (once); if this call's own
+                // look was wrong, the points changed during the call: all coordinates then
     constant_hints.forget(mu);
     return hinted && empirical_without_constant_coordinates<X>(x, means, residual_var_tensor, log_weights, sigma,
                                                                need_denoised, need_weights, den, logp, weights);
