@@ -538,6 +538,10 @@ def mixture_posterior_cases():
                       dtype=torch.float64, extra={"constant_every": 3}))
     cases.append(Case("const", _shape_name(64, 64, 0, K=50) + "_s0.3_bf16", 64, 64, 0, K=50, residual_var=0.0, sigma=0.3,
                       dtype=torch.bfloat16, extra={"constant_every": 3}))
+    # the same points cut into two parts merged as the file, shard and rank paths merge them (each
+    # part's log-density takes the constant coordinates' term before the merge)
+    cases.append(Case("const", _shape_name(64, 64, 0, K=300) + "_s1_parts2", 64, 64, 0, K=300, residual_var=0.0, sigma=1.0,
+                      extra={"constant_every": 3, "split": 2}))
     # few queries over many points (a sampler's step): one-hot to dense, and isotropic components
     # with unequal residual_var; where a kernel splits the points, 300 of D = 1024 span several
     # 512 KiB blocks
